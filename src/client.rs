@@ -1,0 +1,203 @@
+//! The front door: enqueue, inspect and steer tasks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::registry::TaskRegistry;
+use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert};
+use crate::task::{
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task, TaskId,
+};
+
+/// Why a client call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The request was wrong; `field` names the offending part.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `wait` gave up before the task finished.
+    #[error("task {0} did not finish within the wait")]
+    WaitTimeout(TaskId),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ClientError {
+    ClientError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Longest allowed delay or distance of `run_at` into the future (about 100 years).
+const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Enqueues and manages tasks in a [`Store`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    store: Arc<dyn Store>,
+    registry: Arc<TaskRegistry>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("registry", &self.registry).finish()
+    }
+}
+
+impl Client {
+    /// A client over `store`. Kinds registered in `registry` get their defaults
+    /// (queue, attempts, timeout) applied to tasks that leave them unset.
+    pub fn new(store: Arc<dyn Store>, registry: Arc<TaskRegistry>) -> Self {
+        Client { store, registry }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Enqueue one task of `kind` with `args` and default options.
+    pub async fn enqueue(&self, kind: &str, args: impl Serialize) -> Result<Task, ClientError> {
+        let args = serde_json::to_value(args).map_err(|e| invalid("args", e.to_string()))?;
+        Ok(self.insert(NewTask::new(kind, args)).await?.task)
+    }
+
+    /// Enqueue one task. When its `unique_key` matches an unfinished task,
+    /// that task is returned with `existing = true` and nothing is inserted.
+    pub async fn insert(&self, task: NewTask) -> Result<Inserted, ClientError> {
+        let mut v = self.insert_many(vec![task]).await?;
+        v.pop()
+            .ok_or_else(|| ClientError::Store(StoreError::Unavailable("insert returned no row".into())))
+    }
+
+    /// Enqueue many tasks in one transaction: all are inserted or none.
+    pub async fn insert_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>, ClientError> {
+        let now = Utc::now();
+        let rows = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| self.resolve(t, now, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.store.task_insert_many(rows, now).await?)
+    }
+
+    /// Apply defaults and check one task. `index` names it in errors of a batch.
+    fn resolve(
+        &self,
+        t: NewTask,
+        now: chrono::DateTime<Utc>,
+        index: usize,
+    ) -> Result<TaskInsert, ClientError> {
+        let at = |f: &str| {
+            if index == 0 {
+                f.to_string()
+            } else {
+                format!("tasks[{index}].{f}")
+            }
+        };
+        if t.kind.trim().is_empty() {
+            return Err(invalid(at("kind"), "must not be empty"));
+        }
+        let defaults = self.registry.defaults(&t.kind).cloned().unwrap_or_default();
+        let o = t.options;
+        let queue = o
+            .queue
+            .or(defaults.queue)
+            .unwrap_or_else(|| DEFAULT_QUEUE.to_string());
+        if queue.trim().is_empty() {
+            return Err(invalid(at("queue"), "must not be empty"));
+        }
+        let priority = o.priority.unwrap_or(PRIORITY_MIN);
+        if !(PRIORITY_MIN..=PRIORITY_MAX).contains(&priority) {
+            return Err(invalid(
+                at("priority"),
+                format!("{priority} is out of range {PRIORITY_MIN}..={PRIORITY_MAX} (0 runs first)"),
+            ));
+        }
+        let max_attempts = o
+            .max_attempts
+            .or(defaults.max_attempts)
+            .unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts < 1 {
+            return Err(invalid(at("max_attempts"), format!("{max_attempts} must be at least 1")));
+        }
+        let run_at = match (o.run_at, o.delay) {
+            (Some(t), _) => t,
+            (None, Some(d)) => {
+                if d > MAX_DELAY {
+                    return Err(invalid(at("delay"), format!("{d:?} is more than 100 years")));
+                }
+                now + chrono::Duration::from_std(d).map_err(|e| invalid(at("delay"), e.to_string()))?
+            }
+            (None, None) => now,
+        };
+        if run_at > now + chrono::Duration::from_std(MAX_DELAY).unwrap_or_default() {
+            return Err(invalid(at("run_at"), "is more than 100 years away"));
+        }
+        let timeout = o.timeout.or(defaults.timeout);
+        let timeout_ms = match timeout {
+            Some(d) if d.is_zero() => return Err(invalid(at("timeout"), "must be more than 0")),
+            Some(d) => Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            None => None,
+        };
+        if let Some(k) = &o.unique_key
+            && k.is_empty()
+        {
+            return Err(invalid(at("unique_key"), "must not be empty when set"));
+        }
+        Ok(TaskInsert {
+            kind: t.kind,
+            args: t.args,
+            queue,
+            priority,
+            run_at,
+            max_attempts,
+            timeout_ms,
+            unique_key: o.unique_key,
+        })
+    }
+
+    pub async fn get(&self, id: TaskId) -> Result<Option<Task>, ClientError> {
+        Ok(self.store.task_get(id).await?)
+    }
+
+    pub async fn list(&self, params: ListParams) -> Result<Vec<Task>, ClientError> {
+        Ok(self.store.task_list(params).await?)
+    }
+
+    /// Cancel a task: one that has not started never runs; a running one sees
+    /// its cancellation token fire on the node that runs it.
+    pub async fn cancel(&self, id: TaskId) -> Result<Task, ClientError> {
+        Ok(self.store.task_cancel(id, Utc::now()).await?)
+    }
+
+    /// Run a failed or cancelled task again (granting an attempt if none is left).
+    pub async fn retry(&self, id: TaskId) -> Result<Task, ClientError> {
+        Ok(self.store.task_retry(id, Utc::now()).await?)
+    }
+
+    /// Wait until the task reaches a final state, up to `timeout`.
+    pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<Task, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let task = self
+                .store
+                .task_get(id)
+                .await?
+                .ok_or(StoreError::NotFound(id))?;
+            if task.state.is_finished() {
+                return Ok(task);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ClientError::WaitTimeout(id));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The code that runs one kind of task.
+//!
+//! Implement [`TaskExecutor`] (or wrap an async closure with [`executor_fn`])
+//! and register it in a [`TaskRegistry`](crate::TaskRegistry) under a kind.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::task::TaskId;
+
+/// What an executor knows about the attempt it runs.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub id: TaskId,
+    pub kind: String,
+    pub queue: String,
+    pub args: serde_json::Value,
+    /// 1 on the first run, 2 on the first retry, ...
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub created_at: DateTime<Utc>,
+    /// Fires when the task is cancelled, times out, or the node shuts down.
+    /// Long-running executors should `select!` on it and return early.
+    pub cancel: CancellationToken,
+    /// When the attempt times out, if it has a timeout.
+    pub deadline: Option<Instant>,
+}
+
+impl TaskContext {
+    /// Decode the args into `T`; a mismatch becomes a [`TaskError::Discard`]
+    /// (retrying will not fix bad args) naming the task and what was wrong.
+    pub fn args<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        serde_json::from_value(self.args.clone()).map_err(|e| {
+            TaskError::Discard(format!(
+                "task {} ({}): args do not decode: {e}",
+                self.id, self.kind
+            ))
+        })
+    }
+
+    /// True once the task was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// Why an attempt did not succeed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    /// Fails this attempt; the task is retried with backoff while attempts remain.
+    #[error("{0}")]
+    Failed(String),
+    /// Fails the task for good, whatever attempts remain (e.g. bad args).
+    #[error("{0}")]
+    Discard(String),
+    /// Not a failure: run the task again after this delay without using up an attempt.
+    #[error("snoozed for {0:?}")]
+    Snooze(Duration),
+}
+
+impl TaskError {
+    pub fn failed(msg: impl Into<String>) -> Self {
+        TaskError::Failed(msg.into())
+    }
+    pub fn discard(msg: impl Into<String>) -> Self {
+        TaskError::Discard(msg.into())
+    }
+}
+
+/// The output of a successful attempt: any JSON (stored as the task's result).
+pub type TaskOutput = serde_json::Value;
+
+/// Runs tasks of one kind. Shared by every worker of a node, so it must be
+/// `Send + Sync`; per-attempt state belongs in the future, not in `self`.
+#[async_trait]
+pub trait TaskExecutor: Send + Sync + 'static {
+    async fn execute(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError>;
+}
+
+/// An executor made from an async function or closure.
+pub struct FnExecutor<F>(F);
+
+#[async_trait]
+impl<F, Fut> TaskExecutor for FnExecutor<F>
+where
+    F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<TaskOutput, TaskError>> + Send + 'static,
+{
+    async fn execute(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError> {
+        (self.0)(ctx).await
+    }
+}
+
+/// Wrap `async fn(TaskContext) -> Result<TaskOutput, TaskError>` as an executor.
+///
+/// ```
+/// use proto_tasker::{executor_fn, TaskError};
+/// let hello = executor_fn(|ctx| async move {
+///     let name: String = ctx.args()?;
+///     Ok::<_, TaskError>(serde_json::json!(format!("hello {name}")))
+/// });
+/// # let _ = hello;
+/// ```
+pub fn executor_fn<F, Fut>(f: F) -> Arc<dyn TaskExecutor>
+where
+    F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<TaskOutput, TaskError>> + Send + 'static,
+{
+    Arc::new(FnExecutor(f))
+}

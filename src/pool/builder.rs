@@ -1,0 +1,173 @@
+//! Configures and builds a [`WorkerPool`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::WorkerPool;
+use crate::registry::TaskRegistry;
+use crate::sentinel::{Retention, SentinelConfig};
+use crate::store::Store;
+
+/// Why a pool could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct BuildError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Settings of a pool; see [`Builder`].
+#[derive(Debug, Clone)]
+pub(crate) struct PoolConfig {
+    pub node: String,
+    pub queues: Vec<(String, usize)>,
+    pub poll_interval: Duration,
+    pub claim_max: usize,
+    pub shutdown_timeout: Duration,
+    pub force_shutdown: bool,
+    pub cancel_grace: Duration,
+    pub sentinel: SentinelConfig,
+}
+
+/// Builds a [`WorkerPool`].
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use proto_tasker::{Builder, SqliteStore, TaskRegistry};
+/// let store = Arc::new(SqliteStore::open_path("tasks.db")?);
+/// let pool = Builder::new(store, TaskRegistry::new())
+///     .queue("default", 10)
+///     .queue("emails", 2)
+///     .build()?;
+/// # Ok(()) }
+/// ```
+pub struct Builder {
+    store: Arc<dyn Store>,
+    registry: TaskRegistry,
+    config: PoolConfig,
+}
+
+/// A node name unique on this host: `hostname-pid`.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Builder {
+    pub fn new(store: Arc<dyn Store>, registry: TaskRegistry) -> Self {
+        Builder {
+            store,
+            registry,
+            config: PoolConfig {
+                node: default_node_name(),
+                queues: Vec::new(),
+                poll_interval: Duration::from_secs(1),
+                claim_max: 100,
+                shutdown_timeout: Duration::from_secs(30),
+                force_shutdown: false,
+                cancel_grace: Duration::from_secs(2),
+                sentinel: SentinelConfig::default(),
+            },
+        }
+    }
+
+    /// The node's name: unique among the nodes sharing a store. Default `hostname-pid`.
+    pub fn node_name(mut self, name: impl Into<String>) -> Self {
+        self.config.node = name.into();
+        self
+    }
+
+    /// Serve `queue` with `workers` slots (its concurrency on this node).
+    /// With no queue named, the pool serves `default` with 10 workers.
+    pub fn queue(mut self, queue: impl Into<String>, workers: usize) -> Self {
+        let queue = queue.into();
+        self.config.queues.retain(|(q, _)| *q != queue);
+        self.config.queues.push((queue, workers));
+        self
+    }
+
+    /// How often an idle producer looks for due work without a wake-up.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+
+    /// Most tasks one claim takes (never more than the free workers).
+    pub fn claim_max(mut self, n: usize) -> Self {
+        self.config.claim_max = n;
+        self
+    }
+
+    /// How long shutdown lets running tasks finish before cancelling them.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.config.shutdown_timeout = d;
+        self
+    }
+
+    /// Cancel running tasks at once on shutdown.
+    pub fn force_shutdown(mut self, yes: bool) -> Self {
+        self.config.force_shutdown = yes;
+        self
+    }
+
+    /// How long cancelled executors get to return before their tasks are
+    /// released regardless.
+    pub fn cancel_grace(mut self, d: Duration) -> Self {
+        self.config.cancel_grace = d;
+        self
+    }
+
+    pub fn sentinel(mut self, config: SentinelConfig) -> Self {
+        self.config.sentinel = config;
+        self
+    }
+
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.config.sentinel.retention = retention;
+        self
+    }
+
+    pub fn build(mut self) -> Result<WorkerPool, BuildError> {
+        let err = |field: &str, message: String| BuildError {
+            field: field.to_string(),
+            message,
+        };
+        if self.config.node.trim().is_empty() {
+            return Err(err("node.name", "must not be empty".into()));
+        }
+        if self.config.queues.is_empty() {
+            self.config.queues.push((crate::task::DEFAULT_QUEUE.to_string(), 10));
+        }
+        for (q, n) in &self.config.queues {
+            if q.trim().is_empty() {
+                return Err(err("queues", "a queue name must not be empty".into()));
+            }
+            if *n == 0 {
+                return Err(err(&format!("queues.{q}.workers"), "must be at least 1".into()));
+            }
+        }
+        if self.config.claim_max == 0 {
+            return Err(err("claim_max", "must be at least 1".into()));
+        }
+        let s = &self.config.sentinel;
+        if s.heartbeat_interval.is_zero() || s.node_timeout <= s.heartbeat_interval {
+            return Err(err(
+                "sentinel.node_timeout",
+                format!(
+                    "must be longer than sentinel.heartbeat_interval ({:?} <= {:?})",
+                    s.node_timeout, s.heartbeat_interval
+                ),
+            ));
+        }
+        if s.check_interval.is_zero() || self.config.poll_interval.is_zero() {
+            return Err(err("poll_interval", "intervals must be more than 0".into()));
+        }
+        Ok(WorkerPool::new(self.store, Arc::new(self.registry), self.config))
+    }
+}

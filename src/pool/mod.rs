@@ -1,0 +1,266 @@
+//! The worker pool of one node.
+//!
+//! # Overview
+//!
+//! ```text
+//!  Store --claim (<= free slots)--> Producer (one per queue) --> dispatch channel --> slots (LocalWorker xN)
+//!    ^                                                                                  |
+//!    +------------------ Completer (batched outcome writes) <---------------------------+
+//!  Sentinel: replaces dead/hung slots, heartbeats, rescues, elects the leader, prunes
+//! ```
+//!
+//! # Shutdown
+//!
+//! 1. Producers stop claiming.
+//! 2. Running tasks get `shutdown_timeout` to finish (skipped with `force_shutdown`).
+//! 3. The tokens of tasks still running fire; executors get `cancel_grace` to return.
+//! 4. Tasks still running after that are released (back to `available`, the
+//!    attempt not used up) and their slots are aborted.
+//! 5. The completer writes every queued outcome, then the node deregisters.
+//!
+//! `shutdown` may be called more than once; later calls return at once.
+
+pub mod builder;
+pub mod completer;
+pub mod producer;
+pub mod shared;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::registry::TaskRegistry;
+use crate::sentinel::{Sentinel, Slot};
+use crate::store::{Completion, Outcome, Store, StoreError};
+pub use builder::{BuildError, Builder, default_node_name};
+use builder::PoolConfig;
+use completer::Completer;
+use producer::Producer;
+pub use shared::{Counters, StopReason, WorkerPoolSharedData};
+use worker::{SlotCtx, run_slot};
+pub use worker::{LocalWorker, Worker};
+
+struct Running {
+    producers: Vec<JoinHandle<()>>,
+    sentinel: JoinHandle<Vec<Slot>>,
+    sentinel_stop: CancellationToken,
+    completer: JoinHandle<()>,
+    completions: mpsc::UnboundedSender<Completion>,
+}
+
+/// The workers of one node and the services around them. Build with [`Builder`].
+pub struct WorkerPool {
+    store: Arc<dyn Store>,
+    registry: Arc<TaskRegistry>,
+    shared: Arc<WorkerPoolSharedData>,
+    config: PoolConfig,
+    /// `None` before `start` and after `shutdown`. A tokio mutex: start and
+    /// shutdown hold it across awaits so they never interleave.
+    running: Mutex<Option<Running>>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("node", &self.shared.node)
+            .field("queues", &self.config.queues)
+            .finish()
+    }
+}
+
+impl WorkerPool {
+    fn new(store: Arc<dyn Store>, registry: Arc<TaskRegistry>, config: PoolConfig) -> Self {
+        let slots = config.queues.iter().map(|(_, n)| n).sum();
+        WorkerPool {
+            shared: Arc::new(WorkerPoolSharedData::new(config.node.clone(), slots)),
+            store,
+            registry,
+            config,
+            running: Mutex::new(None),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A client over the same store, with this pool's kind defaults.
+    pub fn client(&self) -> Client {
+        Client::new(self.store.clone(), self.registry.clone())
+    }
+
+    pub fn shared(&self) -> &Arc<WorkerPoolSharedData> {
+        &self.shared
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// The queues this pool serves and their worker counts.
+    pub fn queues(&self) -> &[(String, usize)] {
+        &self.config.queues
+    }
+
+    /// Register the node, rescue what an earlier process of this node left
+    /// running, and start claiming. Calling it on a started pool does nothing.
+    pub async fn start(&self) -> Result<(), StoreError> {
+        let mut running = self.running.lock().await;
+        if running.is_some() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let (ctx_tx, rx) = mpsc::unbounded_channel();
+        let mut sentinel = Sentinel {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            config: self.config.sentinel.clone(),
+            slots: Vec::new(),
+            queues: self.config.queues.iter().map(|(q, _)| q.clone()).collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        sentinel.start().await?;
+        let completer = tokio::spawn(
+            Completer {
+                store: self.store.clone(),
+                shared: self.shared.clone(),
+                rx,
+            }
+            .run(),
+        );
+        let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(self.registry.clone()));
+        let mut producers = Vec::new();
+        let mut slot_id = 0;
+        for (queue, workers) in &self.config.queues {
+            let (jobs_tx, jobs_rx) = async_channel::bounded(*workers);
+            for _ in 0..*workers {
+                let ctx = SlotCtx {
+                    id: slot_id,
+                    worker: worker.clone(),
+                    jobs: jobs_rx.clone(),
+                    shared: self.shared.clone(),
+                    registry: self.registry.clone(),
+                    completions: ctx_tx.clone(),
+                };
+                slot_id += 1;
+                let handle = tokio::spawn(run_slot(ctx.clone()));
+                sentinel.slots.push(Slot { ctx, handle });
+            }
+            producers.push(tokio::spawn(
+                Producer {
+                    queue: queue.clone(),
+                    store: self.store.clone(),
+                    shared: self.shared.clone(),
+                    capacity: Arc::new(Semaphore::new(*workers)),
+                    jobs: jobs_tx,
+                    poll_interval: self.config.poll_interval,
+                    claim_max: self.config.claim_max,
+                }
+                .run(),
+            ));
+        }
+        let sentinel_stop = CancellationToken::new();
+        let sentinel = tokio::spawn(sentinel.run(sentinel_stop.clone()));
+        tracing::info!(node = %self.shared.node, queues = ?self.config.queues, "worker pool started");
+        *running = Some(Running {
+            producers,
+            sentinel,
+            sentinel_stop,
+            completer,
+            completions: ctx_tx,
+        });
+        Ok(())
+    }
+
+    /// Stop the pool (see the module docs). Safe to call twice.
+    pub async fn shutdown(&self) {
+        let mut guard = self.running.lock().await;
+        self.stopped.store(true, std::sync::atomic::Ordering::Release);
+        let Some(run) = guard.take() else { return };
+        let shared = &self.shared;
+        tracing::info!(busy = shared.workers_busy(), "shutting down: no more claims");
+        shared.stop_claiming.cancel();
+        for p in run.producers {
+            let _ = p.await;
+        }
+        if !self.config.force_shutdown && !shared.wait_idle(self.config.shutdown_timeout).await {
+            tracing::warn!(
+                busy = shared.workers_busy(),
+                "shutdown_timeout passed with tasks running; cancelling them"
+            );
+        }
+        shared.stop_all(StopReason::Shutdown);
+        shared.wait_idle(self.config.cancel_grace).await;
+        run.sentinel_stop.cancel();
+        let slots = run.sentinel.await.unwrap_or_default();
+        // Tasks whose executors ignored cancellation: give them back anyway.
+        for slot in &slots {
+            let taken = shared
+                .slots
+                .get(slot.ctx.id)
+                .and_then(|s| s.lock().ok())
+                .and_then(|mut s| s.busy.take().map(|b| (b, s.permit.take())));
+            if let Some((busy, _permit)) = taken {
+                slot.handle.abort();
+                tracing::warn!(task = %busy.task, "executor ignored cancellation; releasing its task");
+                let _ = run.completions.send(Completion {
+                    id: busy.task,
+                    attempt: busy.attempt,
+                    at: Utc::now(),
+                    outcome: Outcome::Released,
+                });
+            }
+        }
+        // Slots end when their dispatch channel closes (producers are gone).
+        for slot in slots {
+            slot.ctx.jobs.close();
+            drop(slot.ctx);
+            let _ = tokio::time::timeout(Duration::from_secs(1), slot.handle).await;
+        }
+        drop(run.completions);
+        if tokio::time::timeout(Duration::from_secs(30), run.completer)
+            .await
+            .is_err()
+        {
+            tracing::error!("could not write every outcome within 30s; those tasks will be rescued");
+        }
+        if let Err(e) = self.store.node_remove(&shared.node).await {
+            tracing::warn!(error = %e, "could not deregister the node");
+        }
+        tracing::info!(node = %shared.node, "worker pool stopped");
+    }
+
+    /// Run until SIGINT or SIGTERM, then shut down.
+    pub async fn run_until_signal(&self) -> Result<(), StoreError> {
+        self.start().await?;
+        wait_for_signal().await;
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

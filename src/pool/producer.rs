@@ -1,0 +1,108 @@
+//! The producer of one queue: claims due tasks and hands them to free slots.
+//!
+//! Invariant: the producer never claims more tasks than its queue has free
+//! slots. Capacity is a semaphore with one permit per slot; the producer
+//! acquires permits first and claims at most as many tasks as it holds, and
+//! each claimed task carries its permit until its outcome is queued.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Semaphore;
+
+use super::shared::{Counters, WorkerPoolSharedData};
+use super::worker::Job;
+use crate::store::{ClaimParams, Store};
+
+pub(crate) struct Producer {
+    pub queue: String,
+    pub store: Arc<dyn Store>,
+    pub shared: Arc<WorkerPoolSharedData>,
+    pub capacity: Arc<Semaphore>,
+    pub jobs: async_channel::Sender<Job>,
+    pub poll_interval: Duration,
+    /// Most tasks one claim asks for.
+    pub claim_max: usize,
+}
+
+impl Producer {
+    pub(crate) async fn run(self) {
+        let notify = self.store.work_notifier();
+        let stop = self.shared.stop_claiming.clone();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            // Register for wake-ups before looking, so an insert that lands
+            // between the claim and the wait is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let first = tokio::select! {
+                p = self.capacity.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            if self.shared.fenced.load(Ordering::Acquire) {
+                // Lease lost: claim nothing until the Sentinel restores it.
+                drop(first);
+                tokio::select! {
+                    _ = tokio::time::sleep(self.poll_interval) => {},
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            }
+            let mut permits = vec![first];
+            while permits.len() < self.claim_max {
+                match self.capacity.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wanted = permits.len();
+            let claimed = self
+                .store
+                .task_claim(ClaimParams {
+                    queue: self.queue.clone(),
+                    node: self.shared.node.clone(),
+                    limit: wanted,
+                    now: Utc::now(),
+                })
+                .await;
+            match claimed {
+                Ok(tasks) => {
+                    backoff = Duration::from_millis(50);
+                    let got = tasks.len();
+                    Counters::add(&self.shared.counters.claimed, got as u64);
+                    for task in tasks {
+                        let Some(permit) = permits.pop() else { break };
+                        if self.jobs.send(Job { task, permit }).await.is_err() {
+                            return;
+                        }
+                    }
+                    drop(permits);
+                    if got == wanted {
+                        continue; // likely more waiting
+                    }
+                    tokio::select! {
+                        _ = &mut notified => {},
+                        _ = tokio::time::sleep(self.poll_interval) => {},
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    drop(permits);
+                    tracing::warn!(queue = %self.queue, error = %e, "claim failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {},
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! State shared by the parts of one node's pool: worker slots, running
+//! tasks, counters and shutdown signals.
+//!
+//! Locks here are `std::sync::Mutex`, never held across an `.await`: each
+//! critical section only reads or swaps a few fields.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::task::TaskId;
+
+/// Why a running task's cancellation token fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    /// Not asked to stop.
+    None = 0,
+    /// A user cancelled the task.
+    Cancelled = 1,
+    /// The node is shutting down or lost its lease: give the task back.
+    Shutdown = 2,
+    /// The attempt ran past its timeout.
+    Timeout = 3,
+}
+
+impl StopReason {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => StopReason::Cancelled,
+            2 => StopReason::Shutdown,
+            3 => StopReason::Timeout,
+            _ => StopReason::None,
+        }
+    }
+}
+
+/// A task this node is running: enough to stop it and to fence its outcome.
+#[derive(Debug)]
+pub struct RunningTask {
+    pub attempt: i32,
+    pub token: CancellationToken,
+    reason: AtomicU8,
+}
+
+impl RunningTask {
+    pub fn new(attempt: i32, token: CancellationToken) -> Self {
+        RunningTask {
+            attempt,
+            token,
+            reason: AtomicU8::new(StopReason::None as u8),
+        }
+    }
+
+    /// Fire the token. The first reason wins: a task cancelled by a user and
+    /// then caught by shutdown still ends `cancelled`.
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.reason.compare_exchange(
+            StopReason::None as u8,
+            reason as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> StopReason {
+        StopReason::from_u8(self.reason.load(Ordering::Acquire))
+    }
+}
+
+/// What one worker slot is doing.
+#[derive(Debug, Default)]
+pub struct SlotStatus {
+    /// The task in hand, if any.
+    pub busy: Option<BusyInfo>,
+    /// The queue capacity this slot holds while busy. Whoever ends the job
+    /// (the slot itself, or the Sentinel replacing a hung slot) takes it out
+    /// and drops it, so capacity is returned exactly once.
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// Set by the slot when an executor panicked and the slot stopped.
+    pub panicked: bool,
+}
+
+/// The task a busy slot is running.
+#[derive(Debug, Clone)]
+pub struct BusyInfo {
+    pub task: TaskId,
+    pub kind: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub since: Instant,
+    pub deadline: Option<Instant>,
+}
+
+/// Counters of what this node did since it started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub claimed: AtomicU64,
+    pub completed: AtomicU64,
+    pub retried: AtomicU64,
+    pub failed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub snoozed: AtomicU64,
+    pub released: AtomicU64,
+    /// Completions the store refused because the attempt was no longer running.
+    pub fenced: AtomicU64,
+    pub panics: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub hung_replaced: AtomicU64,
+    pub rescued: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The pool's shared state.
+#[derive(Debug)]
+pub struct WorkerPoolSharedData {
+    pub node: String,
+    /// One entry per worker slot, indexed by slot id.
+    pub slots: Vec<Mutex<SlotStatus>>,
+    /// Tasks running on this node, by id.
+    pub running: Mutex<HashMap<TaskId, std::sync::Arc<RunningTask>>>,
+    pub counters: Counters,
+    /// Fires when the pool stops claiming (shutdown began).
+    pub stop_claiming: CancellationToken,
+    /// True while the node's lease is lost: producers do not claim.
+    pub fenced: AtomicBool,
+    /// True while this node holds leadership.
+    pub leader: AtomicBool,
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
+impl WorkerPoolSharedData {
+    pub(crate) fn new(node: String, slots: usize) -> Self {
+        WorkerPoolSharedData {
+            node,
+            slots: (0..slots).map(|_| Mutex::new(SlotStatus::default())).collect(),
+            running: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            stop_claiming: CancellationToken::new(),
+            fenced: AtomicBool::new(false),
+            leader: AtomicBool::new(false),
+            started: chrono::Utc::now(),
+        }
+    }
+
+    /// How many slots are running a task now.
+    pub fn workers_busy(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.lock().map(|s| s.busy.is_some()).unwrap_or(false))
+            .count()
+    }
+
+    pub fn workers_total(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    /// Fire the token of a running task, if this node runs it.
+    pub fn stop_task(&self, id: TaskId, attempt: Option<i32>, reason: StopReason) -> bool {
+        let running = self.running.lock().ok().and_then(|m| m.get(&id).cloned());
+        match running {
+            Some(r) if attempt.is_none_or(|a| a == r.attempt) => {
+                r.stop(reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Fire the tokens of every running task.
+    pub fn stop_all(&self, reason: StopReason) {
+        let all: Vec<_> = self
+            .running
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for r in all {
+            r.stop(reason);
+        }
+    }
+
+    pub(crate) fn running_count(&self) -> usize {
+        self.running.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Wait until no slot is busy, up to `timeout`. True when all went idle.
+    pub(crate) async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.workers_busy() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Worker slots: where claimed tasks run.
+//!
+//! A slot is a tokio task that takes claimed tasks from its queue's dispatch
+//! channel one at a time and runs each through a [`Worker`]. The slot owns
+//! what surrounds the executor: the timeout, catching a panic, turning the
+//! result into an [`Outcome`], handing it to the completer, and only then
+//! giving its queue capacity back.
+//!
+//! A slot whose executor panicked reports the failed attempt and then ends;
+//! the [`Sentinel`](crate::Sentinel) sees it and starts a fresh slot in its
+//! place, so the pool keeps its worker count.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::shared::{BusyInfo, RunningTask, StopReason, WorkerPoolSharedData};
+use crate::executor::{TaskContext, TaskError, TaskOutput};
+use crate::registry::TaskRegistry;
+use crate::store::{Completion, Outcome};
+use crate::task::Task;
+
+/// One execution slot: runs one attempt at a time.
+#[async_trait]
+pub trait Worker: Send + Sync + 'static {
+    /// Run one attempt. A panic in here is caught by the slot, fails the
+    /// attempt with the panic message, and gets the worker replaced.
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError>;
+}
+
+/// Runs executors from a [`TaskRegistry`] in this process, on tokio.
+#[derive(Debug, Clone)]
+pub struct LocalWorker {
+    registry: Arc<TaskRegistry>,
+}
+
+impl LocalWorker {
+    pub fn new(registry: Arc<TaskRegistry>) -> Self {
+        LocalWorker { registry }
+    }
+}
+
+#[async_trait]
+impl Worker for LocalWorker {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError> {
+        match self.registry.executor(&ctx.kind) {
+            Some(executor) => executor.execute(ctx).await,
+            None => Err(TaskError::Failed(format!(
+                "no executor is registered for kind {:?} on this node",
+                ctx.kind
+            ))),
+        }
+    }
+}
+
+/// A claimed task on its way to a slot, with the queue capacity it holds.
+pub(crate) struct Job {
+    pub task: Task,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Everything a slot needs; cloned for each replacement.
+#[derive(Clone)]
+pub(crate) struct SlotCtx {
+    pub id: usize,
+    pub worker: Arc<dyn Worker>,
+    pub jobs: async_channel::Receiver<Job>,
+    pub shared: Arc<WorkerPoolSharedData>,
+    pub registry: Arc<TaskRegistry>,
+    pub completions: mpsc::UnboundedSender<Completion>,
+}
+
+/// How the executor call ended, before policy turns it into an [`Outcome`].
+enum Ran {
+    Returned(Result<TaskOutput, TaskError>),
+    Panicked(String),
+    TimedOut(Duration),
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Turn how an attempt ended into what the store should record.
+fn decide(
+    task: &Task,
+    ran: Ran,
+    reason: StopReason,
+    registry: &TaskRegistry,
+) -> Outcome {
+    let now = Utc::now();
+    let (message, discard) = match ran {
+        Ran::Returned(Ok(result)) => return Outcome::Completed { result },
+        Ran::Returned(Err(TaskError::Snooze(d))) => {
+            return Outcome::Snoozed {
+                run_at: now + chrono::Duration::from_std(d).unwrap_or_default(),
+            };
+        }
+        Ran::Returned(Err(TaskError::Failed(m))) => (m, false),
+        Ran::Returned(Err(TaskError::Discard(m))) => (m, true),
+        Ran::Panicked(m) => (format!("executor panicked: {m}"), false),
+        Ran::TimedOut(d) => (format!("timed out after {}ms", d.as_millis()), false),
+    };
+    match reason {
+        StopReason::Cancelled => Outcome::Cancelled {
+            error: format!("cancelled: {message}"),
+        },
+        StopReason::Shutdown => Outcome::Released,
+        StopReason::None | StopReason::Timeout => {
+            if discard || task.attempt >= task.max_attempts {
+                Outcome::Failed { error: message }
+            } else {
+                let delay = registry.retry_policy(&task.kind).backoff(task.attempt);
+                Outcome::Retry {
+                    run_at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    error: message,
+                }
+            }
+        }
+    }
+}
+
+/// The slot loop. Returns when the dispatch channel closes (shutdown) or
+/// after an executor panicked (the Sentinel then replaces the slot).
+pub(crate) async fn run_slot(ctx: SlotCtx) {
+    let shared = &ctx.shared;
+    let Some(status) = shared.slots.get(ctx.id) else {
+        return;
+    };
+    while let Ok(Job { task, permit }) = ctx.jobs.recv().await {
+        if shared.stop_claiming.is_cancelled() {
+            // Claimed just before shutdown began: give it back unstarted.
+            let _ = ctx.completions.send(Completion {
+                id: task.id,
+                attempt: task.attempt,
+                at: Utc::now(),
+                outcome: Outcome::Released,
+            });
+            drop(permit);
+            continue;
+        }
+        let token = CancellationToken::new();
+        let running = Arc::new(RunningTask::new(task.attempt, token.clone()));
+        if let Ok(mut m) = shared.running.lock() {
+            m.insert(task.id, running.clone());
+        }
+        let timeout = task
+            .timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms as u64));
+        let started = Instant::now();
+        let deadline = timeout.map(|d| started + d);
+        if let Ok(mut s) = status.lock() {
+            s.busy = Some(BusyInfo {
+                task: task.id,
+                kind: task.kind.clone(),
+                attempt: task.attempt,
+                max_attempts: task.max_attempts,
+                since: started,
+                deadline,
+            });
+            s.permit = Some(permit);
+        }
+        let span = tracing::info_span!("task", id = %task.id, kind = %task.kind, attempt = task.attempt);
+        let tctx = TaskContext {
+            id: task.id,
+            kind: task.kind.clone(),
+            queue: task.queue.clone(),
+            args: task.args.clone(),
+            attempt: task.attempt,
+            max_attempts: task.max_attempts,
+            created_at: task.created_at,
+            cancel: token,
+            deadline,
+        };
+        let call = AssertUnwindSafe(ctx.worker.run(tctx)).catch_unwind();
+        let caught = match deadline {
+            Some(dl) => {
+                tokio::select! {
+                    r = call => Some(r),
+                    _ = tokio::time::sleep_until(dl) => None,
+                }
+            }
+            None => Some(call.await),
+        };
+        let ran = match caught {
+            Some(Ok(r)) => Ran::Returned(r),
+            Some(Err(payload)) => Ran::Panicked(panic_message(payload.as_ref())),
+            None => {
+                // The executor future was dropped by the select: it is stopped.
+                running.stop(StopReason::Timeout);
+                crate::pool::shared::Counters::add(&shared.counters.timeouts, 1);
+                Ran::TimedOut(timeout.unwrap_or_default())
+            }
+        };
+        let panicked = matches!(ran, Ran::Panicked(_));
+        let outcome = decide(&task, ran, running.reason(), &ctx.registry);
+        span.in_scope(|| match &outcome {
+            Outcome::Completed { .. } => tracing::debug!("completed"),
+            Outcome::Retry { error, run_at } => tracing::info!(%error, %run_at, "attempt failed; will retry"),
+            Outcome::Failed { error } => tracing::warn!(%error, "task failed"),
+            Outcome::Cancelled { .. } => tracing::info!("cancelled"),
+            Outcome::Snoozed { run_at } => tracing::debug!(%run_at, "snoozed"),
+            Outcome::Released => tracing::info!("released at shutdown"),
+        });
+        if let Ok(mut m) = shared.running.lock() {
+            m.remove(&task.id);
+        }
+        let _ = ctx.completions.send(Completion {
+            id: task.id,
+            attempt: task.attempt,
+            at: Utc::now(),
+            outcome,
+        });
+        // The outcome is queued: only now is the capacity given back.
+        let permit = status.lock().ok().and_then(|mut s| {
+            s.busy = None;
+            if panicked {
+                s.panicked = true;
+            }
+            s.permit.take()
+        });
+        drop(permit);
+        if panicked {
+            crate::pool::shared::Counters::add(&shared.counters.panics, 1);
+            tracing::warn!(slot = ctx.id, task = %task.id, "worker's executor panicked; the Sentinel replaces the worker");
+            return;
+        }
+    }
+}

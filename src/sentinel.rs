@@ -1,0 +1,334 @@
+//! The Sentinel keeps one node and its cluster healthy.
+//!
+//! # Overview
+//!
+//! Every node runs one Sentinel. It:
+//!
+//! - replaces worker slots whose executor panicked, and slots that hang
+//!   past their task's timeout (an executor that blocks its thread and never
+//!   yields), so the pool keeps its full worker count;
+//! - heartbeats the node every `heartbeat_interval`;
+//! - rescues the running tasks of nodes whose heartbeat is older than
+//!   `node_timeout` (they go back to `retryable`, the attempt counted);
+//! - fences itself: when its own heartbeat has failed for long enough that
+//!   other nodes may rescue its tasks, it stops claiming and stops its
+//!   running tasks, before anyone else re-runs them;
+//! - passes on cancel requests to the tasks running here;
+//! - competes for leadership; the leader alone prunes finished tasks.
+//!
+//! # State model
+//!
+//! A node is *live* while its heartbeat is newer than `node_timeout`. Rescue
+//! changes only tasks that are `running` on a node that is not live, in one
+//! conditional statement, so two Sentinels racing to rescue the same task
+//! rescue it once. Rescued tasks keep their attempt number; the stale node's
+//! late outcome carries the old attempt and is refused by the store's fencing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::pool::shared::{Counters, StopReason, WorkerPoolSharedData};
+use crate::pool::worker::{SlotCtx, run_slot};
+use crate::store::{Completion, NodeInfo, Outcome, PruneParams, RescueParams, Store, StoreEvent};
+
+/// How long finished tasks are kept before the leader prunes them (`None`: forever).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    pub completed: Option<Duration>,
+    pub failed: Option<Duration>,
+    pub cancelled: Option<Duration>,
+    pub interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let week = Some(Duration::from_secs(7 * 24 * 3600));
+        Retention {
+            completed: week,
+            failed: week,
+            cancelled: week,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Timings of the Sentinel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentinelConfig {
+    pub heartbeat_interval: Duration,
+    /// A node silent for longer than this is dead; also this node's own lease.
+    pub node_timeout: Duration,
+    /// How often worker slots are checked.
+    pub check_interval: Duration,
+    /// How far past its deadline a busy slot may go before it counts as hung.
+    pub hung_grace: Duration,
+    pub retention: Retention,
+}
+
+impl Default for SentinelConfig {
+    fn default() -> Self {
+        SentinelConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            node_timeout: Duration::from_secs(15),
+            check_interval: Duration::from_millis(500),
+            hung_grace: Duration::from_secs(2),
+            retention: Retention::default(),
+        }
+    }
+}
+
+pub(crate) struct Slot {
+    pub ctx: SlotCtx,
+    pub handle: JoinHandle<()>,
+}
+
+/// See the module docs.
+pub struct Sentinel {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) shared: Arc<WorkerPoolSharedData>,
+    pub(crate) config: SentinelConfig,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) queues: Vec<String>,
+    pub(crate) version: String,
+}
+
+impl Sentinel {
+    fn node_info(&self) -> NodeInfo {
+        let now = Utc::now();
+        NodeInfo {
+            name: self.shared.node.clone(),
+            version: self.version.clone(),
+            started_at: self.shared.started,
+            heartbeat_at: now,
+            workers: self.shared.workers_total() as i32,
+            workers_busy: self.shared.workers_busy() as i32,
+            queues: self.queues.clone(),
+            leader: self.shared.is_leader(),
+        }
+    }
+
+    /// Register the node and rescue what an earlier process of the same name
+    /// left running. Called before the first claim.
+    pub(crate) async fn start(&self) -> Result<(), crate::store::StoreError> {
+        self.store.node_heartbeat(self.node_info()).await?;
+        let rescued = self
+            .store
+            .node_rescue(RescueParams {
+                now: Utc::now(),
+                node_timeout: self.config.node_timeout,
+                node: Some(self.shared.node.clone()),
+            })
+            .await?;
+        if !rescued.is_empty() {
+            Counters::add(&self.shared.counters.rescued, rescued.len() as u64);
+            tracing::info!(count = rescued.len(), "rescued tasks left running by an earlier process of this node");
+        }
+        Ok(())
+    }
+
+    /// Run until `stop` fires; returns the worker slots so the pool can wind them down.
+    pub(crate) async fn run(mut self, stop: CancellationToken) -> Vec<Slot> {
+        let mut events = self.store.subscribe();
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(self.config.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_beat = Instant::now();
+        let mut last_prune: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    self.beat(&mut last_beat).await;
+                    self.rescue().await;
+                    self.elect_and_prune(&mut last_prune).await;
+                    self.poll_cancels().await;
+                }
+                _ = check.tick() => self.check_slots(),
+                ev = events.recv() => match ev {
+                    Ok(StoreEvent::CancelRequested { id, node }) => {
+                        if node.as_deref() == Some(self.shared.node.as_str()) {
+                            self.shared.stop_task(id, None, StopReason::Cancelled);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.poll_cancels().await,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        events = self.store.subscribe();
+                    }
+                },
+            }
+        }
+        if self.shared.is_leader() {
+            let _ = self.store.leader_resign(&self.shared.node).await;
+            self.shared.leader.store(false, Ordering::Relaxed);
+        }
+        self.slots
+    }
+
+    async fn beat(&self, last_ok: &mut Instant) {
+        match self.store.node_heartbeat(self.node_info()).await {
+            Ok(()) => {
+                *last_ok = Instant::now();
+                if self.shared.fenced.swap(false, Ordering::AcqRel) {
+                    tracing::warn!("heartbeat restored; claiming again");
+                }
+            }
+            Err(e) => {
+                let silent = last_ok.elapsed();
+                // Others may rescue our tasks once node_timeout passes since
+                // our last heartbeat; stop one interval before that.
+                let lease = self
+                    .config
+                    .node_timeout
+                    .saturating_sub(self.config.heartbeat_interval);
+                tracing::warn!(error = %e, silent_ms = silent.as_millis() as u64, "heartbeat failed");
+                if silent >= lease && !self.shared.fenced.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        "no heartbeat for {}ms: lease lost, stopping claims and running tasks",
+                        silent.as_millis()
+                    );
+                    self.shared.stop_all(StopReason::Shutdown);
+                }
+            }
+        }
+    }
+
+    async fn rescue(&self) {
+        let params = RescueParams {
+            now: Utc::now(),
+            node_timeout: self.config.node_timeout,
+            node: None,
+        };
+        match self.store.node_rescue(params).await {
+            Ok(r) if !r.is_empty() => {
+                Counters::add(&self.shared.counters.rescued, r.len() as u64);
+                for t in &r {
+                    tracing::warn!(task = %t.id, node = ?t.node, state = %t.state, "rescued task of a dead node");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "rescue failed"),
+        }
+    }
+
+    async fn elect_and_prune(&self, last_prune: &mut Option<Instant>) {
+        let leader = match self
+            .store
+            .leader_try_elect(&self.shared.node, self.config.node_timeout, Utc::now())
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "leader election failed");
+                false
+            }
+        };
+        if self.shared.leader.swap(leader, Ordering::AcqRel) != leader {
+            tracing::info!(leader, "leadership changed");
+        }
+        let r = &self.config.retention;
+        if !leader || last_prune.is_some_and(|t| t.elapsed() < r.interval) {
+            return;
+        }
+        *last_prune = Some(Instant::now());
+        let now = Utc::now();
+        let before = |d: Option<Duration>| d.map(|d| now - chrono::Duration::from_std(d).unwrap_or_default());
+        let params = PruneParams {
+            completed_before: before(r.completed),
+            failed_before: before(r.failed),
+            cancelled_before: before(r.cancelled),
+            limit: 10_000,
+        };
+        match self.store.task_prune(params).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "pruned finished tasks past retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning failed"),
+        }
+    }
+
+    async fn poll_cancels(&self) {
+        if self.shared.running_count() == 0 {
+            return;
+        }
+        match self.store.task_cancel_requested(&self.shared.node).await {
+            Ok(ids) => {
+                for (id, attempt) in ids {
+                    self.shared.stop_task(id, Some(attempt), StopReason::Cancelled);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading cancel requests failed"),
+        }
+    }
+
+    /// Replace slots that ended after a panic, and slots hung past their deadline.
+    fn check_slots(&mut self) {
+        if self.shared.stop_claiming.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        for slot in &mut self.slots {
+            let Some(status) = self.shared.slots.get(slot.ctx.id) else {
+                continue;
+            };
+            if slot.handle.is_finished() {
+                let panicked = status
+                    .lock()
+                    .map(|mut s| std::mem::take(&mut s.panicked))
+                    .unwrap_or(false);
+                if panicked || !slot.ctx.jobs.is_closed() {
+                    tracing::info!(slot = slot.ctx.id, "replacing a worker that stopped");
+                    slot.handle = tokio::spawn(run_slot(slot.ctx.clone()));
+                }
+                continue;
+            }
+            let hung = status.lock().ok().and_then(|mut s| {
+                let busy = s.busy.as_ref()?;
+                let deadline = busy.deadline?;
+                if now < deadline + self.config.hung_grace {
+                    return None;
+                }
+                let info = busy.clone();
+                s.busy = None;
+                Some((info, s.permit.take()))
+            });
+            let Some((info, permit)) = hung else { continue };
+            slot.handle.abort();
+            // The hung slot can no longer return its capacity; do it here.
+            drop(permit);
+            if let Ok(mut m) = self.shared.running.lock()
+                && let Some(r) = m.remove(&info.task)
+            {
+                r.stop(StopReason::Timeout);
+            }
+            let error = format!(
+                "executor did not stop within {}ms after its timeout; worker replaced",
+                self.config.hung_grace.as_millis()
+            );
+            let outcome = if info.attempt >= info.max_attempts {
+                Outcome::Failed { error }
+            } else {
+                let delay = slot.ctx.registry.retry_policy(&info.kind).backoff(info.attempt);
+                Outcome::Retry {
+                    run_at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    error,
+                }
+            };
+            let _ = slot.ctx.completions.send(Completion {
+                id: info.task,
+                attempt: info.attempt,
+                at: Utc::now(),
+                outcome,
+            });
+            Counters::add(&self.shared.counters.hung_replaced, 1);
+            Counters::add(&self.shared.counters.timeouts, 1);
+            tracing::warn!(slot = slot.ctx.id, task = %info.task, "worker hung past its task's timeout; replacing it");
+            slot.handle = tokio::spawn(run_slot(slot.ctx.clone()));
+        }
+    }
+}

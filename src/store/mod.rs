@@ -1,0 +1,264 @@
+//! The persistence seam.
+//!
+//! # Overview
+//!
+//! Everything a node knows about tasks, nodes and leadership lives in a
+//! [`Store`]. [`SqliteStore`] is the embedded default (one machine, one
+//! file); the PostgreSQL store shares one database between many nodes.
+//! Both pass the same conformance suite (`tests/store_conformance.rs`).
+//!
+//! # Invariants every store keeps
+//!
+//! - An insert that returned `Ok` is committed (durable).
+//! - A task is claimed by at most one claimer per attempt: claiming moves it
+//!   to `running` and increments `attempt` in the same statement.
+//! - A completion is applied only while the task is `running` with the same
+//!   `attempt` it was claimed with (the attempt is the fencing token), so a
+//!   node that lost a task to a rescue cannot overwrite the re-run's outcome.
+//! - While a task with a `unique_key` is unfinished, no second unfinished task
+//!   with that key exists.
+//!
+//! Methods take `now` in their params instead of reading the clock, so the
+//! conformance suite can drive time by hand.
+
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast};
+
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+
+use crate::task::{Task, TaskId, TaskState};
+
+/// A store failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or answered with an error that is not the
+    /// caller's fault (I/O, lock, corrupt file, lost connection).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The schema is newer than this binary understands, or missing.
+    #[error("store schema: {0}")]
+    Schema(String),
+    /// No such task.
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    /// The task exists but is in a state that forbids the operation.
+    #[error("task {id} is {state}: {message}")]
+    Conflict {
+        id: TaskId,
+        state: TaskState,
+        message: String,
+    },
+    /// The caller's input was rejected by the store.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// A fully resolved task to insert (defaults already applied by the [`Client`](crate::Client)).
+#[derive(Debug, Clone)]
+pub struct TaskInsert {
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub queue: String,
+    pub priority: i16,
+    pub run_at: DateTime<Utc>,
+    pub max_attempts: i32,
+    pub timeout_ms: Option<i64>,
+    pub unique_key: Option<String>,
+}
+
+/// The result of inserting one task.
+#[derive(Debug, Clone)]
+pub struct Inserted {
+    pub task: Task,
+    /// True when `unique_key` matched an unfinished task, which is returned instead.
+    pub existing: bool,
+}
+
+/// Claim up to `limit` due tasks of `queue` for `node`, most urgent first
+/// (priority, then run_at, then id).
+#[derive(Debug, Clone)]
+pub struct ClaimParams {
+    pub queue: String,
+    pub node: String,
+    pub limit: usize,
+    pub now: DateTime<Utc>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Success, with the executor's output.
+    Completed { result: serde_json::Value },
+    /// The attempt failed and the task runs again at `run_at`.
+    Retry {
+        run_at: DateTime<Utc>,
+        error: String,
+    },
+    /// The task failed for good (dead-letter list).
+    Failed { error: String },
+    /// The task was cancelled while running.
+    Cancelled { error: String },
+    /// Run again at `run_at` without using up an attempt.
+    Snoozed { run_at: DateTime<Utc> },
+    /// The node gave the task back (shutdown): available again now, attempt not used up.
+    Released,
+}
+
+/// One attempt's outcome, fenced by `(id, attempt)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub id: TaskId,
+    pub attempt: i32,
+    pub at: DateTime<Utc>,
+    pub outcome: Outcome,
+}
+
+/// Filters for listing tasks, newest first. `before` is the cursor: only ids below it.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub state: Option<TaskState>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    pub before: Option<TaskId>,
+    pub limit: usize,
+}
+
+/// Delete finished tasks that finished before the given instants (`None` keeps them).
+#[derive(Debug, Clone)]
+pub struct PruneParams {
+    pub completed_before: Option<DateTime<Utc>>,
+    pub failed_before: Option<DateTime<Utc>>,
+    pub cancelled_before: Option<DateTime<Utc>>,
+    /// At most this many rows per call, so a prune never holds the writer long.
+    pub limit: usize,
+}
+
+/// A node as registered in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub workers: i32,
+    pub workers_busy: i32,
+    pub queues: Vec<String>,
+    #[serde(default)]
+    pub leader: bool,
+}
+
+/// Rescue the running tasks of nodes whose heartbeat is older than `now - node_timeout`
+/// (and of nodes that have no row at all), or, with `node`, of that one node.
+#[derive(Debug, Clone)]
+pub struct RescueParams {
+    pub now: DateTime<Utc>,
+    pub node_timeout: Duration,
+    /// Rescue this node's running tasks whatever its heartbeat says (used by
+    /// a node at start-up: anything still running under its own name is an
+    /// orphan of an earlier process).
+    pub node: Option<String>,
+}
+
+/// A task that was running on a dead node and was put back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rescued {
+    pub id: TaskId,
+    pub node: Option<String>,
+    pub state: TaskState,
+}
+
+/// Events a store publishes to the nodes that use it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A running task was asked to stop.
+    CancelRequested { id: TaskId, node: Option<String> },
+}
+
+/// The persistence seam. See the module docs for the invariants.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Create or upgrade the schema. Idempotent.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Insert tasks, all or nothing. Tasks whose `run_at` is after now are `scheduled`.
+    async fn task_insert_many(
+        &self,
+        tasks: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Inserted>, StoreError>;
+
+    /// Claim due tasks (see [`ClaimParams`]).
+    async fn task_claim(&self, params: ClaimParams) -> Result<Vec<Task>, StoreError>;
+
+    /// Write outcomes. Returns, per completion, whether it was applied (false
+    /// when fencing rejected it: the task is no longer running that attempt).
+    async fn task_complete_many(&self, completions: Vec<Completion>)
+    -> Result<Vec<bool>, StoreError>;
+
+    async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
+
+    async fn task_list(&self, params: ListParams) -> Result<Vec<Task>, StoreError>;
+
+    /// Cancel a task. An unstarted task becomes `cancelled` at once; a running
+    /// one is marked and a [`StoreEvent::CancelRequested`] goes to its node,
+    /// which ends it. A finished task is a [`StoreError::Conflict`].
+    async fn task_cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError>;
+
+    /// Bring a failed or cancelled task back to `available`, granting one more
+    /// attempt if it had none left. Other states are a [`StoreError::Conflict`].
+    async fn task_retry(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError>;
+
+    /// The ids and attempts of `node`'s running tasks that were asked to stop.
+    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError>;
+
+    /// Delete old finished tasks; returns how many went.
+    async fn task_prune(&self, params: PruneParams) -> Result<u64, StoreError>;
+
+    /// Count tasks by queue and state.
+    async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError>;
+
+    /// Register or refresh this node.
+    async fn node_heartbeat(&self, node: NodeInfo) -> Result<(), StoreError>;
+
+    /// Remove a node that stops cleanly.
+    async fn node_remove(&self, name: &str) -> Result<(), StoreError>;
+
+    async fn node_list(&self) -> Result<Vec<NodeInfo>, StoreError>;
+
+    /// Put the running tasks of dead nodes back (see [`RescueParams`]); each
+    /// becomes `retryable` (or `failed` if it has no attempts left).
+    async fn node_rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError>;
+
+    /// Become or stay leader until `now + ttl`. True when `node` leads.
+    async fn leader_try_elect(
+        &self,
+        node: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Give up leadership if `node` holds it.
+    async fn leader_resign(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Signalled when new due work may be waiting (after inserts, retries,
+    /// releases). Producers wait on it, with polling as the fallback.
+    fn work_notifier(&self) -> Arc<Notify>;
+
+    /// Store events (cancel requests) for the nodes of this process.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+}
+
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}

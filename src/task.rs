@@ -1,0 +1,222 @@
+//! The task model: what a task is, the states it moves through, and the
+//! options a caller sets when enqueuing one.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The id of a task: unique within one store, assigned at enqueue, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub i64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(TaskId)
+    }
+}
+
+/// Where a task is in its life cycle (see the state machine in the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Waiting for its `run_at` to arrive.
+    Scheduled,
+    /// Due and waiting for a free worker.
+    Available,
+    /// Claimed by a node and executing.
+    Running,
+    /// Failed an attempt and waits for its backoff before it runs again.
+    Retryable,
+    /// Finished successfully.
+    Completed,
+    /// Out of attempts (or discarded): the dead-letter list. `retry` brings it back.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+    /// Waiting for the tasks it depends on.
+    Blocked,
+}
+
+impl TaskState {
+    /// All states, in life-cycle order.
+    pub const ALL: [TaskState; 8] = [
+        TaskState::Scheduled,
+        TaskState::Available,
+        TaskState::Running,
+        TaskState::Retryable,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::Blocked,
+    ];
+
+    /// The lowercase name used in the store, the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Scheduled => "scheduled",
+            TaskState::Available => "available",
+            TaskState::Running => "running",
+            TaskState::Retryable => "retryable",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Blocked => "blocked",
+        }
+    }
+
+    /// A final state: the task will not run again unless retried by hand.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error returned when a string names no [`TaskState`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown task state {0:?} (expected one of scheduled, available, running, retryable, completed, failed, cancelled, blocked)")]
+pub struct UnknownState(pub String);
+
+impl FromStr for TaskState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// One failed attempt, kept on the task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptError {
+    pub attempt: i32,
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+/// A task as stored. This is also its JSON shape in the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub queue: String,
+    pub priority: i16,
+    pub state: TaskState,
+    /// How many times the task has been started; the fencing token of the
+    /// current run (a completion is written only for the attempt that is running).
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The node that ran (or runs) the latest attempt.
+    pub node: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub errors: Vec<AttemptError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+}
+
+/// Lowest and highest priority. 0 runs first (as in Oban and River).
+pub const PRIORITY_MIN: i16 = 0;
+/// See [`PRIORITY_MIN`].
+pub const PRIORITY_MAX: i16 = 9;
+/// The queue a task goes to when neither the caller nor its kind names one.
+pub const DEFAULT_QUEUE: &str = "default";
+/// Attempts a task gets when neither the caller nor its kind says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
+
+/// What a caller asks for when enqueuing. Fields left `None` take the
+/// defaults registered for the kind, then the built-in ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskOptions {
+    pub queue: Option<String>,
+    pub priority: Option<i16>,
+    /// Run no earlier than this instant.
+    pub run_at: Option<DateTime<Utc>>,
+    /// Run no earlier than now + delay (ignored when `run_at` is set).
+    #[serde(skip)]
+    pub delay: Option<Duration>,
+    pub max_attempts: Option<i32>,
+    #[serde(skip)]
+    pub timeout: Option<Duration>,
+    /// While a task with this key is unfinished, enqueuing the same key
+    /// returns that task instead of creating another.
+    pub unique_key: Option<String>,
+}
+
+impl TaskOptions {
+    pub fn queue(mut self, q: impl Into<String>) -> Self {
+        self.queue = Some(q.into());
+        self
+    }
+    pub fn priority(mut self, p: i16) -> Self {
+        self.priority = Some(p);
+        self
+    }
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.delay = Some(d);
+        self
+    }
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+    pub fn unique_key(mut self, k: impl Into<String>) -> Self {
+        self.unique_key = Some(k.into());
+        self
+    }
+}
+
+/// A task to enqueue: a kind, its JSON args and options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub options: TaskOptions,
+}
+
+impl NewTask {
+    pub fn new(kind: impl Into<String>, args: serde_json::Value) -> Self {
+        NewTask {
+            kind: kind.into(),
+            args,
+            options: TaskOptions::default(),
+        }
+    }
+    pub fn with(mut self, options: TaskOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
