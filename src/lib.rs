@@ -1,5 +1,8 @@
+pub mod bench;
 pub mod client;
+pub mod config;
 pub mod executor;
+pub mod executors;
 pub mod pool;
 pub mod registry;
 pub mod sentinel;
@@ -13,3 +16,4 @@ pub use registry::{KindDefaults, RetryPolicy, TaskRegistry};
 pub use sentinel::{Retention, Sentinel, SentinelConfig};
 pub use store::{SqliteStore, Store, StoreError};
 pub use task::{NewTask, Task, TaskId, TaskOptions, TaskState};
+pub use config::{Config, ConfigError, config_load};

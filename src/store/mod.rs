@@ -255,6 +255,11 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
 }
 
+/// `t` cut to whole microseconds: the precision every store keeps.
+pub fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    from_micros(to_micros(t))
+}
+
 pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }

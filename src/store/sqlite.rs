@@ -590,6 +590,14 @@ impl Store for SqliteStore {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
+        let now = super::truncate_micros(now);
+        let tasks: Vec<TaskInsert> = tasks
+            .into_iter()
+            .map(|mut t| {
+                t.run_at = super::truncate_micros(t.run_at);
+                t
+            })
+            .collect();
         // Serialize outside the writer thread: it is the bottleneck.
         let args: Vec<String> = tasks
             .iter()

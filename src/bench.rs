@@ -1,0 +1,187 @@
+//! `proto_tasker bench`: the end-to-end load tool.
+//!
+//! Three phases against a real store:
+//! 1. enqueue `tasks` no-op tasks in batches (bulk insert rate);
+//! 2. start a pool and drain them (claim + run + complete rate);
+//! 3. offer `rate` tasks/s one at a time for `duration` and measure the
+//!    enqueue-to-start latency of each.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::executor::executor_fn;
+use crate::pool::{Builder, Counters};
+use crate::registry::TaskRegistry;
+use crate::store::Store;
+use crate::task::NewTask;
+
+#[derive(Debug, Clone)]
+pub struct BenchParams {
+    pub tasks: usize,
+    pub batch: usize,
+    pub workers: usize,
+    /// Offered load of the latency phase in tasks/s (0 skips it).
+    pub rate: u64,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub tasks: usize,
+    pub enqueue_secs: f64,
+    pub enqueue_per_sec: f64,
+    pub enqueue_batch_ms: Percentiles,
+    pub drain_secs: f64,
+    pub drain_per_sec: f64,
+    pub latency_offered_per_sec: u64,
+    pub latency: Option<Percentiles>,
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    // Recorded in microseconds.
+    let ms = |v: u64| v as f64 / 1000.0;
+    Percentiles {
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p90_ms: ms(h.value_at_quantile(0.90)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        max_ms: ms(h.max()),
+        count: h.len(),
+    }
+}
+
+fn new_hist() -> Histogram<u64> {
+    // Microseconds from 1us to 1h at 3 significant figures: constant, valid bounds.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Run the benchmark on `store` (which must be empty and migrated).
+pub async fn run(store: Arc<dyn Store>, p: BenchParams) -> Result<BenchReport, Box<dyn std::error::Error>> {
+    let latency = Arc::new(Mutex::new(new_hist()));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut registry = TaskRegistry::new();
+    {
+        let latency = latency.clone();
+        let measuring = measuring.clone();
+        registry.register(
+            "noop",
+            executor_fn(move |ctx| {
+                if measuring.load(std::sync::atomic::Ordering::Relaxed) {
+                    let waited = (Utc::now() - ctx.created_at).num_microseconds().unwrap_or(0).max(1);
+                    if let Ok(mut h) = latency.lock() {
+                        let _ = h.record(waited as u64);
+                    }
+                }
+                async { Ok(serde_json::Value::Null) }
+            }),
+        );
+    }
+    let pool = Builder::new(store.clone(), registry)
+        .node_name(format!("bench-{}", std::process::id()))
+        .queue("bench", p.workers.max(1))
+        .claim_max(p.workers.max(1))
+        .build()?;
+    let client = pool.client();
+
+    // Phase 1: bulk enqueue.
+    let mut batch_hist = new_hist();
+    let start = Instant::now();
+    let mut left = p.tasks;
+    while left > 0 {
+        let n = left.min(p.batch.max(1));
+        let batch: Vec<NewTask> = (0..n)
+            .map(|_| {
+                NewTask::new("noop", serde_json::Value::Null)
+                    .with(crate::task::TaskOptions::default().queue("bench"))
+            })
+            .collect();
+        let t = Instant::now();
+        client.insert_many(batch).await?;
+        let _ = batch_hist.record(t.elapsed().as_micros().max(1) as u64);
+        left -= n;
+    }
+    let enqueue_secs = start.elapsed().as_secs_f64();
+
+    // Phase 2: drain.
+    let start = Instant::now();
+    pool.start().await?;
+    let shared = pool.shared().clone();
+    while (Counters::get(&shared.counters.completed) as usize) < p.tasks {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let drain_secs = start.elapsed().as_secs_f64();
+
+    // Phase 3: latency at an offered rate, one insert per task.
+    let mut lat = None;
+    if p.rate > 0 && !p.duration.is_zero() {
+        measuring.store(true, std::sync::atomic::Ordering::Relaxed);
+        let total = (p.rate as f64 * p.duration.as_secs_f64()) as u64;
+        let done_before = Counters::get(&shared.counters.completed);
+        let interval = Duration::from_secs_f64(1.0 / p.rate as f64);
+        let begin = tokio::time::Instant::now();
+        let mut inflight = tokio::task::JoinSet::new();
+        for i in 0..total {
+            tokio::time::sleep_until(begin + interval.mul_f64(i as f64)).await;
+            let c = client.clone();
+            inflight.spawn(async move {
+                c.insert(NewTask::new("noop", serde_json::Value::Null).with(crate::task::TaskOptions::default().queue("bench")))
+                    .await
+                    .map(|_| ())
+            });
+        }
+        while let Some(r) = inflight.join_next().await {
+            r??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Counters::get(&shared.counters.completed) < done_before + total && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lat = latency.lock().ok().map(|h| percentiles(&h));
+    }
+    pool.shutdown().await;
+    Ok(BenchReport {
+        tasks: p.tasks,
+        enqueue_secs,
+        enqueue_per_sec: p.tasks as f64 / enqueue_secs.max(1e-9),
+        enqueue_batch_ms: percentiles(&batch_hist),
+        drain_secs,
+        drain_per_sec: p.tasks as f64 / drain_secs.max(1e-9),
+        latency_offered_per_sec: p.rate,
+        latency: lat,
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "enqueue: {} tasks in {:.3}s = {:.0} tasks/s (per batch p50 {:.2}ms p99 {:.2}ms)",
+            self.tasks, self.enqueue_secs, self.enqueue_per_sec, self.enqueue_batch_ms.p50_ms, self.enqueue_batch_ms.p99_ms
+        )?;
+        writeln!(
+            f,
+            "drain:   {} tasks in {:.3}s = {:.0} tasks/s",
+            self.tasks, self.drain_secs, self.drain_per_sec
+        )?;
+        if let Some(l) = &self.latency {
+            writeln!(
+                f,
+                "latency at {} tasks/s offered (enqueue -> start, {} tasks): p50 {:.2}ms p90 {:.2}ms p99 {:.2}ms max {:.2}ms",
+                self.latency_offered_per_sec, l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+            )?;
+        }
+        Ok(())
+    }
+}
