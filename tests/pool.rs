@@ -1,0 +1,508 @@
+//! Worker pool behaviour against a real SQLite store: end to end runs,
+//! panics, timeouts, hung workers, shutdown, concurrency, cancel, retries.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use proto_tasker::pool::Counters;
+use proto_tasker::{
+    Builder, KindDefaults, NewTask, Retention, RetryPolicy, SentinelConfig, Store, TaskError,
+    TaskOptions, TaskRegistry, TaskState, WorkerPool, executor_fn,
+};
+use serde_json::json;
+
+fn fast_sentinel() -> SentinelConfig {
+    SentinelConfig {
+        heartbeat_interval: Duration::from_millis(100),
+        node_timeout: Duration::from_secs(2),
+        check_interval: Duration::from_millis(50),
+        hung_grace: Duration::from_millis(200),
+        retention: Retention::default(),
+    }
+}
+
+fn quick_retry() -> KindDefaults {
+    KindDefaults {
+        retry: Some(RetryPolicy {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+            jitter: 0.0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn builder(store: Arc<dyn Store>, registry: TaskRegistry) -> Builder {
+    Builder::new(store, registry)
+        .poll_interval(Duration::from_millis(50))
+        .sentinel(fast_sentinel())
+        .shutdown_timeout(Duration::from_secs(5))
+        .cancel_grace(Duration::from_millis(300))
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `n` executors run at once: proves `n` live slots.
+struct Rendezvous {
+    arrived: AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl Rendezvous {
+    fn new() -> Arc<Self> {
+        Arc::new(Rendezvous { arrived: AtomicUsize::new(0), notify: tokio::sync::Notify::new() })
+    }
+    async fn meet(&self, n: usize) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.arrived.fetch_add(1, Ordering::SeqCst) + 1 >= n {
+            self.notify.notify_waiters();
+            return;
+        }
+        if self.arrived.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        notified.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_tasks_end_to_end_and_keeps_results() {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    reg.register(
+        "double",
+        executor_fn(|ctx| async move {
+            let n: i64 = ctx.args()?;
+            Ok(json!(n * 2))
+        }),
+    );
+    let pool = builder(store, reg).queue("default", 4).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(client.enqueue("double", i).await.unwrap().id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let t = client.wait(*id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(t.state, TaskState::Completed);
+        assert_eq!(t.result, Some(json!(i as i64 * 2)));
+        assert_eq!(t.attempt, 1);
+        assert!(t.started_at.is_some() && t.finished_at.is_some());
+    }
+    pool.shutdown().await;
+    pool.shutdown().await; // twice is fine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_executor_fails_the_attempt_and_its_worker_is_replaced() {
+    let (store, _d) = common::sqlite_store().await;
+    let rendezvous = Rendezvous::new();
+    let mut reg = TaskRegistry::new();
+    reg.register_with(
+        "flaky",
+        executor_fn(|ctx| async move {
+            if ctx.attempt == 1 {
+                panic!("boom on attempt {}", ctx.attempt);
+            }
+            Ok(json!("recovered"))
+        }),
+        quick_retry(),
+    );
+    let r = rendezvous.clone();
+    reg.register(
+        "meet",
+        executor_fn(move |_ctx| {
+            let r = r.clone();
+            async move {
+                r.meet(2).await;
+                Ok(json!(null))
+            }
+        }),
+    );
+    let pool = builder(store, reg).queue("default", 2).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let id = client.enqueue("flaky", json!(null)).await.unwrap().id;
+    let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Completed);
+    assert_eq!(t.attempt, 2);
+    assert!(t.errors[0].message.contains("panicked: boom on attempt 1"), "{:?}", t.errors);
+    let shared = pool.shared().clone();
+    assert_eq!(Counters::get(&shared.counters.panics), 1);
+    // Both slots are alive: two tasks that only finish when they run together.
+    let a = client.enqueue("meet", json!(null)).await.unwrap().id;
+    let b = client.enqueue("meet", json!(null)).await.unwrap().id;
+    for id in [a, b] {
+        assert_eq!(client.wait(id, Duration::from_secs(10)).await.unwrap().state, TaskState::Completed);
+    }
+    assert_eq!(shared.workers_total(), 2);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overrunning_executor_is_cancelled_and_the_attempt_fails() {
+    let (store, _d) = common::sqlite_store().await;
+    let token_fired = Arc::new(AtomicBool::new(false));
+    let fired = token_fired.clone();
+    let mut reg = TaskRegistry::new();
+    reg.register(
+        "slow",
+        executor_fn(move |ctx| {
+            let fired = fired.clone();
+            async move {
+                let token = ctx.cancel.clone();
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    fired.store(true, Ordering::SeqCst);
+                });
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(json!(null))
+            }
+        }),
+    );
+    let pool = builder(store, reg).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let opts = TaskOptions::default().timeout(Duration::from_millis(100)).max_attempts(1);
+    let started = Instant::now();
+    let id = client.insert(NewTask::new("slow", json!(null)).with(opts)).await.unwrap().task.id;
+    let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.errors[0].message.contains("timed out after 100ms"), "{:?}", t.errors);
+    wait_until("the token to fire", Duration::from_secs(2), || token_fired.load(Ordering::SeqCst)).await;
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
+    let (store, _d) = common::sqlite_store().await;
+    let rendezvous = Rendezvous::new();
+    let mut reg = TaskRegistry::new();
+    // Blocks its thread and never yields: only the Sentinel can take the slot back.
+    reg.register(
+        "hang",
+        executor_fn(|_ctx| async move {
+            std::thread::sleep(Duration::from_millis(1500));
+            Ok(json!("too late"))
+        }),
+    );
+    let r = rendezvous.clone();
+    reg.register(
+        "meet",
+        executor_fn(move |_ctx| {
+            let r = r.clone();
+            async move {
+                r.meet(2).await;
+                Ok(json!(null))
+            }
+        }),
+    );
+    let pool = builder(store, reg).queue("default", 2).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let opts = TaskOptions::default().timeout(Duration::from_millis(100)).max_attempts(1);
+    let id = client.insert(NewTask::new("hang", json!(null)).with(opts)).await.unwrap().task.id;
+    let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.errors[0].message.contains("worker replaced"), "{:?}", t.errors);
+    let shared = pool.shared().clone();
+    assert_eq!(Counters::get(&shared.counters.hung_replaced), 1);
+    let a = client.enqueue("meet", json!(null)).await.unwrap().id;
+    let b = client.enqueue("meet", json!(null)).await.unwrap().id;
+    for id in [a, b] {
+        assert_eq!(client.wait(id, Duration::from_secs(10)).await.unwrap().state, TaskState::Completed);
+    }
+    // The hung executor's late success is fenced out.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(client.get(id).await.unwrap().unwrap().state, TaskState::Failed);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_never_runs_more_than_its_workers() {
+    let (store, _d) = common::sqlite_store().await;
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let mut reg = TaskRegistry::new();
+    let (n2, m2) = (now.clone(), max.clone());
+    reg.register(
+        "busy",
+        executor_fn(move |_ctx| {
+            let (now, max) = (n2.clone(), m2.clone());
+            async move {
+                let cur = now.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(cur, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!(null))
+            }
+        }),
+    );
+    let pool = builder(store, reg).queue("limited", 3).queue("other", 5).build().unwrap();
+    let client = pool.client();
+    let tasks = (0..60)
+        .map(|_| NewTask::new("busy", json!(null)).with(TaskOptions::default().queue("limited")))
+        .collect();
+    let ids: Vec<_> = client.insert_many(tasks).await.unwrap().into_iter().map(|i| i.task.id).collect();
+    pool.start().await.unwrap();
+    for id in ids {
+        client.wait(id, Duration::from_secs(20)).await.unwrap();
+    }
+    assert_eq!(max.load(Ordering::SeqCst), 3, "concurrency reached but never exceeded");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_lets_running_tasks_finish() {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let pool = builder(store, reg).queue("default", 3).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let ids: Vec<_> = (0..3)
+        .map(|_| NewTask::new("sleep", json!({"ms": 300})))
+        .collect();
+    let ids: Vec<_> = client.insert_many(ids).await.unwrap().into_iter().map(|i| i.task.id).collect();
+    let shared = pool.shared().clone();
+    wait_until("all three running", Duration::from_secs(5), || shared.workers_busy() == 3).await;
+    pool.shutdown().await;
+    for id in ids {
+        let t = client.get(id).await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Completed, "finished within shutdown_timeout");
+    }
+    // Nothing more is claimed after shutdown.
+    let late = client.enqueue("noop", json!(null)).await.unwrap().id;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(client.get(late).await.unwrap().unwrap().state, TaskState::Available);
+    assert!(client.store().node_list().await.unwrap().is_empty(), "node deregistered");
+}
+
+async fn shutdown_releases(force: bool, timeout: Duration, kind: &str) -> Duration {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    // Ignores its token entirely.
+    reg.register(
+        "stubborn",
+        executor_fn(|_ctx| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(json!(null))
+        }),
+    );
+    let pool: WorkerPool = builder(store, reg)
+        .queue("default", 2)
+        .shutdown_timeout(timeout)
+        .force_shutdown(force)
+        .build()
+        .unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let args = if kind == "sleep" { json!({"ms": 30_000}) } else { json!(null) };
+    let ids: Vec<_> = client
+        .insert_many(vec![NewTask::new(kind, args.clone()), NewTask::new(kind, args)])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.task.id)
+        .collect();
+    let shared = pool.shared().clone();
+    wait_until("both running", Duration::from_secs(5), || shared.workers_busy() == 2).await;
+    let began = Instant::now();
+    pool.shutdown().await;
+    let took = began.elapsed();
+    for id in ids {
+        let t = client.get(id).await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Available, "released for another node");
+        assert_eq!(t.attempt, 0, "the interrupted attempt is not used up");
+        assert!(t.errors.is_empty());
+    }
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_cancels_tasks_after_the_timeout_and_releases_them() {
+    let took = shutdown_releases(false, Duration::from_millis(500), "sleep").await;
+    assert!(took >= Duration::from_millis(500), "waited for shutdown_timeout: {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn force_shutdown_cancels_at_once() {
+    let took = shutdown_releases(true, Duration::from_secs(60), "sleep").await;
+    assert!(took < Duration::from_secs(2), "did not wait for shutdown_timeout: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_releases_tasks_whose_executor_ignores_cancellation() {
+    let took = shutdown_releases(true, Duration::from_secs(60), "stubborn").await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_reaches_a_running_task_and_a_queued_one_never_runs() {
+    let (store, _d) = common::sqlite_store().await;
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut reg = TaskRegistry::new();
+    let r = ran.clone();
+    reg.register(
+        "wait_for_cancel",
+        executor_fn(move |ctx| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                ctx.cancel.cancelled().await;
+                Err(TaskError::failed("stopped by token"))
+            }
+        }),
+    );
+    let pool = builder(store, reg).queue("default", 1).build().unwrap();
+    let client = pool.client();
+    let first = client.enqueue("wait_for_cancel", json!(null)).await.unwrap().id;
+    let second = client.enqueue("wait_for_cancel", json!(null)).await.unwrap().id;
+    pool.start().await.unwrap();
+    let shared = pool.shared().clone();
+    wait_until("first running", Duration::from_secs(5), || shared.workers_busy() == 1).await;
+    // The second waits behind the only worker: cancel it while queued.
+    assert_eq!(client.cancel(second).await.unwrap().state, TaskState::Cancelled);
+    client.cancel(first).await.unwrap();
+    let t = client.wait(first, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t.state, TaskState::Cancelled);
+    assert!(t.errors[0].message.contains("stopped by token"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "the cancelled queued task never ran");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failures_retry_with_backoff_then_dead_letter_then_retry_by_hand() {
+    let (store, _d) = common::sqlite_store().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut reg = TaskRegistry::new();
+    let c = calls.clone();
+    reg.register_with(
+        "thrice",
+        executor_fn(move |ctx| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                if ctx.attempt < 4 {
+                    Err(TaskError::failed(format!("attempt {} failed", ctx.attempt)))
+                } else {
+                    Ok(json!("finally"))
+                }
+            }
+        }),
+        KindDefaults { max_attempts: Some(3), ..quick_retry() },
+    );
+    let pool = builder(store, reg).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let id = client.enqueue("thrice", json!(null)).await.unwrap().id;
+    let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert_eq!(t.attempt, 3);
+    let msgs: Vec<_> = t.errors.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(msgs, ["attempt 1 failed", "attempt 2 failed", "attempt 3 failed"]);
+    // Backoff: each retry waited at least the policy's delay (10ms, then 20ms).
+    assert!(t.errors[1].at - t.errors[0].at >= chrono::Duration::milliseconds(10));
+    assert!(t.errors[2].at - t.errors[1].at >= chrono::Duration::milliseconds(20));
+    client.retry(id).await.unwrap();
+    let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Completed);
+    assert_eq!(t.attempt, 4);
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_args_unknown_kinds_and_snoozes() {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    reg.register(
+        "snoozer",
+        executor_fn(move |ctx| {
+            let r = r.clone();
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // The first run asks to come back later without spending an attempt.
+                    return Err(TaskError::Snooze(Duration::from_millis(50)));
+                }
+                Ok(json!(ctx.attempt))
+            }
+        }),
+    );
+    let pool = builder(store, reg).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    // Args the executor cannot decode: failed at once, not retried.
+    let bad = client.enqueue("sleep", json!({"ms": "soon"})).await.unwrap().id;
+    let t = client.wait(bad, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert_eq!(t.attempt, 1);
+    assert!(t.errors[0].message.contains("args do not decode"), "{:?}", t.errors);
+    // A kind nobody registered: the attempt fails with a message saying so.
+    let opts = TaskOptions::default().max_attempts(1);
+    let unknown = client.insert(NewTask::new("nobody", json!(null)).with(opts)).await.unwrap().task.id;
+    let t = client.wait(unknown, Duration::from_secs(5)).await.unwrap();
+    assert!(t.errors[0].message.contains("no executor is registered for kind \"nobody\""));
+    // Snooze: runs twice, and the second run is still attempt 1.
+    let s = client.enqueue("snoozer", json!({})).await.unwrap().id;
+    let t = client.wait(s, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t.state, TaskState::Completed);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!((t.attempt, t.result), (1, Some(json!(1))));
+    assert!(t.errors.is_empty());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_prunes_finished_tasks_past_retention() {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let retention = Retention {
+        completed: Some(Duration::ZERO),
+        failed: None,
+        cancelled: None,
+        interval: Duration::from_millis(100),
+    };
+    let pool = builder(store, reg).retention(retention).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let done = client.enqueue("noop", json!(null)).await.unwrap().id;
+    let dead = client
+        .insert(NewTask::new("fail", json!({})).with(TaskOptions::default().max_attempts(1)))
+        .await
+        .unwrap()
+        .task
+        .id;
+    client.wait(dead, Duration::from_secs(5)).await.unwrap();
+    let shared = pool.shared().clone();
+    wait_until("leadership", Duration::from_secs(5), || shared.is_leader()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.get(done).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "completed task was never pruned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(client.get(dead).await.unwrap().is_some(), "failed tasks kept (retention off)");
+    let nodes = client.store().node_list().await.unwrap();
+    assert!(nodes.iter().any(|n| n.leader && n.name == pool.node_name()));
+    pool.shutdown().await;
+}
