@@ -347,14 +347,37 @@ fn parse_yaml(path: &Path, text: &str) -> Result<Config, ConfigError> {
     })
     .map_err(|e| {
         let loc = e.location();
+        let line = loc.map(|l| l.line());
+        let column = loc.map(|l| l.column());
+        let mut message = yaml_message(&e.to_string());
+        if message.starts_with("invalid u") || message.starts_with("invalid i") {
+            message = format!("expected a whole number in range ({message})");
+        }
+        if let (Some(l), Some(c)) = (line, column)
+            && let Some(found) = token_at(text, l, c)
+            && !message.contains(&found)
+        {
+            message = format!("{message} (found {found})");
+        }
         ConfigError {
             file: path.to_path_buf(),
-            line: loc.map(|l| l.line()),
-            column: loc.map(|l| l.column()),
+            line,
+            column,
             field,
-            message: first_line(&e.to_string()),
+            message,
         }
     })
+}
+
+/// The scalar that starts at 1-based `line`:`column`, if any.
+fn token_at(text: &str, line: u64, column: u64) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)? as usize)?;
+    let rest: String = l.chars().skip(column.checked_sub(1)? as usize).collect();
+    let tok = rest
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '}' || c == ']' || c == '#')
+        .next()?
+        .trim();
+    (!tok.is_empty() && !tok.ends_with(':')).then(|| tok.to_string())
 }
 
 /// serde_json appends " at line L column C"; we print the location up front.
@@ -365,25 +388,49 @@ fn strip_location(msg: &str) -> String {
     }
 }
 
-/// serde-saphyr renders a snippet after the message; keep the message line.
-fn first_line(msg: &str) -> String {
-    let line = msg.lines().next().unwrap_or(msg).trim();
-    // Drop a trailing " at line X, column Y" the message may carry.
+/// serde-saphyr renders "error: line L column C: message" and then a
+/// snippet; keep the message alone (the location is printed up front).
+fn yaml_message(msg: &str) -> String {
+    let mut line = msg.lines().next().unwrap_or(msg).trim();
+    line = line.strip_prefix("error:").unwrap_or(line).trim_start();
+    if let Some(rest) = line.strip_prefix("line ")
+        && let Some(i) = rest.find(": ")
+    {
+        line = &rest[i + 2..];
+    }
     match line.find(" at line ") {
         Some(i) => line[..i].to_string(),
         None => line.to_string(),
     }
 }
 
-/// The line where the last segment of a dotted field path appears as a key (best effort).
+/// The line of a dotted field path (best effort): each segment is looked
+/// for as a key after the previous one, so `queues.default.workers` finds
+/// the `workers:` under `default:`, in YAML and JSON alike.
 fn find_line(text: &str, field: &str) -> Option<u64> {
-    let key = field.rsplit('.').next()?;
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start().trim_start_matches('"');
-            t.starts_with(key) && t[key.len()..].trim_start_matches('"').trim_start().starts_with(':')
-        })
-        .map(|i| i as u64 + 1)
+    let mut pos = 0;
+    for key in field.split('.') {
+        pos = find_key(text, key, pos)?;
+    }
+    Some(text[..pos].matches('\n').count() as u64 + 1)
+}
+
+fn find_key(text: &str, key: &str, from: usize) -> Option<usize> {
+    let mut at = from;
+    while let Some(i) = text.get(at..)?.find(key) {
+        let start = at + i;
+        let end = start + key.len();
+        let before_ok = text[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+        let after = text[end..].trim_start_matches('"').trim_start();
+        if before_ok && after.starts_with(':') {
+            return Some(start);
+        }
+        at = end;
+    }
+    None
 }
 
 fn apply_env(cfg: &mut Config) {
