@@ -68,7 +68,10 @@ fn new_hist() -> Histogram<u64> {
 }
 
 /// Run the benchmark on `store` (which must be empty and migrated).
-pub async fn run(store: Arc<dyn Store>, p: BenchParams) -> Result<BenchReport, Box<dyn std::error::Error>> {
+pub async fn run(
+    store: Arc<dyn Store>,
+    p: BenchParams,
+) -> Result<BenchReport, Box<dyn std::error::Error>> {
     let latency = Arc::new(Mutex::new(new_hist()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut registry = TaskRegistry::new();
@@ -79,7 +82,10 @@ pub async fn run(store: Arc<dyn Store>, p: BenchParams) -> Result<BenchReport, B
             "noop",
             executor_fn(move |ctx| {
                 if measuring.load(std::sync::atomic::Ordering::Relaxed) {
-                    let waited = (Utc::now() - ctx.created_at).num_microseconds().unwrap_or(0).max(1);
+                    let waited = (Utc::now() - ctx.created_at)
+                        .num_microseconds()
+                        .unwrap_or(0)
+                        .max(1);
                     if let Ok(mut h) = latency.lock() {
                         let _ = h.record(waited as u64);
                     }
@@ -136,16 +142,21 @@ pub async fn run(store: Arc<dyn Store>, p: BenchParams) -> Result<BenchReport, B
             tokio::time::sleep_until(begin + interval.mul_f64(i as f64)).await;
             let c = client.clone();
             inflight.spawn(async move {
-                c.insert(NewTask::new("noop", serde_json::Value::Null).with(crate::task::TaskOptions::default().queue("bench")))
-                    .await
-                    .map(|_| ())
+                c.insert(
+                    NewTask::new("noop", serde_json::Value::Null)
+                        .with(crate::task::TaskOptions::default().queue("bench")),
+                )
+                .await
+                .map(|_| ())
             });
         }
         while let Some(r) = inflight.join_next().await {
             r??;
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while Counters::get(&shared.counters.completed) < done_before + total && Instant::now() < deadline {
+        while Counters::get(&shared.counters.completed) < done_before + total
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         lat = latency.lock().ok().map(|h| percentiles(&h));
@@ -168,7 +179,11 @@ impl std::fmt::Display for BenchReport {
         writeln!(
             f,
             "enqueue: {} tasks in {:.3}s = {:.0} tasks/s (per batch p50 {:.2}ms p99 {:.2}ms)",
-            self.tasks, self.enqueue_secs, self.enqueue_per_sec, self.enqueue_batch_ms.p50_ms, self.enqueue_batch_ms.p99_ms
+            self.tasks,
+            self.enqueue_secs,
+            self.enqueue_per_sec,
+            self.enqueue_batch_ms.p50_ms,
+            self.enqueue_batch_ms.p99_ms
         )?;
         writeln!(
             f,

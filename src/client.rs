@@ -44,7 +44,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("registry", &self.registry).finish()
+        f.debug_struct("Client")
+            .field("registry", &self.registry)
+            .finish()
     }
 }
 
@@ -69,8 +71,9 @@ impl Client {
     /// that task is returned with `existing = true` and nothing is inserted.
     pub async fn insert(&self, task: NewTask) -> Result<Inserted, ClientError> {
         let mut v = self.insert_many(vec![task]).await?;
-        v.pop()
-            .ok_or_else(|| ClientError::Store(StoreError::Unavailable("insert returned no row".into())))
+        v.pop().ok_or_else(|| {
+            ClientError::Store(StoreError::Unavailable("insert returned no row".into()))
+        })
     }
 
     /// Enqueue many tasks in one transaction: all are inserted or none.
@@ -114,7 +117,9 @@ impl Client {
         if !(PRIORITY_MIN..=PRIORITY_MAX).contains(&priority) {
             return Err(invalid(
                 at("priority"),
-                format!("{priority} is out of range {PRIORITY_MIN}..={PRIORITY_MAX} (0 runs first)"),
+                format!(
+                    "{priority} is out of range {PRIORITY_MIN}..={PRIORITY_MAX} (0 runs first)"
+                ),
             ));
         }
         let max_attempts = o
@@ -122,15 +127,22 @@ impl Client {
             .or(defaults.max_attempts)
             .unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts < 1 {
-            return Err(invalid(at("max_attempts"), format!("{max_attempts} must be at least 1")));
+            return Err(invalid(
+                at("max_attempts"),
+                format!("{max_attempts} must be at least 1"),
+            ));
         }
         let run_at = match (o.run_at, o.delay) {
             (Some(t), _) => t,
             (None, Some(d)) => {
                 if d > MAX_DELAY {
-                    return Err(invalid(at("delay"), format!("{d:?} is more than 100 years")));
+                    return Err(invalid(
+                        at("delay"),
+                        format!("{d:?} is more than 100 years"),
+                    ));
                 }
-                now + chrono::Duration::from_std(d).map_err(|e| invalid(at("delay"), e.to_string()))?
+                now + chrono::Duration::from_std(d)
+                    .map_err(|e| invalid(at("delay"), e.to_string()))?
             }
             (None, None) => now,
         };

@@ -43,7 +43,11 @@ impl Dur {
             "m" => 60.0,
             "h" => 3600.0,
             "d" => 86400.0,
-            other => return Err(format!("{s:?} has unknown unit {other:?} (use ms, s, m, h or d)")),
+            other => {
+                return Err(format!(
+                    "{s:?} has unknown unit {other:?} (use ms, s, m, h or d)"
+                ));
+            }
         };
         let secs = n * scale;
         if !secs.is_finite() || secs > 1e10 {
@@ -458,10 +462,16 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
             return e("queues", "a queue name must not be empty");
         }
         if q.workers == 0 {
-            return Err((format!("queues.{name}.workers"), "must be at least 1".into()));
+            return Err((
+                format!("queues.{name}.workers"),
+                "must be at least 1".into(),
+            ));
         }
         if q.workers > 100_000 {
-            return Err((format!("queues.{name}.workers"), "must be at most 100000".into()));
+            return Err((
+                format!("queues.{name}.workers"),
+                "must be at most 100000".into(),
+            ));
         }
     }
     if let Some(n) = &cfg.node.name
@@ -596,7 +606,11 @@ mod tests {
 
     #[test]
     fn unknown_field_is_an_error() {
-        let e = load("bad.yaml", "queues:\n  default:\n    workers: 2\n    wrokers: 3\n").unwrap_err();
+        let e = load(
+            "bad.yaml",
+            "queues:\n  default:\n    workers: 2\n    wrokers: 3\n",
+        )
+        .unwrap_err();
         let s = e.to_string();
         assert!(s.contains("wrokers"), "{s}");
         assert_eq!(e.line, Some(4), "{s}");
@@ -625,6 +639,10 @@ mod tests {
     #[test]
     fn missing_file_names_it() {
         let e = config_load("/nonexistent/proto.yaml").unwrap_err();
-        assert!(e.to_string().starts_with("/nonexistent/proto.yaml: cannot read"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/proto.yaml: cannot read"),
+            "{e}"
+        );
     }
 }

@@ -87,6 +87,12 @@ pub trait TaskExecutor: Send + Sync + 'static {
 /// An executor made from an async function or closure.
 pub struct FnExecutor<F>(F);
 
+impl<F> std::fmt::Debug for FnExecutor<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnExecutor")
+    }
+}
+
 #[async_trait]
 impl<F, Fut> TaskExecutor for FnExecutor<F>
 where

@@ -14,7 +14,12 @@ use proto_tasker::{Builder, SqliteStore, Store, StoreError, TaskRegistry, config
 
 /// A durable, distributed task scheduler.
 #[derive(Parser, Debug)]
-#[command(name = "proto_tasker", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "proto_tasker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// Config file (YAML or JSON). Without it the node runs on built-in
     /// defaults: store ./proto_tasker.db.
@@ -93,20 +98,29 @@ struct Failure {
 
 impl Failure {
     fn user(message: impl Into<String>) -> Self {
-        Failure { code: 1, message: message.into() }
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
     }
 }
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         // A bad SQLite file or schema is the user's to fix; an unreachable server is not.
-        Failure { code: 1, message: e.to_string() }
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("proto_tasker: cannot start the runtime: {e}");
@@ -134,7 +148,9 @@ fn init_logging(cfg: &Config) {
     let filter = EnvFilter::try_from_env("PROTO_TASKER_LOG")
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -156,7 +172,9 @@ fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, Failure> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Config { action: ConfigAction::Check { file } } => {
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => {
             config_load(&file).map_err(|e| Failure::user(e.to_string()))?;
             println!("{}: ok", file.display());
             Ok(())
@@ -220,11 +238,21 @@ async fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         },
     )
     .await
-    .map_err(|e| Failure { code: 2, message: format!("bench failed: {e}") })?;
+    .map_err(|e| Failure {
+        code: 2,
+        message: format!("bench failed: {e}"),
+    })?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
-        println!("store: sqlite {} (synchronous={:?})", path.display(), a.synchronous);
+        println!(
+            "store: sqlite {} (synchronous={:?})",
+            path.display(),
+            a.synchronous
+        );
         print!("{report}");
     }
     Ok(())

@@ -71,7 +71,9 @@ impl std::fmt::Debug for TaskRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut kinds: Vec<_> = self.kinds.keys().collect();
         kinds.sort();
-        f.debug_struct("TaskRegistry").field("kinds", &kinds).finish()
+        f.debug_struct("TaskRegistry")
+            .field("kinds", &kinds)
+            .finish()
     }
 }
 
@@ -82,7 +84,11 @@ impl TaskRegistry {
 
     /// Register `executor` for `kind` with built-in defaults. A later
     /// registration of the same kind replaces the earlier one.
-    pub fn register(&mut self, kind: impl Into<String>, executor: Arc<dyn TaskExecutor>) -> &mut Self {
+    pub fn register(
+        &mut self,
+        kind: impl Into<String>,
+        executor: Arc<dyn TaskExecutor>,
+    ) -> &mut Self {
         self.register_with(kind, executor, KindDefaults::default())
     }
 
@@ -149,7 +155,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             let d = p.backoff(1);
-            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(12), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(12),
+                "{d:?}"
+            );
             seen.insert(d);
         }
         assert!(seen.len() > 1, "jitter never moved the delay");

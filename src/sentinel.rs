@@ -98,6 +98,16 @@ pub struct Sentinel {
     pub(crate) version: String,
 }
 
+impl std::fmt::Debug for Sentinel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sentinel")
+            .field("node", &self.shared.node)
+            .field("config", &self.config)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
 impl Sentinel {
     fn node_info(&self) -> NodeInfo {
         let now = Utc::now();
@@ -127,7 +137,10 @@ impl Sentinel {
             .await?;
         if !rescued.is_empty() {
             Counters::add(&self.shared.counters.rescued, rescued.len() as u64);
-            tracing::info!(count = rescued.len(), "rescued tasks left running by an earlier process of this node");
+            tracing::info!(
+                count = rescued.len(),
+                "rescued tasks left running by an earlier process of this node"
+            );
         }
         Ok(())
     }
@@ -238,7 +251,9 @@ impl Sentinel {
         }
         *last_prune = Some(Instant::now());
         let now = Utc::now();
-        let before = |d: Option<Duration>| d.map(|d| now - chrono::Duration::from_std(d).unwrap_or_default());
+        let before = |d: Option<Duration>| {
+            d.map(|d| now - chrono::Duration::from_std(d).unwrap_or_default())
+        };
         let params = PruneParams {
             completed_before: before(r.completed),
             failed_before: before(r.failed),
@@ -259,7 +274,8 @@ impl Sentinel {
         match self.store.task_cancel_requested(&self.shared.node).await {
             Ok(ids) => {
                 for (id, attempt) in ids {
-                    self.shared.stop_task(id, Some(attempt), StopReason::Cancelled);
+                    self.shared
+                        .stop_task(id, Some(attempt), StopReason::Cancelled);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading cancel requests failed"),
@@ -313,7 +329,11 @@ impl Sentinel {
             let outcome = if info.attempt >= info.max_attempts {
                 Outcome::Failed { error }
             } else {
-                let delay = slot.ctx.registry.retry_policy(&info.kind).backoff(info.attempt);
+                let delay = slot
+                    .ctx
+                    .registry
+                    .retry_policy(&info.kind)
+                    .backoff(info.attempt);
                 Outcome::Retry {
                     run_at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
                     error,

@@ -92,7 +92,9 @@ impl fmt::Display for TaskState {
 
 /// The error returned when a string names no [`TaskState`].
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown task state {0:?} (expected one of scheduled, available, running, retryable, completed, failed, cancelled, blocked)")]
+#[error(
+    "unknown task state {0:?} (expected one of scheduled, available, running, retryable, completed, failed, cancelled, blocked)"
+)]
 pub struct UnknownState(pub String);
 
 impl FromStr for TaskState {

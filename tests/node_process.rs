@@ -65,7 +65,14 @@ async fn all_tasks(store: &Arc<dyn Store>) -> Vec<proto_tasker::Task> {
     let mut out = Vec::new();
     let mut before = None;
     loop {
-        let page = store.task_list(ListParams { before, limit: 1000, ..Default::default() }).await.unwrap();
+        let page = store
+            .task_list(ListParams {
+                before,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         if page.is_empty() {
             return out;
         }
@@ -75,7 +82,14 @@ async fn all_tasks(store: &Arc<dyn Store>) -> Vec<proto_tasker::Task> {
 }
 
 async fn count(store: &Arc<dyn Store>, state: TaskState) -> i64 {
-    store.queue_counts().await.unwrap().iter().filter(|c| c.1 == state).map(|c| c.2).sum()
+    store
+        .queue_counts()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.1 == state)
+        .map(|c| c.2)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +108,9 @@ async fn a_node_killed_mid_run_loses_nothing() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteOptions::new(&db)).unwrap());
     store.migrate().await.unwrap();
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
-    let tasks = (0..1000).map(|_| NewTask::new("sleep", serde_json::json!({"ms": 15}))).collect();
+    let tasks = (0..1000)
+        .map(|_| NewTask::new("sleep", serde_json::json!({"ms": 15})))
+        .collect();
     client.insert_many(tasks).await.unwrap();
 
     let mut first = spawn_node(&cfg, dir.path());
@@ -106,31 +122,52 @@ async fn a_node_killed_mid_run_loses_nothing() {
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
     let orphans: Vec<_> = store
-        .task_list(ListParams { state: Some(TaskState::Running), limit: 1000, ..Default::default() })
+        .task_list(ListParams {
+            state: Some(TaskState::Running),
+            limit: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_iter()
         .map(|t| t.id)
         .collect();
-    assert!(!orphans.is_empty(), "the kill landed while tasks were running");
+    assert!(
+        !orphans.is_empty(),
+        "the kill landed while tasks were running"
+    );
     assert!(orphans.len() <= 8, "never more running than workers");
 
     let mut second = spawn_node(&cfg, dir.path());
     let deadline = Instant::now() + Duration::from_secs(90);
     while count(&store, TaskState::Completed).await < 1000 {
-        assert!(Instant::now() < deadline, "second node did not finish every task");
+        assert!(
+            Instant::now() < deadline,
+            "second node did not finish every task"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sigterm(&second);
-    assert!(wait_exit(&mut second, Duration::from_secs(20)).success(), "clean exit on SIGTERM");
+    assert!(
+        wait_exit(&mut second, Duration::from_secs(20)).success(),
+        "clean exit on SIGTERM"
+    );
 
     let all = all_tasks(&store).await;
     assert_eq!(all.len(), 1000, "no task lost");
     for t in &all {
         assert_eq!(t.state, TaskState::Completed);
         if orphans.contains(&t.id) {
-            assert_eq!(t.attempt, 2, "task {} was running at the kill: run again", t.id);
-            assert!(t.errors[0].message.contains("stopped while running"), "{:?}", t.errors);
+            assert_eq!(
+                t.attempt, 2,
+                "task {} was running at the kill: run again",
+                t.id
+            );
+            assert!(
+                t.errors[0].message.contains("stopped while running"),
+                "{:?}",
+                t.errors
+            );
         } else {
             assert_eq!(t.attempt, 1, "task {} ran once", t.id);
         }
@@ -138,7 +175,10 @@ async fn a_node_killed_mid_run_loses_nothing() {
     // The cleanly stopped node deregistered; only the killed one's row is left.
     let nodes = store.node_list().await.unwrap();
     assert_eq!(nodes.len(), 1);
-    assert!(nodes[0].name.ends_with(&format!("-{}", first.id())), "{nodes:?}");
+    assert!(
+        nodes[0].name.ends_with(&format!("-{}", first.id())),
+        "{nodes:?}"
+    );
 }
 
 #[test]
@@ -178,18 +218,42 @@ fn config_check_names_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write(&d.join("type.yaml"), "pool:\n  claim_max: many\n");
-    write(&d.join("unknown.yaml"), "queues:\n  default:\n    workers: 2\nsentinal:\n  node_timeout: 5s\n");
-    write(&d.join("negative.yaml"), "queues:\n  default:\n    workers: -3\n");
-    write(&d.join("zero.json"), "{\n  \"queues\": {\"default\": {\"workers\": 0}}\n}\n");
-    write(&d.join("good.yaml"), "queues:\n  default:\n    workers: 3\n");
-    assert_user_error(&run(&["config", "check", "type.yaml"], d), &["type.yaml:2", "pool.claim_max"]);
-    assert_user_error(&run(&["config", "check", "unknown.yaml"], d), &["unknown.yaml:4", "sentinal"]);
+    write(
+        &d.join("unknown.yaml"),
+        "queues:\n  default:\n    workers: 2\nsentinal:\n  node_timeout: 5s\n",
+    );
+    write(
+        &d.join("negative.yaml"),
+        "queues:\n  default:\n    workers: -3\n",
+    );
+    write(
+        &d.join("zero.json"),
+        "{\n  \"queues\": {\"default\": {\"workers\": 0}}\n}\n",
+    );
+    write(
+        &d.join("good.yaml"),
+        "queues:\n  default:\n    workers: 3\n",
+    );
+    assert_user_error(
+        &run(&["config", "check", "type.yaml"], d),
+        &["type.yaml:2", "pool.claim_max"],
+    );
+    assert_user_error(
+        &run(&["config", "check", "unknown.yaml"], d),
+        &["unknown.yaml:4", "sentinal"],
+    );
     assert_user_error(
         &run(&["config", "check", "negative.yaml"], d),
         &["negative.yaml:3", "queues.default.workers", "-3"],
     );
-    assert_user_error(&run(&["config", "check", "zero.json"], d), &["zero.json:2", "queues.default.workers"]);
-    assert_user_error(&run(&["config", "check", "missing.yaml"], d), &["missing.yaml", "cannot read"]);
+    assert_user_error(
+        &run(&["config", "check", "zero.json"], d),
+        &["zero.json:2", "queues.default.workers"],
+    );
+    assert_user_error(
+        &run(&["config", "check", "missing.yaml"], d),
+        &["missing.yaml", "cannot read"],
+    );
     let ok = run(&["config", "check", "good.yaml"], d);
     assert!(ok.status.success());
     // serve refuses a bad config the same way.
@@ -200,20 +264,39 @@ fn config_check_names_file_line_and_field() {
 fn a_corrupt_or_unreadable_database_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(&d.join("garbage.db"), &"this is not a database ".repeat(400));
+    write(
+        &d.join("garbage.db"),
+        &"this is not a database ".repeat(400),
+    );
     write(&d.join("garbage.yaml"), "store:\n  path: garbage.db\n");
-    assert_user_error(&run(&["--config=garbage.yaml"], d), &["garbage.db", "not a database"]);
-    write(&d.join("nowhere.yaml"), "store:\n  path: no/such/dir/x.db\n");
-    assert_user_error(&run(&["--config=nowhere.yaml"], d), &["no/such/dir/x.db", "unable to open"]);
+    assert_user_error(
+        &run(&["--config=garbage.yaml"], d),
+        &["garbage.db", "not a database"],
+    );
+    write(
+        &d.join("nowhere.yaml"),
+        "store:\n  path: no/such/dir/x.db\n",
+    );
+    assert_user_error(
+        &run(&["--config=nowhere.yaml"], d),
+        &["no/such/dir/x.db", "unable to open"],
+    );
     // A SQLite file that belongs to something else is not touched.
     let other = foreign_db(&d.join("foreign.db"));
-    write(&d.join("foreign.yaml"), &format!("store:\n  path: {}\n", other.display()));
-    assert_user_error(&run(&["--config=foreign.yaml"], d), &["foreign.db", "no proto_tasker schema"]);
+    write(
+        &d.join("foreign.yaml"),
+        &format!("store:\n  path: {}\n", other.display()),
+    );
+    assert_user_error(
+        &run(&["--config=foreign.yaml"], d),
+        &["foreign.db", "no proto_tasker schema"],
+    );
 }
 
 /// A SQLite file that holds someone else's table.
 fn foreign_db(path: &Path) -> std::path::PathBuf {
     let conn = rusqlite::Connection::open(path).unwrap();
-    conn.execute_batch("CREATE TABLE customers (id INTEGER PRIMARY KEY);").unwrap();
+    conn.execute_batch("CREATE TABLE customers (id INTEGER PRIMARY KEY);")
+        .unwrap();
     path.to_path_buf()
 }

@@ -59,7 +59,10 @@ struct Rendezvous {
 
 impl Rendezvous {
     fn new() -> Arc<Self> {
-        Arc::new(Rendezvous { arrived: AtomicUsize::new(0), notify: tokio::sync::Notify::new() })
+        Arc::new(Rendezvous {
+            arrived: AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
+        })
     }
     async fn meet(&self, n: usize) {
         let notified = self.notify.notified();
@@ -138,14 +141,25 @@ async fn a_panicking_executor_fails_the_attempt_and_its_worker_is_replaced() {
     let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(t.state, TaskState::Completed);
     assert_eq!(t.attempt, 2);
-    assert!(t.errors[0].message.contains("panicked: boom on attempt 1"), "{:?}", t.errors);
+    assert!(
+        t.errors[0].message.contains("panicked: boom on attempt 1"),
+        "{:?}",
+        t.errors
+    );
     let shared = pool.shared().clone();
     assert_eq!(Counters::get(&shared.counters.panics), 1);
     // Both slots are alive: two tasks that only finish when they run together.
     let a = client.enqueue("meet", json!(null)).await.unwrap().id;
     let b = client.enqueue("meet", json!(null)).await.unwrap().id;
     for id in [a, b] {
-        assert_eq!(client.wait(id, Duration::from_secs(10)).await.unwrap().state, TaskState::Completed);
+        assert_eq!(
+            client
+                .wait(id, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .state,
+            TaskState::Completed
+        );
     }
     assert_eq!(shared.workers_total(), 2);
     pool.shutdown().await;
@@ -175,14 +189,28 @@ async fn an_overrunning_executor_is_cancelled_and_the_attempt_fails() {
     let pool = builder(store, reg).build().unwrap();
     let client = pool.client();
     pool.start().await.unwrap();
-    let opts = TaskOptions::default().timeout(Duration::from_millis(100)).max_attempts(1);
+    let opts = TaskOptions::default()
+        .timeout(Duration::from_millis(100))
+        .max_attempts(1);
     let started = Instant::now();
-    let id = client.insert(NewTask::new("slow", json!(null)).with(opts)).await.unwrap().task.id;
+    let id = client
+        .insert(NewTask::new("slow", json!(null)).with(opts))
+        .await
+        .unwrap()
+        .task
+        .id;
     let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(t.state, TaskState::Failed);
-    assert!(t.errors[0].message.contains("timed out after 100ms"), "{:?}", t.errors);
-    wait_until("the token to fire", Duration::from_secs(2), || token_fired.load(Ordering::SeqCst)).await;
+    assert!(
+        t.errors[0].message.contains("timed out after 100ms"),
+        "{:?}",
+        t.errors
+    );
+    wait_until("the token to fire", Duration::from_secs(2), || {
+        token_fired.load(Ordering::SeqCst)
+    })
+    .await;
     pool.shutdown().await;
 }
 
@@ -213,21 +241,42 @@ async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
     let pool = builder(store, reg).queue("default", 2).build().unwrap();
     let client = pool.client();
     pool.start().await.unwrap();
-    let opts = TaskOptions::default().timeout(Duration::from_millis(100)).max_attempts(1);
-    let id = client.insert(NewTask::new("hang", json!(null)).with(opts)).await.unwrap().task.id;
+    let opts = TaskOptions::default()
+        .timeout(Duration::from_millis(100))
+        .max_attempts(1);
+    let id = client
+        .insert(NewTask::new("hang", json!(null)).with(opts))
+        .await
+        .unwrap()
+        .task
+        .id;
     let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(t.state, TaskState::Failed);
-    assert!(t.errors[0].message.contains("worker replaced"), "{:?}", t.errors);
+    assert!(
+        t.errors[0].message.contains("worker replaced"),
+        "{:?}",
+        t.errors
+    );
     let shared = pool.shared().clone();
     assert_eq!(Counters::get(&shared.counters.hung_replaced), 1);
     let a = client.enqueue("meet", json!(null)).await.unwrap().id;
     let b = client.enqueue("meet", json!(null)).await.unwrap().id;
     for id in [a, b] {
-        assert_eq!(client.wait(id, Duration::from_secs(10)).await.unwrap().state, TaskState::Completed);
+        assert_eq!(
+            client
+                .wait(id, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .state,
+            TaskState::Completed
+        );
     }
     // The hung executor's late success is fenced out.
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(client.get(id).await.unwrap().unwrap().state, TaskState::Failed);
+    assert_eq!(
+        client.get(id).await.unwrap().unwrap().state,
+        TaskState::Failed
+    );
     pool.shutdown().await;
 }
 
@@ -251,17 +300,31 @@ async fn a_queue_never_runs_more_than_its_workers() {
             }
         }),
     );
-    let pool = builder(store, reg).queue("limited", 3).queue("other", 5).build().unwrap();
+    let pool = builder(store, reg)
+        .queue("limited", 3)
+        .queue("other", 5)
+        .build()
+        .unwrap();
     let client = pool.client();
     let tasks = (0..60)
         .map(|_| NewTask::new("busy", json!(null)).with(TaskOptions::default().queue("limited")))
         .collect();
-    let ids: Vec<_> = client.insert_many(tasks).await.unwrap().into_iter().map(|i| i.task.id).collect();
+    let ids: Vec<_> = client
+        .insert_many(tasks)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.task.id)
+        .collect();
     pool.start().await.unwrap();
     for id in ids {
         client.wait(id, Duration::from_secs(20)).await.unwrap();
     }
-    assert_eq!(max.load(Ordering::SeqCst), 3, "concurrency reached but never exceeded");
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        3,
+        "concurrency reached but never exceeded"
+    );
     pool.shutdown().await;
 }
 
@@ -276,19 +339,38 @@ async fn graceful_shutdown_lets_running_tasks_finish() {
     let ids: Vec<_> = (0..3)
         .map(|_| NewTask::new("sleep", json!({"ms": 300})))
         .collect();
-    let ids: Vec<_> = client.insert_many(ids).await.unwrap().into_iter().map(|i| i.task.id).collect();
+    let ids: Vec<_> = client
+        .insert_many(ids)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.task.id)
+        .collect();
     let shared = pool.shared().clone();
-    wait_until("all three running", Duration::from_secs(5), || shared.workers_busy() == 3).await;
+    wait_until("all three running", Duration::from_secs(5), || {
+        shared.workers_busy() == 3
+    })
+    .await;
     pool.shutdown().await;
     for id in ids {
         let t = client.get(id).await.unwrap().unwrap();
-        assert_eq!(t.state, TaskState::Completed, "finished within shutdown_timeout");
+        assert_eq!(
+            t.state,
+            TaskState::Completed,
+            "finished within shutdown_timeout"
+        );
     }
     // Nothing more is claimed after shutdown.
     let late = client.enqueue("noop", json!(null)).await.unwrap().id;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(client.get(late).await.unwrap().unwrap().state, TaskState::Available);
-    assert!(client.store().node_list().await.unwrap().is_empty(), "node deregistered");
+    assert_eq!(
+        client.get(late).await.unwrap().unwrap().state,
+        TaskState::Available
+    );
+    assert!(
+        client.store().node_list().await.unwrap().is_empty(),
+        "node deregistered"
+    );
 }
 
 async fn shutdown_releases(force: bool, timeout: Duration, kind: &str) -> Duration {
@@ -311,16 +393,26 @@ async fn shutdown_releases(force: bool, timeout: Duration, kind: &str) -> Durati
         .unwrap();
     let client = pool.client();
     pool.start().await.unwrap();
-    let args = if kind == "sleep" { json!({"ms": 30_000}) } else { json!(null) };
+    let args = if kind == "sleep" {
+        json!({"ms": 30_000})
+    } else {
+        json!(null)
+    };
     let ids: Vec<_> = client
-        .insert_many(vec![NewTask::new(kind, args.clone()), NewTask::new(kind, args)])
+        .insert_many(vec![
+            NewTask::new(kind, args.clone()),
+            NewTask::new(kind, args),
+        ])
         .await
         .unwrap()
         .into_iter()
         .map(|i| i.task.id)
         .collect();
     let shared = pool.shared().clone();
-    wait_until("both running", Duration::from_secs(5), || shared.workers_busy() == 2).await;
+    wait_until("both running", Duration::from_secs(5), || {
+        shared.workers_busy() == 2
+    })
+    .await;
     let began = Instant::now();
     pool.shutdown().await;
     let took = began.elapsed();
@@ -336,14 +428,20 @@ async fn shutdown_releases(force: bool, timeout: Duration, kind: &str) -> Durati
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_cancels_tasks_after_the_timeout_and_releases_them() {
     let took = shutdown_releases(false, Duration::from_millis(500), "sleep").await;
-    assert!(took >= Duration::from_millis(500), "waited for shutdown_timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "waited for shutdown_timeout: {took:?}"
+    );
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn force_shutdown_cancels_at_once() {
     let took = shutdown_releases(true, Duration::from_secs(60), "sleep").await;
-    assert!(took < Duration::from_secs(2), "did not wait for shutdown_timeout: {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "did not wait for shutdown_timeout: {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -371,19 +469,37 @@ async fn cancel_reaches_a_running_task_and_a_queued_one_never_runs() {
     );
     let pool = builder(store, reg).queue("default", 1).build().unwrap();
     let client = pool.client();
-    let first = client.enqueue("wait_for_cancel", json!(null)).await.unwrap().id;
-    let second = client.enqueue("wait_for_cancel", json!(null)).await.unwrap().id;
+    let first = client
+        .enqueue("wait_for_cancel", json!(null))
+        .await
+        .unwrap()
+        .id;
+    let second = client
+        .enqueue("wait_for_cancel", json!(null))
+        .await
+        .unwrap()
+        .id;
     pool.start().await.unwrap();
     let shared = pool.shared().clone();
-    wait_until("first running", Duration::from_secs(5), || shared.workers_busy() == 1).await;
+    wait_until("first running", Duration::from_secs(5), || {
+        shared.workers_busy() == 1
+    })
+    .await;
     // The second waits behind the only worker: cancel it while queued.
-    assert_eq!(client.cancel(second).await.unwrap().state, TaskState::Cancelled);
+    assert_eq!(
+        client.cancel(second).await.unwrap().state,
+        TaskState::Cancelled
+    );
     client.cancel(first).await.unwrap();
     let t = client.wait(first, Duration::from_secs(5)).await.unwrap();
     assert_eq!(t.state, TaskState::Cancelled);
     assert!(t.errors[0].message.contains("stopped by token"));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(ran.load(Ordering::SeqCst), 1, "the cancelled queued task never ran");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        1,
+        "the cancelled queued task never ran"
+    );
     pool.shutdown().await;
 }
 
@@ -406,7 +522,10 @@ async fn failures_retry_with_backoff_then_dead_letter_then_retry_by_hand() {
                 }
             }
         }),
-        KindDefaults { max_attempts: Some(3), ..quick_retry() },
+        KindDefaults {
+            max_attempts: Some(3),
+            ..quick_retry()
+        },
     );
     let pool = builder(store, reg).build().unwrap();
     let client = pool.client();
@@ -416,7 +535,10 @@ async fn failures_retry_with_backoff_then_dead_letter_then_retry_by_hand() {
     assert_eq!(t.state, TaskState::Failed);
     assert_eq!(t.attempt, 3);
     let msgs: Vec<_> = t.errors.iter().map(|e| e.message.as_str()).collect();
-    assert_eq!(msgs, ["attempt 1 failed", "attempt 2 failed", "attempt 3 failed"]);
+    assert_eq!(
+        msgs,
+        ["attempt 1 failed", "attempt 2 failed", "attempt 3 failed"]
+    );
     // Backoff: each retry waited at least the policy's delay (10ms, then 20ms).
     assert!(t.errors[1].at - t.errors[0].at >= chrono::Duration::milliseconds(10));
     assert!(t.errors[2].at - t.errors[1].at >= chrono::Duration::milliseconds(20));
@@ -452,16 +574,33 @@ async fn bad_args_unknown_kinds_and_snoozes() {
     let client = pool.client();
     pool.start().await.unwrap();
     // Args the executor cannot decode: failed at once, not retried.
-    let bad = client.enqueue("sleep", json!({"ms": "soon"})).await.unwrap().id;
+    let bad = client
+        .enqueue("sleep", json!({"ms": "soon"}))
+        .await
+        .unwrap()
+        .id;
     let t = client.wait(bad, Duration::from_secs(5)).await.unwrap();
     assert_eq!(t.state, TaskState::Failed);
     assert_eq!(t.attempt, 1);
-    assert!(t.errors[0].message.contains("args do not decode"), "{:?}", t.errors);
+    assert!(
+        t.errors[0].message.contains("args do not decode"),
+        "{:?}",
+        t.errors
+    );
     // A kind nobody registered: the attempt fails with a message saying so.
     let opts = TaskOptions::default().max_attempts(1);
-    let unknown = client.insert(NewTask::new("nobody", json!(null)).with(opts)).await.unwrap().task.id;
+    let unknown = client
+        .insert(NewTask::new("nobody", json!(null)).with(opts))
+        .await
+        .unwrap()
+        .task
+        .id;
     let t = client.wait(unknown, Duration::from_secs(5)).await.unwrap();
-    assert!(t.errors[0].message.contains("no executor is registered for kind \"nobody\""));
+    assert!(
+        t.errors[0]
+            .message
+            .contains("no executor is registered for kind \"nobody\"")
+    );
     // Snooze: runs twice, and the second run is still attempt 1.
     let s = client.enqueue("snoozer", json!({})).await.unwrap().id;
     let t = client.wait(s, Duration::from_secs(5)).await.unwrap();
@@ -501,7 +640,10 @@ async fn the_leader_prunes_finished_tasks_past_retention() {
         assert!(Instant::now() < deadline, "completed task was never pruned");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(client.get(dead).await.unwrap().is_some(), "failed tasks kept (retention off)");
+    assert!(
+        client.get(dead).await.unwrap().is_some(),
+        "failed tasks kept (retention off)"
+    );
     let nodes = client.store().node_list().await.unwrap();
     assert!(nodes.iter().any(|n| n.leader && n.name == pool.node_name()));
     pool.shutdown().await;

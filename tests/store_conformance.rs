@@ -64,14 +64,31 @@ pub mod cases {
         let got = s.task_claim(claim("q", "n1", 10, now)).await.unwrap();
         let kinds: Vec<_> = got.iter().map(|t| t.kind.as_str()).collect();
         assert_eq!(kinds, ["d", "c", "b", "a"]);
-        assert!(got.iter().all(|t| t.state == TaskState::Running && t.attempt == 1));
+        assert!(
+            got.iter()
+                .all(|t| t.state == TaskState::Running && t.attempt == 1)
+        );
         assert!(got.iter().all(|t| t.node.as_deref() == Some("n1")));
         // Limit is honoured.
         let rows = (0..5).map(|_| insert("x", "q2", 0, now)).collect();
         s.task_insert_many(rows, now).await.unwrap();
-        assert_eq!(s.task_claim(claim("q2", "n1", 2, now)).await.unwrap().len(), 2);
-        assert_eq!(s.task_claim(claim("q2", "n1", 10, now)).await.unwrap().len(), 3);
-        assert!(s.task_claim(claim("q2", "n1", 10, now)).await.unwrap().is_empty());
+        assert_eq!(
+            s.task_claim(claim("q2", "n1", 2, now)).await.unwrap().len(),
+            2
+        );
+        assert_eq!(
+            s.task_claim(claim("q2", "n1", 10, now))
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(
+            s.task_claim(claim("q2", "n1", 10, now))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     pub async fn concurrent_claimers_never_share_a_task(s: S) {
@@ -112,24 +129,46 @@ pub mod cases {
             .await
             .unwrap();
         assert_eq!(t[0].task.state, TaskState::Scheduled);
-        assert!(s.task_claim(claim("q", "n", 10, now)).await.unwrap().is_empty());
-        assert!(s.task_claim(claim("q", "n", 10, now + secs(59))).await.unwrap().is_empty());
-        let got = s.task_claim(claim("q", "n", 10, now + secs(60))).await.unwrap();
+        assert!(
+            s.task_claim(claim("q", "n", 10, now))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.task_claim(claim("q", "n", 10, now + secs(59)))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let got = s
+            .task_claim(claim("q", "n", 10, now + secs(60)))
+            .await
+            .unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, t[0].task.id);
     }
 
     pub async fn retries_follow_the_backoff(s: S) {
         let now = now();
-        s.task_insert_many(vec![insert("flaky", "q", 0, now)], now).await.unwrap();
-        let t = s.task_claim(claim("q", "n", 1, now)).await.unwrap().remove(0);
+        s.task_insert_many(vec![insert("flaky", "q", 0, now)], now)
+            .await
+            .unwrap();
+        let t = s
+            .task_claim(claim("q", "n", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
         let retry_at = now + secs(30);
         let applied = s
             .task_complete_many(vec![Completion {
                 id: t.id,
                 attempt: 1,
                 at: now,
-                outcome: Outcome::Retry { run_at: retry_at, error: "boom".into() },
+                outcome: Outcome::Retry {
+                    run_at: retry_at,
+                    error: "boom".into(),
+                },
             }])
             .await
             .unwrap();
@@ -140,7 +179,12 @@ pub mod cases {
         assert_eq!(got.errors.len(), 1);
         assert_eq!(got.errors[0].message, "boom");
         assert_eq!(got.errors[0].attempt, 1);
-        assert!(s.task_claim(claim("q", "n", 1, now + secs(29))).await.unwrap().is_empty());
+        assert!(
+            s.task_claim(claim("q", "n", 1, now + secs(29)))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let again = s.task_claim(claim("q", "n", 1, retry_at)).await.unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].attempt, 2);
@@ -149,7 +193,9 @@ pub mod cases {
             id: t.id,
             attempt: 2,
             at: retry_at,
-            outcome: Outcome::Failed { error: "still broken".into() },
+            outcome: Outcome::Failed {
+                error: "still broken".into(),
+            },
         }])
         .await
         .unwrap();
@@ -158,7 +204,11 @@ pub mod cases {
         assert_eq!(dead.errors.len(), 2);
         assert!(dead.finished_at.is_some());
         let listed = s
-            .task_list(ListParams { state: Some(TaskState::Failed), limit: 10, ..Default::default() })
+            .task_list(ListParams {
+                state: Some(TaskState::Failed),
+                limit: 10,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(listed.len(), 1);
@@ -168,15 +218,26 @@ pub mod cases {
         let now = now();
         let mut a = insert("u", "q", 0, now);
         a.unique_key = Some("k1".into());
-        let first = s.task_insert_many(vec![a.clone()], now).await.unwrap().remove(0);
+        let first = s
+            .task_insert_many(vec![a.clone()], now)
+            .await
+            .unwrap()
+            .remove(0);
         assert!(!first.existing);
-        let second = s.task_insert_many(vec![a.clone()], now).await.unwrap().remove(0);
+        let second = s
+            .task_insert_many(vec![a.clone()], now)
+            .await
+            .unwrap()
+            .remove(0);
         assert!(second.existing);
         assert_eq!(second.task.id, first.task.id);
         // Duplicates inside one batch collapse too.
         let mut b = insert("u", "q", 0, now);
         b.unique_key = Some("k2".into());
-        let batch = s.task_insert_many(vec![b.clone(), b.clone()], now).await.unwrap();
+        let batch = s
+            .task_insert_many(vec![b.clone(), b.clone()], now)
+            .await
+            .unwrap();
         assert_eq!(batch[0].task.id, batch[1].task.id);
         assert!(batch[1].existing);
         // Still unique while running.
@@ -188,7 +249,9 @@ pub mod cases {
             id: first.task.id,
             attempt: 1,
             at: now,
-            outcome: Outcome::Completed { result: serde_json::json!(1) },
+            outcome: Outcome::Completed {
+                result: serde_json::json!(1),
+            },
         }])
         .await
         .unwrap();
@@ -200,37 +263,66 @@ pub mod cases {
     pub async fn cancel_stops_queued_and_flags_running(s: S) {
         let now = now();
         let ids: Vec<_> = s
-            .task_insert_many(vec![insert("a", "q", 0, now), insert("b", "q", 1, now)], now)
+            .task_insert_many(
+                vec![insert("a", "q", 0, now), insert("b", "q", 1, now)],
+                now,
+            )
             .await
             .unwrap()
             .into_iter()
             .map(|i| i.task.id)
             .collect();
         let mut events = s.subscribe();
-        let running = s.task_claim(claim("q", "n1", 1, now)).await.unwrap().remove(0);
+        let running = s
+            .task_claim(claim("q", "n1", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!(running.id, ids[0]);
         // Queued task: cancelled at once and never claimed.
         let c = s.task_cancel(ids[1], now).await.unwrap();
         assert_eq!(c.state, TaskState::Cancelled);
-        assert!(s.task_claim(claim("q", "n1", 10, now)).await.unwrap().is_empty());
+        assert!(
+            s.task_claim(claim("q", "n1", 10, now))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // Running task: stays running, its node hears about it.
         let c = s.task_cancel(ids[0], now).await.unwrap();
         assert_eq!(c.state, TaskState::Running);
-        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
-        assert_eq!(ev, StoreEvent::CancelRequested { id: ids[0], node: Some("n1".into()) });
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ev,
+            StoreEvent::CancelRequested {
+                id: ids[0],
+                node: Some("n1".into())
+            }
+        );
         assert_eq!(s.task_cancel_requested("n1").await.unwrap(), [(ids[0], 1)]);
         assert!(s.task_cancel_requested("n2").await.unwrap().is_empty());
         s.task_complete_many(vec![Completion {
             id: ids[0],
             attempt: 1,
             at: now,
-            outcome: Outcome::Cancelled { error: "cancelled".into() },
+            outcome: Outcome::Cancelled {
+                error: "cancelled".into(),
+            },
         }])
         .await
         .unwrap();
-        assert_eq!(s.task_get(ids[0]).await.unwrap().unwrap().state, TaskState::Cancelled);
+        assert_eq!(
+            s.task_get(ids[0]).await.unwrap().unwrap().state,
+            TaskState::Cancelled
+        );
         // Finished: conflict. Unknown: not found.
-        assert!(matches!(s.task_cancel(ids[0], now).await, Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            s.task_cancel(ids[0], now).await,
+            Err(StoreError::Conflict { .. })
+        ));
         assert!(matches!(
             s.task_cancel(proto_tasker::TaskId(999_999), now).await,
             Err(StoreError::NotFound(_))
@@ -257,28 +349,46 @@ pub mod cases {
         assert!(t.finished_at.is_none());
         let again = s.task_claim(claim("q", "n", 1, now)).await.unwrap();
         assert_eq!(again[0].attempt, 2);
-        assert!(matches!(s.task_retry(id, now).await, Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            s.task_retry(id, now).await,
+            Err(StoreError::Conflict { .. })
+        ));
     }
 
     pub async fn completions_are_fenced_by_attempt(s: S) {
         let now = now();
-        let id = s.task_insert_many(vec![insert("x", "q", 0, now)], now).await.unwrap()[0].task.id;
+        let id = s
+            .task_insert_many(vec![insert("x", "q", 0, now)], now)
+            .await
+            .unwrap()[0]
+            .task
+            .id;
         s.task_claim(claim("q", "n", 1, now)).await.unwrap();
         let stale = Completion {
             id,
             attempt: 7,
             at: now,
-            outcome: Outcome::Completed { result: serde_json::json!("late") },
+            outcome: Outcome::Completed {
+                result: serde_json::json!("late"),
+            },
         };
         assert_eq!(s.task_complete_many(vec![stale]).await.unwrap(), [false]);
-        assert_eq!(s.task_get(id).await.unwrap().unwrap().state, TaskState::Running);
+        assert_eq!(
+            s.task_get(id).await.unwrap().unwrap().state,
+            TaskState::Running
+        );
         let ok = Completion {
             id,
             attempt: 1,
             at: now,
-            outcome: Outcome::Completed { result: serde_json::json!({"v": 1}) },
+            outcome: Outcome::Completed {
+                result: serde_json::json!({"v": 1}),
+            },
         };
-        assert_eq!(s.task_complete_many(vec![ok.clone()]).await.unwrap(), [true]);
+        assert_eq!(
+            s.task_complete_many(vec![ok.clone()]).await.unwrap(),
+            [true]
+        );
         // A second write of the same attempt is refused: the task is no longer running.
         assert_eq!(s.task_complete_many(vec![ok]).await.unwrap(), [false]);
         let t = s.task_get(id).await.unwrap().unwrap();
@@ -289,7 +399,10 @@ pub mod cases {
     pub async fn snooze_and_release_do_not_use_attempts(s: S) {
         let now = now();
         let ids: Vec<_> = s
-            .task_insert_many(vec![insert("a", "q", 0, now), insert("b", "q", 1, now)], now)
+            .task_insert_many(
+                vec![insert("a", "q", 0, now), insert("b", "q", 1, now)],
+                now,
+            )
             .await
             .unwrap()
             .into_iter()
@@ -297,8 +410,20 @@ pub mod cases {
             .collect();
         s.task_claim(claim("q", "n", 2, now)).await.unwrap();
         s.task_complete_many(vec![
-            Completion { id: ids[0], attempt: 1, at: now, outcome: Outcome::Snoozed { run_at: now + secs(10) } },
-            Completion { id: ids[1], attempt: 1, at: now, outcome: Outcome::Released },
+            Completion {
+                id: ids[0],
+                attempt: 1,
+                at: now,
+                outcome: Outcome::Snoozed {
+                    run_at: now + secs(10),
+                },
+            },
+            Completion {
+                id: ids[1],
+                attempt: 1,
+                at: now,
+                outcome: Outcome::Released,
+            },
         ])
         .await
         .unwrap();
@@ -314,38 +439,60 @@ pub mod cases {
     pub async fn rescue_returns_tasks_of_dead_nodes_once(s: S) {
         let now = now();
         s.node_heartbeat(node("live", now)).await.unwrap();
-        s.node_heartbeat(node("dead", now - secs(60))).await.unwrap();
+        s.node_heartbeat(node("dead", now - secs(60)))
+            .await
+            .unwrap();
         let mut last = insert("x", "q", 0, now);
         last.max_attempts = 1;
         let rows = vec![insert("x", "q", 0, now), insert("x", "q", 0, now), last];
         s.task_insert_many(rows, now).await.unwrap();
         let on_live = s.task_claim(claim("q", "live", 1, now)).await.unwrap();
         let on_dead = s.task_claim(claim("q", "dead", 2, now)).await.unwrap();
-        let params = RescueParams { now, node_timeout: Duration::from_secs(15), node: None };
+        let params = RescueParams {
+            now,
+            node_timeout: Duration::from_secs(15),
+            node: None,
+        };
         let rescued = s.node_rescue(params.clone()).await.unwrap();
         let ids: HashSet<_> = rescued.iter().map(|r| r.id).collect();
         assert_eq!(ids, on_dead.iter().map(|t| t.id).collect());
         for r in &rescued {
             let t = s.task_get(r.id).await.unwrap().unwrap();
-            let expect = if t.max_attempts == 1 { TaskState::Failed } else { TaskState::Retryable };
+            let expect = if t.max_attempts == 1 {
+                TaskState::Failed
+            } else {
+                TaskState::Retryable
+            };
             assert_eq!(t.state, expect);
             assert!(t.errors.last().unwrap().message.contains("dead"));
         }
-        assert!(s.node_rescue(params).await.unwrap().is_empty(), "rescued once");
-        assert_eq!(s.task_get(on_live[0].id).await.unwrap().unwrap().state, TaskState::Running);
+        assert!(
+            s.node_rescue(params).await.unwrap().is_empty(),
+            "rescued once"
+        );
+        assert_eq!(
+            s.task_get(on_live[0].id).await.unwrap().unwrap().state,
+            TaskState::Running
+        );
         // A stale outcome from the dead node is refused.
         let stale = Completion {
             id: on_dead[0].id,
             attempt: on_dead[0].attempt,
             at: now,
-            outcome: Outcome::Completed { result: serde_json::Value::Null },
+            outcome: Outcome::Completed {
+                result: serde_json::Value::Null,
+            },
         };
         assert_eq!(s.task_complete_many(vec![stale]).await.unwrap(), [false]);
         // Rescue of a named node (start-up of a node with the same name).
         let more = s.task_claim(claim("q", "live", 5, now)).await.unwrap();
         assert!(!more.is_empty());
         let named = s
-            .node_rescue(RescueParams { now, node_timeout: Duration::from_secs(15), node: Some("live".into()) })
+            .node_rescue(RescueParams {
+                now,
+                node_timeout: Duration::from_secs(15),
+                node: Some("live".into()),
+            })
             .await
             .unwrap();
         assert_eq!(named.len(), more.len() + 1);
@@ -354,28 +501,75 @@ pub mod cases {
     pub async fn retention_prunes_only_old_finished_tasks(s: S) {
         let now = now();
         let rows = (0..4).map(|_| insert("x", "q", 0, now)).collect();
-        let ids: Vec<_> = s.task_insert_many(rows, now).await.unwrap().into_iter().map(|i| i.task.id).collect();
+        let ids: Vec<_> = s
+            .task_insert_many(rows, now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.task.id)
+            .collect();
         s.task_claim(claim("q", "n", 3, now)).await.unwrap();
         let old = now - secs(3600);
         s.task_complete_many(vec![
-            Completion { id: ids[0], attempt: 1, at: old, outcome: Outcome::Completed { result: serde_json::Value::Null } },
-            Completion { id: ids[1], attempt: 1, at: now, outcome: Outcome::Completed { result: serde_json::Value::Null } },
-            Completion { id: ids[2], attempt: 1, at: old, outcome: Outcome::Failed { error: "x".into() } },
+            Completion {
+                id: ids[0],
+                attempt: 1,
+                at: old,
+                outcome: Outcome::Completed {
+                    result: serde_json::Value::Null,
+                },
+            },
+            Completion {
+                id: ids[1],
+                attempt: 1,
+                at: now,
+                outcome: Outcome::Completed {
+                    result: serde_json::Value::Null,
+                },
+            },
+            Completion {
+                id: ids[2],
+                attempt: 1,
+                at: old,
+                outcome: Outcome::Failed { error: "x".into() },
+            },
         ])
         .await
         .unwrap();
         let cutoff = Some(now - secs(60));
         let n = s
-            .task_prune(PruneParams { completed_before: cutoff, failed_before: None, cancelled_before: cutoff, limit: 100 })
+            .task_prune(PruneParams {
+                completed_before: cutoff,
+                failed_before: None,
+                cancelled_before: cutoff,
+                limit: 100,
+            })
             .await
             .unwrap();
         assert_eq!(n, 1);
-        assert!(s.task_get(ids[0]).await.unwrap().is_none(), "old completed pruned");
-        assert!(s.task_get(ids[1]).await.unwrap().is_some(), "recent completed kept");
-        assert!(s.task_get(ids[2]).await.unwrap().is_some(), "failed kept when its retention is off");
-        assert!(s.task_get(ids[3]).await.unwrap().is_some(), "unfinished never pruned");
+        assert!(
+            s.task_get(ids[0]).await.unwrap().is_none(),
+            "old completed pruned"
+        );
+        assert!(
+            s.task_get(ids[1]).await.unwrap().is_some(),
+            "recent completed kept"
+        );
+        assert!(
+            s.task_get(ids[2]).await.unwrap().is_some(),
+            "failed kept when its retention is off"
+        );
+        assert!(
+            s.task_get(ids[3]).await.unwrap().is_some(),
+            "unfinished never pruned"
+        );
         let n = s
-            .task_prune(PruneParams { completed_before: cutoff, failed_before: cutoff, cancelled_before: cutoff, limit: 100 })
+            .task_prune(PruneParams {
+                completed_before: cutoff,
+                failed_before: cutoff,
+                cancelled_before: cutoff,
+                limit: 100,
+            })
             .await
             .unwrap();
         assert_eq!(n, 1);
@@ -387,8 +581,14 @@ pub mod cases {
         let ttl = Duration::from_secs(10);
         assert!(s.leader_try_elect("a", ttl, now).await.unwrap());
         assert!(!s.leader_try_elect("b", ttl, now + secs(1)).await.unwrap());
-        assert!(s.leader_try_elect("a", ttl, now + secs(2)).await.unwrap(), "leader renews");
-        assert!(s.leader_try_elect("b", ttl, now + secs(13)).await.unwrap(), "expired lease is taken over");
+        assert!(
+            s.leader_try_elect("a", ttl, now + secs(2)).await.unwrap(),
+            "leader renews"
+        );
+        assert!(
+            s.leader_try_elect("b", ttl, now + secs(13)).await.unwrap(),
+            "expired lease is taken over"
+        );
         assert!(!s.leader_try_elect("a", ttl, now + secs(14)).await.unwrap());
         s.leader_resign("b").await.unwrap();
         assert!(s.leader_try_elect("a", ttl, now + secs(15)).await.unwrap());
@@ -398,13 +598,25 @@ pub mod cases {
         let now = now();
         let mut rows = Vec::new();
         for i in 0..25 {
-            rows.push(insert(if i % 2 == 0 { "even" } else { "odd" }, if i < 10 { "a" } else { "b" }, 0, now));
+            rows.push(insert(
+                if i % 2 == 0 { "even" } else { "odd" },
+                if i < 10 { "a" } else { "b" },
+                0,
+                now,
+            ));
         }
         s.task_insert_many(rows, now).await.unwrap();
         let mut seen = Vec::new();
         let mut before = None;
         loop {
-            let page = s.task_list(ListParams { before, limit: 10, ..Default::default() }).await.unwrap();
+            let page = s
+                .task_list(ListParams {
+                    before,
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
             if page.is_empty() {
                 break;
             }
@@ -412,14 +624,26 @@ pub mod cases {
             seen.extend(page.into_iter().map(|t| t.id));
         }
         assert_eq!(seen.len(), 25);
-        assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first, no repeats");
+        assert!(
+            seen.windows(2).all(|w| w[0] > w[1]),
+            "newest first, no repeats"
+        );
         let evens_in_a = s
-            .task_list(ListParams { queue: Some("a".into()), kind: Some("even".into()), limit: 100, ..Default::default() })
+            .task_list(ListParams {
+                queue: Some("a".into()),
+                kind: Some("even".into()),
+                limit: 100,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(evens_in_a.len(), 5);
         let counts = s.queue_counts().await.unwrap();
-        let a: i64 = counts.iter().filter(|(q, st, _)| q == "a" && *st == TaskState::Available).map(|c| c.2).sum();
+        let a: i64 = counts
+            .iter()
+            .filter(|(q, st, _)| q == "a" && *st == TaskState::Available)
+            .map(|c| c.2)
+            .sum();
         assert_eq!(a, 10);
     }
 
@@ -428,7 +652,11 @@ pub mod cases {
         s.node_heartbeat(node("n1", now)).await.unwrap();
         s.node_heartbeat(node("n2", now)).await.unwrap();
         s.node_heartbeat(node("n1", now + secs(2))).await.unwrap();
-        assert!(s.leader_try_elect("n2", Duration::from_secs(30), Utc::now()).await.unwrap());
+        assert!(
+            s.leader_try_elect("n2", Duration::from_secs(30), Utc::now())
+                .await
+                .unwrap()
+        );
         let nodes = s.node_list().await.unwrap();
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes[0].heartbeat_at, now + secs(2));

@@ -48,6 +48,15 @@ pub struct Builder {
     config: PoolConfig,
 }
 
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("registry", &self.registry)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
 /// A node name unique on this host: `hostname-pid`.
 pub fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -142,14 +151,19 @@ impl Builder {
             return Err(err("node.name", "must not be empty".into()));
         }
         if self.config.queues.is_empty() {
-            self.config.queues.push((crate::task::DEFAULT_QUEUE.to_string(), 10));
+            self.config
+                .queues
+                .push((crate::task::DEFAULT_QUEUE.to_string(), 10));
         }
         for (q, n) in &self.config.queues {
             if q.trim().is_empty() {
                 return Err(err("queues", "a queue name must not be empty".into()));
             }
             if *n == 0 {
-                return Err(err(&format!("queues.{q}.workers"), "must be at least 1".into()));
+                return Err(err(
+                    &format!("queues.{q}.workers"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         if self.config.claim_max == 0 {
@@ -168,6 +182,10 @@ impl Builder {
         if s.check_interval.is_zero() || self.config.poll_interval.is_zero() {
             return Err(err("poll_interval", "intervals must be more than 0".into()));
         }
-        Ok(WorkerPool::new(self.store, Arc::new(self.registry), self.config))
+        Ok(WorkerPool::new(
+            self.store,
+            Arc::new(self.registry),
+            self.config,
+        ))
     }
 }

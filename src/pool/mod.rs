@@ -38,13 +38,13 @@ use crate::client::Client;
 use crate::registry::TaskRegistry;
 use crate::sentinel::{Sentinel, Slot};
 use crate::store::{Completion, Outcome, Store, StoreError};
-pub use builder::{BuildError, Builder, default_node_name};
 use builder::PoolConfig;
+pub use builder::{BuildError, Builder, default_node_name};
 use completer::Completer;
 use producer::Producer;
 pub use shared::{Counters, StopReason, WorkerPoolSharedData};
-use worker::{SlotCtx, run_slot};
 pub use worker::{LocalWorker, Worker};
+use worker::{SlotCtx, run_slot};
 
 struct Running {
     producers: Vec<JoinHandle<()>>,
@@ -178,10 +178,14 @@ impl WorkerPool {
     /// Stop the pool (see the module docs). Safe to call twice.
     pub async fn shutdown(&self) {
         let mut guard = self.running.lock().await;
-        self.stopped.store(true, std::sync::atomic::Ordering::Release);
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         let Some(run) = guard.take() else { return };
         let shared = &self.shared;
-        tracing::info!(busy = shared.workers_busy(), "shutting down: no more claims");
+        tracing::info!(
+            busy = shared.workers_busy(),
+            "shutting down: no more claims"
+        );
         shared.stop_claiming.cancel();
         for p in run.producers {
             let _ = p.await;
@@ -225,7 +229,9 @@ impl WorkerPool {
             .await
             .is_err()
         {
-            tracing::error!("could not write every outcome within 30s; those tasks will be rescued");
+            tracing::error!(
+                "could not write every outcome within 30s; those tasks will be rescued"
+            );
         }
         if let Err(e) = self.store.node_remove(&shared.node).await {
             tracing::warn!(error = %e, "could not deregister the node");

@@ -147,7 +147,9 @@ impl WorkerPoolSharedData {
     pub(crate) fn new(node: String, slots: usize) -> Self {
         WorkerPoolSharedData {
             node,
-            slots: (0..slots).map(|_| Mutex::new(SlotStatus::default())).collect(),
+            slots: (0..slots)
+                .map(|_| Mutex::new(SlotStatus::default()))
+                .collect(),
             running: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             stop_claiming: CancellationToken::new(),

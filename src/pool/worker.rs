@@ -95,12 +95,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Turn how an attempt ended into what the store should record.
-fn decide(
-    task: &Task,
-    ran: Ran,
-    reason: StopReason,
-    registry: &TaskRegistry,
-) -> Outcome {
+fn decide(task: &Task, ran: Ran, reason: StopReason, registry: &TaskRegistry) -> Outcome {
     let now = Utc::now();
     let (message, discard) = match ran {
         Ran::Returned(Ok(result)) => return Outcome::Completed { result },
@@ -174,7 +169,8 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             });
             s.permit = Some(permit);
         }
-        let span = tracing::info_span!("task", id = %task.id, kind = %task.kind, attempt = task.attempt);
+        let span =
+            tracing::info_span!("task", id = %task.id, kind = %task.kind, attempt = task.attempt);
         let tctx = TaskContext {
             id: task.id,
             kind: task.kind.clone(),
@@ -210,7 +206,9 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
         let outcome = decide(&task, ran, running.reason(), &ctx.registry);
         span.in_scope(|| match &outcome {
             Outcome::Completed { .. } => tracing::debug!("completed"),
-            Outcome::Retry { error, run_at } => tracing::info!(%error, %run_at, "attempt failed; will retry"),
+            Outcome::Retry { error, run_at } => {
+                tracing::info!(%error, %run_at, "attempt failed; will retry")
+            }
             Outcome::Failed { error } => tracing::warn!(%error, "task failed"),
             Outcome::Cancelled { .. } => tracing::info!("cancelled"),
             Outcome::Snoozed { run_at } => tracing::debug!(%run_at, "snoozed"),

@@ -199,8 +199,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Write outcomes. Returns, per completion, whether it was applied (false
     /// when fencing rejected it: the task is no longer running that attempt).
-    async fn task_complete_many(&self, completions: Vec<Completion>)
-    -> Result<Vec<bool>, StoreError>;
+    async fn task_complete_many(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<bool>, StoreError>;
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
 

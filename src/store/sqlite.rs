@@ -471,7 +471,8 @@ fn complete_one(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
     let id = c.id.0;
     let n = match &c.outcome {
         Outcome::Completed { result } => {
-            let result = serde_json::to_string(result).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let result =
+                serde_json::to_string(result).map_err(|e| StoreError::Invalid(e.to_string()))?;
             conn.prepare_cached(
                 "UPDATE tasks SET state = 'completed', finished_at = ?1, result = ?2 \
                  WHERE id = ?3 AND state = 'running' AND attempt = ?4",
@@ -613,7 +614,10 @@ impl Store for SqliteStore {
                     .collect::<Result<Vec<_>, _>>()
             })
             .await?;
-        if out.iter().any(|i| !i.existing && i.task.state == TaskState::Available) {
+        if out
+            .iter()
+            .any(|i| !i.existing && i.task.state == TaskState::Available)
+        {
             self.inner.notify.notify_waiters();
         }
         Ok(out)
@@ -705,8 +709,11 @@ impl Store for SqliteStore {
                     });
                 }
                 if task.state == TaskState::Running {
-                    conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1", [id.0])
-                        .map_err(sql_err)?;
+                    conn.execute(
+                        "UPDATE tasks SET cancel_requested = 1 WHERE id = ?1",
+                        [id.0],
+                    )
+                    .map_err(sql_err)?;
                 } else {
                     conn.execute(
                         "UPDATE tasks SET state = 'cancelled', finished_at = ?1 WHERE id = ?2",
@@ -820,7 +827,9 @@ impl Store for SqliteStore {
                 .map_err(sql_err)?;
             rows.into_iter()
                 .map(|(q, s, n)| {
-                    let state = s.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?;
+                    let state = s.parse().map_err(|e: crate::task::UnknownState| {
+                        StoreError::Schema(e.to_string())
+                    })?;
                     Ok((q, state, n))
                 })
                 .collect()
@@ -829,7 +838,8 @@ impl Store for SqliteStore {
     }
 
     async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
-        let queues = serde_json::to_string(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let queues =
+            serde_json::to_string(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues) \

@@ -17,7 +17,12 @@ pub async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     (Arc::new(store), dir)
 }
 
-pub fn insert(kind: &str, queue: &str, priority: i16, run_at: chrono::DateTime<chrono::Utc>) -> TaskInsert {
+pub fn insert(
+    kind: &str,
+    queue: &str,
+    priority: i16,
+    run_at: chrono::DateTime<chrono::Utc>,
+) -> TaskInsert {
     TaskInsert {
         kind: kind.to_string(),
         args: serde_json::json!({}),
