@@ -76,7 +76,9 @@ fn benches(c: &mut Criterion) {
                             id: t.id,
                             attempt: t.attempt,
                             at: Utc::now(),
-                            outcome: Outcome::Completed { result: serde_json::Value::Null },
+                            outcome: Outcome::Completed {
+                                result: serde_json::Value::Null,
+                            },
                         })
                         .collect();
                     s.task_complete_many(done).await.expect("complete")

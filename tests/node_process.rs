@@ -204,6 +204,24 @@ fn no_arguments_runs_a_node_on_the_default_store_and_stops_on_sigterm() {
     assert!(wait_exit(&mut node, Duration::from_secs(20)).success());
 }
 
+#[test]
+fn migrate_honours_the_store_path_env_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("migrate")
+        .current_dir(dir.path())
+        .env("PROTO_TASKER_STORE_PATH", "from_env.db")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("from_env.db").exists());
+    assert!(!dir.path().join("proto_tasker.db").exists());
+}
+
 fn assert_user_error(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit code 1; stderr: {stderr}");
