@@ -70,7 +70,9 @@ impl Client {
     /// Enqueue one task. When its `unique_key` matches an unfinished task,
     /// that task is returned with `existing = true` and nothing is inserted.
     pub async fn insert(&self, task: NewTask) -> Result<Inserted, ClientError> {
-        let mut v = self.insert_many(vec![task]).await?;
+        let now = Utc::now();
+        let row = self.resolve(task, now, None)?;
+        let mut v = self.store.task_insert_many(vec![row], now).await?;
         v.pop().ok_or_else(|| {
             ClientError::Store(StoreError::Unavailable("insert returned no row".into()))
         })
@@ -82,7 +84,7 @@ impl Client {
         let rows = tasks
             .into_iter()
             .enumerate()
-            .map(|(i, t)| self.resolve(t, now, i))
+            .map(|(i, t)| self.resolve(t, now, Some(i)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.store.task_insert_many(rows, now).await?)
     }
@@ -92,17 +94,19 @@ impl Client {
         &self,
         t: NewTask,
         now: chrono::DateTime<Utc>,
-        index: usize,
+        index: Option<usize>,
     ) -> Result<TaskInsert, ClientError> {
-        let at = |f: &str| {
-            if index == 0 {
-                f.to_string()
-            } else {
-                format!("tasks[{index}].{f}")
-            }
+        let at = |f: &str| match index {
+            None => f.to_string(),
+            Some(i) => format!("tasks[{i}].{f}"),
         };
         if t.kind.trim().is_empty() {
             return Err(invalid(at("kind"), "must not be empty"));
+        }
+        if let Some(executor) = self.registry.executor(&t.kind) {
+            executor
+                .check_args(&t.args)
+                .map_err(|e| invalid(at(&e.field), e.message))?;
         }
         let defaults = self.registry.defaults(&t.kind).cloned().unwrap_or_default();
         let o = t.options;

@@ -115,17 +115,80 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// Serve the HTTP API, /metrics and the dashboard.
+    pub enabled: bool,
+    /// Address to bind; loopback unless you mean otherwise (then set a token).
     pub listen: String,
+    /// When set, every /api route needs `Authorization: Bearer <token>`.
+    /// Env `PROTO_TASKER_TOKEN` overrides it.
     pub auth_token: Option<String>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest `args` of one task, as JSON.
+    pub max_args_bytes: usize,
+    /// Most tasks in one batch.
+    pub max_batch: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            enabled: true,
             listen: "127.0.0.1:8080".into(),
             auth_token: None,
+            max_body_bytes: 64 << 20,
+            max_args_bytes: 1 << 20,
+            max_batch: 10_000,
         }
     }
+}
+
+/// The `shell` executor: off while `allow` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShellConfig {
+    /// Programs (`cmd[0]`, exactly as written in tasks) that may run.
+    pub allow: Vec<String>,
+    /// Bytes of stdout and of stderr kept (the tail).
+    pub max_output_bytes: usize,
+}
+
+impl Default for ShellConfig {
+    fn default() -> Self {
+        ShellConfig {
+            allow: Vec::new(),
+            max_output_bytes: 64 << 10,
+        }
+    }
+}
+
+/// The `http` executor: off while `allow_hosts` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Hosts (`example.com`) or `host:port` pairs tasks may call.
+    pub allow_hosts: Vec<String>,
+    /// Bytes of the response body kept.
+    pub max_response_bytes: usize,
+    /// Per-request timeout (the task's own timeout applies too).
+    pub timeout: Dur,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            allow_hosts: Vec::new(),
+            max_response_bytes: 1 << 20,
+            timeout: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorsConfig {
+    pub shell: ShellConfig,
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -236,6 +299,7 @@ pub struct Config {
     pub sentinel: SentinelSettings,
     pub retention: RetentionConfig,
     pub log: LogConfig,
+    pub executors: ExecutorsConfig,
 }
 
 impl Default for Config {
@@ -252,6 +316,7 @@ impl Default for Config {
             sentinel: SentinelSettings::default(),
             retention: RetentionConfig::default(),
             log: LogConfig::default(),
+            executors: ExecutorsConfig::default(),
         }
     }
 }
@@ -438,6 +503,11 @@ fn find_key(text: &str, key: &str, from: usize) -> Option<usize> {
 }
 
 fn apply_env(cfg: &mut Config) {
+    if let Ok(t) = std::env::var("PROTO_TASKER_TOKEN")
+        && !t.is_empty()
+    {
+        cfg.server.auth_token = Some(t);
+    }
     if let Ok(p) = std::env::var("PROTO_TASKER_STORE_PATH")
         && !p.is_empty()
     {
@@ -510,6 +580,21 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
         }
         _ => {}
     }
+    if let Some(t) = &cfg.server.auth_token
+        && t.trim().is_empty()
+    {
+        return e("server.auth_token", "must not be empty when set");
+    }
+    if cfg.server.listen.parse::<std::net::SocketAddr>().is_err() {
+        return e("server.listen", "must be an address like 127.0.0.1:8080");
+    }
+    if cfg.server.max_batch == 0 || cfg.server.max_args_bytes == 0 || cfg.server.max_body_bytes == 0
+    {
+        return e(
+            "server",
+            "max_batch, max_args_bytes and max_body_bytes must be more than 0",
+        );
+    }
     if cfg.log.level.trim().is_empty() {
         return e("log.level", "must not be empty");
     }
@@ -517,6 +602,31 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
 }
 
 impl Config {
+    /// The registry of a node: `noop`, `sleep`, `fail`, and `shell`/`http`
+    /// as configured (they refuse every task while their allow-lists are empty).
+    pub fn registry(&self) -> Result<crate::registry::TaskRegistry, String> {
+        let mut r = crate::registry::TaskRegistry::new();
+        crate::executors::register_builtin(&mut r);
+        let sh = &self.executors.shell;
+        r.register(
+            "shell",
+            std::sync::Arc::new(crate::executors::shell::ShellExecutor::new(
+                sh.allow.clone(),
+                sh.max_output_bytes,
+            )),
+        );
+        let h = &self.executors.http;
+        r.register(
+            "http",
+            std::sync::Arc::new(crate::executors::http::HttpExecutor::new(
+                h.allow_hosts.clone(),
+                h.max_response_bytes,
+                h.timeout.0,
+            )?),
+        );
+        Ok(r)
+    }
+
     /// The defaults plus env overrides: what a node runs on without a file.
     pub fn from_env() -> Self {
         let mut c = Config::default();

@@ -77,11 +77,35 @@ impl TaskError {
 /// The output of a successful attempt: any JSON (stored as the task's result).
 pub type TaskOutput = serde_json::Value;
 
+/// Why an executor refused a task's args at enqueue time.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ArgsError {
+    /// Where in the task the problem is, e.g. `args.cmd`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ArgsError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ArgsError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Runs tasks of one kind. Shared by every worker of a node, so it must be
 /// `Send + Sync`; per-attempt state belongs in the future, not in `self`.
 #[async_trait]
 pub trait TaskExecutor: Send + Sync + 'static {
     async fn execute(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError>;
+
+    /// Check args when a task is enqueued, so bad input is refused at the
+    /// door instead of failing later. The default accepts anything.
+    fn check_args(&self, _args: &serde_json::Value) -> Result<(), ArgsError> {
+        Ok(())
+    }
 }
 
 /// An executor made from an async function or closure.

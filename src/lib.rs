@@ -88,12 +88,13 @@ pub mod executors;
 pub mod pool;
 pub mod registry;
 pub mod sentinel;
+pub mod server;
 pub mod store;
 pub mod task;
 
 pub use client::{Client, ClientError};
 pub use config::{Config, ConfigError, config_load};
-pub use executor::{TaskContext, TaskError, TaskExecutor, TaskOutput, executor_fn};
+pub use executor::{ArgsError, TaskContext, TaskError, TaskExecutor, TaskOutput, executor_fn};
 pub use pool::{Builder, LocalWorker, Worker, WorkerPool, WorkerPoolSharedData};
 pub use registry::{KindDefaults, RetryPolicy, TaskRegistry};
 pub use sentinel::{Retention, Sentinel, SentinelConfig};

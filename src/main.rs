@@ -1,4 +1,6 @@
-//! The `proto_tasker` command: run a node, manage its store, benchmark it.
+//! The `proto_tasker` command: run a node, talk to one, manage its store, benchmark it.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,23 +10,41 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use proto_tasker::bench::{self, BenchParams};
 use proto_tasker::config::{Config, Dur, LogFormat, StoreKind};
-use proto_tasker::executors::register_builtin;
 use proto_tasker::store::{SqliteOptions, Synchronous};
-use proto_tasker::{Builder, SqliteStore, Store, StoreError, TaskRegistry, config_load};
+use proto_tasker::{Builder, SqliteStore, Store, StoreError, config_load};
+use reqwest::Method;
+use serde_json::Value;
 
 /// A durable, distributed task scheduler.
 #[derive(Parser, Debug)]
-#[command(
-    name = "proto_tasker",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "proto_tasker", version, about)]
 struct Cli {
     /// Config file (YAML or JSON). Without it the node runs on built-in
-    /// defaults: store ./proto_tasker.db.
+    /// defaults: store ./proto_tasker.db, HTTP on 127.0.0.1:8080.
     #[arg(long, global = true, env = "PROTO_TASKER_CONFIG")]
     config: Option<PathBuf>,
+    /// Log format of a node: text or json (overrides log.format).
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// The node's API, for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "PROTO_TASKER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// Bearer token for the API.
+    #[arg(
+        long,
+        global = true,
+        env = "PROTO_TASKER_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Print client command output as JSON.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -42,12 +62,70 @@ enum Command {
     },
     /// Enqueue N no-op tasks, drain them, measure latency at an offered rate.
     Bench(BenchArgs),
+    /// Enqueue a task through the API.
+    Submit(SubmitArgs),
+    /// Show one task.
+    Status { id: String },
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Cancel a task (a running one is stopped on its node).
+    Cancel { id: String },
+    /// Run a failed or cancelled task again.
+    Retry { id: String },
+    /// Queues with counts by state.
+    Queues,
+    /// Stop every node from claiming a queue's tasks.
+    Pause { queue: String },
+    /// Let nodes claim a paused queue's tasks again.
+    Resume { queue: String },
+    /// Nodes of the cluster, their heartbeats and the leader.
+    Nodes,
 }
 
 #[derive(Subcommand, Debug)]
 enum ConfigAction {
     /// Validate a config file: exit 1 with file:line and the offending field.
     Check { file: PathBuf },
+}
+
+#[derive(clap::Args, Debug)]
+struct SubmitArgs {
+    kind: String,
+    /// The task's args as JSON.
+    #[arg(long)]
+    args: Option<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    /// 0 (runs first) to 9.
+    #[arg(long)]
+    priority: Option<i16>,
+    /// Run no earlier than this from now, e.g. 10s.
+    #[arg(long, value_parser = parse_dur)]
+    delay: Option<Duration>,
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// Per-attempt timeout, e.g. 30s.
+    #[arg(long, value_parser = parse_dur)]
+    timeout: Option<Duration>,
+    #[arg(long)]
+    unique_key: Option<String>,
+    /// Wait for the task to finish, print its result, exit 1 unless it completed.
+    #[arg(long)]
+    wait: bool,
+    /// Longest wait with --wait.
+    #[arg(long, default_value = "1h", value_parser = parse_dur)]
+    wait_timeout: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,9 +151,6 @@ struct BenchArgs {
     /// SQLite durability: full (default) or normal.
     #[arg(long, default_value = "full", value_parser = parse_sync)]
     synchronous: Synchronous,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -90,16 +165,22 @@ fn parse_sync(s: &str) -> Result<Synchronous, String> {
     }
 }
 
-/// A failure with the exit code it maps to (1 user error, 2 store unreachable).
-struct Failure {
+/// A failure with the exit code it maps to (1 user error, 2 store or server unreachable).
+pub(crate) struct Failure {
     code: u8,
     message: String,
 }
 
 impl Failure {
-    fn user(message: impl Into<String>) -> Self {
+    pub(crate) fn user(message: impl Into<String>) -> Self {
         Failure {
             code: 1,
+            message: message.into(),
+        }
+    }
+    pub(crate) fn unreachable(message: impl Into<String>) -> Self {
+        Failure {
+            code: 2,
             message: message.into(),
         }
     }
@@ -107,16 +188,21 @@ impl Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
-        // A bad SQLite file or schema is the user's to fix; an unreachable server is not.
-        Failure {
-            code: 1,
-            message: e.to_string(),
-        }
+        // A bad SQLite file or schema is the user's to fix (exit 1).
+        Failure::user(e.to_string())
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with 0; bad arguments are a user error: 1.
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,8 +234,10 @@ fn init_logging(cfg: &Config) {
     let filter = EnvFilter::try_from_env("PROTO_TASKER_LOG")
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Text => builder.try_init(),
@@ -170,7 +258,13 @@ fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, Failure> {
     }
 }
 
+fn show(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let remote = || cli::Remote::new(&cli.server, cli.token.clone());
+    let json = cli.json;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Config {
             action: ConfigAction::Check { file },
@@ -181,14 +275,160 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Migrate => {
             let cfg = load_config(cli.config.as_ref())?;
-            let store = open_store(&cfg)?;
-            store.migrate().await?;
+            open_store(&cfg)?.migrate().await?;
             println!("schema is up to date");
             Ok(())
         }
-        Command::Serve => serve(load_config(cli.config.as_ref())?).await,
-        Command::Bench(args) => run_bench(args).await,
+        Command::Serve => {
+            let mut cfg = load_config(cli.config.as_ref())?;
+            match cli.log_format.as_deref() {
+                Some("json") => cfg.log.format = LogFormat::Json,
+                Some("text") => cfg.log.format = LogFormat::Text,
+                _ => {}
+            }
+            serve(cfg).await
+        }
+        Command::Bench(args) => run_bench(args, json).await,
+        Command::Submit(a) => submit(&remote()?, a, json).await,
+        Command::Status { id } => {
+            let path = format!("/tasks/{}", cli::query_escape(&id));
+            let (_, t) = remote()?.call(Method::GET, &path, None).await?;
+            if json {
+                show(&t)
+            } else {
+                cli::print_task(&t)
+            }
+            Ok(())
+        }
+        Command::List {
+            state,
+            queue,
+            kind,
+            limit,
+            cursor,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            for (k, v) in [
+                ("state", state),
+                ("queue", queue),
+                ("kind", kind),
+                ("cursor", cursor),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", cli::query_escape(&v)));
+                }
+            }
+            let (_, page) = remote()?
+                .call(Method::GET, &format!("/tasks?{}", q.join("&")), None)
+                .await?;
+            if json {
+                show(&page);
+            } else {
+                cli::print_tasks(
+                    page["tasks"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                );
+                if let Some(c) = page["next_cursor"].as_str() {
+                    println!("(more: --cursor {c})");
+                }
+            }
+            Ok(())
+        }
+        Command::Cancel { id } => task_action(&remote()?, &id, "cancel", json).await,
+        Command::Retry { id } => task_action(&remote()?, &id, "retry", json).await,
+        Command::Queues => {
+            let (_, v) = remote()?.call(Method::GET, "/queues", None).await?;
+            if json {
+                show(&v)
+            } else {
+                cli::print_queues(&v)
+            }
+            Ok(())
+        }
+        Command::Pause { queue } => queue_action(&remote()?, &queue, "pause", json).await,
+        Command::Resume { queue } => queue_action(&remote()?, &queue, "resume", json).await,
+        Command::Nodes => {
+            let (_, v) = remote()?.call(Method::GET, "/nodes", None).await?;
+            if json {
+                show(&v)
+            } else {
+                cli::print_nodes(&v)
+            }
+            Ok(())
+        }
     }
+}
+
+async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failure> {
+    let body = cli::TaskBody {
+        kind: a.kind,
+        args: a.args,
+        queue: a.queue,
+        priority: a.priority,
+        delay: a.delay,
+        max_attempts: a.max_attempts,
+        timeout: a.timeout,
+        unique_key: a.unique_key,
+    }
+    .to_json()?;
+    let (status, task) = r.call(Method::POST, "/tasks", Some(body)).await?;
+    let id = cli::cell_id(&task)?;
+    if !a.wait {
+        if json {
+            show(&task);
+        } else if status == reqwest::StatusCode::OK {
+            println!("{id} (already enqueued under this unique key)");
+        } else {
+            println!("{id}");
+        }
+        return Ok(());
+    }
+    let done = cli::wait_task(r, &id, a.wait_timeout).await?;
+    if json {
+        show(&done);
+    } else if done["state"] == "completed" {
+        show(&done["result"]);
+    } else {
+        cli::print_task(&done);
+    }
+    match done["state"].as_str() {
+        Some("completed") => Ok(()),
+        Some(s @ ("failed" | "cancelled")) => Err(Failure::user(format!("task {id} {s}"))),
+        _ => Err(Failure::user(format!(
+            "task {id} did not finish within {:?}",
+            a.wait_timeout
+        ))),
+    }
+}
+
+async fn task_action(r: &cli::Remote, id: &str, action: &str, json: bool) -> Result<(), Failure> {
+    let path = format!("/tasks/{}/{action}", cli::query_escape(id));
+    let (_, t) = r.call(Method::POST, &path, None).await?;
+    if json {
+        show(&t);
+    } else {
+        println!("{} {}", t["id"], t["state"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn queue_action(
+    r: &cli::Remote,
+    queue: &str,
+    action: &str,
+    json: bool,
+) -> Result<(), Failure> {
+    let path = format!("/queues/{}/{action}", cli::query_escape(queue));
+    let (_, v) = r.call(Method::POST, &path, None).await?;
+    if json {
+        show(&v);
+    } else {
+        let paused = v["paused"].as_bool().unwrap_or(false);
+        println!("{queue} {}", if paused { "paused" } else { "resumed" });
+    }
+    Ok(())
 }
 
 async fn serve(cfg: Config) -> Result<(), Failure> {
@@ -197,22 +437,80 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     if cfg.store.migrate {
         store.migrate().await?;
     }
-    let mut registry = TaskRegistry::new();
-    register_builtin(&mut registry);
-    let pool = cfg
-        .apply(Builder::new(store, registry))
-        .build()
-        .map_err(|e| Failure::user(e.to_string()))?;
-    tracing::info!(
-        node = pool.node_name(),
-        store = %cfg.store.path.display(),
-        "node starting"
-    );
-    pool.run_until_signal().await?;
+    let registry = cfg.registry().map_err(Failure::user)?;
+    #[allow(unused_mut)]
+    let mut builder = cfg.apply(Builder::new(store, registry));
+    #[cfg(feature = "stats")]
+    let metrics = Arc::new(proto_tasker::server::metrics::Metrics::new());
+    #[cfg(feature = "stats")]
+    {
+        builder = builder.observer(metrics.clone());
+    }
+    let pool = Arc::new(builder.build().map_err(|e| Failure::user(e.to_string()))?);
+    tracing::info!(node = pool.node_name(), store = %cfg.store.path.display(), "node starting");
+    pool.start().await?;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut server = None;
+    if cfg.server.enabled {
+        let listener = match tokio::net::TcpListener::bind(&cfg.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                pool.shutdown().await;
+                return Err(Failure::user(format!(
+                    "server.listen: cannot bind {}: {e}",
+                    cfg.server.listen
+                )));
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Failure::user(e.to_string()))?;
+        if !proto_tasker::server::is_loopback(&addr) && cfg.server.auth_token.is_none() {
+            let warning = format!(
+                "WARNING: the API listens on {addr}, reachable from other machines, with no auth token: \
+                 anyone who reaches it can enqueue tasks. Set server.auth_token (or PROTO_TASKER_TOKEN)."
+            );
+            eprintln!("{warning}");
+            tracing::warn!("{warning}");
+        }
+        let limits = proto_tasker::server::Limits {
+            max_body_bytes: cfg.server.max_body_bytes,
+            max_args_bytes: cfg.server.max_args_bytes,
+            max_batch: cfg.server.max_batch,
+        };
+        let state = proto_tasker::server::AppState::new(
+            pool.clone(),
+            limits,
+            cfg.server.auth_token.clone(),
+        );
+        #[cfg(feature = "stats")]
+        let state = state.with_metrics(metrics.clone());
+        tracing::info!(
+            auth = cfg.server.auth_token.is_some(),
+            "listening on http://{addr}"
+        );
+        let stopped = stop.clone();
+        server = Some(tokio::spawn(proto_tasker::server::serve(
+            listener,
+            state,
+            async move { stopped.cancelled().await },
+        )));
+    }
+    proto_tasker::pool::wait_for_signal().await;
+    stop.cancel();
+    if let Some(s) = server {
+        match tokio::time::timeout(Duration::from_secs(10), s).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+            Err(_) => tracing::warn!("HTTP server did not stop within 10s"),
+            _ => {}
+        }
+    }
+    pool.shutdown().await;
     Ok(())
 }
 
-async fn run_bench(a: BenchArgs) -> Result<(), Failure> {
+async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
     let _dir;
     let path = match a.store {
         Some(p) => PathBuf::from(p),
@@ -242,7 +540,7 @@ async fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         code: 2,
         message: format!("bench failed: {e}"),
     })?;
-    if a.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()

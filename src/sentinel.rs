@@ -137,6 +137,9 @@ impl Sentinel {
             .await?;
         if !rescued.is_empty() {
             Counters::add(&self.shared.counters.rescued, rescued.len() as u64);
+            if let Some(o) = &self.shared.observer {
+                o.tasks_rescued(rescued.len() as u64);
+            }
             tracing::info!(
                 count = rescued.len(),
                 "rescued tasks left running by an earlier process of this node"
@@ -221,6 +224,9 @@ impl Sentinel {
         match self.store.node_rescue(params).await {
             Ok(r) if !r.is_empty() => {
                 Counters::add(&self.shared.counters.rescued, r.len() as u64);
+                if let Some(o) = &self.shared.observer {
+                    o.tasks_rescued(r.len() as u64);
+                }
                 for t in &r {
                     tracing::warn!(task = %t.id, node = ?t.node, state = %t.state, "rescued task of a dead node");
                 }

@@ -647,6 +647,37 @@ pub mod cases {
         assert_eq!(a, 10);
     }
 
+    pub async fn paused_queues_are_not_claimed(s: S) {
+        let now = now();
+        s.task_insert_many(
+            vec![insert("x", "q", 0, now), insert("x", "other", 0, now)],
+            now,
+        )
+        .await
+        .unwrap();
+        s.queue_set_paused("q", true).await.unwrap();
+        assert_eq!(s.queue_paused().await.unwrap(), ["q"]);
+        assert!(
+            s.task_claim(claim("q", "n", 10, now))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.task_claim(claim("other", "n", 10, now))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        s.queue_set_paused("q", false).await.unwrap();
+        assert!(s.queue_paused().await.unwrap().is_empty());
+        assert_eq!(
+            s.task_claim(claim("q", "n", 10, now)).await.unwrap().len(),
+            1
+        );
+    }
+
     pub async fn nodes_register_and_deregister(s: S) {
         let now = now();
         s.node_heartbeat(node("n1", now)).await.unwrap();
@@ -695,6 +726,7 @@ macro_rules! all_cases {
             one_leader_at_a_time,
             list_filters_and_paginates,
             nodes_register_and_deregister,
+            paused_queues_are_not_claimed,
         );
     };
 }

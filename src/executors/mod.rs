@@ -1,9 +1,14 @@
 //! Built-in executors of the server.
 //!
+//! - [`shell`]: run an allow-listed program (off unless configured).
+//! - [`http`]: call an allow-listed host (off unless configured).
 //! - `noop`: succeeds at once with `null` (benchmarks, smoke tests).
 //! - `sleep`: `{"ms": N}` sleeps N milliseconds, returning early with an
 //!   error when cancelled.
 //! - `fail`: `{"message": "..."}` fails every attempt with that message.
+
+pub mod http;
+pub mod shell;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::WorkerPool;
+use crate::pool::shared::PoolObserver;
 use crate::registry::TaskRegistry;
 use crate::sentinel::{Retention, SentinelConfig};
 use crate::store::Store;
@@ -46,6 +47,7 @@ pub struct Builder {
     store: Arc<dyn Store>,
     registry: TaskRegistry,
     config: PoolConfig,
+    observer: Option<Arc<dyn PoolObserver>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -83,6 +85,7 @@ impl Builder {
                 cancel_grace: Duration::from_secs(2),
                 sentinel: SentinelConfig::default(),
             },
+            observer: None,
         }
     }
 
@@ -142,6 +145,12 @@ impl Builder {
         self
     }
 
+    /// Be told about every attempt (e.g. to export metrics).
+    pub fn observer(mut self, observer: Arc<dyn PoolObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     pub fn build(mut self) -> Result<WorkerPool, BuildError> {
         let err = |field: &str, message: String| BuildError {
             field: field.to_string(),
@@ -186,6 +195,7 @@ impl Builder {
             self.store,
             Arc::new(self.registry),
             self.config,
+            self.observer,
         ))
     }
 }

@@ -42,7 +42,7 @@ use builder::PoolConfig;
 pub use builder::{BuildError, Builder, default_node_name};
 use completer::Completer;
 use producer::Producer;
-pub use shared::{Counters, StopReason, WorkerPoolSharedData};
+pub use shared::{Counters, PoolObserver, StopReason, WorkerPoolSharedData};
 pub use worker::{LocalWorker, Worker};
 use worker::{SlotCtx, run_slot};
 
@@ -76,10 +76,17 @@ impl std::fmt::Debug for WorkerPool {
 }
 
 impl WorkerPool {
-    fn new(store: Arc<dyn Store>, registry: Arc<TaskRegistry>, config: PoolConfig) -> Self {
+    fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<TaskRegistry>,
+        config: PoolConfig,
+        observer: Option<Arc<dyn PoolObserver>>,
+    ) -> Self {
         let slots = config.queues.iter().map(|(_, n)| n).sum();
+        let mut shared = WorkerPoolSharedData::new(config.node.clone(), slots);
+        shared.observer = observer;
         WorkerPool {
-            shared: Arc::new(WorkerPoolSharedData::new(config.node.clone(), slots)),
+            shared: Arc::new(shared),
             store,
             registry,
             config,
@@ -91,6 +98,14 @@ impl WorkerPool {
     /// A client over the same store, with this pool's kind defaults.
     pub fn client(&self) -> Client {
         Client::new(self.store.clone(), self.registry.clone())
+    }
+
+    pub fn registry(&self) -> &Arc<TaskRegistry> {
+        &self.registry
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     pub fn shared(&self) -> &Arc<WorkerPoolSharedData> {

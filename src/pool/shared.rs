@@ -125,8 +125,26 @@ impl Counters {
     }
 }
 
+/// Hooks for metrics: told when attempts start and end. Called on the slot's
+/// task, so implementations must be quick and must not block.
+pub trait PoolObserver: Send + Sync + 'static {
+    /// An attempt starts after the task waited `wait` since it was due.
+    fn task_started(&self, _task: &crate::task::Task, _wait: Duration) {}
+    /// An attempt ended with `outcome` after running for `run_time`.
+    fn task_finished(
+        &self,
+        _task: &crate::task::Task,
+        _outcome: &crate::store::Outcome,
+        _run_time: Duration,
+    ) {
+    }
+    /// An executor panicked (its worker is being replaced).
+    fn worker_panicked(&self) {}
+    /// This node's Sentinel rescued `n` tasks of dead nodes.
+    fn tasks_rescued(&self, _n: u64) {}
+}
+
 /// The pool's shared state.
-#[derive(Debug)]
 pub struct WorkerPoolSharedData {
     pub node: String,
     /// One entry per worker slot, indexed by slot id.
@@ -141,6 +159,18 @@ pub struct WorkerPoolSharedData {
     /// True while this node holds leadership.
     pub leader: AtomicBool,
     pub started: chrono::DateTime<chrono::Utc>,
+    /// Told about every attempt (metrics). Set once at build.
+    pub(crate) observer: Option<std::sync::Arc<dyn PoolObserver>>,
+}
+
+impl std::fmt::Debug for WorkerPoolSharedData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPoolSharedData")
+            .field("node", &self.node)
+            .field("slots", &self.slots.len())
+            .field("counters", &self.counters)
+            .finish()
+    }
 }
 
 impl WorkerPoolSharedData {
@@ -156,6 +186,7 @@ impl WorkerPoolSharedData {
             fenced: AtomicBool::new(false),
             leader: AtomicBool::new(false),
             started: chrono::Utc::now(),
+            observer: None,
         }
     }
 

@@ -20,6 +20,7 @@ use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::shared::{BusyInfo, RunningTask, StopReason, WorkerPoolSharedData};
 use crate::executor::{TaskContext, TaskError, TaskOutput};
@@ -182,7 +183,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             cancel: token,
             deadline,
         };
-        let call = AssertUnwindSafe(ctx.worker.run(tctx)).catch_unwind();
+        let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();
         let caught = match deadline {
             Some(dl) => {
                 tokio::select! {
@@ -214,6 +215,9 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             Outcome::Snoozed { run_at } => tracing::debug!(%run_at, "snoozed"),
             Outcome::Released => tracing::info!("released at shutdown"),
         });
+        if let Some(o) = &shared.observer {
+            o.task_finished(&task, &outcome, started.elapsed());
+        }
         if let Ok(mut m) = shared.running.lock() {
             m.remove(&task.id);
         }
@@ -234,6 +238,9 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
         drop(permit);
         if panicked {
             crate::pool::shared::Counters::add(&shared.counters.panics, 1);
+            if let Some(o) = &shared.observer {
+                o.worker_panicked();
+            }
             tracing::warn!(slot = ctx.id, task = %task.id, "worker's executor panicked; the Sentinel replaces the worker");
             return;
         }

@@ -226,6 +226,12 @@ pub trait Store: Send + Sync + 'static {
     /// Count tasks by queue and state.
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError>;
 
+    /// Pause (no task of `queue` is claimed by any node) or resume a queue.
+    async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError>;
+
+    /// The queues that are paused.
+    async fn queue_paused(&self) -> Result<Vec<String>, StoreError>;
+
     /// Register or refresh this node.
     async fn node_heartbeat(&self, node: NodeInfo) -> Result<(), StoreError>;
 

@@ -80,6 +80,10 @@ CREATE TABLE nodes (
     workers_busy INTEGER NOT NULL,
     queues       TEXT    NOT NULL
 );
+CREATE TABLE queues (
+    name   TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE leader (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     node       TEXT    NOT NULL,
@@ -633,6 +637,7 @@ impl Store for SqliteStore {
                          started_at = ?2, cancel_requested = 0 \
                          WHERE id IN (SELECT id FROM tasks WHERE queue = ?3 \
                            AND state IN ('available', 'scheduled', 'retryable') AND run_at <= ?2 \
+                           AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?3 AND paused = 1) \
                            ORDER BY priority, run_at, id LIMIT ?4) \
                          RETURNING {TASK_COLS}"
                     ),
@@ -830,6 +835,37 @@ impl Store for SqliteStore {
                     Ok((q, state, n))
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError> {
+        let queue = queue.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO queues (name, paused) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+            )
+            .and_then(|mut st| st.execute(params![queue, paused]))
+            .map_err(sql_err)?;
+            Ok(())
+        })
+        .await?;
+        if !paused {
+            self.inner.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| {
+            let mut st = conn
+                .prepare_cached("SELECT name FROM queues WHERE paused = 1 ORDER BY name")
+                .map_err(sql_err)?;
+            st.query_map([], |r| r.get(0))
+                .map_err(sql_err)?
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(sql_err)
         })
         .await
     }

@@ -1,0 +1,308 @@
+//! The CLI's client commands: they talk to a node's HTTP API.
+
+use std::time::Duration;
+
+use proto_tasker::Task;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::Failure;
+
+/// Where the API is and how to prove who we are.
+pub struct Remote {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Remote {
+    pub fn new(server: &str, token: Option<String>) -> Result<Self, Failure> {
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| Failure::unreachable(format!("cannot build an HTTP client: {e}")))?;
+        Ok(Remote {
+            base: format!("{}/api/v1", server.trim_end_matches('/')),
+            token: token.filter(|t| !t.is_empty()),
+            http,
+        })
+    }
+
+    /// Call the API; 4xx becomes a user error (exit 1), anything else exit 2.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), Failure> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::unreachable(format!("cannot reach {url}: {e}")))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Failure::unreachable(format!("{url}: reading the answer: {e}")))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok((status, value));
+        }
+        let err = &value["error"];
+        let message = match (err["field"].as_str(), err["message"].as_str()) {
+            (Some(f), Some(m)) => format!("{f}: {m}"),
+            (None, Some(m)) => m.to_string(),
+            _ => format!("HTTP {status}: {value}"),
+        };
+        if status.is_client_error() {
+            Err(Failure::user(message))
+        } else {
+            Err(Failure::unreachable(message))
+        }
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Print rows under headers, columns padded to their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = width.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = width.get(i).copied().unwrap_or(0)))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+pub fn print_tasks(tasks: &[Value]) {
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                cell(&t["id"]),
+                cell(&t["state"]),
+                cell(&t["kind"]),
+                cell(&t["queue"]),
+                format!("{}/{}", cell(&t["attempt"]), cell(&t["max_attempts"])),
+                cell(&t["run_at"]),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "STATE", "KIND", "QUEUE", "ATTEMPT", "RUN_AT"],
+        &rows,
+    );
+}
+
+pub fn print_task(t: &Value) {
+    for key in [
+        "id",
+        "kind",
+        "state",
+        "queue",
+        "priority",
+        "attempt",
+        "max_attempts",
+        "run_at",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "node",
+    ] {
+        println!("{key:<13} {}", cell(&t[key]));
+    }
+    println!("{:<13} {}", "args", t["args"]);
+    if !t["result"].is_null() {
+        println!("{:<13} {}", "result", t["result"]);
+    }
+    if let Some(errors) = t["errors"].as_array() {
+        for e in errors {
+            println!(
+                "{:<13} attempt {} at {}: {}",
+                "error",
+                cell(&e["attempt"]),
+                cell(&e["at"]),
+                cell(&e["message"])
+            );
+        }
+    }
+}
+
+/// Long-poll until the task is finished.
+pub async fn wait_task(remote: &Remote, id: &str, timeout: Duration) -> Result<Value, Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let slice = left.min(Duration::from_secs(60)).as_millis().max(1);
+        let (_, t) = remote
+            .call(Method::GET, &format!("/tasks/{id}?wait={slice}ms"), None)
+            .await?;
+        let finished = serde_json::from_value::<Task>(t.clone())
+            .map(|task| task.state.is_finished())
+            .unwrap_or(false);
+        if finished || tokio::time::Instant::now() >= deadline {
+            return Ok(t);
+        }
+    }
+}
+
+/// The fields of `submit`, turned into a POST /tasks body.
+pub struct TaskBody {
+    pub kind: String,
+    pub args: Option<String>,
+    pub queue: Option<String>,
+    pub priority: Option<i16>,
+    pub delay: Option<Duration>,
+    pub max_attempts: Option<i32>,
+    pub timeout: Option<Duration>,
+    pub unique_key: Option<String>,
+}
+
+impl TaskBody {
+    pub fn to_json(self) -> Result<Value, Failure> {
+        let args: Value = match self.args.as_deref() {
+            Some(a) => serde_json::from_str(a)
+                .map_err(|e| Failure::user(format!("--args is not JSON: {e}")))?,
+            None => json!({}),
+        };
+        let ms = |d: Duration| json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut body = serde_json::Map::new();
+        body.insert("kind".into(), json!(self.kind));
+        body.insert("args".into(), args);
+        let optional = [
+            ("queue", self.queue.map(|q| json!(q))),
+            ("priority", self.priority.map(|p| json!(p))),
+            ("delay_ms", self.delay.map(ms)),
+            ("max_attempts", self.max_attempts.map(|m| json!(m))),
+            ("timeout_ms", self.timeout.map(ms)),
+            ("unique_key", self.unique_key.map(|k| json!(k))),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                body.insert(k.into(), v);
+            }
+        }
+        Ok(Value::Object(body))
+    }
+}
+
+pub fn print_queues(v: &Value) {
+    let rows: Vec<Vec<String>> = v["queues"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|q| {
+            let n = |s: &str| q["counts"][s].as_i64().unwrap_or(0).to_string();
+            let status = if q["paused"].as_bool().unwrap_or(false) {
+                "paused"
+            } else {
+                "active"
+            };
+            vec![
+                cell(&q["name"]),
+                status.to_string(),
+                cell(&q["concurrency"]),
+                n("scheduled"),
+                n("available"),
+                n("running"),
+                n("retryable"),
+                n("completed"),
+                n("failed"),
+                n("cancelled"),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "QUEUE",
+            "STATUS",
+            "WORKERS",
+            "SCHEDULED",
+            "AVAILABLE",
+            "RUNNING",
+            "RETRYABLE",
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+        ],
+        &rows,
+    );
+}
+
+pub fn print_nodes(v: &Value) {
+    let rows: Vec<Vec<String>> = v["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            let role = if n["leader"].as_bool().unwrap_or(false) {
+                "leader"
+            } else {
+                ""
+            };
+            vec![
+                cell(&n["name"]),
+                role.to_string(),
+                format!("{}/{}", cell(&n["workers_busy"]), cell(&n["workers"])),
+                format!("{}ms", cell(&n["heartbeat_age_ms"])),
+                cell(&n["version"]),
+            ]
+        })
+        .collect();
+    table(
+        &["NODE", "ROLE", "BUSY/WORKERS", "HEARTBEAT_AGE", "VERSION"],
+        &rows,
+    );
+}
+
+/// The id of a task answer, as text.
+pub fn cell_id(task: &Value) -> Result<String, Failure> {
+    match &task["id"] {
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(Failure::unreachable(format!(
+            "the server answered without a task id: {other}"
+        ))),
+    }
+}
+
+/// Percent-encode a path segment or query value.
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

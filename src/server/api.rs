@@ -1,0 +1,441 @@
+//! Handlers of the HTTP API (see CONTRACT.md for the routes).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::client::ClientError;
+use crate::config::Dur;
+use crate::store::{Inserted, ListParams};
+use crate::task::{NewTask, Task, TaskId, TaskOptions, TaskState};
+
+/// Longest `?wait=` a client may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Longest delay or timeout accepted (about 100 years, in ms).
+const MAX_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/tasks", post(create_task).get(list_tasks))
+        .route("/tasks/batch", post(create_batch))
+        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/tasks/{id}/retry", post(retry_task))
+        .route("/queues", get(list_queues))
+        .route("/queues/{queue}/pause", post(pause_queue))
+        .route("/queues/{queue}/resume", post(resume_queue))
+        .route("/nodes", get(list_nodes))
+}
+
+/// Read a JSON body of at most `limit` bytes; errors name the field.
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is over {limit} bytes (server.max_body_bytes)"),
+        )
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let what = if inner.is_syntax() || inner.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid body"
+        };
+        let err = ApiError::bad("body", format!("{what}: {inner}"));
+        if path != "." && !path.is_empty() {
+            err.field(path)
+        } else {
+            err
+        }
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTask {
+    kind: String,
+    #[serde(default)]
+    args: Value,
+    queue: Option<String>,
+    priority: Option<i16>,
+    run_at: Option<DateTime<Utc>>,
+    delay_ms: Option<u64>,
+    max_attempts: Option<i32>,
+    timeout_ms: Option<u64>,
+    unique_key: Option<String>,
+}
+
+/// Turn one request item into a `NewTask`, checking what only the API knows
+/// (the kinds this node runs, args size, field spellings). `at` prefixes fields.
+fn new_task(state: &AppState, c: CreateTask, at: &str) -> Result<NewTask, ApiError> {
+    let f = |name: &str| format!("{at}{name}");
+    if !state.registry.contains(&c.kind) {
+        let mut kinds: Vec<_> = state.registry.kinds().collect();
+        kinds.sort();
+        return Err(ApiError::bad(
+            f("kind"),
+            format!(
+                "unknown kind {:?}; this node runs {}",
+                c.kind,
+                kinds.join(", ")
+            ),
+        )
+        .with_code("unknown_kind"));
+    }
+    let args_len = serde_json::to_vec(&c.args)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if args_len > state.limits.max_args_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "args are {args_len} bytes; the limit is {} (server.max_args_bytes)",
+                state.limits.max_args_bytes
+            ),
+        )
+        .field(f("args")));
+    }
+    if c.run_at.is_some() && c.delay_ms.is_some() {
+        return Err(ApiError::bad(
+            f("delay_ms"),
+            "give run_at or delay_ms, not both",
+        ));
+    }
+    let mut o = TaskOptions {
+        queue: c.queue,
+        priority: c.priority,
+        run_at: c.run_at,
+        max_attempts: c.max_attempts,
+        unique_key: c.unique_key,
+        ..Default::default()
+    };
+    if let Some(ms) = c.delay_ms {
+        if ms > MAX_MS {
+            return Err(ApiError::bad(
+                f("delay_ms"),
+                format!("{ms} is more than 100 years"),
+            ));
+        }
+        o.delay = Some(Duration::from_millis(ms));
+    }
+    if let Some(ms) = c.timeout_ms {
+        if ms == 0 || ms > MAX_MS {
+            return Err(ApiError::bad(
+                f("timeout_ms"),
+                format!("{ms} is out of range 1..={MAX_MS}"),
+            ));
+        }
+        o.timeout = Some(Duration::from_millis(ms));
+    }
+    Ok(NewTask::new(c.kind, c.args).with(o))
+}
+
+impl ApiError {
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+}
+
+#[cfg(feature = "stats")]
+fn count_enqueued(state: &AppState, inserted: &[Inserted]) {
+    if let Some(m) = &state.metrics {
+        for i in inserted.iter().filter(|i| !i.existing) {
+            m.enqueued(&i.task.queue, &i.task.kind);
+        }
+    }
+}
+
+#[cfg(not(feature = "stats"))]
+fn count_enqueued(_state: &AppState, _inserted: &[Inserted]) {}
+
+async fn create_task(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let req: CreateTask = read_json(body, state.limits.max_body_bytes).await?;
+    let task = new_task(&state, req, "")?;
+    let inserted = state.client.insert(task).await?;
+    count_enqueued(&state, std::slice::from_ref(&inserted));
+    let status = if inserted.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(inserted.task)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBatch {
+    tasks: Vec<CreateTask>,
+}
+
+async fn create_batch(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let req: CreateBatch = read_json(body, state.limits.max_body_bytes).await?;
+    if req.tasks.is_empty() {
+        return Err(ApiError::bad("tasks", "must hold at least one task"));
+    }
+    if req.tasks.len() > state.limits.max_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "{} tasks; a batch holds at most {} (server.max_batch)",
+                req.tasks.len(),
+                state.limits.max_batch
+            ),
+        )
+        .field("tasks"));
+    }
+    let tasks = req
+        .tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| new_task(&state, c, &format!("tasks[{i}].")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let inserted = state.client.insert_many(tasks).await?;
+    count_enqueued(&state, &inserted);
+    let tasks: Vec<Task> = inserted.into_iter().map(|i| i.task).collect();
+    Ok((StatusCode::CREATED, Json(json!({ "tasks": tasks }))).into_response())
+}
+
+fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad("id", format!("{raw:?} is not a task id")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetQuery {
+    wait: Option<String>,
+}
+
+async fn get_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<GetQuery>,
+) -> Result<Json<Task>, ApiError> {
+    let id = parse_id(&id)?;
+    let wait = match q.wait.as_deref() {
+        None => Duration::ZERO,
+        Some(w) => {
+            let d = Dur::parse(w).map_err(|e| ApiError::bad("wait", e))?;
+            if d > MAX_WAIT {
+                return Err(ApiError::bad(
+                    "wait",
+                    format!("at most {}s", MAX_WAIT.as_secs()),
+                ));
+            }
+            d
+        }
+    };
+    if wait.is_zero() {
+        let task = state.client.get(id).await?;
+        return task.map(Json).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("task {id} not found"),
+            )
+        });
+    }
+    let waited = tokio::select! {
+        r = state.client.wait(id, wait) => r,
+        _ = state.stopping.cancelled() => Err(ClientError::WaitTimeout(id)),
+    };
+    match waited {
+        Ok(t) => Ok(Json(t)),
+        // Not finished in time: answer with where it is now.
+        Err(ClientError::WaitTimeout(_)) => {
+            state.client.get(id).await?.map(Json).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("task {id} not found"),
+                )
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    queue: Option<String>,
+    kind: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn list_tasks(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let st = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<TaskState>()
+                .map_err(|e| ApiError::bad("state", e.to_string()))?,
+        ),
+    };
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad("limit", format!("{l:?} is not in 1..=1000")))?,
+    };
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.parse::<TaskId>()
+                .map_err(|_| ApiError::bad("cursor", format!("{c:?} is not a cursor")))?,
+        ),
+    };
+    let tasks = state
+        .client
+        .list(ListParams {
+            state: st,
+            queue: q.queue.filter(|s| !s.is_empty()),
+            kind: q.kind.filter(|s| !s.is_empty()),
+            before,
+            limit,
+        })
+        .await?;
+    let next = (tasks.len() == limit)
+        .then(|| tasks.last().map(|t| t.id.to_string()))
+        .flatten();
+    Ok(Json(json!({ "tasks": tasks, "next_cursor": next })))
+}
+
+async fn cancel_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
+    Ok(Json(state.client.cancel(parse_id(&id)?).await?))
+}
+
+async fn retry_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
+    Ok(Json(state.client.retry(parse_id(&id)?).await?))
+}
+
+/// Every queue anyone knows of: served by a live node, configured here, or holding tasks.
+async fn known_queues(
+    state: &AppState,
+) -> Result<(BTreeMap<String, BTreeMap<String, i64>>, BTreeSet<String>), ApiError> {
+    let mut queues: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (q, _) in state.pool.queues() {
+        queues.entry(q.clone()).or_default();
+    }
+    for n in state.store.node_list().await? {
+        for q in n.queues {
+            queues.entry(q).or_default();
+        }
+    }
+    for (q, st, n) in state.store.queue_counts().await? {
+        queues.entry(q).or_default().insert(st.to_string(), n);
+    }
+    let paused: BTreeSet<String> = state.store.queue_paused().await?.into_iter().collect();
+    Ok((queues, paused))
+}
+
+async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let (queues, paused) = known_queues(&state).await?;
+    let local: BTreeMap<_, _> = state.pool.queues().iter().cloned().collect();
+    let out: Vec<Value> = queues
+        .into_iter()
+        .map(|(name, counts)| {
+            let counts: BTreeMap<String, i64> = TaskState::ALL
+                .iter()
+                .map(|s| (s.to_string(), counts.get(s.as_str()).copied().unwrap_or(0)))
+                .collect();
+            json!({
+                "name": name,
+                "paused": paused.contains(&name),
+                "concurrency": local.get(&name),
+                "counts": counts,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "queues": out })))
+}
+
+async fn set_paused(state: AppState, queue: String, paused: bool) -> Result<Json<Value>, ApiError> {
+    let (queues, _) = known_queues(&state).await?;
+    if !queues.contains_key(&queue) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("unknown queue {queue:?}"),
+        )
+        .field("queue"));
+    }
+    state.store.queue_set_paused(&queue, paused).await?;
+    tracing::info!(queue = %queue, paused, "queue {}", if paused { "paused" } else { "resumed" });
+    Ok(Json(json!({ "name": queue, "paused": paused })))
+}
+
+async fn pause_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(state, queue, true).await
+}
+
+async fn resume_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(state, queue, false).await
+}
+
+async fn list_nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let now = Utc::now();
+    let nodes: Vec<Value> = state
+        .store
+        .node_list()
+        .await?
+        .into_iter()
+        .map(|n| {
+            let age = (now - n.heartbeat_at).num_milliseconds().max(0);
+            let mut v = serde_json::to_value(&n).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("heartbeat_age_ms".into(), json!(age));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+pub(crate) async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store.queue_paused().await {
+        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}

@@ -1,0 +1,249 @@
+//! Prometheus metrics (cargo feature `stats`, on by default).
+//!
+//! Counters and histograms move as tasks run (through [`PoolObserver`]);
+//! gauges (workers, queue depth, leadership) are read when /metrics is scraped.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::{ApiError, AppState};
+use crate::pool::PoolObserver;
+use crate::store::Outcome;
+use crate::task::Task;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueKind {
+    queue: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueKindOutcome {
+    queue: String,
+    kind: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueState {
+    queue: String,
+    state: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// The node's metrics. Hand it to the pool as its observer and to the server.
+pub struct Metrics {
+    registry: Registry,
+    enqueued: Family<QueueKind, Counter>,
+    completed: Family<QueueKindOutcome, Counter>,
+    duration: HistFamily<QueueKind>,
+    wait: HistFamily<QueueLabel>,
+    workers: Family<StateLabel, Gauge>,
+    depth: Family<QueueState, Gauge>,
+    panics: Counter,
+    rescued: Counter,
+    leader: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            enqueued: Family::default(),
+            completed: Family::default(),
+            duration: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            wait: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            workers: Family::default(),
+            depth: Family::default(),
+            panics: Counter::default(),
+            rescued: Counter::default(),
+            leader: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // Counters get the `_total` suffix from the encoder.
+        registry.register(
+            "proto_tasker_tasks_enqueued",
+            "Tasks enqueued through this node",
+            m.enqueued.clone(),
+        );
+        registry.register(
+            "proto_tasker_tasks_completed",
+            "Attempts finished on this node, by outcome (completed, retried, failed, cancelled, snoozed, released)",
+            m.completed.clone(),
+        );
+        registry.register(
+            "proto_tasker_task_duration_seconds",
+            "Run time of attempts",
+            m.duration.clone(),
+        );
+        registry.register(
+            "proto_tasker_task_wait_seconds",
+            "Time from due (enqueue or run_at) to start",
+            m.wait.clone(),
+        );
+        registry.register(
+            "proto_tasker_workers",
+            "Worker slots of this node by state",
+            m.workers.clone(),
+        );
+        registry.register(
+            "proto_tasker_queue_depth",
+            "Tasks in the store by queue and state",
+            m.depth.clone(),
+        );
+        registry.register(
+            "proto_tasker_worker_panics",
+            "Executors that panicked on this node",
+            m.panics.clone(),
+        );
+        registry.register(
+            "proto_tasker_tasks_rescued",
+            "Tasks of dead nodes rescued by this node",
+            m.rescued.clone(),
+        );
+        registry.register(
+            "proto_tasker_node_is_leader",
+            "1 while this node leads the cluster",
+            m.leader.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Count a task enqueued through this node.
+    pub fn enqueued(&self, queue: &str, kind: &str) {
+        self.enqueued
+            .get_or_create(&QueueKind {
+                queue: queue.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+}
+
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Completed { .. } => "completed",
+        Outcome::Retry { .. } => "retried",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Cancelled { .. } => "cancelled",
+        Outcome::Snoozed { .. } => "snoozed",
+        Outcome::Released => "released",
+    }
+}
+
+impl PoolObserver for Metrics {
+    fn task_started(&self, task: &Task, wait: Duration) {
+        self.wait
+            .get_or_create(&QueueLabel {
+                queue: task.queue.clone(),
+            })
+            .observe(wait.as_secs_f64());
+    }
+
+    fn task_finished(&self, task: &Task, outcome: &Outcome, run_time: Duration) {
+        let qk = QueueKind {
+            queue: task.queue.clone(),
+            kind: task.kind.clone(),
+        };
+        self.duration
+            .get_or_create(&qk)
+            .observe(run_time.as_secs_f64());
+        self.completed
+            .get_or_create(&QueueKindOutcome {
+                queue: qk.queue,
+                kind: qk.kind,
+                outcome: outcome_label(outcome),
+            })
+            .inc();
+    }
+
+    fn worker_panicked(&self) {
+        self.panics.inc();
+    }
+
+    fn tasks_rescued(&self, n: u64) {
+        self.rescued.inc_by(n);
+    }
+}
+
+/// GET /metrics: refresh the gauges, then encode everything.
+pub(crate) async fn handler(State(state): State<AppState>) -> Response {
+    let Some(m) = state.metrics.clone() else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "metrics are off")
+            .into_response();
+    };
+    let shared = state.pool.shared();
+    let busy = shared.workers_busy() as i64;
+    let total = shared.workers_total() as i64;
+    m.workers
+        .get_or_create(&StateLabel { state: "busy" })
+        .set(busy);
+    m.workers
+        .get_or_create(&StateLabel { state: "idle" })
+        .set(total - busy);
+    m.leader.set(i64::from(shared.is_leader()));
+    match state.store.queue_counts().await {
+        Ok(counts) => {
+            m.depth.clear();
+            for (queue, st, n) in counts {
+                m.depth
+                    .get_or_create(&QueueState {
+                        queue,
+                        state: st.to_string(),
+                    })
+                    .set(n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "queue depth unavailable for /metrics"),
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &m.registry) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            .into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}

@@ -1,0 +1,257 @@
+//! The node's HTTP server: the API under `/api/v1`, `/healthz`, `/readyz`
+//! and `/metrics`.
+//!
+//! # Security
+//!
+//! The API can run programs (through the `shell` executor, itself off until
+//! configured). The server binds 127.0.0.1 by default; with
+//! `server.auth_token` set, every `/api` route needs
+//! `Authorization: Bearer <token>`, compared in constant time. `/healthz`,
+//! `/readyz` and `/metrics` stay open so probes and Prometheus can reach them.
+
+pub mod api;
+#[cfg(feature = "stats")]
+pub mod metrics;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Client, ClientError};
+use crate::pool::WorkerPool;
+use crate::registry::TaskRegistry;
+use crate::store::{Store, StoreError};
+
+/// Limits on what one request may carry.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_args_bytes: usize,
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 << 20,
+            max_args_bytes: 1 << 20,
+            max_batch: 10_000,
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) client: Client,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<TaskRegistry>,
+    pub(crate) pool: Arc<WorkerPool>,
+    pub(crate) limits: Limits,
+    pub(crate) token: Option<Arc<str>>,
+    /// Fires when the server stops: long-polls return early.
+    pub(crate) stopping: CancellationToken,
+    #[cfg(feature = "stats")]
+    pub(crate) metrics: Option<Arc<metrics::Metrics>>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("node", &self.pool.node_name())
+            .field("limits", &self.limits)
+            .field("auth", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl AppState {
+    /// State for a server in front of `pool`. `token`: the bearer token, if any.
+    pub fn new(pool: Arc<WorkerPool>, limits: Limits, token: Option<String>) -> Self {
+        AppState {
+            client: pool.client(),
+            store: pool.store().clone(),
+            registry: pool.registry().clone(),
+            pool,
+            limits,
+            token: token.map(Arc::from),
+            stopping: CancellationToken::new(),
+            #[cfg(feature = "stats")]
+            metrics: None,
+        }
+    }
+
+    /// Export metrics at /metrics (build the pool with [`metrics::Metrics`] as its observer).
+    #[cfg(feature = "stats")]
+    pub fn with_metrics(mut self, m: Arc<metrics::Metrics>) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+}
+
+/// An API error: `{"error": {"code", "message", "field"}}` with its status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid",
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            StoreError::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            StoreError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+            StoreError::Unavailable(_) | StoreError::Schema(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                )
+            }
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Invalid { field, message } => ApiError::bad(field, message),
+            ClientError::Store(s) => s.into(),
+            ClientError::WaitTimeout(id) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("task {id} did not finish"),
+            ),
+        }
+    }
+}
+
+/// Constant-time comparison: the time taken does not depend on where the
+/// inputs differ (the length may show, which a token's length does anyway).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_secret(g.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong bearer token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <token> header",
+        )
+        .into_response(),
+    }
+}
+
+/// The whole app: API (behind the token), probes and metrics.
+pub fn router(state: AppState) -> Router {
+    let api = api::routes().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        require_token,
+    ));
+    let app = Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", axum::routing::get(api::healthz))
+        .route("/readyz", axum::routing::get(api::readyz));
+    #[cfg(feature = "stats")]
+    let app = app.route("/metrics", axum::routing::get(metrics::handler));
+    app.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state)
+}
+
+/// Serve `state` on `listener` until `shutdown` resolves, then finish
+/// in-flight requests (long-polls return at once).
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stopping = state.stopping.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.cancel();
+        })
+        .await
+}
+
+/// True for addresses only this machine can reach.
+pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+        assert!(!same_secret(b"", b"a"));
+    }
+}
