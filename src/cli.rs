@@ -186,7 +186,7 @@ pub struct TaskBody {
 }
 
 impl TaskBody {
-    pub fn to_json(self) -> Result<Value, Failure> {
+    pub fn into_json(self) -> Result<Value, Failure> {
         let args: Value = match self.args.as_deref() {
             Some(a) => serde_json::from_str(a)
                 .map_err(|e| Failure::user(format!("--args is not JSON: {e}")))?,

@@ -372,7 +372,7 @@ async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failur
         timeout: a.timeout,
         unique_key: a.unique_key,
     }
-    .to_json()?;
+    .into_json()?;
     let (status, task) = r.call(Method::POST, "/tasks", Some(body)).await?;
     let id = cli::cell_id(&task)?;
     if !a.wait {

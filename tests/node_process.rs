@@ -100,7 +100,7 @@ async fn a_node_killed_mid_run_loses_nothing() {
     write(
         &cfg,
         &format!(
-            "store:\n  path: {}\nqueues:\n  default:\n    workers: 8\npool:\n  poll_interval: 50ms\n\
+            "store:\n  path: {}\nserver:\n  listen: 127.0.0.1:0\nqueues:\n  default:\n    workers: 8\npool:\n  poll_interval: 50ms\n\
              sentinel:\n  heartbeat_interval: 200ms\n  node_timeout: 1s\n",
             db.display()
         ),

@@ -170,6 +170,11 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             });
             s.permit = Some(permit);
         }
+        if let Some(o) = &shared.observer {
+            let due = task.run_at.max(task.created_at);
+            let wait = (Utc::now() - due).to_std().unwrap_or_default();
+            o.task_started(&task, wait);
+        }
         let span =
             tracing::info_span!("task", id = %task.id, kind = %task.kind, attempt = task.attempt);
         let tctx = TaskContext {

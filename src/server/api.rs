@@ -58,7 +58,7 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, A
             "invalid body"
         };
         let err = ApiError::bad("body", format!("{what}: {inner}"));
-        if path != "." && !path.is_empty() {
+        if what == "invalid body" && path != "." && !path.is_empty() {
             err.field(path)
         } else {
             err

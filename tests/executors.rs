@@ -1,0 +1,232 @@
+//! The built-in `shell` and `http` executors, run through a real pool.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto_tasker::executors::http::HttpExecutor;
+use proto_tasker::executors::shell::ShellExecutor;
+use proto_tasker::{Builder, NewTask, TaskOptions, TaskRegistry, TaskState, WorkerPool};
+use serde_json::json;
+
+async fn pool(registry: TaskRegistry) -> (WorkerPool, tempfile::TempDir) {
+    let (store, dir) = common::sqlite_store().await;
+    let p = Builder::new(store, registry)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    p.start().await.unwrap();
+    (p, dir)
+}
+
+fn shell(allow: &[&str], max_output: usize) -> TaskRegistry {
+    let mut r = TaskRegistry::new();
+    r.register(
+        "shell",
+        Arc::new(ShellExecutor::new(
+            allow.iter().map(|s| s.to_string()),
+            max_output,
+        )),
+    );
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_runs_with_env_cwd_and_stdin_without_a_shell() {
+    let (p, dir) = pool(shell(&["sh", "cat", "echo"], 1024)).await;
+    let c = p.client();
+    let cwd = dir.path().to_string_lossy().to_string();
+    let t = c
+        .enqueue("shell", json!({"cmd": ["sh", "-c", "echo \"$GREETING from $(pwd)\"; echo oops >&2"], "env": {"GREETING": "hi"}, "cwd": cwd}))
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Completed, "{:?}", t.errors);
+    let r = t.result.unwrap();
+    assert_eq!(r["stdout"], format!("hi from {cwd}\n"));
+    assert_eq!(r["stderr"], "oops\n");
+    assert_eq!(r["exit_code"], 0);
+    let t = c
+        .enqueue("shell", json!({"cmd": ["cat"], "stdin": "piped in"}))
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.result.unwrap()["stdout"], "piped in");
+    // No shell interpolation: the argument arrives as written.
+    let t = c
+        .enqueue("shell", json!({"cmd": ["echo", "$HOME; rm -rf /"]}))
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.result.unwrap()["stdout"], "$HOME; rm -rf /\n");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_failure_keeps_the_stderr_tail_and_output_is_capped() {
+    let (p, _dir) = pool(shell(&["sh"], 100)).await;
+    let c = p.client();
+    let opts = TaskOptions::default().max_attempts(1);
+    let t = c
+        .insert(
+            NewTask::new(
+                "shell",
+                json!({"cmd": ["sh", "-c", "echo bad thing >&2; exit 3"]}),
+            )
+            .with(opts),
+        )
+        .await
+        .unwrap()
+        .task;
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(
+        t.errors[0].message.contains("exited with code 3"),
+        "{:?}",
+        t.errors
+    );
+    assert!(t.errors[0].message.contains("bad thing"), "{:?}", t.errors);
+    let t = c.enqueue("shell", json!({"cmd": ["sh", "-c", "i=0; while [ $i -lt 500 ]; do echo line$i; i=$((i+1)); done"]})).await.unwrap();
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    let out = t.result.unwrap()["stdout"].as_str().unwrap().to_string();
+    assert_eq!(out.len(), 100, "tail capped at max_output");
+    assert!(out.ends_with("line499\n"), "the tail is kept: {out}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_timeout_kills_the_whole_process_group() {
+    let (p, dir) = pool(shell(&["sh"], 1024)).await;
+    let c = p.client();
+    let pidfile = dir.path().join("grandchild.pid");
+    let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+    let opts = TaskOptions::default()
+        .max_attempts(1)
+        .timeout(Duration::from_millis(300));
+    let t = c
+        .insert(NewTask::new("shell", json!({"cmd": ["sh", "-c", script]})).with(opts))
+        .await
+        .unwrap()
+        .task;
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.errors[0].message.contains("timed out"), "{:?}", t.errors);
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The background `sleep` was in the group: it must be gone (or a zombie being reaped).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z");
+        if gone {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "grandchild {pid} survived the timeout: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_refuses_programs_off_the_allow_list_at_enqueue() {
+    let (p, _dir) = pool(shell(&[], 1024)).await;
+    let err = p
+        .client()
+        .enqueue("shell", json!({"cmd": ["echo", "x"]}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("executors.shell.allow"), "{err}");
+    p.shutdown().await;
+}
+
+async fn http_target() -> String {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route("/ok", get(|| async { "fine" }))
+        .route("/big", get(|| async { "z".repeat(10_000) }))
+        .route(
+            "/boom",
+            get(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "it broke") }),
+        )
+        .route(
+            "/echo",
+            post(|headers: axum::http::HeaderMap, body: String| async move {
+                format!(
+                    "{}|{}",
+                    headers
+                        .get("x-test")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                    body
+                )
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_calls_allowed_hosts_caps_bodies_and_fails_on_non_2xx() {
+    let base = http_target().await;
+    let mut r = TaskRegistry::new();
+    r.register(
+        "http",
+        Arc::new(
+            HttpExecutor::new(["127.0.0.1".to_string()], 1000, Duration::from_secs(5)).unwrap(),
+        ),
+    );
+    let (p, _dir) = pool(r).await;
+    let c = p.client();
+    let run = |args: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            let opts = TaskOptions::default().max_attempts(1);
+            let t = c
+                .insert(NewTask::new("http", args).with(opts))
+                .await
+                .unwrap()
+                .task;
+            c.wait(t.id, Duration::from_secs(10)).await.unwrap()
+        }
+    };
+    let t = run(json!({"url": format!("{base}/ok")})).await;
+    assert_eq!(t.state, TaskState::Completed);
+    assert_eq!(t.result.as_ref().unwrap()["body"], "fine");
+    assert_eq!(t.result.as_ref().unwrap()["status"], 200);
+    let t = run(json!({"url": format!("{base}/echo"), "method": "post", "headers": {"x-test": "yes"}, "body": "payload"})).await;
+    assert_eq!(t.result.unwrap()["body"], "yes|payload");
+    let t = run(json!({"url": format!("{base}/big")})).await;
+    let r = t.result.unwrap();
+    assert_eq!(r["body"].as_str().unwrap().len(), 1000);
+    assert_eq!(r["truncated"], true);
+    let t = run(json!({"url": format!("{base}/boom")})).await;
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(
+        t.errors[0].message.contains("HTTP 500: it broke"),
+        "{:?}",
+        t.errors
+    );
+    let err = c
+        .enqueue("http", json!({"url": "http://localhost.example/x"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("args.url"), "{err}");
+    let err = c
+        .enqueue(
+            "http",
+            json!({"url": format!("{base}/ok"), "method": "GE T"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("args.method"), "{err}");
+    p.shutdown().await;
+}

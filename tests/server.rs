@@ -1,0 +1,691 @@
+//! The real HTTP server on port 0, driven over HTTP with a real client:
+//! every route, every error status, auth on and off, long-poll, metrics.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto_tasker::config::Config;
+use proto_tasker::server::metrics::Metrics;
+use proto_tasker::server::{AppState, Limits};
+use proto_tasker::store::{SqliteOptions, Synchronous};
+use proto_tasker::{Builder, SentinelConfig, SqliteStore, Store, WorkerPool};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct TestServer {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+    pool: Arc<WorkerPool>,
+    stop: tokio_util::sync::CancellationToken,
+    db: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+struct Setup {
+    token: Option<String>,
+    limits: Limits,
+    yaml: &'static str,
+}
+
+async fn start(setup: Setup) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let mut opts = SqliteOptions::new(&db);
+    opts.synchronous = Synchronous::Normal;
+    opts.busy_timeout = Duration::from_millis(200);
+    let store = Arc::new(SqliteStore::open(opts).unwrap());
+    store.migrate().await.unwrap();
+    let cfg_path = dir.path().join("node.yaml");
+    std::fs::write(&cfg_path, setup.yaml).unwrap();
+    let cfg: Config = proto_tasker::config_load(&cfg_path).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let pool = Arc::new(
+        cfg.apply(Builder::new(store, cfg.registry().unwrap()))
+            .poll_interval(Duration::from_millis(50))
+            .sentinel(SentinelConfig {
+                heartbeat_interval: Duration::from_millis(100),
+                node_timeout: Duration::from_secs(2),
+                ..SentinelConfig::default()
+            })
+            .shutdown_timeout(Duration::from_secs(2))
+            .observer(metrics.clone())
+            .build()
+            .unwrap(),
+    );
+    pool.start().await.unwrap();
+    let state =
+        AppState::new(pool.clone(), setup.limits, setup.token.clone()).with_metrics(metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(proto_tasker::server::serve(listener, state, async move {
+        s.cancelled().await
+    }));
+    TestServer {
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        token: setup.token,
+        pool,
+        stop,
+        db,
+        _dir: dir,
+    }
+}
+
+impl TestServer {
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = if ["/healthz", "/readyz", "/metrics"].contains(&path) {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/api/v1{path}", self.base)
+        };
+        let r = self.http.request(method, url);
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut r = self.req(method, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.pool.shutdown().await;
+    }
+}
+
+fn assert_error(got: &(StatusCode, Value), status: StatusCode, field: Option<&str>) {
+    assert_eq!(got.0, status, "{}", got.1);
+    let e = &got.1["error"];
+    assert!(
+        e["code"].is_string() && e["message"].is_string(),
+        "{}",
+        got.1
+    );
+    if let Some(f) = field {
+        assert_eq!(e["field"], f, "{}", got.1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_round_trip_through_every_route() {
+    let s = start(Setup::default()).await;
+    let (st, t) = s.post("/tasks", json!({"kind": "noop"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_i64().unwrap();
+    let (st, done) = s.get(&format!("/tasks/{id}?wait=10s")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(done["state"], "completed");
+    for key in [
+        "id",
+        "kind",
+        "args",
+        "queue",
+        "priority",
+        "state",
+        "attempt",
+        "max_attempts",
+        "run_at",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "node",
+        "result",
+        "errors",
+    ] {
+        assert!(done.get(key).is_some(), "task JSON lacks {key}: {done}");
+    }
+
+    // A delayed task: cancel it, retry it, cancel again after it finished -> 409.
+    let (_, later) = s
+        .post(
+            "/tasks",
+            json!({"kind": "noop", "delay_ms": 60_000, "queue": "default", "priority": 3}),
+        )
+        .await;
+    assert_eq!(later["state"], "scheduled");
+    let lid = later["id"].as_i64().unwrap();
+    let (st, c) = s.post(&format!("/tasks/{lid}/cancel"), json!({})).await;
+    assert_eq!(
+        (st, c["state"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    assert_error(
+        &s.post(&format!("/tasks/{lid}/cancel"), json!({})).await,
+        StatusCode::CONFLICT,
+        None,
+    );
+    let (st, r) = s.post(&format!("/tasks/{lid}/retry"), json!({})).await;
+    assert_eq!(
+        (st, r["state"].as_str()),
+        (StatusCode::OK, Some("available"))
+    );
+    assert_error(
+        &s.post(&format!("/tasks/{id}/retry"), json!({})).await,
+        StatusCode::CONFLICT,
+        None,
+    );
+
+    // Unique keys: the second create answers 200 with the first task.
+    let body = json!({"kind": "sleep", "args": {"ms": 2000}, "unique_key": "once"});
+    let (st1, a) = s.post("/tasks", body.clone()).await;
+    let (st2, b) = s.post("/tasks", body).await;
+    assert_eq!((st1, st2), (StatusCode::CREATED, StatusCode::OK));
+    assert_eq!(a["id"], b["id"]);
+
+    // Batch: all created.
+    let tasks: Vec<Value> = (0..5)
+        .map(|i| json!({"kind": "noop", "args": {"i": i}}))
+        .collect();
+    let (st, out) = s.post("/tasks/batch", json!({"tasks": tasks})).await;
+    assert_eq!(st, StatusCode::CREATED, "{out}");
+    assert_eq!(out["tasks"].as_array().unwrap().len(), 5);
+
+    // List with filters and cursor pagination.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (st, page) = s
+            .get(&format!("/tasks?kind=noop&limit=2&cursor={cursor}"))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{page}");
+        seen.extend(
+            page["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_i64().unwrap()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] > w[1]));
+    let (_, sleeping) = s.get("/tasks?kind=sleep&state=running").await;
+    assert!(sleeping["tasks"].as_array().unwrap().len() <= 1);
+
+    // Not found and malformed ids.
+    assert_error(&s.get("/tasks/987654").await, StatusCode::NOT_FOUND, None);
+    assert_error(
+        &s.get("/tasks/abc").await,
+        StatusCode::BAD_REQUEST,
+        Some("id"),
+    );
+    assert_error(
+        &s.post("/tasks/987654/cancel", json!({})).await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_error(
+        &s.get("/tasks?state=sleepy").await,
+        StatusCode::BAD_REQUEST,
+        Some("state"),
+    );
+    assert_error(&s.get("/nope").await, StatusCode::NOT_FOUND, None);
+
+    // Probes.
+    assert_eq!(s.get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(s.get("/readyz").await.0, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_node_keeps_working() {
+    let s = start(Setup {
+        limits: Limits { max_body_bytes: 64 * 1024, max_args_bytes: 1024, max_batch: 5 },
+        yaml: "executors:\n  shell:\n    allow: [echo]\n  http:\n    allow_hosts: [\"127.0.0.1\"]\n",
+        ..Setup::default()
+    })
+    .await;
+    // A task enqueued before the bad input, to check it is not affected.
+    let (_, before) = s
+        .post("/tasks", json!({"kind": "sleep", "args": {"ms": 300}}))
+        .await;
+
+    let raw = s
+        .req(reqwest::Method::POST, "/tasks")
+        .header("content-type", "application/json")
+        .body("{\"kind\": ")
+        .send()
+        .await
+        .unwrap();
+    let status = raw.status();
+    let body: Value = raw.json().await.unwrap();
+    assert_error(
+        &(status, body.clone()),
+        StatusCode::BAD_REQUEST,
+        Some("body"),
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{body}"
+    );
+
+    let cases: Vec<(Value, StatusCode, &str)> = vec![
+        (json!({"kind": 5}), StatusCode::BAD_REQUEST, "kind"),
+        (
+            json!({"kind": "noop", "priority": "high"}),
+            StatusCode::BAD_REQUEST,
+            "priority",
+        ),
+        (
+            json!({"kind": "noop", "priority": -1}),
+            StatusCode::BAD_REQUEST,
+            "priority",
+        ),
+        (
+            json!({"kind": "noop", "priority": 10}),
+            StatusCode::BAD_REQUEST,
+            "priority",
+        ),
+        (
+            json!({"kind": "noop", "delay_ms": -5}),
+            StatusCode::BAD_REQUEST,
+            "delay_ms",
+        ),
+        (
+            json!({"kind": "noop", "delay_ms": 10_000_000_000_000u64}),
+            StatusCode::BAD_REQUEST,
+            "delay_ms",
+        ),
+        (
+            json!({"kind": "noop", "max_attempts": 0}),
+            StatusCode::BAD_REQUEST,
+            "max_attempts",
+        ),
+        (
+            json!({"kind": "noop", "timeout_ms": 0}),
+            StatusCode::BAD_REQUEST,
+            "timeout_ms",
+        ),
+        (
+            json!({"kind": "noop", "colour": "red"}),
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+        (
+            json!({"kind": "launch_missiles"}),
+            StatusCode::BAD_REQUEST,
+            "kind",
+        ),
+        (
+            json!({"kind": "noop", "args": {"blob": "x".repeat(2000)}}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "args",
+        ),
+        (
+            json!({"kind": "shell", "args": {"cmd": ["rm", "-rf", "/"]}}),
+            StatusCode::BAD_REQUEST,
+            "args.cmd",
+        ),
+        (
+            json!({"kind": "shell", "args": {"cmd": []}}),
+            StatusCode::BAD_REQUEST,
+            "args.cmd",
+        ),
+        (
+            json!({"kind": "http", "args": {"url": "http://example.com/"}}),
+            StatusCode::BAD_REQUEST,
+            "args.url",
+        ),
+        (
+            json!({"kind": "http", "args": {"url": "not a url"}}),
+            StatusCode::BAD_REQUEST,
+            "args.url",
+        ),
+    ];
+    for (body, status, field) in cases {
+        let got = s.post("/tasks", body.clone()).await;
+        assert_eq!(got.0, status, "{body} -> {}", got.1);
+        let f = got.1["error"]["field"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            f == field || (field == "body" && f.is_empty()) || f.starts_with(field),
+            "{body}: field {f:?}, want {field:?}: {}",
+            got.1
+        );
+    }
+    // The unknown field is named in the message.
+    let got = s
+        .post("/tasks", json!({"kind": "noop", "colour": "red"}))
+        .await;
+    assert!(
+        got.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour"),
+        "{}",
+        got.1
+    );
+
+    // Batches: over the limit, and all-or-nothing with one bad item.
+    let six: Vec<Value> = (0..6).map(|_| json!({"kind": "noop"})).collect();
+    assert_error(
+        &s.post("/tasks/batch", json!({"tasks": six})).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Some("tasks"),
+    );
+    let (_, listed) = s.get("/tasks?limit=1000").await;
+    let count_before = listed["tasks"].as_array().unwrap().len();
+    let mixed = json!({"tasks": [{"kind": "noop"}, {"kind": "noop", "priority": 99}]});
+    assert_error(
+        &s.post("/tasks/batch", mixed).await,
+        StatusCode::BAD_REQUEST,
+        Some("tasks[1].priority"),
+    );
+    let (_, listed) = s.get("/tasks?limit=1000").await;
+    assert_eq!(
+        listed["tasks"].as_array().unwrap().len(),
+        count_before,
+        "nothing of the bad batch was inserted"
+    );
+
+    // A body over max_body_bytes.
+    let huge = json!({"kind": "noop", "args": {"blob": "y".repeat(100 * 1024)}});
+    assert_error(
+        &s.post("/tasks", huge).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        None,
+    );
+    // An unknown queue to pause.
+    assert_error(
+        &s.post("/queues/ghost/pause", json!({})).await,
+        StatusCode::NOT_FOUND,
+        Some("queue"),
+    );
+    // Long-poll wait out of range.
+    assert_error(
+        &s.get(&format!("/tasks/{}?wait=2h", before["id"])).await,
+        StatusCode::BAD_REQUEST,
+        Some("wait"),
+    );
+
+    // The node is still up and other tasks are unaffected.
+    let (_, t) = s.get(&format!("/tasks/{}?wait=10s", before["id"])).await;
+    assert_eq!(t["state"], "completed", "{t}");
+    let (st, fresh) = s
+        .post(
+            "/tasks",
+            json!({"kind": "shell", "args": {"cmd": ["echo", "still", "here"]}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (_, fresh) = s.get(&format!("/tasks/{}?wait=10s", fresh["id"])).await;
+    assert_eq!(fresh["state"], "completed");
+    assert_eq!(fresh["result"]["stdout"], "still here\n");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_guards_the_api_but_not_the_probes() {
+    let s = start(Setup {
+        token: Some("s3cret-token".into()),
+        ..Setup::default()
+    })
+    .await;
+    let url = format!("{}/api/v1/tasks", s.base);
+    let none = s.http.get(&url).send().await.unwrap();
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = none.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let wrong = s
+        .http
+        .get(&url)
+        .bearer_auth("s3cret-tokeN")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let basic = s
+        .http
+        .get(&url)
+        .header("authorization", "Basic czNjcmV0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(s.get("/tasks").await.0, StatusCode::OK, "right token");
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let r = s
+            .http
+            .get(format!("{}{open}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{open}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_returns_when_the_task_finishes() {
+    let s = start(Setup::default()).await;
+    let (_, t) = s
+        .post("/tasks", json!({"kind": "sleep", "args": {"ms": 400}}))
+        .await;
+    let began = Instant::now();
+    let (st, done) = s.get(&format!("/tasks/{}?wait=20s", t["id"])).await;
+    let took = began.elapsed();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(done["state"], "completed");
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited for the task: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "returned when it finished, not at the deadline: {took:?}"
+    );
+    // A wait that runs out answers with the task as it is.
+    let (_, slow) = s
+        .post("/tasks", json!({"kind": "sleep", "args": {"ms": 5000}}))
+        .await;
+    let (st, now) = s.get(&format!("/tasks/{}?wait=200ms", slow["id"])).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!["completed", "failed", "cancelled"].contains(&now["state"].as_str().unwrap()));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_pause_and_resume_and_nodes_show_the_leader() {
+    let s = start(Setup {
+        yaml: "queues:\n  default: {workers: 2}\n  mail: {workers: 1}\n",
+        ..Setup::default()
+    })
+    .await;
+    let (st, p) = s.post("/queues/mail/pause", json!({})).await;
+    assert_eq!((st, p["paused"].as_bool()), (StatusCode::OK, Some(true)));
+    let (_, t) = s
+        .post("/tasks", json!({"kind": "noop", "queue": "mail"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, still) = s.get(&format!("/tasks/{}", t["id"])).await;
+    assert_eq!(still["state"], "available", "paused queue is not claimed");
+    let (_, queues) = s.get("/queues").await;
+    let mail = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "mail")
+        .unwrap()
+        .clone();
+    assert_eq!(mail["paused"], true);
+    assert_eq!(mail["concurrency"], 1);
+    assert_eq!(mail["counts"]["available"], 1);
+    let (st, _) = s.post("/queues/mail/resume", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, done) = s.get(&format!("/tasks/{}?wait=10s", t["id"])).await;
+    assert_eq!(done["state"], "completed");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, nodes) = s.get("/nodes").await;
+        let n = &nodes["nodes"][0];
+        if n["leader"] == true {
+            assert_eq!(n["workers"], 3);
+            assert_eq!(n["name"], s.pool.node_name());
+            assert!(n["heartbeat_age_ms"].as_i64().unwrap() < 5000);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no leader shown: {nodes}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_counters_move() {
+    let s = start(Setup::default()).await;
+    let scrape = || async {
+        let text = s
+            .http
+            .get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text")
+    };
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let before = scrape().await;
+    assert_eq!(
+        value(
+            &before,
+            "proto_tasker_tasks_enqueued_total",
+            &[("kind", "noop")]
+        ),
+        0.0
+    );
+    let tasks: Vec<Value> = (0..3).map(|_| json!({"kind": "noop"})).collect();
+    let (_, out) = s.post("/tasks/batch", json!({"tasks": tasks})).await;
+    let (_, f) = s
+        .post("/tasks", json!({"kind": "fail", "max_attempts": 1}))
+        .await;
+    for t in out["tasks"].as_array().unwrap().iter().chain([&f]) {
+        s.get(&format!("/tasks/{}?wait=10s", t["id"])).await;
+    }
+    let after = scrape().await;
+    assert_eq!(
+        value(
+            &after,
+            "proto_tasker_tasks_enqueued_total",
+            &[("kind", "noop"), ("queue", "default")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "proto_tasker_tasks_completed_total",
+            &[("kind", "noop"), ("outcome", "completed")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "proto_tasker_tasks_completed_total",
+            &[("kind", "fail"), ("outcome", "failed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "proto_tasker_queue_depth",
+            &[("queue", "default"), ("state", "completed")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(&after, "proto_tasker_workers", &[("state", "idle")])
+            + value(&after, "proto_tasker_workers", &[("state", "busy")]),
+        10.0
+    );
+    let names: std::collections::HashSet<_> =
+        after.samples.iter().map(|s| s.metric.as_str()).collect();
+    for name in [
+        "proto_tasker_task_duration_seconds_count",
+        "proto_tasker_task_wait_seconds_count",
+        "proto_tasker_worker_panics_total",
+        "proto_tasker_tasks_rescued_total",
+        "proto_tasker_node_is_leader",
+    ] {
+        assert!(
+            names.contains(name)
+                || after
+                    .samples
+                    .iter()
+                    .any(|s| s.metric.starts_with(name.trim_end_matches("_count"))),
+            "{name} missing"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_store_answers_503_and_recovers() {
+    let s = start(Setup::default()).await;
+    // Another process holds the write lock: the store cannot write.
+    let blocker = rusqlite::Connection::open(&s.db).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let got = s.post("/tasks", json!({"kind": "noop"})).await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, None);
+    assert_eq!(got.1["error"]["code"], "unavailable");
+    blocker.execute_batch("COMMIT").unwrap();
+    let (st, t) = s.post("/tasks", json!({"kind": "noop"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    s.stop().await;
+}
