@@ -200,3 +200,121 @@ impl std::fmt::Display for BenchReport {
         Ok(())
     }
 }
+
+/// What `bench --server` measures: task creation over the HTTP API.
+#[derive(Debug, Clone)]
+pub struct HttpBenchParams {
+    pub server: String,
+    pub token: Option<String>,
+    /// Tasks sent through POST /tasks/batch.
+    pub tasks: usize,
+    pub batch: usize,
+    /// Single POST /tasks requests.
+    pub singles: usize,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Task kind to create (the node must run it).
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpBenchReport {
+    pub batch_tasks_per_sec: f64,
+    pub batch_request_ms: Percentiles,
+    pub single_requests_per_sec: f64,
+    pub single_request_ms: Percentiles,
+}
+
+impl std::fmt::Display for HttpBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "batch route: {:.0} tasks/s (per request p50 {:.2}ms p99 {:.2}ms, {} requests)",
+            self.batch_tasks_per_sec,
+            self.batch_request_ms.p50_ms,
+            self.batch_request_ms.p99_ms,
+            self.batch_request_ms.count
+        )?;
+        writeln!(
+            f,
+            "single creates: {:.0} requests/s (p50 {:.2}ms p99 {:.2}ms, {} requests)",
+            self.single_requests_per_sec,
+            self.single_request_ms.p50_ms,
+            self.single_request_ms.p99_ms,
+            self.single_request_ms.count
+        )
+    }
+}
+
+/// Send `bodies` to `url` with `concurrency` requests in flight; returns elapsed seconds and per-request latency.
+async fn blast(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    bodies: Vec<serde_json::Value>,
+    concurrency: usize,
+) -> Result<(f64, Histogram<u64>), Box<dyn std::error::Error>> {
+    use futures::StreamExt;
+    let start = Instant::now();
+    let mut hist = new_hist();
+    let mut results = futures::stream::iter(bodies.into_iter().map(|b| {
+        let mut req = http.post(url).json(&b);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let t = Instant::now();
+            let resp = req.send().await?;
+            let status = resp.status();
+            let _ = resp.bytes().await?;
+            Ok::<_, reqwest::Error>((status, t.elapsed()))
+        }
+    }))
+    .buffer_unordered(concurrency.max(1));
+    while let Some(r) = results.next().await {
+        let (status, took) = r?;
+        if !status.is_success() {
+            return Err(format!("{url}: HTTP {status}").into());
+        }
+        let _ = hist.record(took.as_micros().max(1) as u64);
+    }
+    Ok((start.elapsed().as_secs_f64(), hist))
+}
+
+/// Measure task creation through a running node's API.
+pub async fn run_http(p: HttpBenchParams) -> Result<HttpBenchReport, Box<dyn std::error::Error>> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(p.concurrency.max(1))
+        .build()?;
+    let base = format!("{}/api/v1", p.server.trim_end_matches('/'));
+    let task = serde_json::json!({"kind": p.kind, "args": {}});
+    let batches: Vec<serde_json::Value> = (0..p.tasks.div_ceil(p.batch.max(1)))
+        .map(|i| {
+            let n = p.batch.min(p.tasks - i * p.batch);
+            serde_json::json!({"tasks": vec![task.clone(); n]})
+        })
+        .collect();
+    let (secs, batch_hist) = blast(
+        &http,
+        &format!("{base}/tasks/batch"),
+        p.token.as_deref(),
+        batches,
+        p.concurrency,
+    )
+    .await?;
+    let singles = vec![task; p.singles];
+    let (ssecs, single_hist) = blast(
+        &http,
+        &format!("{base}/tasks"),
+        p.token.as_deref(),
+        singles,
+        p.concurrency,
+    )
+    .await?;
+    Ok(HttpBenchReport {
+        batch_tasks_per_sec: p.tasks as f64 / secs.max(1e-9),
+        batch_request_ms: percentiles(&batch_hist),
+        single_requests_per_sec: p.singles as f64 / ssecs.max(1e-9),
+        single_request_ms: percentiles(&single_hist),
+    })
+}

@@ -151,6 +151,20 @@ struct BenchArgs {
     /// SQLite durability: full (default) or normal.
     #[arg(long, default_value = "full", value_parser = parse_sync)]
     synchronous: Synchronous,
+    /// Instead of a store, measure task creation through this node's API
+    /// (e.g. http://127.0.0.1:8080): --tasks through the batch route in
+    /// batches of --batch, then --singles single creates.
+    #[arg(long = "api")]
+    api: Option<String>,
+    /// Single creates in the --api mode.
+    #[arg(long, default_value_t = 20_000)]
+    singles: usize,
+    /// Requests in flight at once in the --api mode.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Task kind created in the --api mode.
+    #[arg(long, default_value = "noop")]
+    kind: String,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -288,7 +302,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             serve(cfg).await
         }
-        Command::Bench(args) => run_bench(args, json).await,
+        Command::Bench(args) => match args.api.clone() {
+            Some(api) => {
+                let report = bench::run_http(bench::HttpBenchParams {
+                    server: api,
+                    token: cli.token.clone(),
+                    tasks: args.tasks,
+                    batch: args.batch,
+                    singles: args.singles,
+                    concurrency: args.concurrency,
+                    kind: args.kind,
+                })
+                .await
+                .map_err(|e| Failure::unreachable(format!("bench failed: {e}")))?;
+                if json {
+                    show(&serde_json::to_value(&report).unwrap_or_default());
+                } else {
+                    print!("{report}");
+                }
+                Ok(())
+            }
+            None => run_bench(args, json).await,
+        },
         Command::Submit(a) => submit(&remote()?, a, json).await,
         Command::Status { id } => {
             let path = format!("/tasks/{}", cli::query_escape(&id));
