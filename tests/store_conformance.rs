@@ -734,3 +734,7 @@ macro_rules! all_cases {
 mod sqlite {
     all_cases!(crate::common::sqlite_store);
 }
+
+mod postgres {
+    all_cases!(crate::common::pg_store);
+}

@@ -21,6 +21,7 @@
 //! Methods take `now` in their params instead of reading the clock, so the
 //! conformance suite can drive time by hand.
 
+pub mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 use crate::task::{Task, TaskId, TaskState};
@@ -261,6 +263,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Store events (cancel requests) for the nodes of this process.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+
+    /// The schema of a PostgreSQL store (for enqueueing inside a caller's
+    /// transaction); `None` for other stores.
+    fn postgres_schema(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// `t` cut to whole microseconds: the precision every store keeps.

@@ -34,3 +34,142 @@ pub fn insert(
         unique_key: None,
     }
 }
+
+/// The PostgreSQL the tests use: `PROTO_TASKER_TEST_DATABASE_URL`, else the
+/// machine's server on 127.0.0.1:5432, else a throwaway cluster started here
+/// (initdb + pg_ctl under /tmp) when the PostgreSQL binaries exist. Fails
+/// with one line saying what to install when none of that works.
+pub fn pg_url() -> String {
+    static URL: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let url = std::env::var("PROTO_TASKER_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+        if pg_answers(&url) {
+            return Ok(url);
+        }
+        if std::env::var("CI").as_deref() == Ok("true") && std::env::var("PROTO_TASKER_TEST_DATABASE_URL").is_ok() {
+            return Err(format!("PostgreSQL at {url} does not answer (CI: PostgreSQL tests never skip)"));
+        }
+        throwaway_cluster()
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn pg_answers(url: &str) -> bool {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        rt.block_on(async {
+            let cfg: tokio_postgres::Config = url.parse().ok()?;
+            let fut = cfg.connect(tokio_postgres::NoTls);
+            let (client, conn) = tokio::time::timeout(std::time::Duration::from_secs(3), fut).await.ok()?.ok()?;
+            tokio::spawn(conn);
+            client.simple_query("SELECT 1").await.ok().map(|_| ())
+        })
+    })
+    .join()
+    .ok()
+    .flatten()
+    .is_some()
+}
+
+/// Start (or reuse) a private cluster under /tmp. Returns its URL.
+fn throwaway_cluster() -> Result<String, String> {
+    let install = "PostgreSQL does not answer and no initdb was found: install PostgreSQL (apt-get install postgresql) or set PROTO_TASKER_TEST_DATABASE_URL";
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|_| install.to_string())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .find(|p| p.join("initdb").exists())
+        .ok_or_else(|| install.to_string())?;
+    let root = std::path::PathBuf::from("/tmp/proto_tasker-test-pg");
+    let port_file = root.join("port");
+    if let Ok(port) = std::fs::read_to_string(&port_file) {
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", port.trim());
+        if pg_answers(&url) {
+            return Ok(url);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    // initdb refuses to run as root: run the cluster as the postgres user then.
+    let as_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let run = |prog: &str, args: &[&str]| -> Result<(), String> {
+        let mut cmd = if as_root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+            c
+        } else {
+            std::process::Command::new(bin.join(prog))
+        };
+        let out = cmd.args(args).output().map_err(|e| format!("{prog}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{prog} failed: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    };
+    if as_root {
+        let _ = std::process::Command::new("chown").args(["postgres", &root.to_string_lossy()]).status();
+    }
+    let data = root.join("data");
+    run("initdb", &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8"])?;
+    let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", root.display());
+    run("pg_ctl", &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &root.join("log").to_string_lossy(), "-w", "start"])?;
+    std::fs::write(&port_file, port.to_string()).map_err(|e| e.to_string())?;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    eprintln!("started a throwaway PostgreSQL for the tests at {url} (stop: pg_ctl -D {} stop)", data.display());
+    Ok(url)
+}
+
+/// Drops its schema when the test ends.
+pub struct PgSchema {
+    pub url: String,
+    pub schema: String,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(conn);
+                client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A fresh schema name for one test.
+pub fn fresh_schema() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("pt_{}_{n}_{nanos}", std::process::id())
+}
+
+/// A migrated PostgreSQL store in its own schema.
+pub async fn pg_store() -> (Arc<dyn Store>, PgSchema) {
+    let (store, guard) = pg_store_typed().await;
+    (store, guard)
+}
+
+pub async fn pg_store_typed() -> (Arc<proto_tasker::store::PostgresStore>, PgSchema) {
+    let url = pg_url();
+    let schema = fresh_schema();
+    let store = proto_tasker::store::PostgresStore::connect(
+        proto_tasker::store::PostgresOptions::new(url.clone()).schema(schema.clone()),
+    )
+    .await
+    .expect("connect postgres");
+    store.migrate().await.expect("migrate postgres");
+    (Arc::new(store), PgSchema { url, schema })
+}

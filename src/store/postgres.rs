@@ -1,0 +1,997 @@
+//! The distributed store: every node of a cluster points at one PostgreSQL
+//! database.
+//!
+//! # Overview
+//!
+//! - Claims take a batch in one statement with `FOR UPDATE SKIP LOCKED`, so
+//!   concurrent claimers on any number of nodes never take the same task and
+//!   never wait on each other.
+//! - Inserts of many tasks are one `INSERT ... SELECT FROM unnest(...)`;
+//!   outcomes of many attempts are one `UPDATE ... FROM unnest(...)`.
+//!   Statements are prepared once per connection (deadpool's statement cache).
+//! - Wake-ups: after an insert commits, the store queues a NOTIFY; a notifier
+//!   task coalesces what is queued into one `pg_notify` (NOTIFY takes a
+//!   cluster-wide lock until commit, so it is never sent per row or from a
+//!   trigger). Each store keeps one dedicated LISTEN connection, reconnected
+//!   with backoff when it drops; producers also poll, so a lost notification
+//!   delays work by at most the poll interval.
+//! - Everything lives in one schema (default `proto_tasker`), so several
+//!   clusters, or parallel tests, can share a database. Every statement names
+//!   the schema, which is what lets [`insert_in`] work on a caller's own
+//!   connection whatever its `search_path`.
+//! - Migrations run under a transaction-scoped advisory lock, so nodes that
+//!   start together migrate once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::StreamExt;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
+    Rescued, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
+};
+use crate::task::{AttemptError, Task, TaskId, TaskState};
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    pub url: String,
+    /// The schema that holds proto_tasker's tables.
+    pub schema: String,
+    /// Connections in the pool (the LISTEN connection is extra).
+    pub pool_size: usize,
+}
+
+impl PostgresOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresOptions {
+            url: url.into(),
+            schema: "proto_tasker".into(),
+            pool_size: 16,
+        }
+    }
+
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    sql: Sql,
+    schema: String,
+    channel: String,
+    notify: Arc<Notify>,
+    events: broadcast::Sender<StoreEvent>,
+    /// Queued NOTIFY payloads; the notifier task coalesces them.
+    outbox: mpsc::UnboundedSender<String>,
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.inner.schema)
+            .finish()
+    }
+}
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(d) => StoreError::Unavailable(format!("{}: {}", d.code().code(), d.message())),
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!("no database connection: {e}"))
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// A schema name is spliced into SQL, so only plain identifiers are accepted.
+fn check_schema(s: &str) -> Result<(), StoreError> {
+    let ok = !s.is_empty()
+        && s.len() <= 48
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "store.schema {s:?}: use lowercase letters, digits and _ (at most 48, not starting with a digit)"
+        )))
+    }
+}
+
+const COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
+    unique_key, run_at, created_at, started_at, finished_at, node, result, errors";
+
+const UNFINISHED: &str = "state NOT IN ('completed', 'failed', 'cancelled')";
+
+/// Every statement, with the schema spliced in once.
+struct Sql {
+    insert_many: String,
+    insert_unique: String,
+    find_unique: String,
+    claim: String,
+    complete_many: String,
+    get: String,
+    get_for_update: String,
+    cancel_running: String,
+    cancel_queued: String,
+    retry: String,
+    cancel_requested: String,
+    prune: String,
+    queue_counts: String,
+    queue_set_paused: String,
+    queue_paused: String,
+    heartbeat: String,
+    node_remove: String,
+    leader_remove: String,
+    node_list: String,
+    rescue_dead: String,
+    rescue_node: String,
+    elect: String,
+}
+
+impl Sql {
+    fn new(s: &str) -> Self {
+        let rescue_set = format!(
+            "UPDATE {s}.tasks SET \
+               state = CASE WHEN cancel_requested THEN 'cancelled' \
+                            WHEN attempt >= max_attempts THEN 'failed' ELSE 'retryable' END, \
+               finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN $1::timestamptz ELSE NULL END, \
+               run_at = $1::timestamptz, \
+               errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempt, 'at', $2::text, \
+                 'message', 'node ' || coalesce(node, '?') || ' stopped while running the task; rescued'))"
+        );
+        Sql {
+            insert_many: format!(
+                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, created_at) \
+                 SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
+                        max_attempts, timeout_ms, run_at, $8 \
+                 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ord) \
+                 ORDER BY ord RETURNING id"
+            ),
+            insert_unique: format!(
+                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, run_at, created_at) \
+                 VALUES ($1, $2, $3, $4, CASE WHEN $8::timestamptz > $9::timestamptz THEN 'scheduled' ELSE 'available' END, \
+                         $5, $6, $7, $8, $9) \
+                 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND {UNFINISHED} DO NOTHING \
+                 RETURNING {COLS}"
+            ),
+            find_unique: format!("SELECT {COLS} FROM {s}.tasks WHERE unique_key = $1 AND {UNFINISHED}"),
+            claim: format!(
+                "WITH next AS ( \
+                   SELECT id FROM {s}.tasks \
+                   WHERE queue = $3 AND state IN ('available', 'scheduled', 'retryable') AND run_at <= $2 \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $3 AND paused) \
+                   ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $1, \
+                   started_at = $2, cancel_requested = false \
+                 FROM next WHERE t.id = next.id RETURNING {}",
+                COLS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
+            ),
+            complete_many: format!(
+                "UPDATE {s}.tasks t SET \
+                   state = c.state, \
+                   finished_at = c.finished_at, \
+                   result = CASE WHEN c.state = 'completed' THEN c.result ELSE t.result END, \
+                   run_at = coalesce(c.run_at, t.run_at), \
+                   errors = CASE WHEN c.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(c.error) END, \
+                   attempt = t.attempt + c.delta \
+                 FROM unnest($1::int8[], $2::int4[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::timestamptz[], $7::jsonb[], $8::int4[]) \
+                   AS c(id, attempt, state, finished_at, result, run_at, error, delta) \
+                 WHERE t.id = c.id AND t.state = 'running' AND t.attempt = c.attempt \
+                 RETURNING t.id"
+            ),
+            get: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1"),
+            get_for_update: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1 FOR UPDATE"),
+            cancel_running: format!("UPDATE {s}.tasks SET cancel_requested = true WHERE id = $1 RETURNING {COLS}"),
+            cancel_queued: format!(
+                "UPDATE {s}.tasks SET state = 'cancelled', finished_at = $2 WHERE id = $1 RETURNING {COLS}"
+            ),
+            retry: format!(
+                "UPDATE {s}.tasks SET state = 'available', run_at = $2, finished_at = NULL, cancel_requested = false, \
+                 max_attempts = greatest(max_attempts, attempt + 1) WHERE id = $1 RETURNING {COLS}"
+            ),
+            cancel_requested: format!(
+                "SELECT id, attempt FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"
+            ),
+            prune: format!(
+                "DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
+                 WHERE state = $1 AND finished_at < $2 LIMIT $3)"
+            ),
+            queue_counts: format!("SELECT queue, state, count(*) FROM {s}.tasks GROUP BY queue, state"),
+            queue_set_paused: format!(
+                "INSERT INTO {s}.queues (name, paused) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"
+            ),
+            queue_paused: format!("SELECT name FROM {s}.queues WHERE paused ORDER BY name"),
+            heartbeat: format!(
+                "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET \
+                 version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
+                 workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues"
+            ),
+            node_remove: format!("DELETE FROM {s}.nodes WHERE name = $1"),
+            leader_remove: format!("DELETE FROM {s}.leader WHERE node = $1"),
+            node_list: format!(
+                "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, n.queues, \
+                   (l.node IS NOT NULL) FROM {s}.nodes n \
+                 LEFT JOIN {s}.leader l ON l.node = n.name AND l.expires_at > $1 ORDER BY n.name"
+            ),
+            rescue_dead: format!(
+                "{rescue_set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
+                   (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state"
+            ),
+            rescue_node: format!("{rescue_set} WHERE state = 'running' AND node = $3 RETURNING id, node, state"),
+            elect: format!(
+                "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
+                 WHERE {s}.leader.node = excluded.node OR {s}.leader.expires_at <= $3 RETURNING node"
+            ),
+        }
+    }
+}
+
+/// The schema, one entry per version. Append; never edit a released entry.
+fn migrations(s: &str) -> Vec<String> {
+    vec![format!(
+        "CREATE TABLE {s}.tasks (
+            id               bigserial PRIMARY KEY,
+            kind             text        NOT NULL,
+            queue            text        NOT NULL,
+            args             jsonb       NOT NULL,
+            priority         smallint    NOT NULL,
+            state            text        NOT NULL,
+            attempt          integer     NOT NULL DEFAULT 0,
+            max_attempts     integer     NOT NULL,
+            timeout_ms       bigint,
+            unique_key       text,
+            run_at           timestamptz NOT NULL,
+            created_at       timestamptz NOT NULL,
+            started_at       timestamptz,
+            finished_at      timestamptz,
+            node             text,
+            result           jsonb,
+            errors           jsonb       NOT NULL DEFAULT '[]',
+            cancel_requested boolean     NOT NULL DEFAULT false
+        ) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01,
+                autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02,
+                autovacuum_vacuum_cost_delay = 0);
+        CREATE INDEX tasks_claim ON {s}.tasks (queue, priority, run_at, id)
+            WHERE state IN ('available', 'scheduled', 'retryable');
+        CREATE UNIQUE INDEX tasks_unique_key ON {s}.tasks (unique_key)
+            WHERE unique_key IS NOT NULL AND {UNFINISHED};
+        CREATE INDEX tasks_state_id ON {s}.tasks (state, id);
+        CREATE TABLE {s}.nodes (
+            name         text PRIMARY KEY,
+            version      text        NOT NULL,
+            started_at   timestamptz NOT NULL,
+            heartbeat_at timestamptz NOT NULL,
+            workers      integer     NOT NULL,
+            workers_busy integer     NOT NULL,
+            queues       jsonb       NOT NULL
+        );
+        CREATE TABLE {s}.queues (
+            name   text PRIMARY KEY,
+            paused boolean NOT NULL DEFAULT false
+        );
+        CREATE TABLE {s}.leader (
+            id         integer PRIMARY KEY CHECK (id = 1),
+            node       text        NOT NULL,
+            expires_at timestamptz NOT NULL
+        );"
+    )]
+}
+
+fn row_to_task(r: &Row) -> Result<Task, StoreError> {
+    let state: String = r.try_get(5).map_err(db_err)?;
+    let errors: serde_json::Value = r.try_get(16).map_err(db_err)?;
+    Ok(Task {
+        id: TaskId(r.try_get(0).map_err(db_err)?),
+        kind: r.try_get(1).map_err(db_err)?,
+        queue: r.try_get(2).map_err(db_err)?,
+        args: r.try_get(3).map_err(db_err)?,
+        priority: r.try_get(4).map_err(db_err)?,
+        state: state.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
+        attempt: r.try_get(6).map_err(db_err)?,
+        max_attempts: r.try_get(7).map_err(db_err)?,
+        timeout_ms: r.try_get(8).map_err(db_err)?,
+        unique_key: r.try_get(9).map_err(db_err)?,
+        run_at: r.try_get(10).map_err(db_err)?,
+        created_at: r.try_get(11).map_err(db_err)?,
+        started_at: r.try_get(12).map_err(db_err)?,
+        finished_at: r.try_get(13).map_err(db_err)?,
+        node: r.try_get(14).map_err(db_err)?,
+        result: r.try_get(15).map_err(db_err)?,
+        errors: serde_json::from_value::<Vec<AttemptError>>(errors)
+            .map_err(|e| StoreError::Schema(format!("tasks.errors: {e}")))?,
+    })
+}
+
+fn rows_to_tasks(rows: &[Row]) -> Result<Vec<Task>, StoreError> {
+    rows.iter().map(row_to_task).collect()
+}
+
+fn error_value(attempt: i32, at: DateTime<Utc>, message: &str) -> serde_json::Value {
+    serde_json::to_value(AttemptError {
+        attempt,
+        at,
+        message: message.to_string(),
+    })
+    .unwrap_or(serde_json::Value::Null)
+}
+
+/// Insert `rows` through any client (the store's pool or a caller's transaction).
+async fn insert_rows<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    rows: Vec<TaskInsert>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, StoreError> {
+    let now = truncate_micros(now);
+    let rows: Vec<TaskInsert> = rows
+        .into_iter()
+        .map(|mut t| {
+            t.run_at = truncate_micros(t.run_at);
+            t
+        })
+        .collect();
+    let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
+    // Tasks without a unique key: one statement for all of them.
+    let plain: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].unique_key.is_none()).collect();
+    if !plain.is_empty() {
+        let kinds: Vec<&str> = plain.iter().map(|&i| rows[i].kind.as_str()).collect();
+        let queues: Vec<&str> = plain.iter().map(|&i| rows[i].queue.as_str()).collect();
+        let args: Vec<&serde_json::Value> = plain.iter().map(|&i| &rows[i].args).collect();
+        let priorities: Vec<i16> = plain.iter().map(|&i| rows[i].priority).collect();
+        let attempts: Vec<i32> = plain.iter().map(|&i| rows[i].max_attempts).collect();
+        let timeouts: Vec<Option<i64>> = plain.iter().map(|&i| rows[i].timeout_ms).collect();
+        let run_ats: Vec<DateTime<Utc>> = plain.iter().map(|&i| rows[i].run_at).collect();
+        let ids = c
+            .query(&sql.insert_many, &[&kinds, &queues, &args, &priorities, &attempts, &timeouts, &run_ats, &now])
+            .await
+            .map_err(db_err)?;
+        let mut ids: Vec<i64> = ids.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>().map_err(db_err)?;
+        // Ids come from one sequence in insertion (ordinality) order.
+        ids.sort_unstable();
+        for (&i, id) in plain.iter().zip(ids) {
+            let t = &rows[i];
+            out[i] = Some(Inserted {
+                task: Task {
+                    id: TaskId(id),
+                    kind: t.kind.clone(),
+                    args: t.args.clone(),
+                    queue: t.queue.clone(),
+                    priority: t.priority,
+                    state: if t.run_at > now { TaskState::Scheduled } else { TaskState::Available },
+                    attempt: 0,
+                    max_attempts: t.max_attempts,
+                    run_at: t.run_at,
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                    node: None,
+                    result: None,
+                    errors: Vec::new(),
+                    timeout_ms: t.timeout_ms,
+                    unique_key: None,
+                },
+                existing: false,
+            });
+        }
+    }
+    // Tasks with a unique key: one at a time, so each learns whether it was new.
+    for (i, t) in rows.iter().enumerate().filter(|(_, t)| t.unique_key.is_some()) {
+        let inserted = c
+            .query_opt(
+                &sql.insert_unique,
+                &[&t.kind, &t.queue, &t.args, &t.priority, &t.max_attempts, &t.timeout_ms, &t.unique_key, &t.run_at, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        out[i] = Some(match inserted {
+            Some(row) => Inserted { task: row_to_task(&row)?, existing: false },
+            None => {
+                let row = c.query_one(&sql.find_unique, &[&t.unique_key]).await.map_err(db_err)?;
+                Inserted { task: row_to_task(&row)?, existing: true }
+            }
+        });
+    }
+    out.into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Unavailable("insert lost a row".into())))
+        .collect()
+}
+
+/// Enqueue `rows` inside the caller's own transaction (or on any client):
+/// the tasks exist if and only if that transaction commits, and a NOTIFY
+/// sent in the same transaction wakes the nodes on commit.
+/// Normally reached through [`Client::insert_in`](crate::Client::insert_in).
+pub async fn insert_in<C: GenericClient>(
+    c: &C,
+    schema: &str,
+    rows: Vec<TaskInsert>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, StoreError> {
+    check_schema(schema)?;
+    let sql = Sql::new(schema);
+    let out = insert_rows(c, &sql, rows, now).await?;
+    c.execute("SELECT pg_notify($1, 'work')", &[&channel_name(schema)])
+        .await
+        .map_err(db_err)?;
+    Ok(out)
+}
+
+fn channel_name(schema: &str) -> String {
+    format!("{schema}_events")
+}
+
+impl PostgresStore {
+    /// Connect (lazily: the pool opens connections on first use) and start
+    /// the LISTEN and NOTIFY tasks. Call [`Store::migrate`] before use.
+    pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
+        check_schema(&options.schema)?;
+        let pg: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("store.url: {e}")))?;
+        let manager = Manager::from_config(
+            pg.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("store.url: {e}")))?;
+        let (events, _) = broadcast::channel(1024);
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let notify = Arc::new(Notify::new());
+        let channel = channel_name(&options.schema);
+        let store = PostgresStore {
+            inner: Arc::new(Inner {
+                pool: pool.clone(),
+                sql: Sql::new(&options.schema),
+                schema: options.schema.clone(),
+                channel: channel.clone(),
+                notify: notify.clone(),
+                events: events.clone(),
+                outbox,
+                stop: stop.clone(),
+            }),
+        };
+        tokio::spawn(listen_loop(pg, channel.clone(), notify, events, stop.clone()));
+        tokio::spawn(notify_loop(pool, channel, outbox_rx, stop));
+        Ok(store)
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_err)
+    }
+
+    /// Wake producers here now and on every node after the NOTIFY goes out.
+    fn announce_work(&self) {
+        self.inner.notify.notify_waiters();
+        let _ = self.inner.outbox.send("work".into());
+    }
+}
+
+/// Sends queued notifications, coalesced: everything queued while one
+/// NOTIFY was in flight goes out as one, and at most one per 2 ms.
+async fn notify_loop(
+    pool: Pool,
+    channel: String,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 1024) => if n == 0 { return },
+            _ = stop.cancelled() => return,
+        }
+        let payloads: HashSet<String> = batch.drain(..).collect();
+        let sent = async {
+            let c = pool.get().await.map_err(pool_err)?;
+            for p in &payloads {
+                c.execute("SELECT pg_notify($1, $2)", &[&channel, p]).await.map_err(db_err)?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            // Polling covers a lost wake-up; cancel requests are also polled.
+            tracing::debug!(error = %e, "NOTIFY failed");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Keeps one LISTEN connection open, reconnecting with backoff; turns
+/// notifications into local wake-ups and events.
+async fn listen_loop(
+    cfg: tokio_postgres::Config,
+    channel: String,
+    notify: Arc<Notify>,
+    events: broadcast::Sender<StoreEvent>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match cfg.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(m) = messages.next().await {
+                        match m {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                let _ = tx.send(n.payload().to_string());
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
+                    tracing::warn!(error = %e, "LISTEN failed; retrying");
+                } else {
+                    backoff = Duration::from_millis(100);
+                    // Anything sent while we were not listening is lost: look now.
+                    notify.notify_waiters();
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => { driver.abort(); return; }
+                            p = rx.recv() => match p {
+                                Some(p) => handle_payload(&p, &notify, &events),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("LISTEN connection lost; reconnecting");
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "LISTEN connect failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {},
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn handle_payload(p: &str, notify: &Notify, events: &broadcast::Sender<StoreEvent>) {
+    if p == "work" {
+        notify.notify_waiters();
+    } else if let Some(rest) = p.strip_prefix("cancel:") {
+        let (id, node) = rest.split_once(':').unwrap_or((rest, ""));
+        if let Ok(id) = id.parse::<i64>() {
+            let _ = events.send(StoreEvent::CancelRequested {
+                id: TaskId(id),
+                node: (!node.is_empty()).then(|| node.to_string()),
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let s = &self.inner.schema;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        // Nodes starting together: the first migrates, the others wait here
+        // and then find nothing to do.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("proto_tasker_migrate:{s}")])
+            .await
+            .map_err(db_err)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s}; \
+             CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)"
+        ))
+        .await
+        .map_err(db_err)?;
+        let version: i32 = tx
+            .query_opt(&format!("SELECT version FROM {s}.schema_version"), &[])
+            .await
+            .map_err(db_err)?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let all = migrations(s);
+        if version as usize > all.len() {
+            return Err(StoreError::Schema(format!(
+                "schema {s} is at version {version}, newer than this binary knows ({}); upgrade proto_tasker",
+                all.len()
+            )));
+        }
+        for (i, m) in all.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(m)
+                .await
+                .map_err(|e| StoreError::Schema(format!("schema {s}: migration {}: {}", i + 1, db_err(e))))?;
+        }
+        tx.execute(&format!("DELETE FROM {s}.schema_version"), &[]).await.map_err(db_err)?;
+        tx.execute(&format!("INSERT INTO {s}.schema_version VALUES ($1)"), &[&(all.len() as i32)])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn task_insert_many(&self, tasks: Vec<TaskInsert>, now: DateTime<Utc>) -> Result<Vec<Inserted>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let out = insert_rows(&*tx, &self.inner.sql, tasks, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        if out.iter().any(|i| !i.existing && i.task.state == TaskState::Available) {
+            self.announce_work();
+        }
+        Ok(out)
+    }
+
+    async fn task_claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
+        if p.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.claim).await.map_err(db_err)?;
+        let rows = c
+            .query(&st, &[&p.node, &truncate_micros(p.now), &p.queue, &(p.limit as i64)])
+            .await
+            .map_err(db_err)?;
+        let mut tasks = rows_to_tasks(&rows)?;
+        tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
+        Ok(tasks)
+    }
+
+    async fn task_complete_many(&self, completions: Vec<Completion>) -> Result<Vec<bool>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = completions.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut finished: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut results: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
+        let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut errors: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
+        let mut deltas: Vec<i32> = Vec::with_capacity(n);
+        let mut wake = false;
+        for c in &completions {
+            let at = truncate_micros(c.at);
+            ids.push(c.id.0);
+            attempts.push(c.attempt);
+            let (state, fin, result, run_at, error, delta) = match &c.outcome {
+                Outcome::Completed { result } => ("completed", Some(at), Some(result.clone()), None, None, 0),
+                Outcome::Retry { run_at, error } => {
+                    ("retryable", None, None, Some(truncate_micros(*run_at)), Some(error_value(c.attempt, c.at, error)), 0)
+                }
+                Outcome::Failed { error } => ("failed", Some(at), None, None, Some(error_value(c.attempt, c.at, error)), 0),
+                Outcome::Cancelled { error } => {
+                    ("cancelled", Some(at), None, None, Some(error_value(c.attempt, c.at, error)), 0)
+                }
+                Outcome::Snoozed { run_at } => ("scheduled", None, None, Some(truncate_micros(*run_at)), None, -1),
+                Outcome::Released => {
+                    wake = true;
+                    ("available", None, None, Some(at), None, -1)
+                }
+            };
+            states.push(state);
+            finished.push(fin);
+            results.push(result);
+            run_ats.push(run_at);
+            errors.push(error);
+            deltas.push(delta);
+        }
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.complete_many).await.map_err(db_err)?;
+        let rows = c
+            .query(&st, &[&ids, &attempts, &states, &finished, &results, &run_ats, &errors, &deltas])
+            .await
+            .map_err(db_err)?;
+        let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        if wake {
+            self.announce_work();
+        }
+        Ok(completions.iter().map(|c| applied.contains(&c.id.0)).collect())
+    }
+
+    async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.get).await.map_err(db_err)?;
+        c.query_opt(&st, &[&id.0]).await.map_err(db_err)?.as_ref().map(row_to_task).transpose()
+    }
+
+    async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
+        let s = &self.inner.schema;
+        let mut sql = format!("SELECT {COLS} FROM {s}.tasks WHERE true");
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        let mut add = |clause: &str, v: Box<dyn tokio_postgres::types::ToSql + Sync + Send>, sql: &mut String| {
+            params.push(v);
+            sql.push_str(&format!(" AND {clause} ${}", params.len()));
+        };
+        if let Some(st) = p.state {
+            add("state =", Box::new(st.as_str().to_string()), &mut sql);
+        }
+        if let Some(q) = p.queue {
+            add("queue =", Box::new(q), &mut sql);
+        }
+        if let Some(k) = p.kind {
+            add("kind =", Box::new(k), &mut sql);
+        }
+        if let Some(b) = p.before {
+            add("id <", Box::new(b.0), &mut sql);
+        }
+        params.push(Box::new(p.limit.max(1) as i64));
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&sql).await.map_err(db_err)?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let rows = c.query(&st, &refs).await.map_err(db_err)?;
+        rows_to_tasks(&rows)
+    }
+
+    async fn task_cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+        let sql = &self.inner.sql;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let row = tx.query_opt(&sql.get_for_update, &[&id.0]).await.map_err(db_err)?;
+        let task = row.as_ref().map(row_to_task).transpose()?.ok_or(StoreError::NotFound(id))?;
+        if task.state.is_finished() {
+            return Err(StoreError::Conflict {
+                id,
+                state: task.state,
+                message: "a finished task cannot be cancelled".into(),
+            });
+        }
+        let row = if task.state == TaskState::Running {
+            let row = tx.query_one(&sql.cancel_running, &[&id.0]).await.map_err(db_err)?;
+            // Delivered on commit, to whichever node runs the task.
+            let payload = format!("cancel:{}:{}", id.0, task.node.clone().unwrap_or_default());
+            tx.execute("SELECT pg_notify($1, $2)", &[&self.inner.channel, &payload])
+                .await
+                .map_err(db_err)?;
+            row
+        } else {
+            tx.query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)]).await.map_err(db_err)?
+        };
+        let out = row_to_task(&row)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    async fn task_retry(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+        let sql = &self.inner.sql;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let row = tx.query_opt(&sql.get_for_update, &[&id.0]).await.map_err(db_err)?;
+        let task = row.as_ref().map(row_to_task).transpose()?.ok_or(StoreError::NotFound(id))?;
+        if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
+            return Err(StoreError::Conflict {
+                id,
+                state: task.state,
+                message: "only failed or cancelled tasks can be retried".into(),
+            });
+        }
+        let row = match tx.query_one(&sql.retry, &[&id.0, &truncate_micros(now)]).await {
+            Ok(r) => r,
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict {
+                    id,
+                    state: task.state,
+                    message: format!(
+                        "another unfinished task holds unique_key {:?}",
+                        task.unique_key.unwrap_or_default()
+                    ),
+                });
+            }
+            Err(e) => return Err(db_err(e)),
+        };
+        let out = row_to_task(&row)?;
+        tx.commit().await.map_err(db_err)?;
+        self.announce_work();
+        Ok(out)
+    }
+
+    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.cancel_requested).await.map_err(db_err)?;
+        let rows = c.query(&st, &[&node]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| Ok((TaskId(r.try_get(0).map_err(db_err)?), r.try_get(1).map_err(db_err)?)))
+            .collect()
+    }
+
+    async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.prune).await.map_err(db_err)?;
+        let limit = p.limit.max(1) as i64;
+        let mut total = 0;
+        for (state, before) in [
+            ("completed", p.completed_before),
+            ("failed", p.failed_before),
+            ("cancelled", p.cancelled_before),
+        ] {
+            if let Some(before) = before {
+                total += c.execute(&st, &[&state, &before, &limit]).await.map_err(db_err)?;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.queue_counts).await.map_err(db_err)?;
+        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get(1).map_err(db_err)?;
+                Ok((
+                    r.try_get(0).map_err(db_err)?,
+                    state.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
+                    r.try_get(2).map_err(db_err)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.queue_set_paused).await.map_err(db_err)?;
+        c.execute(&st, &[&queue, &paused]).await.map_err(db_err)?;
+        if !paused {
+            self.announce_work();
+        }
+        Ok(())
+    }
+
+    async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.queue_paused).await.map_err(db_err)?;
+        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
+    }
+
+    async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
+        let queues = serde_json::to_value(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.heartbeat).await.map_err(db_err)?;
+        c.execute(
+            &st,
+            &[&n.name, &n.version, &n.started_at, &truncate_micros(n.heartbeat_at), &n.workers, &n.workers_busy, &queues],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn node_remove(&self, name: &str) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.execute(&self.inner.sql.node_remove, &[&name]).await.map_err(db_err)?;
+        c.execute(&self.inner.sql.leader_remove, &[&name]).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn node_list(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.node_list).await.map_err(db_err)?;
+        let rows = c.query(&st, &[&Utc::now()]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let queues: serde_json::Value = r.try_get(6).map_err(db_err)?;
+                Ok(NodeInfo {
+                    name: r.try_get(0).map_err(db_err)?,
+                    version: r.try_get(1).map_err(db_err)?,
+                    started_at: r.try_get(2).map_err(db_err)?,
+                    heartbeat_at: r.try_get(3).map_err(db_err)?,
+                    workers: r.try_get(4).map_err(db_err)?,
+                    workers_busy: r.try_get(5).map_err(db_err)?,
+                    queues: serde_json::from_value(queues).unwrap_or_default(),
+                    leader: r.try_get(7).map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn node_rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        let now = truncate_micros(p.now);
+        let now_text = p.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let c = self.conn().await?;
+        let rows = match &p.node {
+            Some(n) => {
+                let st = c.prepare_cached(&self.inner.sql.rescue_node).await.map_err(db_err)?;
+                c.query(&st, &[&now, &now_text, n]).await
+            }
+            None => {
+                let cutoff = now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
+                let st = c.prepare_cached(&self.inner.sql.rescue_dead).await.map_err(db_err)?;
+                c.query(&st, &[&now, &now_text, &cutoff]).await
+            }
+        }
+        .map_err(db_err)?;
+        let rescued: Vec<Rescued> = rows
+            .iter()
+            .map(|r| {
+                let state: String = r.try_get(2).map_err(db_err)?;
+                Ok(Rescued {
+                    id: TaskId(r.try_get(0).map_err(db_err)?),
+                    node: r.try_get(1).map_err(db_err)?,
+                    state: state.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        if !rescued.is_empty() {
+            self.announce_work();
+        }
+        Ok(rescued)
+    }
+
+    async fn leader_try_elect(&self, node: &str, ttl: Duration, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&self.inner.sql.elect).await.map_err(db_err)?;
+        let row = c.query_opt(&st, &[&node, &expires, &now]).await.map_err(db_err)?;
+        Ok(row.and_then(|r| r.try_get::<_, String>(0).ok()).as_deref() == Some(node))
+    }
+
+    async fn leader_resign(&self, node: &str) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.execute(&self.inner.sql.leader_remove, &[&node]).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    fn work_notifier(&self) -> Arc<Notify> {
+        self.inner.notify.clone()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn postgres_schema(&self) -> Option<&str> {
+        Some(&self.inner.schema)
+    }
+}
