@@ -67,9 +67,10 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-/// Run the benchmark on `store` (which must be empty and migrated).
+/// Run the benchmark with one pool (a simulated node) per store; the stores
+/// must share one empty, migrated database.
 pub async fn run(
-    store: Arc<dyn Store>,
+    stores: Vec<Arc<dyn Store>>,
     p: BenchParams,
 ) -> Result<BenchReport, Box<dyn std::error::Error>> {
     let latency = Arc::new(Mutex::new(new_hist()));
@@ -94,11 +95,19 @@ pub async fn run(
             }),
         );
     }
-    let pool = Builder::new(store.clone(), registry)
-        .node_name(format!("bench-{}", std::process::id()))
-        .queue("bench", p.workers.max(1))
-        .claim_max(p.workers.max(1))
-        .build()?;
+    let per_node = (p.workers / stores.len()).max(1);
+    let pools = stores
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            Builder::new(st.clone(), registry.clone())
+                .node_name(format!("bench-{}-{i}", std::process::id()))
+                .queue("bench", per_node)
+                .claim_max(per_node)
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool = &pools[0];
     let client = pool.client();
 
     // Phase 1: bulk enqueue.
@@ -122,9 +131,16 @@ pub async fn run(
 
     // Phase 2: drain.
     let start = Instant::now();
-    pool.start().await?;
-    let shared = pool.shared().clone();
-    while (Counters::get(&shared.counters.completed) as usize) < p.tasks {
+    for pl in &pools {
+        pl.start().await?;
+    }
+    let completed = || -> u64 {
+        pools
+            .iter()
+            .map(|pl| Counters::get(&pl.shared().counters.completed))
+            .sum()
+    };
+    while (completed() as usize) < p.tasks {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drain_secs = start.elapsed().as_secs_f64();
@@ -134,7 +150,7 @@ pub async fn run(
     if p.rate > 0 && !p.duration.is_zero() {
         measuring.store(true, std::sync::atomic::Ordering::Relaxed);
         let total = (p.rate as f64 * p.duration.as_secs_f64()) as u64;
-        let done_before = Counters::get(&shared.counters.completed);
+        let done_before = completed();
         let interval = Duration::from_secs_f64(1.0 / p.rate as f64);
         let begin = tokio::time::Instant::now();
         let mut inflight = tokio::task::JoinSet::new();
@@ -154,14 +170,15 @@ pub async fn run(
             r??;
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while Counters::get(&shared.counters.completed) < done_before + total
-            && Instant::now() < deadline
+        while completed() < done_before + total && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         lat = latency.lock().ok().map(|h| percentiles(&h));
     }
-    pool.shutdown().await;
+    for pl in &pools {
+        pl.shutdown().await;
+    }
     Ok(BenchReport {
         tasks: p.tasks,
         enqueue_secs,

@@ -176,6 +176,37 @@ impl Client {
         })
     }
 
+    /// Enqueue tasks inside the caller's own PostgreSQL transaction: they
+    /// exist if and only if that transaction commits, and nodes are woken
+    /// when it does. The client's store must be a
+    /// [`PostgresStore`](crate::store::PostgresStore) on the same database.
+    ///
+    /// ```no_run
+    /// # async fn f(client: proto_tasker::Client, pg: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// use proto_tasker::NewTask;
+    /// let tx = pg.transaction().await?;
+    /// tx.execute("INSERT INTO orders (id) VALUES (42)", &[]).await?;
+    /// client.insert_in(&tx, vec![NewTask::new("send_receipt", serde_json::json!({"order": 42}))]).await?;
+    /// tx.commit().await?; // the task and the order appear together, or neither does
+    /// # Ok(()) }
+    /// ```
+    pub async fn insert_in<C: tokio_postgres::GenericClient>(
+        &self,
+        tx: &C,
+        tasks: Vec<NewTask>,
+    ) -> Result<Vec<Inserted>, ClientError> {
+        let schema = self.store.postgres_schema().ok_or_else(|| {
+            invalid("store", "insert_in needs a PostgresStore (the caller's transaction is PostgreSQL)")
+        })?;
+        let now = Utc::now();
+        let rows = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| self.resolve(t, now, Some(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::store::postgres::insert_in(tx, schema, rows, now).await?)
+    }
+
     pub async fn get(&self, id: TaskId) -> Result<Option<Task>, ClientError> {
         Ok(self.store.task_get(id).await?)
     }

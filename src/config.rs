@@ -87,6 +87,10 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// The PostgreSQL URL (`kind: postgres`).
     pub url: Option<String>,
+    /// The PostgreSQL schema holding the tables; clusters sharing a database use different ones.
+    pub schema: String,
+    /// PostgreSQL connections per node (plus one for LISTEN).
+    pub pool_size: usize,
     /// SQLite durability: `full` (default) or `normal`.
     pub synchronous: Synchronous,
     /// Create or upgrade the schema at start.
@@ -99,6 +103,8 @@ impl Default for StoreConfig {
             kind: StoreKind::Sqlite,
             path: PathBuf::from("proto_tasker.db"),
             url: None,
+            schema: "proto_tasker".into(),
+            pool_size: 16,
             synchronous: Synchronous::Full,
             migrate: true,
         }
@@ -577,6 +583,9 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
         }
         StoreKind::Postgres if cfg.store.url.as_deref().is_none_or(str::is_empty) => {
             return e("store.url", "is required when store.kind is postgres");
+        }
+        StoreKind::Postgres if cfg.store.pool_size < 2 => {
+            return e("store.pool_size", "must be at least 2");
         }
         _ => {}
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use proto_tasker::bench::{self, BenchParams};
 use proto_tasker::config::{Config, Dur, LogFormat, StoreKind};
-use proto_tasker::store::{SqliteOptions, Synchronous};
+use proto_tasker::store::{PostgresOptions, PostgresStore, SqliteOptions, Synchronous};
 use proto_tasker::{Builder, SqliteStore, Store, StoreError, config_load};
 use reqwest::Method;
 use serde_json::Value;
@@ -145,9 +145,13 @@ struct BenchArgs {
     /// Length of the latency phase, e.g. 5s.
     #[arg(long, default_value = "5s", value_parser = parse_dur)]
     duration: Duration,
-    /// SQLite file to use (default: a fresh file in a temp dir). Must be new or empty.
+    /// SQLite file (default: a fresh file in a temp dir; must be new or
+    /// empty), or a postgres:// URL (a fresh schema is made and dropped).
     #[arg(long)]
     store: Option<String>,
+    /// Pools (simulated nodes, each with its own store connection) sharing the work.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// SQLite durability: full (default) or normal.
     #[arg(long, default_value = "full", value_parser = parse_sync)]
     synchronous: Synchronous,
@@ -259,16 +263,37 @@ fn init_logging(cfg: &Config) {
     };
 }
 
-fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, Failure> {
+async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, Failure> {
     match cfg.store.kind {
         StoreKind::Sqlite => {
             let mut o = SqliteOptions::new(cfg.store.path.clone());
             o.synchronous = cfg.store.synchronous;
             Ok(Arc::new(SqliteStore::open(o)?))
         }
-        StoreKind::Postgres => Err(Failure::user(
-            "store.kind: postgres is not available in this build yet; use sqlite",
-        )),
+        StoreKind::Postgres => {
+            let url = cfg.store.url.clone().unwrap_or_default();
+            let mut o = PostgresOptions::new(url).schema(cfg.store.schema.clone());
+            o.pool_size = cfg.store.pool_size;
+            let store = PostgresStore::connect(o).await?;
+            // Fail now, with exit 2, if the server does not answer.
+            store
+                .queue_paused()
+                .await
+                .or_else(|e| match e {
+                    // The schema may not exist before the first migrate.
+                    StoreError::Unavailable(m) if m.starts_with("42P01") => Ok(Vec::new()),
+                    other => Err(other),
+                })
+                .map_err(|e| Failure::unreachable(format!("store.url: {e}")))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+fn store_label(cfg: &Config) -> String {
+    match cfg.store.kind {
+        StoreKind::Sqlite => format!("sqlite {}", cfg.store.path.display()),
+        StoreKind::Postgres => format!("postgres schema {}", cfg.store.schema),
     }
 }
 
@@ -289,7 +314,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Migrate => {
             let cfg = load_config(cli.config.as_ref())?;
-            open_store(&cfg)?.migrate().await?;
+            open_store(&cfg).await?.migrate().await?;
             println!("schema is up to date");
             Ok(())
         }
@@ -468,7 +493,7 @@ async fn queue_action(
 
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_logging(&cfg);
-    let store = open_store(&cfg)?;
+    let store = open_store(&cfg).await?;
     if cfg.store.migrate {
         store.migrate().await?;
     }
@@ -482,7 +507,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         builder = builder.observer(metrics.clone());
     }
     let pool = Arc::new(builder.build().map_err(|e| Failure::user(e.to_string()))?);
-    tracing::info!(node = pool.node_name(), store = %cfg.store.path.display(), "node starting");
+    tracing::info!(node = pool.node_name(), store = %store_label(&cfg), "node starting");
     pool.start().await?;
 
     let stop = tokio_util::sync::CancellationToken::new();
@@ -546,49 +571,62 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
 }
 
 async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
-    let _dir;
-    let path = match a.store {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let d = tempfile_dir()?;
-            let p = d.join("bench.db");
-            _dir = TempDirGuard(d);
-            p
+    let params = BenchParams {
+        tasks: a.tasks,
+        batch: a.batch,
+        workers: a.workers,
+        rate: a.rate,
+        duration: a.duration,
+    };
+    let nodes = a.nodes.max(1);
+    let store_arg = a.store.clone().unwrap_or_default();
+    let (stores, label, _guard): (Vec<Arc<dyn Store>>, String, Option<TempDirGuard>) = match a.store {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let schema = format!("proto_tasker_bench_{}", std::process::id());
+            let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+            for _ in 0..nodes {
+                let o = PostgresOptions::new(url.clone()).schema(schema.clone());
+                stores.push(Arc::new(PostgresStore::connect(o).await?));
+            }
+            (stores, format!("postgres schema {schema} (dropped afterwards)"), None)
+        }
+        other => {
+            let (path, guard) = match other {
+                Some(p) => (PathBuf::from(p), None),
+                None => {
+                    let d = tempfile_dir()?;
+                    (d.join("bench.db"), Some(TempDirGuard(d)))
+                }
+            };
+            let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+            for _ in 0..nodes {
+                let mut o = SqliteOptions::new(&path);
+                o.synchronous = a.synchronous;
+                stores.push(Arc::new(SqliteStore::open(o)?));
+            }
+            (stores, format!("sqlite {} (synchronous={:?})", path.display(), a.synchronous), guard)
         }
     };
-    let mut o = SqliteOptions::new(&path);
-    o.synchronous = a.synchronous;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(o)?);
-    store.migrate().await?;
-    let report = bench::run(
-        store,
-        BenchParams {
-            tasks: a.tasks,
-            batch: a.batch,
-            workers: a.workers,
-            rate: a.rate,
-            duration: a.duration,
-        },
-    )
-    .await
-    .map_err(|e| Failure {
-        code: 2,
-        message: format!("bench failed: {e}"),
-    })?;
+    stores[0].migrate().await.map_err(|e| Failure::unreachable(e.to_string()))?;
+    let report = bench::run(stores.clone(), params).await;
+    if let Some(schema) = stores[0].postgres_schema() {
+        drop_bench_schema(&store_arg, schema).await;
+    }
+    let report = report.map_err(|e| Failure::unreachable(format!("bench failed: {e}")))?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        show(&serde_json::to_value(&report).unwrap_or_default());
     } else {
-        println!(
-            "store: sqlite {} (synchronous={:?})",
-            path.display(),
-            a.synchronous
-        );
+        println!("store: {label}, {nodes} node(s), {} workers", a.workers);
         print!("{report}");
     }
     Ok(())
+}
+
+async fn drop_bench_schema(url: &str, schema: &str) {
+    if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+    }
 }
 
 /// A temp dir removed on drop (the bench's default store).

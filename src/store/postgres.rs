@@ -458,10 +458,13 @@ impl PostgresStore {
     /// the LISTEN and NOTIFY tasks. Call [`Store::migrate`] before use.
     pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
         check_schema(&options.schema)?;
-        let pg: tokio_postgres::Config = options
+        let mut pg: tokio_postgres::Config = options
             .url
             .parse()
             .map_err(|e| StoreError::Invalid(format!("store.url: {e}")))?;
+        // Names our connections in pg_stat_activity (per schema, so tests can find theirs).
+        pg.application_name(format!("proto_tasker:{}", options.schema));
+        pg.connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             pg.clone(),
             NoTls,
