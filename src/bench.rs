@@ -170,8 +170,7 @@ pub async fn run(
             r??;
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while completed() < done_before + total && Instant::now() < deadline
-        {
+        while completed() < done_before + total && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         lat = latency.lock().ok().map(|h| percentiles(&h));

@@ -196,7 +196,10 @@ impl Client {
         tasks: Vec<NewTask>,
     ) -> Result<Vec<Inserted>, ClientError> {
         let schema = self.store.postgres_schema().ok_or_else(|| {
-            invalid("store", "insert_in needs a PostgresStore (the caller's transaction is PostgreSQL)")
+            invalid(
+                "store",
+                "insert_in needs a PostgresStore (the caller's transaction is PostgreSQL)",
+            )
         })?;
         let now = Utc::now();
         let rows = tasks

@@ -580,7 +580,8 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
     };
     let nodes = a.nodes.max(1);
     let store_arg = a.store.clone().unwrap_or_default();
-    let (stores, label, _guard): (Vec<Arc<dyn Store>>, String, Option<TempDirGuard>) = match a.store {
+    let (stores, label, _guard): (Vec<Arc<dyn Store>>, String, Option<TempDirGuard>) = match a.store
+    {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let schema = format!("proto_tasker_bench_{}", std::process::id());
             let mut stores: Vec<Arc<dyn Store>> = Vec::new();
@@ -588,7 +589,11 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
                 let o = PostgresOptions::new(url.clone()).schema(schema.clone());
                 stores.push(Arc::new(PostgresStore::connect(o).await?));
             }
-            (stores, format!("postgres schema {schema} (dropped afterwards)"), None)
+            (
+                stores,
+                format!("postgres schema {schema} (dropped afterwards)"),
+                None,
+            )
         }
         other => {
             let (path, guard) = match other {
@@ -604,10 +609,21 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
                 o.synchronous = a.synchronous;
                 stores.push(Arc::new(SqliteStore::open(o)?));
             }
-            (stores, format!("sqlite {} (synchronous={:?})", path.display(), a.synchronous), guard)
+            (
+                stores,
+                format!(
+                    "sqlite {} (synchronous={:?})",
+                    path.display(),
+                    a.synchronous
+                ),
+                guard,
+            )
         }
     };
-    stores[0].migrate().await.map_err(|e| Failure::unreachable(e.to_string()))?;
+    stores[0]
+        .migrate()
+        .await
+        .map_err(|e| Failure::unreachable(e.to_string()))?;
     let report = bench::run(stores.clone(), params).await;
     if let Some(schema) = stores[0].postgres_schema() {
         drop_bench_schema(&store_arg, schema).await;
@@ -625,7 +641,9 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
 async fn drop_bench_schema(url: &str, schema: &str) {
     if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
         tokio::spawn(conn);
-        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await;
     }
 }
 

@@ -116,7 +116,8 @@ fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 fn check_schema(s: &str) -> Result<(), StoreError> {
     let ok = !s.is_empty()
         && s.len() <= 48
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !s.starts_with(|c: char| c.is_ascii_digit());
     if ok {
         Ok(())
@@ -185,7 +186,9 @@ impl Sql {
                  ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND {UNFINISHED} DO NOTHING \
                  RETURNING {COLS}"
             ),
-            find_unique: format!("SELECT {COLS} FROM {s}.tasks WHERE unique_key = $1 AND {UNFINISHED}"),
+            find_unique: format!(
+                "SELECT {COLS} FROM {s}.tasks WHERE unique_key = $1 AND {UNFINISHED}"
+            ),
             claim: format!(
                 "WITH next AS ( \
                    SELECT id FROM {s}.tasks \
@@ -195,7 +198,10 @@ impl Sql {
                  UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $1, \
                    started_at = $2, cancel_requested = false \
                  FROM next WHERE t.id = next.id RETURNING {}",
-                COLS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
+                COLS.split(", ")
+                    .map(|c| format!("t.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             complete_many: format!(
                 "UPDATE {s}.tasks t SET \
@@ -212,7 +218,9 @@ impl Sql {
             ),
             get: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1"),
             get_for_update: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1 FOR UPDATE"),
-            cancel_running: format!("UPDATE {s}.tasks SET cancel_requested = true WHERE id = $1 RETURNING {COLS}"),
+            cancel_running: format!(
+                "UPDATE {s}.tasks SET cancel_requested = true WHERE id = $1 RETURNING {COLS}"
+            ),
             cancel_queued: format!(
                 "UPDATE {s}.tasks SET state = 'cancelled', finished_at = $2 WHERE id = $1 RETURNING {COLS}"
             ),
@@ -227,7 +235,9 @@ impl Sql {
                 "DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
                  WHERE state = $1 AND finished_at < $2 LIMIT $3)"
             ),
-            queue_counts: format!("SELECT queue, state, count(*) FROM {s}.tasks GROUP BY queue, state"),
+            queue_counts: format!(
+                "SELECT queue, state, count(*) FROM {s}.tasks GROUP BY queue, state"
+            ),
             queue_set_paused: format!(
                 "INSERT INTO {s}.queues (name, paused) VALUES ($1, $2) \
                  ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"
@@ -250,7 +260,9 @@ impl Sql {
                 "{rescue_set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
                    (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state"
             ),
-            rescue_node: format!("{rescue_set} WHERE state = 'running' AND node = $3 RETURNING id, node, state"),
+            rescue_node: format!(
+                "{rescue_set} WHERE state = 'running' AND node = $3 RETURNING id, node, state"
+            ),
             elect: format!(
                 "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
                  ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
@@ -320,7 +332,9 @@ fn row_to_task(r: &Row) -> Result<Task, StoreError> {
         queue: r.try_get(2).map_err(db_err)?,
         args: r.try_get(3).map_err(db_err)?,
         priority: r.try_get(4).map_err(db_err)?,
-        state: state.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
+        state: state
+            .parse()
+            .map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
         attempt: r.try_get(6).map_err(db_err)?,
         max_attempts: r.try_get(7).map_err(db_err)?,
         timeout_ms: r.try_get(8).map_err(db_err)?,
@@ -366,7 +380,9 @@ async fn insert_rows<C: GenericClient>(
         .collect();
     let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
     // Tasks without a unique key: one statement for all of them.
-    let plain: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].unique_key.is_none()).collect();
+    let plain: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].unique_key.is_none())
+        .collect();
     if !plain.is_empty() {
         let kinds: Vec<&str> = plain.iter().map(|&i| rows[i].kind.as_str()).collect();
         let queues: Vec<&str> = plain.iter().map(|&i| rows[i].queue.as_str()).collect();
@@ -376,10 +392,26 @@ async fn insert_rows<C: GenericClient>(
         let timeouts: Vec<Option<i64>> = plain.iter().map(|&i| rows[i].timeout_ms).collect();
         let run_ats: Vec<DateTime<Utc>> = plain.iter().map(|&i| rows[i].run_at).collect();
         let ids = c
-            .query(&sql.insert_many, &[&kinds, &queues, &args, &priorities, &attempts, &timeouts, &run_ats, &now])
+            .query(
+                &sql.insert_many,
+                &[
+                    &kinds,
+                    &queues,
+                    &args,
+                    &priorities,
+                    &attempts,
+                    &timeouts,
+                    &run_ats,
+                    &now,
+                ],
+            )
             .await
             .map_err(db_err)?;
-        let mut ids: Vec<i64> = ids.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>().map_err(db_err)?;
+        let mut ids: Vec<i64> = ids
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(db_err)?;
         // Ids come from one sequence in insertion (ordinality) order.
         ids.sort_unstable();
         for (&i, id) in plain.iter().zip(ids) {
@@ -391,7 +423,11 @@ async fn insert_rows<C: GenericClient>(
                     args: t.args.clone(),
                     queue: t.queue.clone(),
                     priority: t.priority,
-                    state: if t.run_at > now { TaskState::Scheduled } else { TaskState::Available },
+                    state: if t.run_at > now {
+                        TaskState::Scheduled
+                    } else {
+                        TaskState::Available
+                    },
                     attempt: 0,
                     max_attempts: t.max_attempts,
                     run_at: t.run_at,
@@ -409,19 +445,42 @@ async fn insert_rows<C: GenericClient>(
         }
     }
     // Tasks with a unique key: one at a time, so each learns whether it was new.
-    for (i, t) in rows.iter().enumerate().filter(|(_, t)| t.unique_key.is_some()) {
+    for (i, t) in rows
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.unique_key.is_some())
+    {
         let inserted = c
             .query_opt(
                 &sql.insert_unique,
-                &[&t.kind, &t.queue, &t.args, &t.priority, &t.max_attempts, &t.timeout_ms, &t.unique_key, &t.run_at, &now],
+                &[
+                    &t.kind,
+                    &t.queue,
+                    &t.args,
+                    &t.priority,
+                    &t.max_attempts,
+                    &t.timeout_ms,
+                    &t.unique_key,
+                    &t.run_at,
+                    &now,
+                ],
             )
             .await
             .map_err(db_err)?;
         out[i] = Some(match inserted {
-            Some(row) => Inserted { task: row_to_task(&row)?, existing: false },
+            Some(row) => Inserted {
+                task: row_to_task(&row)?,
+                existing: false,
+            },
             None => {
-                let row = c.query_one(&sql.find_unique, &[&t.unique_key]).await.map_err(db_err)?;
-                Inserted { task: row_to_task(&row)?, existing: true }
+                let row = c
+                    .query_one(&sql.find_unique, &[&t.unique_key])
+                    .await
+                    .map_err(db_err)?;
+                Inserted {
+                    task: row_to_task(&row)?,
+                    existing: true,
+                }
             }
         });
     }
@@ -468,7 +527,9 @@ impl PostgresStore {
         let manager = Manager::from_config(
             pg.clone(),
             NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
@@ -494,7 +555,13 @@ impl PostgresStore {
                 stop: stop.clone(),
             }),
         };
-        tokio::spawn(listen_loop(pg, channel.clone(), notify, events, stop.clone()));
+        tokio::spawn(listen_loop(
+            pg,
+            channel.clone(),
+            notify,
+            events,
+            stop.clone(),
+        ));
         tokio::spawn(notify_loop(pool, channel, outbox_rx, stop));
         Ok(store)
     }
@@ -503,8 +570,19 @@ impl PostgresStore {
         &self.inner.schema
     }
 
+    /// A pooled connection. Connections the server closed (restart,
+    /// `pg_terminate_backend`) are thrown away rather than handed out.
     async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.inner.pool.get().await.map_err(pool_err)
+        for _ in 0..self.inner.pool.status().max_size + 1 {
+            let c = self.inner.pool.get().await.map_err(pool_err)?;
+            if !c.is_closed() {
+                return Ok(c);
+            }
+            drop(deadpool_postgres::Object::take(c));
+        }
+        Err(StoreError::Unavailable(
+            "every pooled connection was closed".into(),
+        ))
     }
 
     /// Wake producers here now and on every node after the NOTIFY goes out.
@@ -532,7 +610,9 @@ async fn notify_loop(
         let sent = async {
             let c = pool.get().await.map_err(pool_err)?;
             for p in &payloads {
-                c.execute("SELECT pg_notify($1, $2)", &[&channel, p]).await.map_err(db_err)?;
+                c.execute("SELECT pg_notify($1, $2)", &[&channel, p])
+                    .await
+                    .map_err(db_err)?;
             }
             Ok::<_, StoreError>(())
         }
@@ -563,7 +643,8 @@ async fn listen_loop(
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
-                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(m) = messages.next().await {
                         match m {
                             Ok(AsyncMessage::Notification(n)) => {
@@ -593,7 +674,9 @@ async fn listen_loop(
                 }
                 driver.abort();
             }
-            Err(e) => tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "LISTEN connect failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "LISTEN connect failed")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {},
@@ -625,9 +708,12 @@ impl Store for PostgresStore {
         let tx = c.transaction().await.map_err(db_err)?;
         // Nodes starting together: the first migrates, the others wait here
         // and then find nothing to do.
-        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("proto_tasker_migrate:{s}")])
-            .await
-            .map_err(db_err)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("proto_tasker_migrate:{s}")],
+        )
+        .await
+        .map_err(db_err)?;
         tx.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {s}; \
              CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)"
@@ -648,18 +734,27 @@ impl Store for PostgresStore {
             )));
         }
         for (i, m) in all.iter().enumerate().skip(version as usize) {
-            tx.batch_execute(m)
-                .await
-                .map_err(|e| StoreError::Schema(format!("schema {s}: migration {}: {}", i + 1, db_err(e))))?;
+            tx.batch_execute(m).await.map_err(|e| {
+                StoreError::Schema(format!("schema {s}: migration {}: {}", i + 1, db_err(e)))
+            })?;
         }
-        tx.execute(&format!("DELETE FROM {s}.schema_version"), &[]).await.map_err(db_err)?;
-        tx.execute(&format!("INSERT INTO {s}.schema_version VALUES ($1)"), &[&(all.len() as i32)])
+        tx.execute(&format!("DELETE FROM {s}.schema_version"), &[])
             .await
             .map_err(db_err)?;
+        tx.execute(
+            &format!("INSERT INTO {s}.schema_version VALUES ($1)"),
+            &[&(all.len() as i32)],
+        )
+        .await
+        .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
     }
 
-    async fn task_insert_many(&self, tasks: Vec<TaskInsert>, now: DateTime<Utc>) -> Result<Vec<Inserted>, StoreError> {
+    async fn task_insert_many(
+        &self,
+        tasks: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Inserted>, StoreError> {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
@@ -667,7 +762,10 @@ impl Store for PostgresStore {
         let tx = c.transaction().await.map_err(db_err)?;
         let out = insert_rows(&*tx, &self.inner.sql, tasks, now).await?;
         tx.commit().await.map_err(db_err)?;
-        if out.iter().any(|i| !i.existing && i.task.state == TaskState::Available) {
+        if out
+            .iter()
+            .any(|i| !i.existing && i.task.state == TaskState::Available)
+        {
             self.announce_work();
         }
         Ok(out)
@@ -678,9 +776,20 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.claim).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.claim)
+            .await
+            .map_err(db_err)?;
         let rows = c
-            .query(&st, &[&p.node, &truncate_micros(p.now), &p.queue, &(p.limit as i64)])
+            .query(
+                &st,
+                &[
+                    &p.node,
+                    &truncate_micros(p.now),
+                    &p.queue,
+                    &(p.limit as i64),
+                ],
+            )
             .await
             .map_err(db_err)?;
         let mut tasks = rows_to_tasks(&rows)?;
@@ -688,7 +797,10 @@ impl Store for PostgresStore {
         Ok(tasks)
     }
 
-    async fn task_complete_many(&self, completions: Vec<Completion>) -> Result<Vec<bool>, StoreError> {
+    async fn task_complete_many(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<bool>, StoreError> {
         if completions.is_empty() {
             return Ok(Vec::new());
         }
@@ -707,15 +819,41 @@ impl Store for PostgresStore {
             ids.push(c.id.0);
             attempts.push(c.attempt);
             let (state, fin, result, run_at, error, delta) = match &c.outcome {
-                Outcome::Completed { result } => ("completed", Some(at), Some(result.clone()), None, None, 0),
-                Outcome::Retry { run_at, error } => {
-                    ("retryable", None, None, Some(truncate_micros(*run_at)), Some(error_value(c.attempt, c.at, error)), 0)
+                Outcome::Completed { result } => {
+                    ("completed", Some(at), Some(result.clone()), None, None, 0)
                 }
-                Outcome::Failed { error } => ("failed", Some(at), None, None, Some(error_value(c.attempt, c.at, error)), 0),
-                Outcome::Cancelled { error } => {
-                    ("cancelled", Some(at), None, None, Some(error_value(c.attempt, c.at, error)), 0)
-                }
-                Outcome::Snoozed { run_at } => ("scheduled", None, None, Some(truncate_micros(*run_at)), None, -1),
+                Outcome::Retry { run_at, error } => (
+                    "retryable",
+                    None,
+                    None,
+                    Some(truncate_micros(*run_at)),
+                    Some(error_value(c.attempt, c.at, error)),
+                    0,
+                ),
+                Outcome::Failed { error } => (
+                    "failed",
+                    Some(at),
+                    None,
+                    None,
+                    Some(error_value(c.attempt, c.at, error)),
+                    0,
+                ),
+                Outcome::Cancelled { error } => (
+                    "cancelled",
+                    Some(at),
+                    None,
+                    None,
+                    Some(error_value(c.attempt, c.at, error)),
+                    0,
+                ),
+                Outcome::Snoozed { run_at } => (
+                    "scheduled",
+                    None,
+                    None,
+                    Some(truncate_micros(*run_at)),
+                    None,
+                    -1,
+                ),
                 Outcome::Released => {
                     wake = true;
                     ("available", None, None, Some(at), None, -1)
@@ -729,29 +867,50 @@ impl Store for PostgresStore {
             deltas.push(delta);
         }
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.complete_many).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.complete_many)
+            .await
+            .map_err(db_err)?;
         let rows = c
-            .query(&st, &[&ids, &attempts, &states, &finished, &results, &run_ats, &errors, &deltas])
+            .query(
+                &st,
+                &[
+                    &ids, &attempts, &states, &finished, &results, &run_ats, &errors, &deltas,
+                ],
+            )
             .await
             .map_err(db_err)?;
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         if wake {
             self.announce_work();
         }
-        Ok(completions.iter().map(|c| applied.contains(&c.id.0)).collect())
+        Ok(completions
+            .iter()
+            .map(|c| applied.contains(&c.id.0))
+            .collect())
     }
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.get).await.map_err(db_err)?;
-        c.query_opt(&st, &[&id.0]).await.map_err(db_err)?.as_ref().map(row_to_task).transpose()
+        let st = c
+            .prepare_cached(&self.inner.sql.get)
+            .await
+            .map_err(db_err)?;
+        c.query_opt(&st, &[&id.0])
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(row_to_task)
+            .transpose()
     }
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
         let s = &self.inner.schema;
         let mut sql = format!("SELECT {COLS} FROM {s}.tasks WHERE true");
         let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
-        let mut add = |clause: &str, v: Box<dyn tokio_postgres::types::ToSql + Sync + Send>, sql: &mut String| {
+        let mut add = |clause: &str,
+                       v: Box<dyn tokio_postgres::types::ToSql + Sync + Send>,
+                       sql: &mut String| {
             params.push(v);
             sql.push_str(&format!(" AND {clause} ${}", params.len()));
         };
@@ -771,8 +930,10 @@ impl Store for PostgresStore {
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
         let c = self.conn().await?;
         let st = c.prepare_cached(&sql).await.map_err(db_err)?;
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         let rows = c.query(&st, &refs).await.map_err(db_err)?;
         rows_to_tasks(&rows)
     }
@@ -781,8 +942,15 @@ impl Store for PostgresStore {
         let sql = &self.inner.sql;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let row = tx.query_opt(&sql.get_for_update, &[&id.0]).await.map_err(db_err)?;
-        let task = row.as_ref().map(row_to_task).transpose()?.ok_or(StoreError::NotFound(id))?;
+        let row = tx
+            .query_opt(&sql.get_for_update, &[&id.0])
+            .await
+            .map_err(db_err)?;
+        let task = row
+            .as_ref()
+            .map(row_to_task)
+            .transpose()?
+            .ok_or(StoreError::NotFound(id))?;
         if task.state.is_finished() {
             return Err(StoreError::Conflict {
                 id,
@@ -791,7 +959,10 @@ impl Store for PostgresStore {
             });
         }
         let row = if task.state == TaskState::Running {
-            let row = tx.query_one(&sql.cancel_running, &[&id.0]).await.map_err(db_err)?;
+            let row = tx
+                .query_one(&sql.cancel_running, &[&id.0])
+                .await
+                .map_err(db_err)?;
             // Delivered on commit, to whichever node runs the task.
             let payload = format!("cancel:{}:{}", id.0, task.node.clone().unwrap_or_default());
             tx.execute("SELECT pg_notify($1, $2)", &[&self.inner.channel, &payload])
@@ -799,7 +970,9 @@ impl Store for PostgresStore {
                 .map_err(db_err)?;
             row
         } else {
-            tx.query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)]).await.map_err(db_err)?
+            tx.query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
+                .await
+                .map_err(db_err)?
         };
         let out = row_to_task(&row)?;
         tx.commit().await.map_err(db_err)?;
@@ -810,8 +983,15 @@ impl Store for PostgresStore {
         let sql = &self.inner.sql;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let row = tx.query_opt(&sql.get_for_update, &[&id.0]).await.map_err(db_err)?;
-        let task = row.as_ref().map(row_to_task).transpose()?.ok_or(StoreError::NotFound(id))?;
+        let row = tx
+            .query_opt(&sql.get_for_update, &[&id.0])
+            .await
+            .map_err(db_err)?;
+        let task = row
+            .as_ref()
+            .map(row_to_task)
+            .transpose()?
+            .ok_or(StoreError::NotFound(id))?;
         if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
             return Err(StoreError::Conflict {
                 id,
@@ -819,7 +999,10 @@ impl Store for PostgresStore {
                 message: "only failed or cancelled tasks can be retried".into(),
             });
         }
-        let row = match tx.query_one(&sql.retry, &[&id.0, &truncate_micros(now)]).await {
+        let row = match tx
+            .query_one(&sql.retry, &[&id.0, &truncate_micros(now)])
+            .await
+        {
             Ok(r) => r,
             Err(e) if is_unique_violation(&e) => {
                 return Err(StoreError::Conflict {
@@ -841,16 +1024,27 @@ impl Store for PostgresStore {
 
     async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.cancel_requested).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.cancel_requested)
+            .await
+            .map_err(db_err)?;
         let rows = c.query(&st, &[&node]).await.map_err(db_err)?;
         rows.iter()
-            .map(|r| Ok((TaskId(r.try_get(0).map_err(db_err)?), r.try_get(1).map_err(db_err)?)))
+            .map(|r| {
+                Ok((
+                    TaskId(r.try_get(0).map_err(db_err)?),
+                    r.try_get(1).map_err(db_err)?,
+                ))
+            })
             .collect()
     }
 
     async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.prune).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.prune)
+            .await
+            .map_err(db_err)?;
         let limit = p.limit.max(1) as i64;
         let mut total = 0;
         for (state, before) in [
@@ -859,7 +1053,10 @@ impl Store for PostgresStore {
             ("cancelled", p.cancelled_before),
         ] {
             if let Some(before) = before {
-                total += c.execute(&st, &[&state, &before, &limit]).await.map_err(db_err)?;
+                total += c
+                    .execute(&st, &[&state, &before, &limit])
+                    .await
+                    .map_err(db_err)?;
             }
         }
         Ok(total)
@@ -867,14 +1064,19 @@ impl Store for PostgresStore {
 
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.queue_counts).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.queue_counts)
+            .await
+            .map_err(db_err)?;
         let rows = c.query(&st, &[]).await.map_err(db_err)?;
         rows.iter()
             .map(|r| {
                 let state: String = r.try_get(1).map_err(db_err)?;
                 Ok((
                     r.try_get(0).map_err(db_err)?,
-                    state.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
+                    state.parse().map_err(|e: crate::task::UnknownState| {
+                        StoreError::Schema(e.to_string())
+                    })?,
                     r.try_get(2).map_err(db_err)?,
                 ))
             })
@@ -883,7 +1085,10 @@ impl Store for PostgresStore {
 
     async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.queue_set_paused).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.queue_set_paused)
+            .await
+            .map_err(db_err)?;
         c.execute(&st, &[&queue, &paused]).await.map_err(db_err)?;
         if !paused {
             self.announce_work();
@@ -893,18 +1098,33 @@ impl Store for PostgresStore {
 
     async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.queue_paused).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.queue_paused)
+            .await
+            .map_err(db_err)?;
         let rows = c.query(&st, &[]).await.map_err(db_err)?;
         rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
     }
 
     async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
-        let queues = serde_json::to_value(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let queues =
+            serde_json::to_value(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.heartbeat).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.heartbeat)
+            .await
+            .map_err(db_err)?;
         c.execute(
             &st,
-            &[&n.name, &n.version, &n.started_at, &truncate_micros(n.heartbeat_at), &n.workers, &n.workers_busy, &queues],
+            &[
+                &n.name,
+                &n.version,
+                &n.started_at,
+                &truncate_micros(n.heartbeat_at),
+                &n.workers,
+                &n.workers_busy,
+                &queues,
+            ],
         )
         .await
         .map_err(db_err)?;
@@ -913,14 +1133,21 @@ impl Store for PostgresStore {
 
     async fn node_remove(&self, name: &str) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        c.execute(&self.inner.sql.node_remove, &[&name]).await.map_err(db_err)?;
-        c.execute(&self.inner.sql.leader_remove, &[&name]).await.map_err(db_err)?;
+        c.execute(&self.inner.sql.node_remove, &[&name])
+            .await
+            .map_err(db_err)?;
+        c.execute(&self.inner.sql.leader_remove, &[&name])
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
     async fn node_list(&self) -> Result<Vec<NodeInfo>, StoreError> {
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.node_list).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.node_list)
+            .await
+            .map_err(db_err)?;
         let rows = c.query(&st, &[&Utc::now()]).await.map_err(db_err)?;
         rows.iter()
             .map(|r| {
@@ -945,12 +1172,18 @@ impl Store for PostgresStore {
         let c = self.conn().await?;
         let rows = match &p.node {
             Some(n) => {
-                let st = c.prepare_cached(&self.inner.sql.rescue_node).await.map_err(db_err)?;
+                let st = c
+                    .prepare_cached(&self.inner.sql.rescue_node)
+                    .await
+                    .map_err(db_err)?;
                 c.query(&st, &[&now, &now_text, n]).await
             }
             None => {
                 let cutoff = now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
-                let st = c.prepare_cached(&self.inner.sql.rescue_dead).await.map_err(db_err)?;
+                let st = c
+                    .prepare_cached(&self.inner.sql.rescue_dead)
+                    .await
+                    .map_err(db_err)?;
                 c.query(&st, &[&now, &now_text, &cutoff]).await
             }
         }
@@ -962,7 +1195,9 @@ impl Store for PostgresStore {
                 Ok(Rescued {
                     id: TaskId(r.try_get(0).map_err(db_err)?),
                     node: r.try_get(1).map_err(db_err)?,
-                    state: state.parse().map_err(|e: crate::task::UnknownState| StoreError::Schema(e.to_string()))?,
+                    state: state.parse().map_err(|e: crate::task::UnknownState| {
+                        StoreError::Schema(e.to_string())
+                    })?,
                 })
             })
             .collect::<Result<_, StoreError>>()?;
@@ -972,17 +1207,30 @@ impl Store for PostgresStore {
         Ok(rescued)
     }
 
-    async fn leader_try_elect(&self, node: &str, ttl: Duration, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn leader_try_elect(
+        &self,
+        node: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
         let c = self.conn().await?;
-        let st = c.prepare_cached(&self.inner.sql.elect).await.map_err(db_err)?;
-        let row = c.query_opt(&st, &[&node, &expires, &now]).await.map_err(db_err)?;
+        let st = c
+            .prepare_cached(&self.inner.sql.elect)
+            .await
+            .map_err(db_err)?;
+        let row = c
+            .query_opt(&st, &[&node, &expires, &now])
+            .await
+            .map_err(db_err)?;
         Ok(row.and_then(|r| r.try_get::<_, String>(0).ok()).as_deref() == Some(node))
     }
 
     async fn leader_resign(&self, node: &str) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        c.execute(&self.inner.sql.leader_remove, &[&node]).await.map_err(db_err)?;
+        c.execute(&self.inner.sql.leader_remove, &[&node])
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 

@@ -47,8 +47,12 @@ pub fn pg_url() -> String {
         if pg_answers(&url) {
             return Ok(url);
         }
-        if std::env::var("CI").as_deref() == Ok("true") && std::env::var("PROTO_TASKER_TEST_DATABASE_URL").is_ok() {
-            return Err(format!("PostgreSQL at {url} does not answer (CI: PostgreSQL tests never skip)"));
+        if std::env::var("CI").as_deref() == Ok("true")
+            && std::env::var("PROTO_TASKER_TEST_DATABASE_URL").is_ok()
+        {
+            return Err(format!(
+                "PostgreSQL at {url} does not answer (CI: PostgreSQL tests never skip)"
+            ));
         }
         throwaway_cluster()
     })
@@ -59,11 +63,17 @@ pub fn pg_url() -> String {
 fn pg_answers(url: &str) -> bool {
     let url = url.to_string();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
         rt.block_on(async {
             let cfg: tokio_postgres::Config = url.parse().ok()?;
             let fut = cfg.connect(tokio_postgres::NoTls);
-            let (client, conn) = tokio::time::timeout(std::time::Duration::from_secs(3), fut).await.ok()?.ok()?;
+            let (client, conn) = tokio::time::timeout(std::time::Duration::from_secs(3), fut)
+                .await
+                .ok()?
+                .ok()?;
             tokio::spawn(conn);
             client.simple_query("SELECT 1").await.ok().map(|_| ())
         })
@@ -98,7 +108,11 @@ fn throwaway_cluster() -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .port();
     // initdb refuses to run as root: run the cluster as the postgres user then.
-    let as_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
     let run = |prog: &str, args: &[&str]| -> Result<(), String> {
         let mut cmd = if as_root {
             let mut c = std::process::Command::new("runuser");
@@ -107,23 +121,60 @@ fn throwaway_cluster() -> Result<String, String> {
         } else {
             std::process::Command::new(bin.join(prog))
         };
-        let out = cmd.args(args).output().map_err(|e| format!("{prog}: {e}"))?;
+        let out = cmd
+            .args(args)
+            .output()
+            .map_err(|e| format!("{prog}: {e}"))?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!("{prog} failed: {}", String::from_utf8_lossy(&out.stderr)))
+            Err(format!(
+                "{prog} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
         }
     };
     if as_root {
-        let _ = std::process::Command::new("chown").args(["postgres", &root.to_string_lossy()]).status();
+        let _ = std::process::Command::new("chown")
+            .args(["postgres", &root.to_string_lossy()])
+            .status();
     }
     let data = root.join("data");
-    run("initdb", &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8"])?;
-    let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", root.display());
-    run("pg_ctl", &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &root.join("log").to_string_lossy(), "-w", "start"])?;
+    run(
+        "initdb",
+        &[
+            "-D",
+            &data.to_string_lossy(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ],
+    )?;
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+        root.display()
+    );
+    run(
+        "pg_ctl",
+        &[
+            "-D",
+            &data.to_string_lossy(),
+            "-o",
+            &opts,
+            "-l",
+            &root.join("log").to_string_lossy(),
+            "-w",
+            "start",
+        ],
+    )?;
     std::fs::write(&port_file, port.to_string()).map_err(|e| e.to_string())?;
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    eprintln!("started a throwaway PostgreSQL for the tests at {url} (stop: pg_ctl -D {} stop)", data.display());
+    eprintln!(
+        "started a throwaway PostgreSQL for the tests at {url} (stop: pg_ctl -D {} stop)",
+        data.display()
+    );
     Ok(url)
 }
 
@@ -137,11 +188,19 @@ impl Drop for PgSchema {
     fn drop(&mut self) {
         let (url, schema) = (self.url.clone(), self.schema.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
                 tokio::spawn(conn);
-                client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await.ok()
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .await
+                    .ok()
             })
         })
         .join();
@@ -152,7 +211,10 @@ impl Drop for PgSchema {
 pub fn fresh_schema() -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("pt_{}_{n}_{nanos}", std::process::id())
 }
 

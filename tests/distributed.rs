@@ -1,0 +1,613 @@
+//! Distributed mode on the real PostgreSQL: node processes that die or
+//! stall, connections killed under load, cancel across nodes, transactional
+//! enqueue, and concurrent claimers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use proto_tasker::store::{ClaimParams, PostgresOptions, PostgresStore};
+use proto_tasker::{
+    Builder, Client, NewTask, SentinelConfig, Store, TaskError, TaskRegistry, TaskState,
+    executor_fn,
+};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_proto_tasker");
+
+/// One request the execution-log server saw.
+#[derive(Debug, Clone)]
+struct Exec {
+    n: i64,
+    id: u64,
+    at: Instant,
+}
+
+/// An HTTP endpoint the `http` executor calls: it records every execution
+/// (the per-task execution log) and answers with a unique execution id.
+#[derive(Clone, Default)]
+struct ExecLog {
+    execs: Arc<Mutex<Vec<Exec>>>,
+    /// How long to hold the first execution of each task.
+    hold_first: Arc<Mutex<Duration>>,
+    /// How long to hold every other execution.
+    hold: Arc<Mutex<Duration>>,
+}
+
+impl ExecLog {
+    async fn serve(&self) -> String {
+        let log = self.clone();
+        let app = axum::Router::new().route(
+            "/run",
+            axum::routing::post(move |body: String| {
+                let log = log.clone();
+                async move {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let n = v["n"].as_i64().unwrap_or(-1);
+                    let (id, first) = {
+                        let mut e = log.execs.lock().unwrap();
+                        let first = !e.iter().any(|x| x.n == n);
+                        let id = e.len() as u64 + 1;
+                        e.push(Exec {
+                            n,
+                            id,
+                            at: Instant::now(),
+                        });
+                        (id, first)
+                    };
+                    let hold = if first {
+                        *log.hold_first.lock().unwrap()
+                    } else {
+                        *log.hold.lock().unwrap()
+                    };
+                    tokio::time::sleep(hold).await;
+                    format!("exec-{id}")
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        format!("http://{addr}/run")
+    }
+
+    fn execs(&self) -> Vec<Exec> {
+        self.execs.lock().unwrap().clone()
+    }
+
+    fn count_by_task(&self) -> HashMap<i64, usize> {
+        let mut m = HashMap::new();
+        for e in self.execs() {
+            *m.entry(e.n).or_default() += 1;
+        }
+        m
+    }
+}
+
+struct NodeProc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = signal(&self.child, "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) -> bool {
+    Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+const HEARTBEAT_MS: u64 = 300;
+const NODE_TIMEOUT_MS: u64 = 2000;
+
+fn start_node(dir: &Path, name: &str, url: &str, schema: &str, workers: usize) -> NodeProc {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "node:\n  name: {name}\nstore:\n  kind: postgres\n  url: {url}\n  schema: {schema}\n  pool_size: 8\n\
+             server:\n  listen: 127.0.0.1:0\nqueues:\n  default: {{workers: {workers}}}\n\
+             pool:\n  poll_interval: 200ms\n  shutdown_timeout: 2s\n\
+             sentinel:\n  heartbeat_interval: {HEARTBEAT_MS}ms\n  node_timeout: {NODE_TIMEOUT_MS}ms\n\
+             executors:\n  http:\n    allow_hosts: [\"127.0.0.1\"]\n    timeout: 60s\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .arg(format!("--config={}", cfg.display()))
+        .env("PROTO_TASKER_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    NodeProc {
+        child,
+        name: name.to_string(),
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Tasks in `state`; a connection the test itself killed may fail one read, so retry.
+async fn count(store: &Arc<dyn Store>, state: TaskState) -> i64 {
+    for _ in 0..20 {
+        if let Ok(counts) = store.queue_counts().await {
+            return counts.iter().filter(|c| c.1 == state).map(|c| c.2).sum();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the store never answered");
+}
+
+async fn all_tasks(store: &Arc<dyn Store>) -> Vec<proto_tasker::Task> {
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .task_list(proto_tasker::store::ListParams {
+                before,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        before = page.last().map(|t| t.id);
+        out.extend(page);
+    }
+}
+
+async fn enqueue_http(client: &Client, url: &str, n: usize) -> HashMap<i64, i64> {
+    let mut by_task = HashMap::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let tasks = chunk
+            .iter()
+            .map(|i| {
+                NewTask::new(
+                    "http",
+                    json!({"url": url, "method": "POST", "body": {"n": i}}),
+                )
+            })
+            .collect();
+        for (i, ins) in chunk.iter().zip(client.insert_many(tasks).await.unwrap()) {
+            by_task.insert(ins.task.id.0, *i as i64);
+        }
+    }
+    by_task
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_killed_every_task_completes() {
+    let (store, guard) = common::pg_store().await;
+    let log = ExecLog::default();
+    *log.hold.lock().unwrap() = Duration::from_millis(15);
+    *log.hold_first.lock().unwrap() = Duration::from_millis(15);
+    let url = log.serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<NodeProc> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| start_node(dir.path(), n, &guard.url, &guard.schema, 12))
+        .collect();
+    wait_for("three nodes", Duration::from_secs(20), async || {
+        store.node_list().await.unwrap().len() == 3
+    })
+    .await;
+
+    let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    let by_task = enqueue_http(&client, &url, 10_000).await;
+    wait_for("progress", Duration::from_secs(60), async || {
+        count(&store, TaskState::Completed).await >= 2000
+    })
+    .await;
+    let mut nodes = nodes;
+    let mut victim = nodes.remove(1);
+    assert_eq!(victim.name, "node-b");
+    victim.child.kill().unwrap(); // SIGKILL
+    let killed_at: DateTime<Utc> = Utc::now();
+    victim.child.wait().unwrap();
+    wait_for(
+        "every task completed",
+        Duration::from_secs(180),
+        async || count(&store, TaskState::Completed).await == 10_000,
+    )
+    .await;
+
+    let tasks = all_tasks(&store).await;
+    assert_eq!(tasks.len(), 10_000);
+    let execs = log.count_by_task();
+    let mut rescued = 0;
+    for t in &tasks {
+        assert_eq!(t.state, TaskState::Completed);
+        let n = by_task[&t.id.0];
+        let ran = execs.get(&n).copied().unwrap_or(0);
+        assert!(ran >= 1, "task {} never ran", t.id);
+        if t.attempt > 1 {
+            rescued += 1;
+            let e = &t.errors[0];
+            assert!(e.message.contains("node node-b stopped"), "{:?}", t.errors);
+            let late = (e.at - killed_at).num_milliseconds();
+            assert!(
+                late <= (NODE_TIMEOUT_MS + HEARTBEAT_MS + 700) as i64,
+                "task {} rescued {late}ms after the kill",
+                t.id
+            );
+        } else {
+            assert_eq!(
+                ran, 1,
+                "task {} ran {ran} times without being rescued",
+                t.id
+            );
+        }
+        assert!(
+            ran as i32 <= t.attempt,
+            "task {} ran {ran} times in {} attempts",
+            t.id,
+            t.attempt
+        );
+    }
+    assert!(
+        rescued > 0,
+        "the kill landed while node-b was running tasks"
+    );
+    let live = store.node_list().await.unwrap();
+    assert_eq!(
+        live.iter().filter(|n| n.leader).count(),
+        1,
+        "one leader: {live:?}"
+    );
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_cannot_complete_rescued_tasks() {
+    let (store, guard) = common::pg_store().await;
+    let log = ExecLog::default();
+    *log.hold_first.lock().unwrap() = Duration::from_millis(3500);
+    let url = log.serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(dir.path(), "node-a", &guard.url, &guard.schema, 20);
+    wait_for("node-a", Duration::from_secs(20), async || {
+        store.node_list().await.unwrap().len() == 1
+    })
+    .await;
+    let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    let by_task = enqueue_http(&client, &url, 20).await;
+    wait_for(
+        "node-a running all 20",
+        Duration::from_secs(20),
+        async || log.execs().len() == 20,
+    )
+    .await;
+    assert!(signal(&a.child, "STOP"));
+    let b = start_node(dir.path(), "node-b", &guard.url, &guard.schema, 20);
+    wait_for(
+        "node-b rescues and finishes all",
+        Duration::from_secs(30),
+        async || count(&store, TaskState::Completed).await == 20,
+    )
+    .await;
+    assert!(signal(&a.child, "CONT"));
+    // node-a wakes up; its first executions answer, and it tries to complete them.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let execs = log.execs();
+    for t in all_tasks(&store).await {
+        let n = by_task[&t.id.0];
+        let mine: Vec<&Exec> = execs.iter().filter(|e| e.n == n).collect();
+        assert_eq!(mine.len(), 2, "task {} ran twice: once on each node", t.id);
+        let second = mine.iter().max_by_key(|e| e.at).unwrap();
+        assert_eq!(t.state, TaskState::Completed);
+        assert_eq!(t.attempt, 2);
+        assert_eq!(t.node.as_deref(), Some("node-b"));
+        assert_eq!(
+            t.result.as_ref().unwrap()["body"],
+            format!("exec-{}", second.id),
+            "the stale node's late result did not overwrite the re-run's"
+        );
+    }
+    drop((a, b));
+}
+
+async fn terminate_backends(url: &str, schema: &str) -> u64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("proto_tasker:{schema}")],
+        )
+        .await
+        .unwrap();
+    rows.len() as u64
+}
+
+fn fast_sentinel() -> SentinelConfig {
+    SentinelConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        node_timeout: Duration::from_secs(3),
+        check_interval: Duration::from_millis(100),
+        ..SentinelConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_are_survived() {
+    let (store, guard) = common::pg_store_typed().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let pool = Builder::new(store.clone(), reg)
+        .queue("default", 16)
+        // Long on purpose: after the kills, wake-ups must come by NOTIFY, not polling.
+        .poll_interval(Duration::from_secs(30))
+        .sentinel(fast_sentinel())
+        .build()
+        .unwrap();
+    let client = pool.client();
+    let tasks = (0..3000)
+        .map(|_| NewTask::new("sleep", json!({"ms": 2})))
+        .collect();
+    client.insert_many(tasks).await.unwrap();
+    pool.start().await.unwrap();
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let mut killed = 0;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        killed += terminate_backends(&guard.url, &guard.schema).await;
+    }
+    assert!(killed > 0, "no backend was killed");
+    wait_for("all 3000 completed", Duration::from_secs(120), async || {
+        count(&dyn_store, TaskState::Completed).await == 3000
+    })
+    .await;
+    // The LISTEN connection was killed too; once it is back, a new task is
+    // picked up by notification well before the 30 s poll.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let began = Instant::now();
+    let t = client.enqueue("noop", json!(null)).await.unwrap();
+    let done = client.wait(t.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(done.state, TaskState::Completed);
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "woken by NOTIFY after reconnecting: {:?}",
+        began.elapsed()
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_a_task_running_on_another_node() {
+    let (store_a, guard) = common::pg_store_typed().await;
+    let store_b = Arc::new(
+        PostgresStore::connect(
+            PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
+        )
+        .await
+        .unwrap(),
+    );
+    let mut reg = TaskRegistry::new();
+    reg.register(
+        "wait_for_cancel",
+        executor_fn(|ctx| async move {
+            ctx.cancel.cancelled().await;
+            Err(TaskError::failed("stopped"))
+        }),
+    );
+    // Cancel polling runs at each heartbeat: make it slow, so a quick stop proves NOTIFY.
+    let slow = SentinelConfig {
+        heartbeat_interval: Duration::from_secs(5),
+        node_timeout: Duration::from_secs(30),
+        ..SentinelConfig::default()
+    };
+    let node_a = Builder::new(store_a.clone(), reg.clone())
+        .node_name("a")
+        .queue("a", 1)
+        .poll_interval(Duration::from_millis(100))
+        .sentinel(slow.clone())
+        .build()
+        .unwrap();
+    let node_b = Builder::new(store_b.clone(), reg)
+        .node_name("b")
+        .queue("b", 1)
+        .sentinel(slow)
+        .build()
+        .unwrap();
+    node_a.start().await.unwrap();
+    node_b.start().await.unwrap();
+    let t = node_b
+        .client()
+        .insert(
+            NewTask::new("wait_for_cancel", json!(null))
+                .with(proto_tasker::TaskOptions::default().queue("a")),
+        )
+        .await
+        .unwrap()
+        .task;
+    let shared = node_a.shared().clone();
+    wait_for("running on a", Duration::from_secs(10), async || {
+        shared.workers_busy() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = Instant::now();
+    node_b.client().cancel(t.id).await.unwrap();
+    let done = node_b
+        .client()
+        .wait(t.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(done.state, TaskState::Cancelled);
+    assert_eq!(done.node.as_deref(), Some("a"));
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "delivered by NOTIFY: {:?}",
+        began.elapsed()
+    );
+    node_a.shutdown().await;
+    node_b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_enqueued_in_a_transaction_exist_only_if_it_commits() {
+    let (store, guard) = common::pg_store_typed().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let pool = Builder::new(store.clone(), reg)
+        .poll_interval(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let (mut pg, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    pg.batch_execute(&format!("CREATE TABLE {}.orders (id int)", guard.schema))
+        .await
+        .unwrap();
+
+    let tx = pg.transaction().await.unwrap();
+    tx.execute(
+        &format!("INSERT INTO {}.orders VALUES (1)", guard.schema),
+        &[],
+    )
+    .await
+    .unwrap();
+    let gone = client
+        .insert_in(&tx, vec![NewTask::new("noop", json!({"order": 1}))])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        client.get(gone[0].task.id).await.unwrap().is_none(),
+        "rolled back with the caller's transaction"
+    );
+
+    let tx = pg.transaction().await.unwrap();
+    tx.execute(
+        &format!("INSERT INTO {}.orders VALUES (2)", guard.schema),
+        &[],
+    )
+    .await
+    .unwrap();
+    let kept = client
+        .insert_in(&tx, vec![NewTask::new("noop", json!({"order": 2}))])
+        .await
+        .unwrap();
+    assert!(
+        client.get(kept[0].task.id).await.unwrap().is_none(),
+        "invisible before commit"
+    );
+    let began = Instant::now();
+    tx.commit().await.unwrap();
+    let t = client
+        .wait(kept[0].task.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(t.state, TaskState::Completed);
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "the commit's NOTIFY woke the node"
+    );
+    pool.shutdown().await;
+}
+
+#[test]
+fn concurrent_claimers_never_claim_the_same_task() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stores, _guard) = rt.block_on(async {
+        let (first, guard) = common::pg_store_typed().await;
+        let mut stores: Vec<Arc<dyn Store>> = vec![first];
+        for _ in 0..3 {
+            let s = PostgresStore::connect(
+                PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
+            )
+            .await
+            .unwrap();
+            stores.push(Arc::new(s));
+        }
+        (stores, guard)
+    });
+    let round = std::sync::atomic::AtomicU32::new(0);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 24,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &(1usize..400, 2usize..8, 1usize..40),
+            |(tasks, claimers, batch)| {
+                let queue = format!(
+                    "q{}",
+                    round.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let claimed = rt.block_on(async {
+                    let now = Utc::now();
+                    let rows = (0..tasks)
+                        .map(|_| common::insert("x", &queue, 0, now))
+                        .collect();
+                    stores[0].task_insert_many(rows, now).await.unwrap();
+                    let mut handles = Vec::new();
+                    for c in 0..claimers {
+                        let store = stores[c % stores.len()].clone();
+                        let queue = queue.clone();
+                        handles.push(tokio::spawn(async move {
+                            let mut mine = Vec::new();
+                            loop {
+                                let got = store
+                                    .task_claim(ClaimParams {
+                                        queue: queue.clone(),
+                                        node: format!("n{c}"),
+                                        limit: batch,
+                                        now: Utc::now(),
+                                    })
+                                    .await
+                                    .unwrap();
+                                if got.is_empty() {
+                                    return mine;
+                                }
+                                mine.extend(got.into_iter().map(|t| t.id));
+                            }
+                        }));
+                    }
+                    let mut all = Vec::new();
+                    for h in handles {
+                        all.extend(h.await.unwrap());
+                    }
+                    all
+                });
+                let unique: std::collections::HashSet<_> = claimed.iter().collect();
+                prop_assert_eq!(claimed.len(), tasks, "every task claimed");
+                prop_assert_eq!(unique.len(), tasks, "no task claimed twice");
+                Ok(())
+            },
+        )
+        .unwrap();
+}
