@@ -133,6 +133,8 @@ impl Sentinel {
                 now: Utc::now(),
                 node_timeout: self.config.node_timeout,
                 node: Some(self.shared.node.clone()),
+                keep: Vec::new(),
+                started_before: None,
             })
             .await?;
         if !rescued.is_empty() {
@@ -157,12 +159,14 @@ impl Sentinel {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_beat = Instant::now();
         let mut last_prune: Option<Instant> = None;
+        let mut last_reconcile = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = heartbeat.tick() => {
                     self.beat(&mut last_beat).await;
                     self.rescue().await;
+                    self.reconcile(&mut last_reconcile).await;
                     self.elect_and_prune(&mut last_prune).await;
                     self.poll_cancels().await;
                 }
@@ -220,6 +224,8 @@ impl Sentinel {
             now: Utc::now(),
             node_timeout: self.config.node_timeout,
             node: None,
+            keep: Vec::new(),
+            started_before: None,
         };
         match self.store.node_rescue(params).await {
             Ok(r) if !r.is_empty() => {
@@ -233,6 +239,43 @@ impl Sentinel {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "rescue failed"),
+        }
+    }
+
+    /// Put back tasks the store says run here but this node holds no record
+    /// of (a claim whose answer was lost with its connection). Tasks this node
+    /// holds, and recent claims still on their way to a slot, are left alone.
+    async fn reconcile(&self, last: &mut Instant) {
+        if last.elapsed() < self.config.node_timeout || self.shared.fenced.load(Ordering::Acquire) {
+            return;
+        }
+        *last = Instant::now();
+        let keep: Vec<_> = self
+            .shared
+            .running
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        let now = Utc::now();
+        let params = RescueParams {
+            now,
+            node_timeout: self.config.node_timeout,
+            node: Some(self.shared.node.clone()),
+            keep,
+            started_before: Some(
+                now - chrono::Duration::from_std(self.config.node_timeout).unwrap_or_default(),
+            ),
+        };
+        match self.store.node_rescue(params).await {
+            Ok(r) if !r.is_empty() => {
+                Counters::add(&self.shared.counters.rescued, r.len() as u64);
+                tracing::warn!(
+                    count = r.len(),
+                    "put back tasks marked running here that this node did not hold"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
         }
     }
 
@@ -323,11 +366,10 @@ impl Sentinel {
             slot.handle.abort();
             // The hung slot can no longer return its capacity; do it here.
             drop(permit);
-            if let Ok(mut m) = self.shared.running.lock()
-                && let Some(r) = m.remove(&info.task)
-            {
-                r.stop(StopReason::Timeout);
-            }
+            // The entry stays in `running` until the completer writes the
+            // outcome below (see reconcile).
+            self.shared
+                .stop_task(info.task, Some(info.attempt), StopReason::Timeout);
             let error = format!(
                 "executor did not stop within {}ms after its timeout; worker replaced",
                 self.config.hung_grace.as_millis()

@@ -452,6 +452,8 @@ pub mod cases {
             now,
             node_timeout: Duration::from_secs(15),
             node: None,
+            keep: Vec::new(),
+            started_before: None,
         };
         let rescued = s.node_rescue(params.clone()).await.unwrap();
         let ids: HashSet<_> = rescued.iter().map(|r| r.id).collect();
@@ -487,15 +489,34 @@ pub mod cases {
         // Rescue of a named node (start-up of a node with the same name).
         let more = s.task_claim(claim("q", "live", 5, now)).await.unwrap();
         assert!(!more.is_empty());
-        let named = s
-            .node_rescue(RescueParams {
-                now,
-                node_timeout: Duration::from_secs(15),
-                node: Some("live".into()),
-            })
+        let named = |keep: Vec<proto_tasker::TaskId>, started_before| RescueParams {
+            now,
+            node_timeout: Duration::from_secs(15),
+            node: Some("live".into()),
+            keep,
+            started_before,
+        };
+        // Claims newer than started_before are left alone (still on their way to a slot).
+        let fresh = s
+            .node_rescue(named(Vec::new(), Some(now - secs(1))))
             .await
             .unwrap();
-        assert_eq!(named.len(), more.len() + 1);
+        assert!(fresh.is_empty());
+        // Tasks the node says it holds are kept; the rest of its running tasks go back.
+        let kept = on_live[0].id;
+        let put_back = s
+            .node_rescue(named(vec![kept], Some(now + secs(1))))
+            .await
+            .unwrap();
+        assert_eq!(put_back.len(), more.len());
+        assert!(put_back.iter().all(|r| r.id != kept));
+        assert_eq!(
+            s.task_get(kept).await.unwrap().unwrap().state,
+            TaskState::Running
+        );
+        // Start-up of a node with the same name: everything of that name goes back.
+        let all = s.node_rescue(named(Vec::new(), None)).await.unwrap();
+        assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [kept]);
     }
 
     pub async fn retention_prunes_only_old_finished_tasks(s: S) {

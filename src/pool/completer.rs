@@ -32,6 +32,14 @@ impl Completer {
                 match self.store.task_complete_many(batch.clone()).await {
                     Ok(applied) => {
                         self.count(&batch, &applied);
+                        if let Ok(mut m) = self.shared.running.lock() {
+                            for c in &batch {
+                                // Only this attempt's entry: a re-claim may hold a newer one.
+                                if m.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {
+                                    m.remove(&c.id);
+                                }
+                            }
+                        }
                         break;
                     }
                     Err(e) => {

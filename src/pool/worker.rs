@@ -223,9 +223,8 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
         if let Some(o) = &shared.observer {
             o.task_finished(&task, &outcome, started.elapsed());
         }
-        if let Ok(mut m) = shared.running.lock() {
-            m.remove(&task.id);
-        }
+        // The task stays in `running` until the completer has written its
+        // outcome, so the Sentinel's reconcile never puts it back meanwhile.
         let _ = ctx.completions.send(Completion {
             id: task.id,
             attempt: task.attempt,

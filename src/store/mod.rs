@@ -164,8 +164,13 @@ pub struct RescueParams {
     pub node_timeout: Duration,
     /// Rescue this node's running tasks whatever its heartbeat says (used by
     /// a node at start-up: anything still running under its own name is an
-    /// orphan of an earlier process).
+    /// orphan of an earlier process; and by a live node for tasks it holds
+    /// no record of, e.g. a claim whose answer was lost with its connection).
     pub node: Option<String>,
+    /// With `node`: leave these tasks alone (the node holds them).
+    pub keep: Vec<TaskId>,
+    /// With `node`: only tasks started before this instant.
+    pub started_before: Option<DateTime<Utc>>,
 }
 
 /// A task that was running on a dead node and was put back.

@@ -261,7 +261,8 @@ impl Sql {
                    (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state"
             ),
             rescue_node: format!(
-                "{rescue_set} WHERE state = 'running' AND node = $3 RETURNING id, node, state"
+                "{rescue_set} WHERE state = 'running' AND node = $3 AND NOT (id = ANY($4)) \
+                 AND started_at < $5 RETURNING id, node, state"
             ),
             elect: format!(
                 "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
@@ -1176,7 +1177,9 @@ impl Store for PostgresStore {
                     .prepare_cached(&self.inner.sql.rescue_node)
                     .await
                     .map_err(db_err)?;
-                c.query(&st, &[&now, &now_text, n]).await
+                let keep: Vec<i64> = p.keep.iter().map(|t| t.0).collect();
+                let before = p.started_before.unwrap_or(DateTime::<Utc>::MAX_UTC);
+                c.query(&st, &[&now, &now_text, n, &keep, &before]).await
             }
             None => {
                 let cutoff = now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();

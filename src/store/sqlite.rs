@@ -954,7 +954,11 @@ impl Store for SqliteStore {
                      errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', ?2, \
                         'message', 'node ' || coalesce(node, '?') || ' stopped while running the task; rescued'))";
                 let sql = match &p.node {
-                    Some(_) => format!("{set} WHERE state = 'running' AND node = ?3 RETURNING id, node, state"),
+                    Some(_) => format!(
+                        "{set} WHERE state = 'running' AND node = ?3 \
+                         AND id NOT IN (SELECT value FROM json_each(?4)) AND started_at < ?5 \
+                         RETURNING id, node, state"
+                    ),
                     None => format!(
                         "{set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
                          (SELECT name FROM nodes WHERE heartbeat_at >= ?3)) RETURNING id, node, state"
@@ -965,7 +969,12 @@ impl Store for SqliteStore {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 };
                 let rows = match &p.node {
-                    Some(n) => st.query_map(params![now, now_text, n], map),
+                    Some(n) => {
+                        let keep = serde_json::to_string(&p.keep.iter().map(|t| t.0).collect::<Vec<_>>())
+                            .unwrap_or_else(|_| "[]".into());
+                        let before = p.started_before.map(to_micros).unwrap_or(i64::MAX);
+                        st.query_map(params![now, now_text, n, keep, before], map)
+                    }
                     None => st.query_map(params![now, now_text, cutoff], map),
                 }
                 .map_err(sql_err)?

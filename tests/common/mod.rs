@@ -84,42 +84,94 @@ fn pg_answers(url: &str) -> bool {
     .is_some()
 }
 
-/// Start (or reuse) a private cluster under /tmp. Returns its URL.
+/// Start (or reuse) the shared throwaway cluster under /tmp. Returns its URL.
 fn throwaway_cluster() -> Result<String, String> {
-    let install = "PostgreSQL does not answer and no initdb was found: install PostgreSQL (apt-get install postgresql) or set PROTO_TASKER_TEST_DATABASE_URL";
-    let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .map_err(|_| install.to_string())?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("bin"))
-        .find(|p| p.join("initdb").exists())
-        .ok_or_else(|| install.to_string())?;
     let root = std::path::PathBuf::from("/tmp/proto_tasker-test-pg");
-    let port_file = root.join("port");
-    if let Ok(port) = std::fs::read_to_string(&port_file) {
+    if let Ok(port) = std::fs::read_to_string(root.join("port")) {
         let url = format!("postgres://postgres@127.0.0.1:{}/postgres", port.trim());
         if pg_answers(&url) {
             return Ok(url);
         }
     }
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    // initdb refuses to run as root: run the cluster as the postgres user then.
-    let as_root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let run = |prog: &str, args: &[&str]| -> Result<(), String> {
-        let mut cmd = if as_root {
+    let c = Cluster::create(&root)?;
+    std::fs::write(root.join("port"), c.port.to_string()).map_err(|e| e.to_string())?;
+    eprintln!(
+        "started a throwaway PostgreSQL for the tests at {} (stop: pg_ctl -D {} stop)",
+        c.url,
+        c.data.display()
+    );
+    Ok(c.url.clone())
+}
+
+/// A PostgreSQL cluster of our own (initdb + pg_ctl), for tests that must
+/// restart the database, or when no server answers.
+pub struct Cluster {
+    pub url: String,
+    pub port: u16,
+    pub root: std::path::PathBuf,
+    pub data: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    as_root: bool,
+}
+
+impl Cluster {
+    /// initdb a new cluster in `root` (wiped first) and start it.
+    pub fn create(root: &std::path::Path) -> Result<Cluster, String> {
+        let install = "PostgreSQL does not answer and no initdb was found: install PostgreSQL (apt-get install postgresql) or set PROTO_TASKER_TEST_DATABASE_URL";
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|_| install.to_string())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .ok_or_else(|| install.to_string())?;
+        let _ = std::fs::remove_dir_all(root);
+        std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        // initdb refuses to run as root: then the cluster runs as the postgres user.
+        let as_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if as_root {
+            let _ = std::process::Command::new("chown")
+                .args(["postgres", &root.to_string_lossy()])
+                .status();
+        }
+        let c = Cluster {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            root: root.to_path_buf(),
+            data: root.join("data"),
+            bin,
+            as_root,
+        };
+        c.run(
+            "initdb",
+            &[
+                "-D",
+                &c.data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        )?;
+        c.start()?;
+        Ok(c)
+    }
+
+    fn run(&self, prog: &str, args: &[&str]) -> Result<(), String> {
+        let mut cmd = if self.as_root {
             let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(prog));
             c
         } else {
-            std::process::Command::new(bin.join(prog))
+            std::process::Command::new(self.bin.join(prog))
         };
         let out = cmd
             .args(args)
@@ -133,49 +185,43 @@ fn throwaway_cluster() -> Result<String, String> {
                 String::from_utf8_lossy(&out.stderr)
             ))
         }
-    };
-    if as_root {
-        let _ = std::process::Command::new("chown")
-            .args(["postgres", &root.to_string_lossy()])
-            .status();
     }
-    let data = root.join("data");
-    run(
-        "initdb",
-        &[
-            "-D",
-            &data.to_string_lossy(),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-        ],
-    )?;
-    let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-        root.display()
-    );
-    run(
-        "pg_ctl",
-        &[
-            "-D",
-            &data.to_string_lossy(),
-            "-o",
-            &opts,
-            "-l",
-            &root.join("log").to_string_lossy(),
-            "-w",
-            "start",
-        ],
-    )?;
-    std::fs::write(&port_file, port.to_string()).map_err(|e| e.to_string())?;
-    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    eprintln!(
-        "started a throwaway PostgreSQL for the tests at {url} (stop: pg_ctl -D {} stop)",
-        data.display()
-    );
-    Ok(url)
+
+    pub fn start(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.root.display()
+        );
+        let log = self.root.join("log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-o",
+                &opts,
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "start",
+            ],
+        )
+    }
+
+    pub fn stop(&self) -> Result<(), String> {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        )
+    }
 }
 
 /// Drops its schema when the test ends.
