@@ -678,3 +678,98 @@ async fn a_database_restart_loses_no_outcome() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_heartbeat_fences_itself() {
+    let root = std::env::temp_dir().join(format!("proto_tasker-fence-{}", std::process::id()));
+    let cluster = tokio::task::spawn_blocking(move || common::Cluster::create(&root))
+        .await
+        .unwrap()
+        .unwrap();
+    let store = Arc::new(
+        PostgresStore::connect(PostgresOptions::new(cluster.url.clone()).schema("fence"))
+            .await
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stopped.clone();
+    let mut reg = TaskRegistry::new();
+    reg.register(
+        "long",
+        executor_fn(move |ctx| {
+            let s2 = s2.clone();
+            async move {
+                ctx.cancel.cancelled().await;
+                s2.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(TaskError::failed("stopped: lease lost"))
+            }
+        }),
+    );
+    let heartbeat = Duration::from_millis(200);
+    let lease = Duration::from_millis(1500);
+    let pool = Builder::new(store.clone(), reg)
+        .poll_interval(Duration::from_millis(100))
+        .sentinel(SentinelConfig {
+            heartbeat_interval: heartbeat,
+            node_timeout: lease,
+            ..SentinelConfig::default()
+        })
+        .shutdown_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let client = pool.client();
+    let t = client.enqueue("long", json!(null)).await.unwrap();
+    pool.start().await.unwrap();
+    let shared = pool.shared().clone();
+    wait_for("running", Duration::from_secs(10), async || {
+        shared.workers_busy() == 1
+    })
+    .await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let down = Instant::now();
+    wait_for(
+        "the node to stop its task",
+        Duration::from_secs(10),
+        async || stopped.load(std::sync::atomic::Ordering::SeqCst),
+    )
+    .await;
+    let took = down.elapsed();
+    assert!(
+        took < lease + heartbeat * 3,
+        "fenced within its lease: {took:?}"
+    );
+    assert!(
+        shared.fenced.load(std::sync::atomic::Ordering::SeqCst),
+        "claims stopped"
+    );
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.start().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    // Back up: the released task is claimed again (attempt not used up) and the node unfences.
+    wait_for("the task to run again", Duration::from_secs(20), async || {
+        matches!(store.task_get(t.id).await, Ok(Some(x)) if x.state == TaskState::Running && x.attempt == 1 && x.started_at > Some(t.created_at))
+            && !shared.fenced.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    let again = store.task_get(t.id).await.unwrap().unwrap();
+    assert!(
+        again.errors.is_empty(),
+        "released, not failed: {:?}",
+        again.errors
+    );
+    pool.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = cluster.stop();
+        let _ = std::fs::remove_dir_all(&cluster.root);
+    })
+    .await;
+}
