@@ -81,12 +81,21 @@ impl Client {
     /// Enqueue many tasks in one transaction: all are inserted or none.
     pub async fn insert_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>, ClientError> {
         let now = Utc::now();
-        let rows = tasks
+        let rows = self.resolve_all(tasks, now)?;
+        Ok(self.store.task_insert_many(rows, now).await?)
+    }
+
+    /// Resolve a batch; errors name the offending task as `tasks[i]`.
+    fn resolve_all(
+        &self,
+        tasks: Vec<NewTask>,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Vec<TaskInsert>, ClientError> {
+        tasks
             .into_iter()
             .enumerate()
             .map(|(i, t)| self.resolve(t, now, Some(i)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.store.task_insert_many(rows, now).await?)
+            .collect()
     }
 
     /// Apply defaults and check one task. `index` names it in errors of a batch.
@@ -202,11 +211,7 @@ impl Client {
             )
         })?;
         let now = Utc::now();
-        let rows = tasks
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| self.resolve(t, now, Some(i)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows = self.resolve_all(tasks, now)?;
         Ok(crate::store::postgres::insert_in(tx, schema, rows, now).await?)
     }
 

@@ -75,6 +75,35 @@ pub struct TaskInsert {
     pub unique_key: Option<String>,
 }
 
+impl TaskInsert {
+    /// The task this insert created, as stored with `id` at `now`.
+    pub fn to_task(&self, id: TaskId, now: DateTime<Utc>) -> Task {
+        Task {
+            id,
+            kind: self.kind.clone(),
+            args: self.args.clone(),
+            queue: self.queue.clone(),
+            priority: self.priority,
+            state: if self.run_at > now {
+                TaskState::Scheduled
+            } else {
+                TaskState::Available
+            },
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            node: None,
+            result: None,
+            errors: Vec::new(),
+            timeout_ms: self.timeout_ms,
+            unique_key: self.unique_key.clone(),
+        }
+    }
+}
+
 /// The result of inserting one task.
 #[derive(Debug, Clone)]
 pub struct Inserted {

@@ -416,31 +416,8 @@ async fn insert_rows<C: GenericClient>(
         // Ids come from one sequence in insertion (ordinality) order.
         ids.sort_unstable();
         for (&i, id) in plain.iter().zip(ids) {
-            let t = &rows[i];
             out[i] = Some(Inserted {
-                task: Task {
-                    id: TaskId(id),
-                    kind: t.kind.clone(),
-                    args: t.args.clone(),
-                    queue: t.queue.clone(),
-                    priority: t.priority,
-                    state: if t.run_at > now {
-                        TaskState::Scheduled
-                    } else {
-                        TaskState::Available
-                    },
-                    attempt: 0,
-                    max_attempts: t.max_attempts,
-                    run_at: t.run_at,
-                    created_at: now,
-                    started_at: None,
-                    finished_at: None,
-                    node: None,
-                    result: None,
-                    errors: Vec::new(),
-                    timeout_ms: t.timeout_ms,
-                    unique_key: None,
-                },
+                task: rows[i].to_task(TaskId(id), now),
                 existing: false,
             });
         }
@@ -831,16 +808,12 @@ impl Store for PostgresStore {
                     Some(error_value(c.attempt, c.at, error)),
                     0,
                 ),
-                Outcome::Failed { error } => (
-                    "failed",
-                    Some(at),
-                    None,
-                    None,
-                    Some(error_value(c.attempt, c.at, error)),
-                    0,
-                ),
-                Outcome::Cancelled { error } => (
-                    "cancelled",
+                Outcome::Failed { error } | Outcome::Cancelled { error } => (
+                    if matches!(c.outcome, Outcome::Failed { .. }) {
+                        "failed"
+                    } else {
+                        "cancelled"
+                    },
                     Some(at),
                     None,
                     None,

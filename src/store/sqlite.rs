@@ -444,25 +444,7 @@ fn insert_one(
     ])
     .map_err(sql_err)?;
     Ok(Inserted {
-        task: Task {
-            id: TaskId(conn.last_insert_rowid()),
-            kind: t.kind.clone(),
-            args: t.args.clone(),
-            queue: t.queue.clone(),
-            priority: t.priority,
-            state,
-            attempt: 0,
-            max_attempts: t.max_attempts,
-            run_at: t.run_at,
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            node: None,
-            result: None,
-            errors: Vec::new(),
-            timeout_ms: t.timeout_ms,
-            unique_key: t.unique_key.clone(),
-        },
+        task: t.to_task(TaskId(conn.last_insert_rowid()), now),
         existing: false,
     })
 }
