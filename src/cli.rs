@@ -257,6 +257,29 @@ pub fn print_queues(v: &Value) {
     );
 }
 
+pub fn print_schedules(v: &Value) {
+    let rows: Vec<Vec<String>> = v["schedules"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            vec![
+                cell(&s["name"]),
+                cell(&s["cron"]),
+                cell(&s["timezone"]),
+                cell(&s["kind"]),
+                cell(&s["next_run"]),
+                cell(&s["source"]),
+            ]
+        })
+        .collect();
+    table(
+        &["SCHEDULE", "CRON", "TIMEZONE", "KIND", "NEXT_RUN", "SOURCE"],
+        &rows,
+    );
+}
+
 pub fn print_nodes(v: &Value) {
     let rows: Vec<Vec<String>> = v["nodes"]
         .as_array()

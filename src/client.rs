@@ -85,6 +85,16 @@ impl Client {
         Ok(self.store.task_insert_many(rows, now).await?)
     }
 
+    /// Check a task as `insert` would, without inserting it.
+    pub fn check(&self, task: NewTask) -> Result<(), ClientError> {
+        self.resolve(task, Utc::now(), None).map(|_| ())
+    }
+
+    /// Apply defaults and check tasks without inserting them.
+    pub(crate) fn prepare(&self, tasks: Vec<NewTask>) -> Result<Vec<TaskInsert>, ClientError> {
+        self.resolve_all(tasks, Utc::now())
+    }
+
     /// Resolve a batch; errors name the offending task as `tasks[i]`.
     fn resolve_all(
         &self,

@@ -306,6 +306,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub log: LogConfig,
     pub executors: ExecutorsConfig,
+    /// Cron schedules this node registers at start.
+    pub schedules: Vec<crate::cron::ScheduleSpec>,
 }
 
 impl Default for Config {
@@ -323,6 +325,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             log: LogConfig::default(),
             executors: ExecutorsConfig::default(),
+            schedules: Vec::new(),
         }
     }
 }
@@ -484,8 +487,18 @@ fn yaml_message(msg: &str) -> String {
 /// the `workers:` under `default:`, in YAML and JSON alike.
 fn find_line(text: &str, field: &str) -> Option<u64> {
     let mut pos = 0;
-    for key in field.split('.') {
-        pos = find_key(text, key, pos)?;
+    // `schedules[2]`: find `schedules`, then the next key's third occurrence.
+    let mut repeat = 0;
+    for seg in field.split('.') {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        for _ in 0..=repeat {
+            pos = find_key(text, key, pos)? + key.len();
+        }
+        pos -= key.len();
+        repeat = index.unwrap_or(0);
     }
     Some(text[..pos].matches('\n').count() as u64 + 1)
 }
@@ -604,6 +617,17 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
             "max_batch, max_args_bytes and max_body_bytes must be more than 0",
         );
     }
+    let mut names = std::collections::HashSet::new();
+    for (i, spec) in cfg.schedules.iter().enumerate() {
+        spec.parse(&format!("schedules[{i}]."))
+            .map_err(|e| (e.field, e.message))?;
+        if !names.insert(spec.name.as_str()) {
+            return Err((
+                format!("schedules[{i}].name"),
+                format!("{:?} is used twice", spec.name),
+            ));
+        }
+    }
     if cfg.log.level.trim().is_empty() {
         return e("log.level", "must not be empty");
     }
@@ -653,6 +677,9 @@ impl Config {
         }
         let s = &self.sentinel;
         let r = &self.retention;
+        for spec in &self.schedules {
+            b = b.schedule(spec.clone());
+        }
         b.poll_interval(self.pool.poll_interval.0)
             .claim_max(self.pool.claim_max)
             .shutdown_timeout(self.pool.shutdown_timeout.0)
@@ -753,6 +780,19 @@ mod tests {
         let e = load("bad.yaml", "sentinel:\n  node_timeout: soon\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("sentinel.node_timeout"), "{e}");
         assert!(e.message.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn bad_schedules_name_the_item_and_line() {
+        let yaml = "schedules:\n  - name: a\n    cron: \"* * * * *\"\n    kind: noop\n  - name: b\n    cron: \"0 99 * * *\"\n    kind: noop\n";
+        let e = load("s.yaml", yaml).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("schedules[1].cron"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.message.contains("field 2 (hour)"), "{e}");
+        let yaml = "schedules:\n  - name: a\n    cron: \"* * * * *\"\n    kind: noop\n    timezone: Nowhere/Special\n";
+        let e = load("s.yaml", yaml).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("schedules[0].timezone"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
     }
 
     #[test]

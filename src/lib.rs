@@ -83,6 +83,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod cron;
 pub mod executor;
 pub mod executors;
 pub mod pool;

@@ -91,6 +91,8 @@ enum Command {
     Resume { queue: String },
     /// Nodes of the cluster, their heartbeats and the leader.
     Nodes,
+    /// Cron schedules with their next run.
+    Schedules,
 }
 
 #[derive(Subcommand, Debug)]
@@ -409,6 +411,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Pause { queue } => queue_action(&remote()?, &queue, "pause", json).await,
         Command::Resume { queue } => queue_action(&remote()?, &queue, "resume", json).await,
+        Command::Schedules => {
+            let (_, v) = remote()?.call(Method::GET, "/schedules", None).await?;
+            if json {
+                show(&v)
+            } else {
+                cli::print_schedules(&v)
+            }
+            Ok(())
+        }
         Command::Nodes => {
             let (_, v) = remote()?.call(Method::GET, "/nodes", None).await?;
             if json {

@@ -115,6 +115,17 @@ const HEARTBEAT_MS: u64 = 300;
 const NODE_TIMEOUT_MS: u64 = 2000;
 
 fn start_node(dir: &Path, name: &str, url: &str, schema: &str, workers: usize) -> NodeProc {
+    start_node_with(dir, name, url, schema, workers, "")
+}
+
+fn start_node_with(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    schema: &str,
+    workers: usize,
+    extra: &str,
+) -> NodeProc {
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &cfg,
@@ -123,7 +134,7 @@ fn start_node(dir: &Path, name: &str, url: &str, schema: &str, workers: usize) -
              server:\n  listen: 127.0.0.1:0\nqueues:\n  default: {{workers: {workers}}}\n\
              pool:\n  poll_interval: 200ms\n  shutdown_timeout: 2s\n\
              sentinel:\n  heartbeat_interval: {HEARTBEAT_MS}ms\n  node_timeout: {NODE_TIMEOUT_MS}ms\n\
-             executors:\n  http:\n    allow_hosts: [\"127.0.0.1\"]\n    timeout: 60s\n"
+             executors:\n  http:\n    allow_hosts: [\"127.0.0.1\"]\n    timeout: 60s\n{extra}"
         ),
     )
     .unwrap();
@@ -772,4 +783,80 @@ async fn a_node_that_cannot_heartbeat_fences_itself() {
         let _ = std::fs::remove_dir_all(&cluster.root);
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
+    let (store, guard) = common::pg_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = "schedules:\n  - name: tick\n    cron: \"* * * * * *\"\n    kind: noop\n    catch_up: all\n";
+    let mut nodes: Vec<NodeProc> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| start_node_with(dir.path(), n, &guard.url, &guard.schema, 4, schedule))
+        .collect();
+    wait_for(
+        "a leader among three nodes",
+        Duration::from_secs(20),
+        async || {
+            let n = store.node_list().await.unwrap();
+            n.len() == 3 && n.iter().any(|x| x.leader)
+        },
+    )
+    .await;
+    // Count the ticks of a 20-second window that starts at the next whole second.
+    let start = Utc::now() + chrono::Duration::seconds(1);
+    let start = start - chrono::Duration::nanoseconds(start.timestamp_subsec_nanos() as i64);
+    let end = start + chrono::Duration::seconds(20);
+    tokio::time::sleep((start - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(10))
+        .await;
+    let leader = store
+        .node_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.leader)
+        .unwrap()
+        .name;
+    let i = nodes.iter().position(|n| n.name == leader).unwrap();
+    let mut dead = nodes.remove(i);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    // Wait out the window, the failover (node_timeout) and a little more.
+    tokio::time::sleep(
+        (end - Utc::now()).to_std().unwrap_or_default()
+            + Duration::from_millis(NODE_TIMEOUT_MS + 2000),
+    )
+    .await;
+    let tasks = all_tasks(&store).await;
+    let mut ticks: Vec<DateTime<Utc>> = tasks
+        .iter()
+        .filter_map(|t| {
+            t.unique_key
+                .as_deref()?
+                .strip_prefix("cron:tick:")?
+                .parse()
+                .ok()
+        })
+        .filter(|t| *t >= start && *t < end)
+        .collect();
+    let n = ticks.len();
+    ticks.sort();
+    ticks.dedup();
+    assert_eq!(ticks.len(), n, "no tick enqueued twice");
+    assert_eq!(
+        n, 20,
+        "one task per second over 20 s with the leader killed at 10 s: {ticks:?}"
+    );
+    let new_leader = store
+        .node_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.leader)
+        .map(|n| n.name);
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "another node took over"
+    );
+    drop(nodes);
 }

@@ -648,3 +648,41 @@ async fn the_leader_prunes_finished_tasks_past_retention() {
     assert!(nodes.iter().any(|n| n.leader && n.name == pool.node_name()));
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schedule_enqueues_one_task_per_tick() {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let spec: proto_tasker::cron::ScheduleSpec = serde_json::from_value(json!({
+        "name": "every-second", "cron": "* * * * * *", "kind": "noop", "queue": "default"
+    }))
+    .unwrap();
+    let pool = builder(store, reg)
+        .schedule(spec)
+        .cron_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    pool.shutdown().await;
+    let tasks = client
+        .list(proto_tasker::store::ListParams {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        (3..=4).contains(&tasks.len()),
+        "about one per second: {}",
+        tasks.len()
+    );
+    let keys: std::collections::HashSet<_> = tasks
+        .iter()
+        .map(|t| t.unique_key.clone().unwrap())
+        .collect();
+    assert_eq!(keys.len(), tasks.len(), "one task per tick");
+    assert!(keys.iter().all(|k| k.starts_with("cron:every-second:")));
+}

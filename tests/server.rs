@@ -689,3 +689,100 @@ async fn a_locked_store_answers_503_and_recovers() {
     assert_eq!(st, StatusCode::CREATED, "{t}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_are_listed_added_and_removed() {
+    let s = start(Setup {
+        yaml: "schedules:\n  - name: nightly\n    cron: \"0 3 * * *\"\n    timezone: Europe/Paris\n    kind: noop\n",
+        ..Setup::default()
+    })
+    .await;
+    let (st, list) = s.get("/schedules").await;
+    assert_eq!(st, StatusCode::OK);
+    let nightly = &list["schedules"][0];
+    assert_eq!(nightly["name"], "nightly");
+    assert_eq!(nightly["source"], "config");
+    let next: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(nightly["next_run"].clone()).unwrap();
+    let paris = next.with_timezone(&chrono_tz::Europe::Paris);
+    assert_eq!(
+        chrono::Timelike::hour(&paris),
+        3,
+        "next run at 03:00 Paris time: {paris}"
+    );
+
+    let (st, added) = s
+        .post(
+            "/schedules",
+            json!({"name": "often", "cron": "*/5 * * * * *", "kind": "noop", "catch_up": "all"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{added}");
+    assert_eq!(added["source"], "api");
+    assert!(added["next_run"].is_string());
+    let (_, list) = s.get("/schedules").await;
+    assert_eq!(list["schedules"].as_array().unwrap().len(), 2);
+
+    assert_error(
+        &s.post(
+            "/schedules",
+            json!({"name": "bad", "cron": "0 61 * * *", "kind": "noop"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("cron"),
+    );
+    let bad = s
+        .post(
+            "/schedules",
+            json!({"name": "bad", "cron": "0 61 * * *", "kind": "noop"}),
+        )
+        .await;
+    assert!(
+        bad.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("field 2 (hour)"),
+        "{}",
+        bad.1
+    );
+    assert_error(
+        &s.post(
+            "/schedules",
+            json!({"name": "bad", "cron": "* * * * *", "kind": "noop", "timezone": "Moon/Base"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("timezone"),
+    );
+    assert_error(
+        &s.post(
+            "/schedules",
+            json!({"name": "bad", "cron": "* * * * *", "kind": "nope"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("kind"),
+    );
+    assert_error(
+        &s.post(
+            "/schedules",
+            json!({"name": "bad", "cron": "* * * * *", "kind": "noop", "priority": 12}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("priority"),
+    );
+
+    let (st, _) = s
+        .call(reqwest::Method::DELETE, "/schedules/often", None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_error(
+        &s.call(reqwest::Method::DELETE, "/schedules/often", None)
+            .await,
+        StatusCode::NOT_FOUND,
+        Some("name"),
+    );
+    s.stop().await;
+}

@@ -699,6 +699,50 @@ pub mod cases {
         );
     }
 
+    pub async fn schedules_fire_each_tick_once(s: S) {
+        use proto_tasker::store::ScheduleRow;
+        let now = now();
+        let row = |last| ScheduleRow {
+            name: "nightly".into(),
+            spec: serde_json::json!({"name": "nightly", "cron": "0 0 * * *", "kind": "x"}),
+            source: "config".into(),
+            last_tick: last,
+        };
+        s.schedule_upsert(row(now)).await.unwrap();
+        // Upserting again keeps the schedule's progress.
+        s.schedule_upsert(row(now + secs(500))).await.unwrap();
+        let listed = s.schedule_list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].last_tick, now);
+        let mut task = insert("x", "cron", 0, now);
+        task.unique_key = Some("cron:nightly:t1".into());
+        let fired = s
+            .schedule_fire("nightly", now, now + secs(60), vec![task.clone()], now)
+            .await
+            .unwrap();
+        assert_eq!(fired.unwrap().len(), 1);
+        // A second node that read the old last_tick fires nothing.
+        let again = s
+            .schedule_fire("nightly", now, now + secs(60), vec![task], now)
+            .await
+            .unwrap();
+        assert!(again.is_none());
+        assert_eq!(
+            s.task_claim(claim("cron", "n", 10, now))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.schedule_list().await.unwrap()[0].last_tick,
+            now + secs(60)
+        );
+        assert!(s.schedule_delete("nightly").await.unwrap());
+        assert!(!s.schedule_delete("nightly").await.unwrap());
+        assert!(s.schedule_list().await.unwrap().is_empty());
+    }
+
     pub async fn nodes_register_and_deregister(s: S) {
         let now = now();
         s.node_heartbeat(node("n1", now)).await.unwrap();
@@ -748,6 +792,7 @@ macro_rules! all_cases {
             list_filters_and_paginates,
             nodes_register_and_deregister,
             paused_queues_are_not_claimed,
+            schedules_fire_each_tick_once,
         );
     };
 }

@@ -28,6 +28,10 @@ pub(crate) struct PoolConfig {
     pub force_shutdown: bool,
     pub cancel_grace: Duration,
     pub sentinel: SentinelConfig,
+    /// How often the leader looks for due schedules.
+    pub cron_interval: Duration,
+    /// Schedules this node registers at start.
+    pub schedules: Vec<crate::cron::ScheduleSpec>,
 }
 
 /// Builds a [`WorkerPool`].
@@ -84,6 +88,8 @@ impl Builder {
                 force_shutdown: false,
                 cancel_grace: Duration::from_secs(2),
                 sentinel: SentinelConfig::default(),
+                cron_interval: Duration::from_millis(500),
+                schedules: Vec::new(),
             },
             observer: None,
         }
@@ -132,6 +138,20 @@ impl Builder {
     /// released regardless.
     pub fn cancel_grace(mut self, d: Duration) -> Self {
         self.config.cancel_grace = d;
+        self
+    }
+
+    /// Register a cron schedule at start (replacing one of the same name).
+    /// Only the leader fires schedules; see [`crate::cron`].
+    pub fn schedule(mut self, spec: crate::cron::ScheduleSpec) -> Self {
+        self.config.schedules.retain(|s| s.name != spec.name);
+        self.config.schedules.push(spec);
+        self
+    }
+
+    /// How often the leader looks for due schedules (default 500ms).
+    pub fn cron_interval(mut self, d: Duration) -> Self {
+        self.config.cron_interval = d;
         self
     }
 
@@ -188,7 +208,14 @@ impl Builder {
                 ),
             ));
         }
-        if s.check_interval.is_zero() || self.config.poll_interval.is_zero() {
+        for (i, spec) in self.config.schedules.iter().enumerate() {
+            spec.parse(&format!("schedules[{i}]."))
+                .map_err(|e| err(&e.field, e.message))?;
+        }
+        if s.check_interval.is_zero()
+            || self.config.poll_interval.is_zero()
+            || self.config.cron_interval.is_zero()
+        {
             return Err(err("poll_interval", "intervals must be more than 0".into()));
         }
         Ok(WorkerPool::new(

@@ -48,6 +48,7 @@ use worker::{SlotCtx, run_slot};
 
 struct Running {
     producers: Vec<JoinHandle<()>>,
+    cron: JoinHandle<()>,
     sentinel: JoinHandle<Vec<Slot>>,
     sentinel_stop: CancellationToken,
     completer: JoinHandle<()>,
@@ -138,6 +139,24 @@ impl WorkerPool {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         sentinel.start().await?;
+        for spec in &self.config.schedules {
+            let row = crate::store::ScheduleRow {
+                name: spec.name.clone(),
+                spec: serde_json::to_value(spec).map_err(|e| StoreError::Invalid(e.to_string()))?,
+                source: "config".into(),
+                last_tick: Utc::now(),
+            };
+            self.store.schedule_upsert(row).await?;
+        }
+        let cron = tokio::spawn(
+            crate::cron::CronScheduler {
+                store: self.store.clone(),
+                client: self.client(),
+                shared: self.shared.clone(),
+                interval: self.config.cron_interval,
+            }
+            .run(),
+        );
         let completer = tokio::spawn(
             Completer {
                 store: self.store.clone(),
@@ -182,6 +201,7 @@ impl WorkerPool {
         tracing::info!(node = %self.shared.node, queues = ?self.config.queues, "worker pool started");
         *running = Some(Running {
             producers,
+            cron,
             sentinel,
             sentinel_stop,
             completer,
@@ -205,6 +225,7 @@ impl WorkerPool {
         for p in run.producers {
             let _ = p.await;
         }
+        let _ = run.cron.await;
         if !self.config.force_shutdown && !shared.wait_idle(self.config.shutdown_timeout).await {
             tracing::warn!(
                 busy = shared.workers_busy(),

@@ -37,6 +37,8 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/queues/{queue}/pause", post(pause_queue))
         .route("/queues/{queue}/resume", post(resume_queue))
         .route("/nodes", get(list_nodes))
+        .route("/schedules", get(list_schedules).post(put_schedule))
+        .route("/schedules/{name}", axum::routing::delete(delete_schedule))
 }
 
 /// Read a JSON body of at most `limit` bytes; errors name the field.
@@ -427,6 +429,62 @@ async fn list_nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         })
         .collect();
     Ok(Json(json!({ "nodes": nodes })))
+}
+
+async fn list_schedules(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let rows = state.store.schedule_list().await?;
+    let views: Vec<_> = rows
+        .iter()
+        .map(crate::cron::ScheduleView::from_row)
+        .collect();
+    Ok(Json(json!({ "schedules": views })))
+}
+
+/// Add a schedule, or replace the one of the same name.
+async fn put_schedule(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let spec: crate::cron::ScheduleSpec = read_json(body, state.limits.max_body_bytes).await?;
+    let schedule = spec
+        .parse("")
+        .map_err(|e| ApiError::bad(e.field, e.message))?;
+    if !state.registry.contains(&spec.kind) {
+        return Err(
+            ApiError::bad("kind", format!("unknown kind {:?}", spec.kind))
+                .with_code("unknown_kind"),
+        );
+    }
+    // The schedule's task must be valid too: check it as an enqueue would.
+    state.client.check(schedule.task(Utc::now()))?;
+    let row = crate::store::ScheduleRow {
+        name: spec.name.clone(),
+        spec: serde_json::to_value(&spec).map_err(|e| ApiError::bad("body", e.to_string()))?,
+        source: "api".into(),
+        last_tick: Utc::now(),
+    };
+    state.store.schedule_upsert(row).await?;
+    let view = state
+        .store
+        .schedule_list()
+        .await?
+        .iter()
+        .find(|r| r.name == spec.name)
+        .map(crate::cron::ScheduleView::from_row);
+    Ok((StatusCode::CREATED, Json(json!(view))).into_response())
+}
+
+async fn delete_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if state.store.schedule_delete(&name).await? {
+        Ok(Json(json!({ "deleted": name })))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no schedule {name:?}"),
+        )
+        .field("name"))
+    }
 }
 
 pub(crate) async fn healthz() -> Json<Value> {

@@ -210,6 +210,16 @@ pub struct Rescued {
     pub state: TaskState,
 }
 
+/// A cron schedule as stored: its spec (JSON of [`ScheduleSpec`](crate::cron::ScheduleSpec)),
+/// where it came from (`config` or `api`) and the last tick fired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRow {
+    pub name: String,
+    pub spec: serde_json::Value,
+    pub source: String,
+    pub last_tick: DateTime<Utc>,
+}
+
 /// Events a store publishes to the nodes that use it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreEvent {
@@ -268,6 +278,28 @@ pub trait Store: Send + Sync + 'static {
     /// The queues that are paused.
     async fn queue_paused(&self) -> Result<Vec<String>, StoreError>;
 
+    /// Add a schedule or replace its spec and source; a new schedule's
+    /// `last_tick` is the row's (normally now), an existing one keeps its own.
+    async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError>;
+
+    /// Remove a schedule; false when there was none of that name.
+    async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError>;
+
+    async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError>;
+
+    /// Fire a schedule, atomically: if its `last_tick` is still `expected`,
+    /// set it to `new_last` and insert `tasks` (unique keys honoured) in the
+    /// same transaction, returning them; otherwise change nothing and return
+    /// `None` (another node fired it).
+    async fn schedule_fire(
+        &self,
+        name: &str,
+        expected: DateTime<Utc>,
+        new_last: DateTime<Utc>,
+        tasks: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<Inserted>>, StoreError>;
+
     /// Register or refresh this node.
     async fn node_heartbeat(&self, node: NodeInfo) -> Result<(), StoreError>;
 
@@ -308,6 +340,16 @@ pub trait Store: Send + Sync + 'static {
 /// `t` cut to whole microseconds: the precision every store keeps.
 pub fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     from_micros(to_micros(t))
+}
+
+/// Tasks with their `run_at` cut to the precision stores keep.
+pub(crate) fn truncate_rows(rows: Vec<TaskInsert>) -> Vec<TaskInsert> {
+    rows.into_iter()
+        .map(|mut t| {
+            t.run_at = truncate_micros(t.run_at);
+            t
+        })
+        .collect()
 }
 
 pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {

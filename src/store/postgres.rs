@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
-    Rescued, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
+    Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
 };
 use crate::task::{AttemptError, Task, TaskId, TaskState};
 
@@ -157,6 +157,10 @@ struct Sql {
     rescue_dead: String,
     rescue_node: String,
     elect: String,
+    schedule_upsert: String,
+    schedule_delete: String,
+    schedule_list: String,
+    schedule_move: String,
 }
 
 impl Sql {
@@ -264,6 +268,17 @@ impl Sql {
                 "{rescue_set} WHERE state = 'running' AND node = $3 AND NOT (id = ANY($4)) \
                  AND started_at < $5 RETURNING id, node, state"
             ),
+            schedule_upsert: format!(
+                "INSERT INTO {s}.schedules (name, spec, source, last_tick) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, source = excluded.source"
+            ),
+            schedule_delete: format!("DELETE FROM {s}.schedules WHERE name = $1"),
+            schedule_list: format!(
+                "SELECT name, spec, source, last_tick FROM {s}.schedules ORDER BY name"
+            ),
+            schedule_move: format!(
+                "UPDATE {s}.schedules SET last_tick = $1 WHERE name = $2 AND last_tick = $3"
+            ),
             elect: format!(
                 "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
                  ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
@@ -275,7 +290,8 @@ impl Sql {
 
 /// The schema, one entry per version. Append; never edit a released entry.
 fn migrations(s: &str) -> Vec<String> {
-    vec![format!(
+    vec![
+        format!(
         "CREATE TABLE {s}.tasks (
             id               bigserial PRIMARY KEY,
             kind             text        NOT NULL,
@@ -321,7 +337,16 @@ fn migrations(s: &str) -> Vec<String> {
             node       text        NOT NULL,
             expires_at timestamptz NOT NULL
         );"
-    )]
+        ),
+        format!(
+            "CREATE TABLE {s}.schedules (
+            name      text PRIMARY KEY,
+            spec      jsonb       NOT NULL,
+            source    text        NOT NULL,
+            last_tick timestamptz NOT NULL
+        );"
+        ),
+    ]
 }
 
 fn row_to_task(r: &Row) -> Result<Task, StoreError> {
@@ -372,13 +397,7 @@ async fn insert_rows<C: GenericClient>(
     now: DateTime<Utc>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let now = truncate_micros(now);
-    let rows: Vec<TaskInsert> = rows
-        .into_iter()
-        .map(|mut t| {
-            t.run_at = truncate_micros(t.run_at);
-            t
-        })
-        .collect();
+    let rows = super::truncate_rows(rows);
     let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
     // Tasks without a unique key: one statement for all of them.
     let plain: Vec<usize> = (0..rows.len())
@@ -1078,6 +1097,86 @@ impl Store for PostgresStore {
             .map_err(db_err)?;
         let rows = c.query(&st, &[]).await.map_err(db_err)?;
         rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
+    }
+
+    async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.schedule_upsert)
+            .await
+            .map_err(db_err)?;
+        c.execute(
+            &st,
+            &[
+                &row.name,
+                &row.spec,
+                &row.source,
+                &truncate_micros(row.last_tick),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError> {
+        let c = self.conn().await?;
+        let n = c
+            .execute(&self.inner.sql.schedule_delete, &[&name])
+            .await
+            .map_err(db_err)?;
+        Ok(n > 0)
+    }
+
+    async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.schedule_list)
+            .await
+            .map_err(db_err)?;
+        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ScheduleRow {
+                    name: r.try_get(0).map_err(db_err)?,
+                    spec: r.try_get(1).map_err(db_err)?,
+                    source: r.try_get(2).map_err(db_err)?,
+                    last_tick: r.try_get(3).map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn schedule_fire(
+        &self,
+        name: &str,
+        expected: DateTime<Utc>,
+        new_last: DateTime<Utc>,
+        tasks: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<Inserted>>, StoreError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let moved = tx
+            .execute(
+                &self.inner.sql.schedule_move,
+                &[
+                    &truncate_micros(new_last),
+                    &name,
+                    &truncate_micros(expected),
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        if moved == 0 {
+            return Ok(None);
+        }
+        let out = insert_rows(&*tx, &self.inner.sql, tasks, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        if out.iter().any(|i| !i.existing) {
+            self.announce_work();
+        }
+        Ok(Some(out))
     }
 
     async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {

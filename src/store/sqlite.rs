@@ -32,7 +32,7 @@ use tokio::sync::{Notify, broadcast, oneshot};
 
 use super::{
     ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
-    Rescued, Store, StoreError, StoreEvent, TaskInsert, from_micros, to_micros,
+    Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, from_micros, to_micros,
 };
 use crate::task::{AttemptError, Task, TaskId, TaskState};
 
@@ -40,7 +40,8 @@ use crate::task::{AttemptError, Task, TaskId, TaskState};
 pub const MAX_GROUP: usize = 512;
 
 /// The schema, one entry per `PRAGMA user_version`. Append; never edit a released entry.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tasks (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     kind             TEXT    NOT NULL,
@@ -89,7 +90,16 @@ CREATE TABLE leader (
     node       TEXT    NOT NULL,
     expires_at INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE schedules (
+    name      TEXT PRIMARY KEY,
+    spec      TEXT    NOT NULL,
+    source    TEXT    NOT NULL,
+    last_tick INTEGER NOT NULL
+);
+"#,
+];
 
 const TASK_COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
      unique_key, run_at, created_at, started_at, finished_at, node, result, errors";
@@ -575,13 +585,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let now = super::truncate_micros(now);
-        let tasks: Vec<TaskInsert> = tasks
-            .into_iter()
-            .map(|mut t| {
-                t.run_at = super::truncate_micros(t.run_at);
-                t
-            })
-            .collect();
+        let tasks = super::truncate_rows(tasks);
         // Serialize outside the writer thread: it is the bottleneck.
         let args: Vec<String> = tasks
             .iter()
@@ -850,6 +854,111 @@ impl Store for SqliteStore {
                 .map_err(sql_err)
         })
         .await
+    }
+
+    async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
+        let spec =
+            serde_json::to_string(&row.spec).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO schedules (name, spec, source, last_tick) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, source = excluded.source",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    row.name,
+                    spec,
+                    row.source,
+                    to_micros(row.last_tick)
+                ])
+            })
+            .map_err(sql_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            conn.execute("DELETE FROM schedules WHERE name = ?1", [name])
+                .map(|n| n > 0)
+                .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        self.read(|conn| {
+            let mut st = conn
+                .prepare_cached("SELECT name, spec, source, last_tick FROM schedules ORDER BY name")
+                .map_err(sql_err)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            rows.into_iter()
+                .map(|(name, spec, source, last)| {
+                    Ok(ScheduleRow {
+                        name,
+                        spec: serde_json::from_str(&spec)
+                            .map_err(|e| StoreError::Schema(format!("schedules.spec: {e}")))?,
+                        source,
+                        last_tick: from_micros(last),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn schedule_fire(
+        &self,
+        name: &str,
+        expected: DateTime<Utc>,
+        new_last: DateTime<Utc>,
+        tasks: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<Inserted>>, StoreError> {
+        let name = name.to_string();
+        let now = super::truncate_micros(now);
+        let tasks = super::truncate_rows(tasks);
+        let args: Vec<String> = tasks
+            .iter()
+            .map(|t| serde_json::to_string(&t.args))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let out = self
+            .write(move |conn| {
+                let moved = conn
+                    .execute(
+                        "UPDATE schedules SET last_tick = ?1 WHERE name = ?2 AND last_tick = ?3",
+                        params![to_micros(new_last), name, to_micros(expected)],
+                    )
+                    .map_err(sql_err)?;
+                if moved == 0 {
+                    return Ok(None);
+                }
+                tasks
+                    .iter()
+                    .zip(&args)
+                    .map(|(t, a)| insert_one(conn, t, a, now))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
+            })
+            .await?;
+        if out.as_ref().is_some_and(|v| v.iter().any(|i| !i.existing)) {
+            self.inner.notify.notify_waiters();
+        }
+        Ok(out)
     }
 
     async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {

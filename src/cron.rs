@@ -1,0 +1,458 @@
+//! Cron schedules: enqueue a task at every tick of a cron expression.
+//!
+//! # Overview
+//!
+//! Schedules live in the store (from the config, upserted by every node at
+//! start, or added through the API). Only the leader fires them. Firing a
+//! schedule is one atomic store call: it moves the schedule's `last_tick`
+//! forward *only if* it still holds the value the leader read (compare and
+//! set) and inserts the tick's tasks in the same transaction. So a tick is
+//! enqueued exactly once across the cluster, through leader changes and
+//! restarts, even if two nodes briefly both think they lead.
+//!
+//! # Missed ticks
+//!
+//! When no leader fired for a while (the cluster was down, a leader died),
+//! `catch_up` decides: `none` drops missed ticks, `last` (default) enqueues
+//! the latest one, `all` enqueues every one (at most [`MAX_CATCH_UP`]).
+//!
+//! # Overlap
+//!
+//! `overlap: allow` (default) enqueues every tick. `overlap: skip` gives all
+//! of a schedule's tasks one unique key, so a tick is skipped while the
+//! previous tick's task is unfinished.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use croner::Cron;
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::pool::WorkerPoolSharedData;
+use crate::store::{ScheduleRow, Store};
+use crate::task::{NewTask, TaskOptions};
+
+/// Most missed ticks `catch_up: all` enqueues at once.
+pub const MAX_CATCH_UP: usize = 1000;
+
+/// What to do when a schedule's tick comes while its last task is unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    #[default]
+    Allow,
+    Skip,
+}
+
+/// Which missed ticks to enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    None,
+    #[default]
+    Last,
+    All,
+}
+
+fn default_tz() -> String {
+    "UTC".into()
+}
+
+/// A schedule as written in the config or sent to the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    pub name: String,
+    /// Five fields (minute first) or six (second first).
+    pub cron: String,
+    /// An IANA time zone, e.g. `Europe/Paris`. Default UTC.
+    #[serde(default = "default_tz")]
+    pub timezone: String,
+    pub kind: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i16>,
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    #[serde(default)]
+    pub overlap: Overlap,
+    #[serde(default)]
+    pub catch_up: CatchUp,
+}
+
+/// A spec that does not parse: which field, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ScheduleError {
+    pub field: String,
+    pub message: String,
+}
+
+/// A parsed schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub spec: ScheduleSpec,
+    cron: Cron,
+    tz: chrono_tz::Tz,
+}
+
+const FIELDS_6: [&str; 6] = [
+    "second",
+    "minute",
+    "hour",
+    "day of month",
+    "month",
+    "day of week",
+];
+const FIELDS_5: [&str; 5] = ["minute", "hour", "day of month", "month", "day of week"];
+
+/// Parse a cron expression; the error names the expression, the failing
+/// field and its position.
+pub fn parse_cron(expr: &str) -> Result<Cron, String> {
+    let parts: Vec<&str> = expr.split_whitespace().collect();
+    let names: &[&str] = match parts.len() {
+        5 => &FIELDS_5,
+        6 => &FIELDS_6,
+        n => {
+            return Err(format!(
+                "{expr:?} has {n} fields; write 5 (minute hour day-of-month month day-of-week) or 6 (second first)"
+            ));
+        }
+    };
+    match Cron::from_str(expr) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            // Find the first field that fails on its own, the rest being `*`.
+            for (i, part) in parts.iter().enumerate() {
+                let probe: Vec<&str> = (0..parts.len())
+                    .map(|j| if j == i { *part } else { "*" })
+                    .collect();
+                if Cron::from_str(&probe.join(" ")).is_err() {
+                    return Err(format!(
+                        "{expr:?}: field {} ({}) {part:?} is invalid: {e}",
+                        i + 1,
+                        names[i]
+                    ));
+                }
+            }
+            Err(format!("{expr:?}: {e}"))
+        }
+    }
+}
+
+impl ScheduleSpec {
+    /// Check and parse. `at` prefixes field names (e.g. `schedules[2].`).
+    pub fn parse(&self, at: &str) -> Result<Schedule, ScheduleError> {
+        let err = |f: &str, m: String| ScheduleError {
+            field: format!("{at}{f}"),
+            message: m,
+        };
+        if self.name.trim().is_empty() || self.name.len() > 200 {
+            return Err(err("name", "must be 1 to 200 characters".into()));
+        }
+        if self.kind.trim().is_empty() {
+            return Err(err("kind", "must not be empty".into()));
+        }
+        let cron = parse_cron(&self.cron).map_err(|m| err("cron", m))?;
+        let tz: chrono_tz::Tz = self.timezone.parse().map_err(|_| {
+            err(
+                "timezone",
+                format!(
+                    "unknown time zone {:?} (use an IANA name like Europe/Paris)",
+                    self.timezone
+                ),
+            )
+        })?;
+        Ok(Schedule {
+            spec: self.clone(),
+            cron,
+            tz,
+        })
+    }
+}
+
+impl Schedule {
+    /// The first tick strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let local = t.with_timezone(&self.tz);
+        self.cron
+            .find_next_occurrence(&local, false)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    }
+
+    /// Ticks in `(last, now]` to enqueue under the catch-up policy, and the
+    /// newest tick in that range (the new `last_tick`, even when skipped).
+    /// `grace`: how late a tick may be found and still count as on time.
+    pub fn due(
+        &self,
+        last: DateTime<Utc>,
+        now: DateTime<Utc>,
+        grace: Duration,
+    ) -> (Vec<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let mut ticks = Vec::new();
+        let mut t = last;
+        let mut newest = None;
+        while let Some(next) = self.next_after(t) {
+            if next > now {
+                break;
+            }
+            newest = Some(next);
+            if ticks.len() < MAX_CATCH_UP {
+                ticks.push(next);
+            } else {
+                // Keep the newest MAX_CATCH_UP.
+                ticks.remove(0);
+                ticks.push(next);
+            }
+            t = next;
+            if ticks.len() >= MAX_CATCH_UP && self.spec.catch_up != CatchUp::All {
+                // Only the newest matters: jump ahead instead of walking every tick.
+                ticks.clear();
+                ticks.push(next);
+            }
+        }
+        let grace = chrono::Duration::from_std(grace).unwrap_or_default();
+        let chosen = match self.spec.catch_up {
+            CatchUp::All => ticks,
+            CatchUp::Last => ticks.last().copied().into_iter().collect(),
+            CatchUp::None => ticks.into_iter().filter(|t| *t >= now - grace).collect(),
+        };
+        (chosen, newest)
+    }
+
+    /// The task of one tick.
+    pub fn task(&self, tick: DateTime<Utc>) -> NewTask {
+        let key = match self.spec.overlap {
+            Overlap::Skip => format!("cron:{}", self.spec.name),
+            Overlap::Allow => format!(
+                "cron:{}:{}",
+                self.spec.name,
+                tick.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        };
+        let mut o = TaskOptions::default().unique_key(key);
+        o.queue = self.spec.queue.clone();
+        o.priority = self.spec.priority;
+        o.max_attempts = self.spec.max_attempts;
+        NewTask::new(self.spec.kind.clone(), self.spec.args.clone()).with(o)
+    }
+}
+
+/// The leader-only service that fires due schedules.
+pub(crate) struct CronScheduler {
+    pub store: Arc<dyn Store>,
+    pub client: Client,
+    pub shared: Arc<WorkerPoolSharedData>,
+    pub interval: Duration,
+}
+
+impl CronScheduler {
+    pub(crate) async fn run(self) {
+        let stop = self.shared.stop_claiming.clone();
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !self.shared.is_leader() {
+                continue;
+            }
+            if let Err(e) = self.fire_due().await {
+                tracing::warn!(error = %e, "firing schedules failed");
+            }
+        }
+    }
+
+    async fn fire_due(&self) -> Result<(), crate::store::StoreError> {
+        let now = Utc::now();
+        for row in self.store.schedule_list().await? {
+            let schedule = match serde_json::from_value::<ScheduleSpec>(row.spec.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.parse("").map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(schedule = %row.name, error = %e, "skipping a schedule that does not parse");
+                    continue;
+                }
+            };
+            let (ticks, newest) = schedule.due(
+                row.last_tick,
+                now,
+                self.interval * 2 + Duration::from_secs(1),
+            );
+            let Some(newest) = newest else { continue };
+            let tasks = ticks.iter().map(|t| schedule.task(*t)).collect();
+            let rows = match self.client.prepare(tasks) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(schedule = %row.name, error = %e, "schedule's task is invalid");
+                    Vec::new()
+                }
+            };
+            match self
+                .store
+                .schedule_fire(&row.name, row.last_tick, newest, rows, now)
+                .await?
+            {
+                Some(inserted) => {
+                    let new = inserted.iter().filter(|i| !i.existing).count();
+                    tracing::info!(schedule = %row.name, ticks = ticks.len(), enqueued = new, "schedule fired");
+                }
+                None => tracing::debug!(schedule = %row.name, "another node fired this tick"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A schedule with its state, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleView {
+    #[serde(flatten)]
+    pub spec: serde_json::Value,
+    pub source: String,
+    pub last_tick: DateTime<Utc>,
+    pub next_run: Option<DateTime<Utc>>,
+}
+
+impl ScheduleView {
+    pub fn from_row(row: &ScheduleRow) -> Self {
+        let next_run = serde_json::from_value::<ScheduleSpec>(row.spec.clone())
+            .ok()
+            .and_then(|s| s.parse("").ok())
+            .and_then(|s| s.next_after(row.last_tick.max(Utc::now())));
+        ScheduleView {
+            spec: row.spec.clone(),
+            source: row.source.clone(),
+            last_tick: row.last_tick,
+            next_run,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn spec(cron: &str, tz: &str, catch_up: CatchUp) -> ScheduleSpec {
+        ScheduleSpec {
+            name: "s".into(),
+            cron: cron.into(),
+            timezone: tz.into(),
+            kind: "noop".into(),
+            args: serde_json::Value::Null,
+            queue: None,
+            priority: None,
+            max_attempts: None,
+            overlap: Overlap::Allow,
+            catch_up,
+        }
+    }
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).single().unwrap()
+    }
+
+    #[test]
+    fn invalid_cron_names_expression_field_and_position() {
+        let e = parse_cron("0 61 * * *").unwrap_err();
+        assert!(
+            e.contains("\"0 61 * * *\"") && e.contains("field 2 (hour)") && e.contains("61"),
+            "{e}"
+        );
+        let e = parse_cron("* * *").unwrap_err();
+        assert!(e.contains("has 3 fields"), "{e}");
+        let e = parse_cron("*/5 * * * * MOONDAY").unwrap_err();
+        assert!(e.contains("field 6 (day of week)"), "{e}");
+        assert!(parse_cron("*/10 * * * * *").is_ok());
+        let e = spec("0 * * * *", "Mars/Olympus", CatchUp::Last)
+            .parse("schedules[1].")
+            .unwrap_err();
+        assert_eq!(e.field, "schedules[1].timezone");
+    }
+
+    #[test]
+    fn catch_up_policies() {
+        let s = |c| spec("0 * * * *", "UTC", c).parse("").unwrap();
+        let last = utc(2026, 1, 1, 0, 30, 0);
+        let now = utc(2026, 1, 1, 5, 10, 0);
+        let (all, newest) = s(CatchUp::All).due(last, now, Duration::from_secs(2));
+        assert_eq!(all.len(), 5);
+        assert_eq!(newest, Some(utc(2026, 1, 1, 5, 0, 0)));
+        let (one, _) = s(CatchUp::Last).due(last, now, Duration::from_secs(2));
+        assert_eq!(one, [utc(2026, 1, 1, 5, 0, 0)]);
+        let (none, newest) = s(CatchUp::None).due(last, now, Duration::from_secs(2));
+        assert!(none.is_empty(), "late ticks dropped");
+        assert_eq!(
+            newest,
+            Some(utc(2026, 1, 1, 5, 0, 0)),
+            "but last_tick still moves on"
+        );
+        let (on_time, _) =
+            s(CatchUp::None).due(last, utc(2026, 1, 1, 1, 0, 1), Duration::from_secs(2));
+        assert_eq!(on_time, [utc(2026, 1, 1, 1, 0, 0)]);
+        let (nothing, newest) = s(CatchUp::All).due(now, now, Duration::from_secs(2));
+        assert!(nothing.is_empty() && newest.is_none());
+    }
+
+    #[test]
+    fn daylight_saving_transitions_follow_the_time_zone() {
+        // New York springs forward on 2026-03-08: 02:30 does not exist that day.
+        let s = spec("0 30 2 * * *", "America/New_York", CatchUp::All)
+            .parse("")
+            .unwrap();
+        let ticks: Vec<_> = {
+            let mut t = utc(2026, 3, 6, 12, 0, 0);
+            (0..4)
+                .map(|_| {
+                    t = s.next_after(t).unwrap();
+                    t
+                })
+                .collect()
+        };
+        // 02:30 EST = 07:30 UTC before the change, 02:30 EDT = 06:30 UTC after it.
+        assert_eq!(ticks[0], utc(2026, 3, 7, 7, 30, 0));
+        assert!(ticks.contains(&utc(2026, 3, 9, 6, 30, 0)), "{ticks:?}");
+        // Every day, including the short one, gets at most one tick.
+        let days: std::collections::HashSet<_> = ticks
+            .iter()
+            .map(|t| t.with_timezone(&chrono_tz::America::New_York).date_naive())
+            .collect();
+        assert_eq!(days.len(), ticks.len());
+        // Falling back on 2026-11-01, 01:30 happens twice; the schedule fires once.
+        let s = spec("0 30 1 * * *", "America/New_York", CatchUp::All)
+            .parse("")
+            .unwrap();
+        let (ticks, _) = s.due(
+            utc(2026, 11, 1, 0, 0, 0),
+            utc(2026, 11, 1, 12, 0, 0),
+            Duration::from_secs(1),
+        );
+        assert_eq!(ticks.len(), 1, "{ticks:?}");
+    }
+
+    #[test]
+    fn overlap_decides_the_unique_key() {
+        let mut sp = spec("* * * * *", "UTC", CatchUp::Last);
+        let t = utc(2026, 1, 1, 0, 1, 0);
+        let allow = sp.parse("").unwrap().task(t);
+        assert_eq!(
+            allow.options.unique_key.as_deref(),
+            Some("cron:s:2026-01-01T00:01:00Z")
+        );
+        sp.overlap = Overlap::Skip;
+        let skip = sp.parse("").unwrap().task(t);
+        assert_eq!(skip.options.unique_key.as_deref(), Some("cron:s"));
+    }
+}
