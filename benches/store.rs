@@ -22,6 +22,8 @@ fn row() -> TaskInsert {
         max_attempts: 3,
         timeout_ms: None,
         unique_key: None,
+        depends_on: Vec::new(),
+        on_dependency_failure: Default::default(),
     }
 }
 

@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::registry::TaskRegistry;
 use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert};
 use crate::task::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task, TaskId,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task,
+    TaskId,
 };
 
 /// Why a client call failed.
@@ -23,6 +24,80 @@ pub enum ClientError {
     /// `wait` gave up before the task finished.
     #[error("task {0} did not finish within the wait")]
     WaitTimeout(TaskId),
+}
+
+/// Put results back in the caller's order.
+fn unpermute(out: Vec<Inserted>, order: &[usize]) -> Vec<Inserted> {
+    let mut slots: Vec<Option<Inserted>> = vec![None; out.len()];
+    for (row, &i) in out.into_iter().zip(order) {
+        slots[i] = Some(row);
+    }
+    slots.into_iter().flatten().collect()
+}
+
+/// A topological order of a batch (Kahn's algorithm), or the error naming
+/// a reference out of range or a cycle.
+fn dependency_order(rows: &[TaskInsert]) -> Result<Vec<usize>, ClientError> {
+    let n = rows.len();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting = vec![0usize; n];
+    for (i, row) in rows.iter().enumerate() {
+        for d in &row.depends_on {
+            if let Dependency::Batch(j) = *d {
+                if j >= n || j == i {
+                    return Err(invalid(
+                        format!("tasks[{i}].depends_on"),
+                        format!("{j} is not another task of this batch (it holds {n})"),
+                    ));
+                }
+                children[j].push(i);
+                waiting[i] += 1;
+            }
+        }
+    }
+    let mut ready: std::collections::VecDeque<usize> =
+        (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_front() {
+        order.push(i);
+        for &c in &children[i] {
+            waiting[c] -= 1;
+            if waiting[c] == 0 {
+                ready.push_back(c);
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Walk parents from a task still waiting until one repeats: that is the cycle.
+    let start = (0..n).find(|&i| waiting[i] > 0).unwrap_or(0);
+    let mut path = vec![start];
+    let mut at = start;
+    loop {
+        let next = rows[at].depends_on.iter().find_map(|d| match d {
+            Dependency::Batch(j) if waiting[*j] > 0 => Some(*j),
+            _ => None,
+        });
+        let Some(next) = next else { break };
+        if let Some(p) = path.iter().position(|&x| x == next) {
+            let cycle: Vec<String> = path[p..]
+                .iter()
+                .chain([&next])
+                .map(|i| format!("tasks[{i}]"))
+                .collect();
+            return Err(invalid(
+                format!("tasks[{next}].depends_on"),
+                format!("a cycle: {} (each waits for the next)", cycle.join(" -> ")),
+            ));
+        }
+        path.push(next);
+        at = next;
+    }
+    Err(invalid(
+        "depends_on",
+        "the batch's dependencies form a cycle",
+    ))
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ClientError {
@@ -72,6 +147,13 @@ impl Client {
     pub async fn insert(&self, task: NewTask) -> Result<Inserted, ClientError> {
         let now = Utc::now();
         let row = self.resolve(task, now, None)?;
+        if row
+            .depends_on
+            .iter()
+            .any(|d| matches!(d, Dependency::Batch(_)))
+        {
+            return Err(invalid("depends_on", "a batch reference needs insert_many"));
+        }
         let mut v = self.store.task_insert_many(vec![row], now).await?;
         v.pop().ok_or_else(|| {
             ClientError::Store(StoreError::Unavailable("insert returned no row".into()))
@@ -81,8 +163,9 @@ impl Client {
     /// Enqueue many tasks in one transaction: all are inserted or none.
     pub async fn insert_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>, ClientError> {
         let now = Utc::now();
-        let rows = self.resolve_all(tasks, now)?;
-        Ok(self.store.task_insert_many(rows, now).await?)
+        let (rows, order) = self.resolve_all(tasks, now)?;
+        let out = self.store.task_insert_many(rows, now).await?;
+        Ok(unpermute(out, &order))
     }
 
     /// Check a task as `insert` would, without inserting it.
@@ -90,22 +173,49 @@ impl Client {
         self.resolve(task, Utc::now(), None).map(|_| ())
     }
 
-    /// Apply defaults and check tasks without inserting them.
+    /// Apply defaults and check tasks without inserting them (no batch
+    /// references: the rows keep their order).
     pub(crate) fn prepare(&self, tasks: Vec<NewTask>) -> Result<Vec<TaskInsert>, ClientError> {
-        self.resolve_all(tasks, Utc::now())
-    }
-
-    /// Resolve a batch; errors name the offending task as `tasks[i]`.
-    fn resolve_all(
-        &self,
-        tasks: Vec<NewTask>,
-        now: chrono::DateTime<Utc>,
-    ) -> Result<Vec<TaskInsert>, ClientError> {
+        let now = Utc::now();
         tasks
             .into_iter()
             .enumerate()
             .map(|(i, t)| self.resolve(t, now, Some(i)))
             .collect()
+    }
+
+    /// Resolve a batch; errors name the offending task as `tasks[i]`. Rows
+    /// come back ordered so every task follows the tasks of the batch it
+    /// depends on; `order[k]` is the original index of row `k`.
+    fn resolve_all(
+        &self,
+        tasks: Vec<NewTask>,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<(Vec<TaskInsert>, Vec<usize>), ClientError> {
+        let rows = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| self.resolve(t, now, Some(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let order = dependency_order(&rows)?;
+        let mut position = vec![0; rows.len()];
+        for (k, &i) in order.iter().enumerate() {
+            position[i] = k;
+        }
+        let mut slots: Vec<Option<TaskInsert>> = rows.into_iter().map(Some).collect();
+        let sorted = order
+            .iter()
+            .filter_map(|&i| slots[i].take())
+            .map(|mut row| {
+                for d in &mut row.depends_on {
+                    if let Dependency::Batch(j) = d {
+                        *j = position[*j];
+                    }
+                }
+                row
+            })
+            .collect();
+        Ok((sorted, order))
     }
 
     /// Apply defaults and check one task. `index` names it in errors of a batch.
@@ -192,6 +302,8 @@ impl Client {
             max_attempts,
             timeout_ms,
             unique_key: o.unique_key,
+            depends_on: o.depends_on,
+            on_dependency_failure: o.on_dependency_failure,
         })
     }
 
@@ -221,8 +333,9 @@ impl Client {
             )
         })?;
         let now = Utc::now();
-        let rows = self.resolve_all(tasks, now)?;
-        Ok(crate::store::postgres::insert_in(tx, schema, rows, now).await?)
+        let (rows, order) = self.resolve_all(tasks, now)?;
+        let out = crate::store::postgres::insert_in(tx, schema, rows, now).await?;
+        Ok(unpermute(out, &order))
     }
 
     pub async fn get(&self, id: TaskId) -> Result<Option<Task>, ClientError> {
@@ -264,5 +377,51 @@ impl Client {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::OnDependencyFailure;
+
+    fn row(deps: &[usize]) -> TaskInsert {
+        TaskInsert {
+            kind: "k".into(),
+            args: serde_json::Value::Null,
+            queue: "q".into(),
+            priority: 0,
+            run_at: Utc::now(),
+            max_attempts: 1,
+            timeout_ms: None,
+            unique_key: None,
+            depends_on: deps.iter().map(|&j| Dependency::Batch(j)).collect(),
+            on_dependency_failure: OnDependencyFailure::Cancel,
+        }
+    }
+
+    #[test]
+    fn batches_are_ordered_parents_first() {
+        let rows = vec![row(&[2]), row(&[]), row(&[1]), row(&[0, 2])];
+        let order = dependency_order(&rows).unwrap();
+        let pos = |i| order.iter().position(|&x| x == i).unwrap();
+        assert!(
+            pos(1) < pos(2) && pos(2) < pos(0) && pos(0) < pos(3),
+            "{order:?}"
+        );
+    }
+
+    #[test]
+    fn cycles_and_bad_references_are_named() {
+        let e = dependency_order(&[row(&[]), row(&[2]), row(&[3]), row(&[1])]).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("a cycle") && s.contains("tasks[1]") && s.contains("tasks[3]"),
+            "{s}"
+        );
+        let e = dependency_order(&[row(&[5])]).unwrap_err();
+        assert!(e.to_string().starts_with("tasks[0].depends_on"), "{e}");
+        let e = dependency_order(&[row(&[0])]).unwrap_err();
+        assert!(e.to_string().contains("not another task"), "{e}");
     }
 }

@@ -31,6 +31,8 @@ pub struct TaskContext {
     pub cancel: CancellationToken,
     /// When the attempt times out, if it has a timeout.
     pub deadline: Option<Instant>,
+    /// The results of the tasks this one depends on (all completed), by id.
+    pub parent_results: std::collections::BTreeMap<TaskId, serde_json::Value>,
 }
 
 impl TaskContext {

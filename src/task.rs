@@ -140,6 +140,37 @@ pub struct Task {
     pub timeout_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
+    /// The tasks this one waits for (it is `blocked` until they all complete).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<TaskId>,
+}
+
+/// A task a new task waits for: one that exists, or another task of the
+/// same batch (by its position in the batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Dependency {
+    Task(TaskId),
+    Batch(usize),
+}
+
+/// What happens to a blocked task when a task it depends on fails for good
+/// (or is cancelled): it is cancelled (default) or failed, and so are the
+/// tasks that depend on it in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDependencyFailure {
+    #[default]
+    Cancel,
+    Fail,
+}
+
+impl OnDependencyFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDependencyFailure::Cancel => "cancel",
+            OnDependencyFailure::Fail => "fail",
+        }
+    }
 }
 
 /// Lowest and highest priority. 0 runs first (as in Oban and River).
@@ -168,6 +199,12 @@ pub struct TaskOptions {
     /// While a task with this key is unfinished, enqueuing the same key
     /// returns that task instead of creating another.
     pub unique_key: Option<String>,
+    /// Tasks to wait for; see [`Dependency`].
+    #[serde(skip)]
+    pub depends_on: Vec<Dependency>,
+    /// See [`OnDependencyFailure`].
+    #[serde(skip)]
+    pub on_dependency_failure: OnDependencyFailure,
 }
 
 impl TaskOptions {
@@ -197,6 +234,15 @@ impl TaskOptions {
     }
     pub fn unique_key(mut self, k: impl Into<String>) -> Self {
         self.unique_key = Some(k.into());
+        self
+    }
+    /// Wait for `dep` to complete before running.
+    pub fn depends_on(mut self, dep: Dependency) -> Self {
+        self.depends_on.push(dep);
+        self
+    }
+    pub fn on_dependency_failure(mut self, p: OnDependencyFailure) -> Self {
+        self.on_dependency_failure = p;
         self
     }
 }

@@ -173,6 +173,7 @@ impl WorkerPool {
             for _ in 0..*workers {
                 let ctx = SlotCtx {
                     id: slot_id,
+                    store: self.store.clone(),
                     worker: worker.clone(),
                     jobs: jobs_rx.clone(),
                     shared: self.shared.clone(),

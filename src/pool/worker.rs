@@ -71,6 +71,7 @@ pub(crate) struct Job {
 #[derive(Clone)]
 pub(crate) struct SlotCtx {
     pub id: usize,
+    pub store: Arc<dyn crate::store::Store>,
     pub worker: Arc<dyn Worker>,
     pub jobs: async_channel::Receiver<Job>,
     pub shared: Arc<WorkerPoolSharedData>,
@@ -127,6 +128,27 @@ fn decide(task: &Task, ran: Ran, reason: StopReason, registry: &TaskRegistry) ->
             }
         }
     }
+}
+
+/// Results of the task's parents (empty without dependencies). A parent that
+/// cannot be read is left out; the executor sees which ones it got.
+async fn parent_results(
+    ctx: &SlotCtx,
+    task: &Task,
+) -> std::collections::BTreeMap<crate::task::TaskId, serde_json::Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in &task.depends_on {
+        match ctx.store.task_get(*p).await {
+            Ok(Some(parent)) => {
+                out.insert(*p, parent.result.unwrap_or(serde_json::Value::Null));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(task = %task.id, parent = %p, error = %e, "cannot read a parent's result")
+            }
+        }
+    }
+    out
 }
 
 /// The slot loop. Returns when the dispatch channel closes (shutdown) or
@@ -187,6 +209,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             created_at: task.created_at,
             cancel: token,
             deadline,
+            parent_results: parent_results(&ctx, &task).await,
         };
         let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();
         let caught = match deadline {

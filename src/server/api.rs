@@ -81,12 +81,53 @@ struct CreateTask {
     max_attempts: Option<i32>,
     timeout_ms: Option<u64>,
     unique_key: Option<String>,
+    /// Task ids, or (in a batch) the `ref` of another task of the batch.
+    #[serde(default)]
+    depends_on: Vec<DepRef>,
+    on_dependency_failure: Option<crate::task::OnDependencyFailure>,
+    /// A name other tasks of the same batch use in `depends_on`.
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DepRef {
+    Id(i64),
+    Ref(String),
 }
 
 /// Turn one request item into a `NewTask`, checking what only the API knows
 /// (the kinds this node runs, args size, field spellings). `at` prefixes fields.
-fn new_task(state: &AppState, c: CreateTask, at: &str) -> Result<NewTask, ApiError> {
+/// `refs`: the batch's `ref` names and positions (empty for a single create).
+fn new_task(
+    state: &AppState,
+    c: CreateTask,
+    at: &str,
+    refs: &std::collections::HashMap<String, usize>,
+) -> Result<NewTask, ApiError> {
     let f = |name: &str| format!("{at}{name}");
+    let mut deps = Vec::new();
+    for d in &c.depends_on {
+        deps.push(match d {
+            DepRef::Id(id) => crate::task::Dependency::Task(TaskId(*id)),
+            DepRef::Ref(r) => match refs.get(r) {
+                Some(i) => crate::task::Dependency::Batch(*i),
+                None if refs.is_empty() => {
+                    return Err(ApiError::bad(
+                        f("depends_on"),
+                        format!("{r:?}: a ref names a task of the same batch; use /tasks/batch"),
+                    ));
+                }
+                None => {
+                    return Err(ApiError::bad(
+                        f("depends_on"),
+                        format!("no task in this batch has ref {r:?}"),
+                    ));
+                }
+            },
+        });
+    }
     if !state.registry.contains(&c.kind) {
         let mut kinds: Vec<_> = state.registry.kinds().collect();
         kinds.sort();
@@ -126,6 +167,8 @@ fn new_task(state: &AppState, c: CreateTask, at: &str) -> Result<NewTask, ApiErr
         run_at: c.run_at,
         max_attempts: c.max_attempts,
         unique_key: c.unique_key,
+        depends_on: deps,
+        on_dependency_failure: c.on_dependency_failure.unwrap_or_default(),
         ..Default::default()
     };
     if let Some(ms) = c.delay_ms {
@@ -170,7 +213,13 @@ fn count_enqueued(_state: &AppState, _inserted: &[Inserted]) {}
 
 async fn create_task(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
     let req: CreateTask = read_json(body, state.limits.max_body_bytes).await?;
-    let task = new_task(&state, req, "")?;
+    if req.reference.is_some() {
+        return Err(ApiError::bad(
+            "ref",
+            "ref names a task for others of the same batch; use /tasks/batch",
+        ));
+    }
+    let task = new_task(&state, req, "", &std::collections::HashMap::new())?;
     let inserted = state.client.insert(task).await?;
     count_enqueued(&state, std::slice::from_ref(&inserted));
     let status = if inserted.existing {
@@ -204,11 +253,22 @@ async fn create_batch(State(state): State<AppState>, body: Body) -> Result<Respo
         )
         .field("tasks"));
     }
+    let mut refs = std::collections::HashMap::new();
+    for (i, t) in req.tasks.iter().enumerate() {
+        if let Some(r) = &t.reference
+            && refs.insert(r.clone(), i).is_some()
+        {
+            return Err(ApiError::bad(
+                format!("tasks[{i}].ref"),
+                format!("{r:?} is used twice in this batch"),
+            ));
+        }
+    }
     let tasks = req
         .tasks
         .into_iter()
         .enumerate()
-        .map(|(i, c)| new_task(&state, c, &format!("tasks[{i}].")))
+        .map(|(i, c)| new_task(&state, c, &format!("tasks[{i}]."), &refs))
         .collect::<Result<Vec<_>, _>>()?;
     let inserted = state.client.insert_many(tasks).await?;
     count_enqueued(&state, &inserted);

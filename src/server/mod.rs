@@ -146,7 +146,17 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            StoreError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+            StoreError::Invalid(m) => {
+                let field = m
+                    .split_once(':')
+                    .map(|(f, _)| f)
+                    .filter(|f| *f == "depends_on");
+                let e = ApiError::new(StatusCode::BAD_REQUEST, "invalid", m.clone());
+                match field {
+                    Some(f) => e.field(f),
+                    None => e,
+                }
+            }
             StoreError::Unavailable(_) | StoreError::Schema(_) => {
                 tracing::warn!(error = %e, "store unavailable");
                 ApiError::new(

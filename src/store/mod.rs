@@ -35,7 +35,7 @@ use tokio::sync::{Notify, broadcast};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
-use crate::task::{Task, TaskId, TaskState};
+use crate::task::{Dependency, OnDependencyFailure, Task, TaskId, TaskState};
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -73,6 +73,10 @@ pub struct TaskInsert {
     pub max_attempts: i32,
     pub timeout_ms: Option<i64>,
     pub unique_key: Option<String>,
+    /// Parents: existing tasks, or earlier rows of the same insert
+    /// (`Dependency::Batch(i)` with `i` below this row's index).
+    pub depends_on: Vec<Dependency>,
+    pub on_dependency_failure: OnDependencyFailure,
 }
 
 impl TaskInsert {
@@ -100,6 +104,7 @@ impl TaskInsert {
             errors: Vec::new(),
             timeout_ms: self.timeout_ms,
             unique_key: self.unique_key.clone(),
+            depends_on: Vec::new(),
         }
     }
 }

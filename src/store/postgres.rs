@@ -38,7 +38,7 @@ use super::{
     ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
     Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
 };
-use crate::task::{AttemptError, Task, TaskId, TaskState};
+use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -129,14 +129,19 @@ fn check_schema(s: &str) -> Result<(), StoreError> {
 }
 
 const COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
-    unique_key, run_at, created_at, started_at, finished_at, node, result, errors";
+    unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on";
 
 const UNFINISHED: &str = "state NOT IN ('completed', 'failed', 'cancelled')";
 
 /// Every statement, with the schema spliced in once.
 struct Sql {
     insert_many: String,
-    insert_unique: String,
+    insert_one: String,
+    parents_lock: String,
+    deps_insert: String,
+    parents_mark: String,
+    unblock: String,
+    cascade: String,
     find_unique: String,
     claim: String,
     complete_many: String,
@@ -183,12 +188,35 @@ impl Sql {
                    WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ord) \
                  ORDER BY ord RETURNING id"
             ),
-            insert_unique: format!(
-                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, run_at, created_at) \
-                 VALUES ($1, $2, $3, $4, CASE WHEN $8::timestamptz > $9::timestamptz THEN 'scheduled' ELSE 'available' END, \
-                         $5, $6, $7, $8, $9) \
+            insert_one: format!(
+                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
+                   run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                  ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND {UNFINISHED} DO NOTHING \
                  RETURNING {COLS}"
+            ),
+            parents_lock: format!(
+                "SELECT id, state FROM {s}.tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            ),
+            deps_insert: format!(
+                "INSERT INTO {s}.task_deps (parent, child) SELECT unnest($1::int8[]), $2 ON CONFLICT DO NOTHING"
+            ),
+            parents_mark: format!("UPDATE {s}.tasks SET has_dependents = true WHERE id = ANY($1)"),
+            unblock: format!(
+                "UPDATE {s}.tasks c SET deps_pending = c.deps_pending - x.n, \
+                   state = CASE WHEN c.deps_pending - x.n <= 0 THEN 'available' ELSE c.state END \
+                 FROM (SELECT child, count(*)::int AS n FROM {s}.task_deps WHERE parent = ANY($1) GROUP BY child) x \
+                 WHERE c.id = x.child AND c.state = 'blocked'"
+            ),
+            cascade: format!(
+                "WITH RECURSIVE doomed(id) AS ( \
+                   SELECT child FROM {s}.task_deps WHERE parent = ANY($1) \
+                   UNION SELECT d.child FROM {s}.task_deps d JOIN doomed ON d.parent = doomed.id) \
+                 UPDATE {s}.tasks SET state = CASE WHEN dep_failure = 'fail' THEN 'failed' ELSE 'cancelled' END, \
+                   finished_at = $2, \
+                   errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempt, 'at', $3::text, \
+                     'message', 'a task it depends on did not complete')) \
+                 WHERE id IN (SELECT id FROM doomed) AND state = 'blocked'"
             ),
             find_unique: format!(
                 "SELECT {COLS} FROM {s}.tasks WHERE unique_key = $1 AND {UNFINISHED}"
@@ -218,7 +246,7 @@ impl Sql {
                  FROM unnest($1::int8[], $2::int4[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::timestamptz[], $7::jsonb[], $8::int4[]) \
                    AS c(id, attempt, state, finished_at, result, run_at, error, delta) \
                  WHERE t.id = c.id AND t.state = 'running' AND t.attempt = c.attempt \
-                 RETURNING t.id"
+                 RETURNING t.id, t.has_dependents, t.state"
             ),
             get: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1"),
             get_for_update: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1 FOR UPDATE"),
@@ -346,12 +374,25 @@ fn migrations(s: &str) -> Vec<String> {
             last_tick timestamptz NOT NULL
         );"
         ),
+        format!(
+            "ALTER TABLE {s}.tasks
+                ADD COLUMN depends_on jsonb,
+                ADD COLUMN deps_pending integer NOT NULL DEFAULT 0,
+                ADD COLUMN has_dependents boolean NOT NULL DEFAULT false,
+                ADD COLUMN dep_failure text;
+            CREATE TABLE {s}.task_deps (
+                parent bigint NOT NULL,
+                child  bigint NOT NULL,
+                PRIMARY KEY (parent, child)
+            );"
+        ),
     ]
 }
 
 fn row_to_task(r: &Row) -> Result<Task, StoreError> {
     let state: String = r.try_get(5).map_err(db_err)?;
     let errors: serde_json::Value = r.try_get(16).map_err(db_err)?;
+    let depends_on: Option<serde_json::Value> = r.try_get(17).map_err(db_err)?;
     Ok(Task {
         id: TaskId(r.try_get(0).map_err(db_err)?),
         kind: r.try_get(1).map_err(db_err)?,
@@ -373,6 +414,11 @@ fn row_to_task(r: &Row) -> Result<Task, StoreError> {
         result: r.try_get(15).map_err(db_err)?,
         errors: serde_json::from_value::<Vec<AttemptError>>(errors)
             .map_err(|e| StoreError::Schema(format!("tasks.errors: {e}")))?,
+        depends_on: match depends_on {
+            Some(d) => serde_json::from_value(d)
+                .map_err(|e| StoreError::Schema(format!("tasks.depends_on: {e}")))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -401,7 +447,7 @@ async fn insert_rows<C: GenericClient>(
     let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
     // Tasks without a unique key: one statement for all of them.
     let plain: Vec<usize> = (0..rows.len())
-        .filter(|&i| rows[i].unique_key.is_none())
+        .filter(|&i| rows[i].unique_key.is_none() && rows[i].depends_on.is_empty())
         .collect();
     if !plain.is_empty() {
         let kinds: Vec<&str> = plain.iter().map(|&i| rows[i].kind.as_str()).collect();
@@ -441,49 +487,145 @@ async fn insert_rows<C: GenericClient>(
             });
         }
     }
-    // Tasks with a unique key: one at a time, so each learns whether it was new.
-    for (i, t) in rows
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| t.unique_key.is_some())
-    {
-        let inserted = c
-            .query_opt(
-                &sql.insert_unique,
-                &[
-                    &t.kind,
-                    &t.queue,
-                    &t.args,
-                    &t.priority,
-                    &t.max_attempts,
-                    &t.timeout_ms,
-                    &t.unique_key,
-                    &t.run_at,
-                    &now,
-                ],
-            )
-            .await
-            .map_err(db_err)?;
-        out[i] = Some(match inserted {
-            Some(row) => Inserted {
-                task: row_to_task(&row)?,
-                existing: false,
-            },
-            None => {
-                let row = c
-                    .query_one(&sql.find_unique, &[&t.unique_key])
-                    .await
-                    .map_err(db_err)?;
-                Inserted {
-                    task: row_to_task(&row)?,
-                    existing: true,
-                }
-            }
-        });
+    // Tasks with a unique key or dependencies: one at a time, in order, so
+    // each learns whether it was new and finds the batch tasks it waits for.
+    for i in 0..rows.len() {
+        if out[i].is_some() {
+            continue;
+        }
+        let done: Vec<Option<TaskId>> = out.iter().map(|o| o.as_ref().map(|x| x.task.id)).collect();
+        out[i] = Some(insert_single(c, sql, &rows[i], now, &done).await?);
     }
     out.into_iter()
         .map(|o| o.ok_or_else(|| StoreError::Unavailable("insert lost a row".into())))
         .collect()
+}
+
+/// Cancel or fail (per their policy) the blocked tasks that wait for `parents`.
+async fn cascade<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    parents: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    c.execute(&sql.cascade, &[&parents, &truncate_micros(now), &now_text])
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Insert one task that has a unique key or dependencies.
+async fn insert_single<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    t: &TaskInsert,
+    now: DateTime<Utc>,
+    batch: &[Option<TaskId>],
+) -> Result<Inserted, StoreError> {
+    let mut parents: Vec<i64> = Vec::new();
+    for d in &t.depends_on {
+        let id = match *d {
+            Dependency::Task(id) => id,
+            Dependency::Batch(j) => batch.get(j).copied().flatten().ok_or_else(|| {
+                StoreError::Invalid(format!("depends_on: batch task {j} comes later"))
+            })?,
+        };
+        if !parents.contains(&id.0) {
+            parents.push(id.0);
+        }
+    }
+    let mut task = t.to_task(TaskId(0), now);
+    let mut pending = 0i32;
+    if !parents.is_empty() {
+        // Lock the parents: a parent finishing now waits for this insert, and
+        // then sees the new edge when it unblocks or cancels its children.
+        let rows = c
+            .query(&sql.parents_lock, &[&parents])
+            .await
+            .map_err(db_err)?;
+        let mut broken = None;
+        for p in &parents {
+            let state = rows
+                .iter()
+                .find(|r| r.get::<_, i64>(0) == *p)
+                .map(|r| r.get::<_, String>(1))
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!("depends_on: task {p} does not exist"))
+                })?;
+            match state.as_str() {
+                "completed" => {}
+                "failed" | "cancelled" => broken = Some(*p),
+                _ => pending += 1,
+            }
+        }
+        task.depends_on = parents.iter().map(|p| TaskId(*p)).collect();
+        if let Some(p) = broken {
+            task.state = match t.on_dependency_failure {
+                OnDependencyFailure::Cancel => TaskState::Cancelled,
+                OnDependencyFailure::Fail => TaskState::Failed,
+            };
+            task.finished_at = Some(now);
+            task.errors.push(AttemptError {
+                attempt: 0,
+                at: now,
+                message: format!("task {p}, which it depends on, did not complete"),
+            });
+        } else if pending > 0 {
+            task.state = TaskState::Blocked;
+        }
+    }
+    let deps = (!parents.is_empty()).then(|| serde_json::json!(parents));
+    let errors = serde_json::to_value(&task.errors).unwrap_or_else(|_| serde_json::json!([]));
+    let inserted = c
+        .query_opt(
+            &sql.insert_one,
+            &[
+                &t.kind,
+                &t.queue,
+                &t.args,
+                &t.priority,
+                &task.state.as_str(),
+                &t.max_attempts,
+                &t.timeout_ms,
+                &t.unique_key,
+                &t.run_at,
+                &now,
+                &deps,
+                &pending,
+                &t.on_dependency_failure.as_str(),
+                &task.finished_at,
+                &errors,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    let Some(row) = inserted else {
+        let row = c
+            .query_one(&sql.find_unique, &[&t.unique_key])
+            .await
+            .map_err(db_err)?;
+        return Ok(Inserted {
+            task: row_to_task(&row)?,
+            existing: true,
+        });
+    };
+    let task = row_to_task(&row)?;
+    if !parents.is_empty() {
+        c.execute(&sql.deps_insert, &[&parents, &task.id.0])
+            .await
+            .map_err(db_err)?;
+        c.execute(&sql.parents_mark, &[&parents])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(Inserted {
+        task,
+        existing: false,
+    })
 }
 
 /// Enqueue `rows` inside the caller's own transaction (or on any client):
@@ -859,12 +1001,14 @@ impl Store for PostgresStore {
             errors.push(error);
             deltas.push(delta);
         }
-        let c = self.conn().await?;
+        let mut c = self.conn().await?;
         let st = c
             .prepare_cached(&self.inner.sql.complete_many)
             .await
             .map_err(db_err)?;
-        let rows = c
+        // One transaction: outcomes and what they do to dependent tasks land together.
+        let tx = c.transaction().await.map_err(db_err)?;
+        let rows = tx
             .query(
                 &st,
                 &[
@@ -874,6 +1018,33 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        let (mut done, mut doomed) = (Vec::new(), Vec::new());
+        for r in &rows {
+            if r.try_get::<_, bool>(1).unwrap_or(false) {
+                let id: i64 = r.try_get(0).map_err(db_err)?;
+                match r.try_get::<_, String>(2).map_err(db_err)?.as_str() {
+                    "completed" => done.push(id),
+                    "failed" | "cancelled" => doomed.push(id),
+                    _ => {}
+                }
+            }
+        }
+        if !done.is_empty() {
+            tx.execute(&self.inner.sql.unblock, &[&done])
+                .await
+                .map_err(db_err)?;
+        }
+        if let Some(at) = completions
+            .first()
+            .map(|c| c.at)
+            .filter(|_| !doomed.is_empty())
+        {
+            cascade(&*tx, &self.inner.sql, &doomed, at).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        if !done.is_empty() {
+            self.announce_work();
+        }
         if wake {
             self.announce_work();
         }
@@ -963,9 +1134,14 @@ impl Store for PostgresStore {
                 .map_err(db_err)?;
             row
         } else {
-            tx.query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
-                .await
-                .map_err(db_err)?
+            {
+                let row = tx
+                    .query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
+                    .await
+                    .map_err(db_err)?;
+                cascade(&*tx, sql, &[id.0], now).await?;
+                row
+            }
         };
         let out = row_to_task(&row)?;
         tx.commit().await.map_err(db_err)?;
@@ -1276,6 +1452,12 @@ impl Store for PostgresStore {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
+        let ended: Vec<i64> = rescued
+            .iter()
+            .filter(|r| r.state.is_finished())
+            .map(|r| r.id.0)
+            .collect();
+        cascade(&**c, &self.inner.sql, &ended, p.now).await?;
         if !rescued.is_empty() {
             self.announce_work();
         }

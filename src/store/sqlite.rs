@@ -34,7 +34,7 @@ use super::{
     ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
     Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, from_micros, to_micros,
 };
-use crate::task::{AttemptError, Task, TaskId, TaskState};
+use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
 
 /// Most jobs the writer folds into one transaction.
 pub const MAX_GROUP: usize = 512;
@@ -99,10 +99,22 @@ CREATE TABLE schedules (
     last_tick INTEGER NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE tasks ADD COLUMN depends_on TEXT;
+ALTER TABLE tasks ADD COLUMN deps_pending INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN has_dependents INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN dep_failure TEXT;
+-- Parent -> child edges of workflows; walked from the parent when it finishes.
+CREATE TABLE task_deps (
+    parent INTEGER NOT NULL,
+    child  INTEGER NOT NULL,
+    PRIMARY KEY (parent, child)
+) WITHOUT ROWID;
+"#,
 ];
 
 const TASK_COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
-     unique_key, run_at, created_at, started_at, finished_at, node, result, errors";
+     unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on";
 
 /// How hard SQLite works to make a commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -366,6 +378,7 @@ fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
     let state: String = r.get(5)?;
     let result: Option<String> = r.get(15)?;
     let errors: String = r.get(16)?;
+    let depends_on: Option<String> = r.get(17)?;
     let conv = |i: usize, e: Box<dyn std::error::Error + Send + Sync>| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
     };
@@ -390,6 +403,10 @@ fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
             None => None,
         },
         errors: serde_json::from_str(&errors).map_err(|e| conv(16, Box::new(e)))?,
+        depends_on: match depends_on {
+            Some(d) => serde_json::from_str(&d).map_err(|e| conv(17, Box::new(e)))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -413,6 +430,7 @@ fn insert_one(
     t: &TaskInsert,
     args_json: &str,
     now: DateTime<Utc>,
+    batch: &[Inserted],
 ) -> Result<Inserted, StoreError> {
     if let Some(key) = &t.unique_key {
         let existing = conn
@@ -429,15 +447,62 @@ fn insert_one(
             });
         }
     }
-    let state = if t.run_at > now {
-        TaskState::Scheduled
-    } else {
-        TaskState::Available
-    };
+    // Parents: existing tasks, or rows of this insert already written.
+    let mut parents: Vec<TaskId> = Vec::new();
+    for d in &t.depends_on {
+        let id = match *d {
+            Dependency::Task(id) => id,
+            Dependency::Batch(j) => batch.get(j).map(|i| i.task.id).ok_or_else(|| {
+                StoreError::Invalid(format!("depends_on: batch task {j} comes later"))
+            })?,
+        };
+        if !parents.contains(&id) {
+            parents.push(id);
+        }
+    }
+    let mut pending = 0;
+    let mut broken = None;
+    for p in &parents {
+        let state: Option<String> = conn
+            .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+            .and_then(|mut st| st.query_row([p.0], |r| r.get(0)).optional())
+            .map_err(sql_err)?;
+        match state.as_deref() {
+            None => {
+                return Err(StoreError::Invalid(format!(
+                    "depends_on: task {p} does not exist"
+                )));
+            }
+            Some("completed") => {}
+            Some("failed" | "cancelled") => broken = Some(*p),
+            Some(_) => pending += 1,
+        }
+    }
+    let mut task = t.to_task(TaskId(0), now);
+    task.depends_on = parents.clone();
+    if let Some(p) = broken {
+        // A parent already failed for good: this task never runs.
+        task.state = match t.on_dependency_failure {
+            OnDependencyFailure::Cancel => TaskState::Cancelled,
+            OnDependencyFailure::Fail => TaskState::Failed,
+        };
+        task.finished_at = Some(now);
+        task.errors.push(AttemptError {
+            attempt: 0,
+            at: now,
+            message: format!("task {p}, which it depends on, did not complete"),
+        });
+    } else if pending > 0 {
+        task.state = TaskState::Blocked;
+    }
+    let deps_json = (!parents.is_empty())
+        .then(|| serde_json::to_string(&parents).unwrap_or_else(|_| "[]".into()));
+    let errors_json = serde_json::to_string(&task.errors).unwrap_or_else(|_| "[]".into());
     let mut st = conn
         .prepare_cached(
             "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
-             unique_key, run_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )
         .map_err(sql_err)?;
     st.execute(params![
@@ -445,46 +510,131 @@ fn insert_one(
         t.queue,
         args_json,
         t.priority,
-        state.as_str(),
+        task.state.as_str(),
         t.max_attempts,
         t.timeout_ms,
         t.unique_key,
         to_micros(t.run_at),
         to_micros(now),
+        deps_json,
+        pending,
+        t.on_dependency_failure.as_str(),
+        task.finished_at.map(to_micros),
+        errors_json,
     ])
     .map_err(sql_err)?;
+    task.id = TaskId(conn.last_insert_rowid());
+    for p in &parents {
+        conn.prepare_cached("INSERT OR IGNORE INTO task_deps (parent, child) VALUES (?1, ?2)")
+            .and_then(|mut st| st.execute(params![p.0, task.id.0]))
+            .map_err(sql_err)?;
+        conn.prepare_cached("UPDATE tasks SET has_dependents = 1 WHERE id = ?1")
+            .and_then(|mut st| st.execute([p.0]))
+            .map_err(sql_err)?;
+    }
     Ok(Inserted {
-        task: t.to_task(TaskId(conn.last_insert_rowid()), now),
+        task,
         existing: false,
     })
 }
 
-fn complete_one(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
+/// Insert rows in order; batch references point at earlier rows.
+fn insert_all(
+    conn: &Connection,
+    tasks: &[TaskInsert],
+    args: &[String],
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, StoreError> {
+    let mut out: Vec<Inserted> = Vec::with_capacity(tasks.len());
+    for (t, a) in tasks.iter().zip(args) {
+        let i = insert_one(conn, t, a, now, &out)?;
+        out.push(i);
+    }
+    Ok(out)
+}
+
+/// `parents` completed: their blocked children each wait for one parent
+/// fewer, and run once they wait for none.
+fn unblock(conn: &Connection, parents: &[i64]) -> Result<(), StoreError> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let ids = serde_json::to_string(parents).unwrap_or_else(|_| "[]".into());
+    conn.prepare_cached(
+        "UPDATE tasks SET \
+           deps_pending = deps_pending - (SELECT count(*) FROM task_deps d \
+             WHERE d.child = tasks.id AND d.parent IN (SELECT value FROM json_each(?1))), \
+           state = CASE WHEN deps_pending - (SELECT count(*) FROM task_deps d \
+             WHERE d.child = tasks.id AND d.parent IN (SELECT value FROM json_each(?1))) <= 0 \
+             THEN 'available' ELSE state END \
+         WHERE state = 'blocked' AND id IN \
+           (SELECT child FROM task_deps WHERE parent IN (SELECT value FROM json_each(?1)))",
+    )
+    .and_then(|mut st| st.execute([ids]))
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+/// `parents` failed for good or were cancelled: every blocked task that
+/// waits for them, directly or through other blocked tasks, ends per its
+/// `on_dependency_failure`.
+fn cascade(conn: &Connection, parents: &[i64], now: DateTime<Utc>) -> Result<(), StoreError> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let ids = serde_json::to_string(parents).unwrap_or_else(|_| "[]".into());
+    let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    conn.prepare_cached(
+        "WITH RECURSIVE doomed(id) AS ( \
+           SELECT child FROM task_deps WHERE parent IN (SELECT value FROM json_each(?1)) \
+           UNION SELECT d.child FROM task_deps d JOIN doomed ON d.parent = doomed.id) \
+         UPDATE tasks SET \
+           state = CASE WHEN dep_failure = 'fail' THEN 'failed' ELSE 'cancelled' END, \
+           finished_at = ?2, \
+           errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', ?3, \
+             'message', 'a task it depends on did not complete')) \
+         WHERE state = 'blocked' AND id IN (SELECT id FROM doomed)",
+    )
+    .and_then(|mut st| st.execute(params![ids, to_micros(now), now_text]))
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+/// Write one outcome. `None` when fencing refused it; otherwise whether
+/// the task has dependents (so the caller unblocks or cancels them).
+fn complete_one(conn: &Connection, c: &Completion) -> Result<Option<bool>, StoreError> {
     let at = to_micros(c.at);
     let id = c.id.0;
-    let n = match &c.outcome {
+    match &c.outcome {
         Outcome::Completed { result } => {
             let result =
                 serde_json::to_string(result).map_err(|e| StoreError::Invalid(e.to_string()))?;
             conn.prepare_cached(
                 "UPDATE tasks SET state = 'completed', finished_at = ?1, result = ?2 \
-                 WHERE id = ?3 AND state = 'running' AND attempt = ?4",
+                 WHERE id = ?3 AND state = 'running' AND attempt = ?4 RETURNING has_dependents",
             )
-            .and_then(|mut st| st.execute(params![at, result, id, c.attempt]))
+            .and_then(|mut st| {
+                st.query_row(params![at, result, id, c.attempt], |r| r.get::<_, bool>(0))
+                    .optional()
+            })
         }
         Outcome::Retry { run_at, error } => conn
             .prepare_cached(
                 "UPDATE tasks SET state = 'retryable', run_at = ?1, \
                  errors = json_insert(errors, '$[#]', json(?2)) \
-                 WHERE id = ?3 AND state = 'running' AND attempt = ?4",
+                 WHERE id = ?3 AND state = 'running' AND attempt = ?4 RETURNING has_dependents",
             )
             .and_then(|mut st| {
-                st.execute(params![
-                    to_micros(*run_at),
-                    error_json(c.attempt, c.at, error),
-                    id,
-                    c.attempt
-                ])
+                st.query_row(
+                    params![
+                        to_micros(*run_at),
+                        error_json(c.attempt, c.at, error),
+                        id,
+                        c.attempt
+                    ],
+                    |r| r.get::<_, bool>(0),
+                )
+                .optional()
             }),
         Outcome::Failed { error } | Outcome::Cancelled { error } => {
             let state = if matches!(c.outcome, Outcome::Failed { .. }) {
@@ -495,33 +645,38 @@ fn complete_one(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
             conn.prepare_cached(
                 "UPDATE tasks SET state = ?1, finished_at = ?2, \
                  errors = json_insert(errors, '$[#]', json(?3)) \
-                 WHERE id = ?4 AND state = 'running' AND attempt = ?5",
+                 WHERE id = ?4 AND state = 'running' AND attempt = ?5 RETURNING has_dependents",
             )
             .and_then(|mut st| {
-                st.execute(params![
-                    state,
-                    at,
-                    error_json(c.attempt, c.at, error),
-                    id,
-                    c.attempt
-                ])
+                st.query_row(
+                    params![state, at, error_json(c.attempt, c.at, error), id, c.attempt],
+                    |r| r.get::<_, bool>(0),
+                )
+                .optional()
             })
         }
         Outcome::Snoozed { run_at } => conn
             .prepare_cached(
                 "UPDATE tasks SET state = 'scheduled', run_at = ?1, attempt = attempt - 1 \
-                 WHERE id = ?2 AND state = 'running' AND attempt = ?3",
+                 WHERE id = ?2 AND state = 'running' AND attempt = ?3 RETURNING has_dependents",
             )
-            .and_then(|mut st| st.execute(params![to_micros(*run_at), id, c.attempt])),
+            .and_then(|mut st| {
+                st.query_row(params![to_micros(*run_at), id, c.attempt], |r| {
+                    r.get::<_, bool>(0)
+                })
+                .optional()
+            }),
         Outcome::Released => conn
             .prepare_cached(
                 "UPDATE tasks SET state = 'available', run_at = ?1, attempt = attempt - 1 \
-                 WHERE id = ?2 AND state = 'running' AND attempt = ?3",
+                 WHERE id = ?2 AND state = 'running' AND attempt = ?3 RETURNING has_dependents",
             )
-            .and_then(|mut st| st.execute(params![at, id, c.attempt])),
+            .and_then(|mut st| {
+                st.query_row(params![at, id, c.attempt], |r| r.get::<_, bool>(0))
+                    .optional()
+            }),
     }
-    .map_err(sql_err)?;
-    Ok(n == 1)
+    .map_err(sql_err)
 }
 
 fn fetch_tasks(
@@ -593,13 +748,7 @@ impl Store for SqliteStore {
             .collect::<Result<_, _>>()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         let out = self
-            .write(move |conn| {
-                tasks
-                    .iter()
-                    .zip(&args)
-                    .map(|(t, a)| insert_one(conn, t, a, now))
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .write(move |conn| insert_all(conn, &tasks, &args, now))
             .await?;
         if out
             .iter()
@@ -645,10 +794,31 @@ impl Store for SqliteStore {
         let wake = completions
             .iter()
             .any(|c| matches!(c.outcome, Outcome::Released));
-        let out = self
-            .write(move |conn| completions.iter().map(|c| complete_one(conn, c)).collect())
+        let (out, unblocked) = self
+            .write(move |conn| {
+                let mut applied = Vec::with_capacity(completions.len());
+                let (mut done, mut doomed) = (Vec::new(), Vec::new());
+                for c in &completions {
+                    let r = complete_one(conn, c)?;
+                    if r == Some(true) {
+                        match c.outcome {
+                            Outcome::Completed { .. } => done.push(c.id.0),
+                            Outcome::Failed { .. } | Outcome::Cancelled { .. } => {
+                                doomed.push(c.id.0)
+                            }
+                            _ => {}
+                        }
+                    }
+                    applied.push(r.is_some());
+                }
+                unblock(conn, &done)?;
+                if let Some(at) = completions.first().map(|c| c.at) {
+                    cascade(conn, &doomed, at)?;
+                }
+                Ok((applied, !done.is_empty()))
+            })
             .await?;
-        if wake {
+        if wake || unblocked {
             self.inner.notify.notify_waiters();
         }
         Ok(out)
@@ -708,6 +878,7 @@ impl Store for SqliteStore {
                         params![to_micros(now), id.0],
                     )
                     .map_err(sql_err)?;
+                    cascade(conn, &[id.0], now)?;
                 }
                 get_task(conn, id)?.ok_or(StoreError::NotFound(id))
             })
@@ -947,12 +1118,7 @@ impl Store for SqliteStore {
                 if moved == 0 {
                     return Ok(None);
                 }
-                tasks
-                    .iter()
-                    .zip(&args)
-                    .map(|(t, a)| insert_one(conn, t, a, now))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Some)
+                insert_all(conn, &tasks, &args, now).map(Some)
             })
             .await?;
         if out.as_ref().is_some_and(|v| v.iter().any(|i| !i.existing)) {
@@ -1071,6 +1237,12 @@ impl Store for SqliteStore {
                 .map_err(sql_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(sql_err)?;
+                let ended: Vec<i64> = rows
+                    .iter()
+                    .filter(|(_, _, st)| st == "failed" || st == "cancelled")
+                    .map(|(id, _, _)| *id)
+                    .collect();
+                cascade(conn, &ended, p.now)?;
                 rows.into_iter()
                     .map(|(id, node, state)| {
                         Ok(Rescued {

@@ -32,6 +32,8 @@ pub fn insert(
         max_attempts: 3,
         timeout_ms: None,
         unique_key: None,
+        depends_on: Vec::new(),
+        on_dependency_failure: Default::default(),
     }
 }
 
