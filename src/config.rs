@@ -211,6 +211,8 @@ pub struct PoolConfig {
     pub claim_max: usize,
     pub shutdown_timeout: Dur,
     pub force_shutdown: bool,
+    /// Largest task result kept, as JSON; a larger one fails the task.
+    pub max_result_bytes: usize,
 }
 
 impl Default for PoolConfig {
@@ -220,6 +222,7 @@ impl Default for PoolConfig {
             claim_max: 100,
             shutdown_timeout: Dur(Duration::from_secs(30)),
             force_shutdown: false,
+            max_result_bytes: 1 << 20,
         }
     }
 }
@@ -684,6 +687,7 @@ impl Config {
             .claim_max(self.pool.claim_max)
             .shutdown_timeout(self.pool.shutdown_timeout.0)
             .force_shutdown(self.pool.force_shutdown)
+            .max_result_bytes(self.pool.max_result_bytes)
             .sentinel(SentinelConfig {
                 heartbeat_interval: s.heartbeat_interval.0,
                 node_timeout: s.node_timeout.0,

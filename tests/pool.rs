@@ -686,3 +686,45 @@ async fn a_schedule_enqueues_one_task_per_tick() {
     assert_eq!(keys.len(), tasks.len(), "one task per tick");
     assert!(keys.iter().all(|k| k.starts_with("cron:every-second:")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_are_kept_up_to_their_size_cap() {
+    let (store, _d) = common::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    reg.register(
+        "echo_len",
+        executor_fn(|ctx| async move {
+            let n = ctx.args["n"].as_u64().unwrap_or(0) as usize;
+            Ok(json!("x".repeat(n)))
+        }),
+    );
+    let pool = builder(store, reg).max_result_bytes(100).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let small = client
+        .enqueue("echo_len", json!({"n": 10}))
+        .await
+        .unwrap()
+        .id;
+    let big = client
+        .enqueue("echo_len", json!({"n": 500}))
+        .await
+        .unwrap()
+        .id;
+    let small = client.wait(small, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(small.result, Some(json!("x".repeat(10))));
+    let big = client.wait(big, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(big.state, TaskState::Failed);
+    assert_eq!(
+        big.attempt, 1,
+        "not retried: the same result would come back"
+    );
+    assert!(
+        big.errors[0]
+            .message
+            .contains("502 bytes; the limit is 100"),
+        "{:?}",
+        big.errors
+    );
+    pool.shutdown().await;
+}

@@ -786,3 +786,74 @@ async fn schedules_are_listed_added_and_removed() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_creates_a_dag_with_refs_and_rejects_cycles() {
+    let s = start(Setup::default()).await;
+    let dag = json!({"tasks": [
+        {"kind": "noop", "ref": "report", "depends_on": ["fetch", "clean"]},
+        {"kind": "noop", "ref": "fetch"},
+        {"kind": "noop", "ref": "clean", "depends_on": ["fetch"]}
+    ]});
+    let (st, out) = s.post("/tasks/batch", dag).await;
+    assert_eq!(st, StatusCode::CREATED, "{out}");
+    let t = out["tasks"].as_array().unwrap();
+    assert_eq!(
+        t[0]["state"], "blocked",
+        "answered in the order sent: {out}"
+    );
+    assert_eq!(t[0]["depends_on"], json!([t[1]["id"], t[2]["id"]]));
+    let (_, report) = s.get(&format!("/tasks/{}?wait=10s", t[0]["id"])).await;
+    assert_eq!(report["state"], "completed");
+
+    let cycle = json!({"tasks": [
+        {"kind": "noop", "ref": "a", "depends_on": ["c"]},
+        {"kind": "noop", "ref": "b", "depends_on": ["a"]},
+        {"kind": "noop", "ref": "c", "depends_on": ["b"]}
+    ]});
+    let got = s.post("/tasks/batch", cycle).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, None);
+    let msg = got.1["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("a cycle") && msg.contains("tasks[0]") && msg.contains("tasks[2]"),
+        "{msg}"
+    );
+    assert!(
+        got.1["error"]["field"]
+            .as_str()
+            .unwrap()
+            .ends_with(".depends_on")
+    );
+
+    assert_error(
+        &s.post("/tasks", json!({"kind": "noop", "depends_on": [424242]}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        Some("depends_on"),
+    );
+    assert_error(
+        &s.post(
+            "/tasks/batch",
+            json!({"tasks": [{"kind": "noop", "depends_on": ["ghost"]}]}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("tasks[0].depends_on"),
+    );
+    assert_error(
+        &s.post(
+            "/tasks/batch",
+            json!({"tasks": [{"kind": "noop", "ref": "x"}, {"kind": "noop", "ref": "x"}]}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("tasks[1].ref"),
+    );
+    assert_error(
+        &s.post("/tasks", json!({"kind": "noop", "depends_on": ["x"]}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        Some("depends_on"),
+    );
+    s.stop().await;
+}

@@ -743,6 +743,128 @@ pub mod cases {
         assert!(s.schedule_list().await.unwrap().is_empty());
     }
 
+    pub async fn workflows_unblock_and_cascade(s: S) {
+        use proto_tasker::task::{Dependency, OnDependencyFailure};
+        let now = now();
+        let complete = |id, attempt| Completion {
+            id,
+            attempt,
+            at: now,
+            outcome: Outcome::Completed {
+                result: serde_json::json!(1),
+            },
+        };
+        let ids: Vec<_> = s
+            .task_insert_many(
+                vec![insert("a", "w", 0, now), insert("b", "w", 5, now)],
+                now,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.task.id)
+            .collect();
+        let (a, b) = (ids[0], ids[1]);
+        let mut c = insert("c", "w", 0, now);
+        c.depends_on = vec![Dependency::Task(a), Dependency::Task(b)];
+        // A batch: d waits for c's batch sibling... here for c itself via a batch ref.
+        let mut d = insert("d", "w", 0, now);
+        d.depends_on = vec![Dependency::Batch(0)];
+        let mut e = insert("e", "w", 0, now);
+        e.depends_on = vec![Dependency::Task(a)];
+        e.on_dependency_failure = OnDependencyFailure::Fail;
+        let out = s.task_insert_many(vec![c, d, e], now).await.unwrap();
+        let (c, d, e) = (out[0].task.id, out[1].task.id, out[2].task.id);
+        assert!(
+            out.iter().all(|i| i.task.state == TaskState::Blocked),
+            "{out:?}"
+        );
+        assert_eq!(out[1].task.depends_on, [c]);
+        assert_eq!(s.task_get(c).await.unwrap().unwrap().depends_on, [a, b]);
+        // Only a and b can run.
+        let first = s.task_claim(claim("w", "n", 10, now)).await.unwrap();
+        assert_eq!(first.iter().map(|t| t.id).collect::<Vec<_>>(), [a, b]);
+        s.task_complete_many(vec![complete(a, 1)]).await.unwrap();
+        assert_eq!(
+            s.task_get(c).await.unwrap().unwrap().state,
+            TaskState::Blocked,
+            "still waits for b"
+        );
+        assert_eq!(
+            s.task_get(e).await.unwrap().unwrap().state,
+            TaskState::Available
+        );
+        s.task_complete_many(vec![complete(b, 1)]).await.unwrap();
+        assert_eq!(
+            s.task_get(c).await.unwrap().unwrap().state,
+            TaskState::Available
+        );
+        let mut f = insert("f", "w", 0, now);
+        f.depends_on = vec![Dependency::Task(d)];
+        let f = s.task_insert_many(vec![f], now).await.unwrap()[0].task.id;
+        // c fails for good: d (cancel policy) and f, which waits for d, are cancelled.
+        let running = s.task_claim(claim("w", "n", 10, now)).await.unwrap();
+        assert_eq!(running.iter().map(|t| t.id).collect::<Vec<_>>(), [c, e]);
+        s.task_complete_many(vec![Completion {
+            id: c,
+            attempt: 1,
+            at: now,
+            outcome: Outcome::Failed { error: "no".into() },
+        }])
+        .await
+        .unwrap();
+        for id in [d, f] {
+            let t = s.task_get(id).await.unwrap().unwrap();
+            assert_eq!(t.state, TaskState::Cancelled, "task {id}");
+            assert!(t.errors[0].message.contains("depends on"), "{:?}", t.errors);
+        }
+        // Depending on a task that already failed: never runs, per its policy.
+        let mut g = insert("g", "w", 0, now);
+        g.depends_on = vec![Dependency::Task(c)];
+        g.on_dependency_failure = OnDependencyFailure::Fail;
+        let g = s
+            .task_insert_many(vec![g], now)
+            .await
+            .unwrap()
+            .remove(0)
+            .task;
+        assert_eq!(g.state, TaskState::Failed);
+        // Cancelling a queued parent cancels its blocked children.
+        let h = s
+            .task_insert_many(vec![insert("h", "w2", 0, now + secs(60))], now)
+            .await
+            .unwrap()[0]
+            .task
+            .id;
+        let mut i = insert("i", "w2", 0, now);
+        i.depends_on = vec![Dependency::Task(h)];
+        let i = s.task_insert_many(vec![i], now).await.unwrap()[0].task.id;
+        s.task_cancel(h, now).await.unwrap();
+        assert_eq!(
+            s.task_get(i).await.unwrap().unwrap().state,
+            TaskState::Cancelled
+        );
+        // A missing parent is an error and inserts nothing.
+        let mut bad = insert("bad", "w3", 0, now);
+        bad.depends_on = vec![Dependency::Task(proto_tasker::TaskId(987_654))];
+        let err = s
+            .task_insert_many(vec![insert("ok", "w3", 0, now), bad], now)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("depends_on: task 987654 does not exist"),
+            "{err}"
+        );
+        assert!(
+            s.task_claim(claim("w3", "n", 10, now))
+                .await
+                .unwrap()
+                .is_empty(),
+            "all or nothing"
+        );
+    }
+
     pub async fn nodes_register_and_deregister(s: S) {
         let now = now();
         s.node_heartbeat(node("n1", now)).await.unwrap();
@@ -793,6 +915,7 @@ macro_rules! all_cases {
             nodes_register_and_deregister,
             paused_queues_are_not_claimed,
             schedules_fire_each_tick_once,
+            workflows_unblock_and_cascade,
         );
     };
 }

@@ -30,6 +30,8 @@ pub(crate) struct PoolConfig {
     pub sentinel: SentinelConfig,
     /// How often the leader looks for due schedules.
     pub cron_interval: Duration,
+    /// Largest result (as JSON) an executor may return; larger fails the task.
+    pub max_result_bytes: usize,
     /// Schedules this node registers at start.
     pub schedules: Vec<crate::cron::ScheduleSpec>,
 }
@@ -89,6 +91,7 @@ impl Builder {
                 cancel_grace: Duration::from_secs(2),
                 sentinel: SentinelConfig::default(),
                 cron_interval: Duration::from_millis(500),
+                max_result_bytes: 1 << 20,
                 schedules: Vec::new(),
             },
             observer: None,
@@ -152,6 +155,13 @@ impl Builder {
     /// How often the leader looks for due schedules (default 500ms).
     pub fn cron_interval(mut self, d: Duration) -> Self {
         self.config.cron_interval = d;
+        self
+    }
+
+    /// Largest result an executor may return, as JSON (default 1 MiB). A
+    /// larger one fails the task (returning it again would not help).
+    pub fn max_result_bytes(mut self, n: usize) -> Self {
+        self.config.max_result_bytes = n;
         self
     }
 

@@ -173,6 +173,7 @@ impl WorkerPool {
             for _ in 0..*workers {
                 let ctx = SlotCtx {
                     id: slot_id,
+                    max_result_bytes: self.config.max_result_bytes,
                     store: self.store.clone(),
                     worker: worker.clone(),
                     jobs: jobs_rx.clone(),

@@ -71,6 +71,7 @@ pub(crate) struct Job {
 #[derive(Clone)]
 pub(crate) struct SlotCtx {
     pub id: usize,
+    pub max_result_bytes: usize,
     pub store: Arc<dyn crate::store::Store>,
     pub worker: Arc<dyn Worker>,
     pub jobs: async_channel::Receiver<Job>,
@@ -232,7 +233,20 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             }
         };
         let panicked = matches!(ran, Ran::Panicked(_));
-        let outcome = decide(&task, ran, running.reason(), &ctx.registry);
+        let mut outcome = decide(&task, ran, running.reason(), &ctx.registry);
+        if let Outcome::Completed { result } = &outcome {
+            let size = serde_json::to_vec(result)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
+            if size > ctx.max_result_bytes {
+                outcome = Outcome::Failed {
+                    error: format!(
+                        "the result is {size} bytes; the limit is {} (pool.max_result_bytes)",
+                        ctx.max_result_bytes
+                    ),
+                };
+            }
+        }
         span.in_scope(|| match &outcome {
             Outcome::Completed { .. } => tracing::debug!("completed"),
             Outcome::Retry { error, run_at } => {
