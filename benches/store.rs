@@ -24,6 +24,7 @@ fn row() -> TaskInsert {
         unique_key: None,
         depends_on: Vec::new(),
         on_dependency_failure: Default::default(),
+        concurrency_key: None,
     }
 }
 
@@ -69,6 +70,7 @@ fn benches(c: &mut Criterion) {
                             node: "bench".into(),
                             limit: n,
                             now: Utc::now(),
+                            limits: None,
                         })
                         .await
                         .expect("claim");

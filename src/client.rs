@@ -304,6 +304,7 @@ impl Client {
             unique_key: o.unique_key,
             depends_on: o.depends_on,
             on_dependency_failure: o.on_dependency_failure,
+            concurrency_key: o.concurrency_key,
         })
     }
 
@@ -397,6 +398,7 @@ mod tests {
             unique_key: None,
             depends_on: deps.iter().map(|&j| Dependency::Batch(j)).collect(),
             on_dependency_failure: OnDependencyFailure::Cancel,
+            concurrency_key: None,
         }
     }
 

@@ -202,6 +202,22 @@ pub struct ExecutorsConfig {
 pub struct QueueConfig {
     /// Slots serving this queue on this node.
     pub workers: usize,
+    /// At most this many of the queue's tasks run at once across the cluster.
+    #[serde(default)]
+    pub global_concurrency: Option<u32>,
+    /// At most this many tasks with the same `concurrency_key` run at once across the cluster.
+    #[serde(default)]
+    pub per_key_concurrency: Option<u32>,
+    /// At most `max` task starts per `per` across the cluster.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub max: u32,
+    pub per: Dur,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -321,7 +337,12 @@ impl Default for Config {
             server: ServerConfig::default(),
             queues: BTreeMap::from([(
                 crate::task::DEFAULT_QUEUE.to_string(),
-                QueueConfig { workers: 10 },
+                QueueConfig {
+                    workers: 10,
+                    global_concurrency: None,
+                    per_key_concurrency: None,
+                    rate_limit: None,
+                },
             )]),
             pool: PoolConfig::default(),
             sentinel: SentinelSettings::default(),
@@ -676,7 +697,14 @@ impl Config {
             b = b.node_name(n.clone());
         }
         for (q, c) in &self.queues {
-            b = b.queue(q.clone(), c.workers);
+            b = b.queue(q.clone(), c.workers).queue_limits(
+                q.clone(),
+                crate::store::QueueLimits {
+                    global_concurrency: c.global_concurrency,
+                    per_key_concurrency: c.per_key_concurrency,
+                    rate: c.rate_limit.as_ref().map(|r| (r.max, r.per.0)),
+                },
+            );
         }
         let s = &self.sentinel;
         let r = &self.retention;

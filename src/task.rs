@@ -143,6 +143,9 @@ pub struct Task {
     /// The tasks this one waits for (it is `blocked` until they all complete).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<TaskId>,
+    /// Tasks sharing a key count together against their queue's `per_key_concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
 }
 
 /// A task a new task waits for: one that exists, or another task of the
@@ -205,6 +208,8 @@ pub struct TaskOptions {
     /// See [`OnDependencyFailure`].
     #[serde(skip)]
     pub on_dependency_failure: OnDependencyFailure,
+    /// Group for the queue's `per_key_concurrency` (e.g. one customer).
+    pub concurrency_key: Option<String>,
 }
 
 impl TaskOptions {
@@ -239,6 +244,10 @@ impl TaskOptions {
     /// Wait for `dep` to complete before running.
     pub fn depends_on(mut self, dep: Dependency) -> Self {
         self.depends_on.push(dep);
+        self
+    }
+    pub fn concurrency_key(mut self, k: impl Into<String>) -> Self {
+        self.concurrency_key = Some(k.into());
         self
     }
     pub fn on_dependency_failure(mut self, p: OnDependencyFailure) -> Self {

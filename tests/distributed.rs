@@ -598,6 +598,7 @@ fn concurrent_claimers_never_claim_the_same_task() {
                                         node: format!("n{c}"),
                                         limit: batch,
                                         now: Utc::now(),
+                                        limits: None,
                                     })
                                     .await
                                     .unwrap();

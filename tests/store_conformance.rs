@@ -32,6 +32,7 @@ fn claim(queue: &str, node: &str, limit: usize, now: DateTime<Utc>) -> ClaimPara
         node: node.into(),
         limit,
         now,
+        limits: None,
     }
 }
 

@@ -34,6 +34,8 @@ pub(crate) struct PoolConfig {
     pub max_result_bytes: usize,
     /// Schedules this node registers at start.
     pub schedules: Vec<crate::cron::ScheduleSpec>,
+    /// Cluster-wide limits by queue.
+    pub limits: std::collections::HashMap<String, crate::store::QueueLimits>,
 }
 
 /// Builds a [`WorkerPool`].
@@ -93,6 +95,7 @@ impl Builder {
                 cron_interval: Duration::from_millis(500),
                 max_result_bytes: 1 << 20,
                 schedules: Vec::new(),
+                limits: std::collections::HashMap::new(),
             },
             observer: None,
         }
@@ -110,6 +113,17 @@ impl Builder {
         let queue = queue.into();
         self.config.queues.retain(|(q, _)| *q != queue);
         self.config.queues.push((queue, workers));
+        self
+    }
+
+    /// Limit `queue` across the whole cluster (running tasks, per key, starts
+    /// per interval). Every node serving the queue must set the same limits.
+    pub fn queue_limits(
+        mut self,
+        queue: impl Into<String>,
+        limits: crate::store::QueueLimits,
+    ) -> Self {
+        self.config.limits.insert(queue.into(), limits);
         self
     }
 
@@ -217,6 +231,17 @@ impl Builder {
                     s.node_timeout, s.heartbeat_interval
                 ),
             ));
+        }
+        for (q, l) in &self.config.limits {
+            let zero = l.global_concurrency == Some(0)
+                || l.per_key_concurrency == Some(0)
+                || l.rate.is_some_and(|(n, per)| n == 0 || per.is_zero());
+            if zero {
+                return Err(err(
+                    &format!("queues.{q}"),
+                    "limits must be more than 0".into(),
+                ));
+            }
         }
         for (i, spec) in self.config.schedules.iter().enumerate() {
             spec.parse(&format!("schedules[{i}]."))

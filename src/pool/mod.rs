@@ -194,6 +194,12 @@ impl WorkerPool {
                     jobs: jobs_tx,
                     poll_interval: self.config.poll_interval,
                     claim_max: self.config.claim_max,
+                    limits: self
+                        .config
+                        .limits
+                        .get(queue)
+                        .copied()
+                        .filter(|l| !l.is_empty()),
                 }
                 .run(),
             ));

@@ -25,6 +25,8 @@ pub(crate) struct Producer {
     pub poll_interval: Duration,
     /// Most tasks one claim asks for.
     pub claim_max: usize,
+    /// Cluster-wide limits of this queue, if any.
+    pub limits: Option<crate::store::QueueLimits>,
 }
 
 impl Producer {
@@ -70,6 +72,7 @@ impl Producer {
                     node: self.shared.node.clone(),
                     limit: wanted,
                     now: Utc::now(),
+                    limits: self.limits,
                 })
                 .await;
             match claimed {
@@ -87,9 +90,15 @@ impl Producer {
                     if got == wanted {
                         continue; // likely more waiting
                     }
+                    // A limited queue frees up when tasks finish on any node,
+                    // which sends no wake-up: look again soon.
+                    let pause = match self.limits {
+                        Some(_) => self.poll_interval.min(Duration::from_millis(50)),
+                        None => self.poll_interval,
+                    };
                     tokio::select! {
                         _ = &mut notified => {},
-                        _ = tokio::time::sleep(self.poll_interval) => {},
+                        _ = tokio::time::sleep(pause) => {},
                         _ = stop.cancelled() => return,
                     }
                 }

@@ -85,6 +85,7 @@ struct CreateTask {
     #[serde(default)]
     depends_on: Vec<DepRef>,
     on_dependency_failure: Option<crate::task::OnDependencyFailure>,
+    concurrency_key: Option<String>,
     /// A name other tasks of the same batch use in `depends_on`.
     #[serde(rename = "ref")]
     reference: Option<String>,
@@ -169,6 +170,7 @@ fn new_task(
         unique_key: c.unique_key,
         depends_on: deps,
         on_dependency_failure: c.on_dependency_failure.unwrap_or_default(),
+        concurrency_key: c.concurrency_key,
         ..Default::default()
     };
     if let Some(ms) = c.delay_ms {

@@ -77,6 +77,8 @@ pub struct TaskInsert {
     /// (`Dependency::Batch(i)` with `i` below this row's index).
     pub depends_on: Vec<Dependency>,
     pub on_dependency_failure: OnDependencyFailure,
+    /// Tasks sharing a key count together against `per_key_concurrency`.
+    pub concurrency_key: Option<String>,
 }
 
 impl TaskInsert {
@@ -105,6 +107,7 @@ impl TaskInsert {
             timeout_ms: self.timeout_ms,
             unique_key: self.unique_key.clone(),
             depends_on: Vec::new(),
+            concurrency_key: self.concurrency_key.clone(),
         }
     }
 }
@@ -125,6 +128,27 @@ pub struct ClaimParams {
     pub node: String,
     pub limit: usize,
     pub now: DateTime<Utc>,
+    /// Cluster-wide limits of the queue; `None` takes the fast path.
+    pub limits: Option<QueueLimits>,
+}
+
+/// Limits a queue keeps across the whole cluster (every node configures the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueLimits {
+    /// At most this many of the queue's tasks run at once, on all nodes together.
+    pub global_concurrency: Option<u32>,
+    /// At most this many tasks with the same `concurrency_key` run at once.
+    pub per_key_concurrency: Option<u32>,
+    /// At most `.0` task starts per `.1` (a fixed window).
+    pub rate: Option<(u32, Duration)>,
+}
+
+impl QueueLimits {
+    pub fn is_empty(&self) -> bool {
+        self.global_concurrency.is_none()
+            && self.per_key_concurrency.is_none()
+            && self.rate.is_none()
+    }
 }
 
 /// How an attempt ended.

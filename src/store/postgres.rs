@@ -35,8 +35,8 @@ use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
-    Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
+    ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, QueueLimits,
+    RescueParams, Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
 };
 use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
 
@@ -129,7 +129,8 @@ fn check_schema(s: &str) -> Result<(), StoreError> {
 }
 
 const COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
-    unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on";
+    unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on, \
+    concurrency_key";
 
 const UNFINISHED: &str = "state NOT IN ('completed', 'failed', 'cancelled')";
 
@@ -142,6 +143,11 @@ struct Sql {
     parents_mark: String,
     unblock: String,
     cascade: String,
+    claim_running: String,
+    claim_rate: String,
+    claim_pick: String,
+    claim_ids: String,
+    claim_rate_save: String,
     find_unique: String,
     claim: String,
     complete_many: String,
@@ -181,17 +187,19 @@ impl Sql {
         );
         Sql {
             insert_many: format!(
-                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, created_at) \
+                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, created_at, \
+                   concurrency_key) \
                  SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
-                        max_attempts, timeout_ms, run_at, $8 \
-                 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[]) \
-                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ord) \
+                        max_attempts, timeout_ms, run_at, $8, ckey \
+                 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[], \
+                             $9::text[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, ord) \
                  ORDER BY ord RETURNING id"
             ),
             insert_one: format!(
                 "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
-                   run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                   run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
                  ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND {UNFINISHED} DO NOTHING \
                  RETURNING {COLS}"
             ),
@@ -202,6 +210,35 @@ impl Sql {
                 "INSERT INTO {s}.task_deps (parent, child) SELECT unnest($1::int8[]), $2 ON CONFLICT DO NOTHING"
             ),
             parents_mark: format!("UPDATE {s}.tasks SET has_dependents = true WHERE id = ANY($1)"),
+            claim_running: format!(
+                "SELECT count(*) FROM {s}.tasks WHERE queue = $1 AND state = 'running'"
+            ),
+            claim_rate: format!(
+                "SELECT window_start, started FROM {s}.queue_rate WHERE queue = $1"
+            ),
+            claim_pick: format!(
+                "SELECT c.id FROM ( \
+                   SELECT id, priority, run_at, concurrency_key, \
+                     row_number() OVER (PARTITION BY concurrency_key ORDER BY priority, run_at, id) AS rk \
+                   FROM (SELECT id, priority, run_at, concurrency_key FROM {s}.tasks WHERE queue = $1 \
+                           AND state IN ('available', 'scheduled', 'retryable') AND run_at <= $2 \
+                           AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
+                         ORDER BY priority, run_at, id LIMIT $3) t) c \
+                 LEFT JOIN (SELECT concurrency_key AS k, count(*) AS n FROM {s}.tasks \
+                            WHERE queue = $1 AND state = 'running' AND concurrency_key IS NOT NULL \
+                            GROUP BY concurrency_key) r ON r.k = c.concurrency_key \
+                 WHERE c.concurrency_key IS NULL OR c.rk + coalesce(r.n, 0) <= $4 \
+                 ORDER BY c.priority, c.run_at, c.id LIMIT $5"
+            ),
+            claim_ids: format!(
+                "UPDATE {s}.tasks SET state = 'running', attempt = attempt + 1, node = $1, started_at = $2, \
+                 cancel_requested = false WHERE id = ANY($3) \
+                 AND state IN ('available', 'scheduled', 'retryable') RETURNING {COLS}"
+            ),
+            claim_rate_save: format!(
+                "INSERT INTO {s}.queue_rate (queue, window_start, started) VALUES ($1, $2, $3) \
+                 ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started"
+            ),
             unblock: format!(
                 "UPDATE {s}.tasks c SET deps_pending = c.deps_pending - x.n, \
                    state = CASE WHEN c.deps_pending - x.n <= 0 THEN 'available' ELSE c.state END \
@@ -386,6 +423,15 @@ fn migrations(s: &str) -> Vec<String> {
                 PRIMARY KEY (parent, child)
             );"
         ),
+        format!(
+            "ALTER TABLE {s}.tasks ADD COLUMN concurrency_key text;
+            CREATE INDEX tasks_running_key ON {s}.tasks (queue, concurrency_key) WHERE state = 'running';
+            CREATE TABLE {s}.queue_rate (
+                queue        text PRIMARY KEY,
+                window_start timestamptz NOT NULL,
+                started      integer     NOT NULL
+            );"
+        ),
     ]
 }
 
@@ -419,6 +465,7 @@ fn row_to_task(r: &Row) -> Result<Task, StoreError> {
                 .map_err(|e| StoreError::Schema(format!("tasks.depends_on: {e}")))?,
             None => Vec::new(),
         },
+        concurrency_key: r.try_get(18).map_err(db_err)?,
     })
 }
 
@@ -457,6 +504,10 @@ async fn insert_rows<C: GenericClient>(
         let attempts: Vec<i32> = plain.iter().map(|&i| rows[i].max_attempts).collect();
         let timeouts: Vec<Option<i64>> = plain.iter().map(|&i| rows[i].timeout_ms).collect();
         let run_ats: Vec<DateTime<Utc>> = plain.iter().map(|&i| rows[i].run_at).collect();
+        let keys: Vec<Option<&str>> = plain
+            .iter()
+            .map(|&i| rows[i].concurrency_key.as_deref())
+            .collect();
         let ids = c
             .query(
                 &sql.insert_many,
@@ -469,6 +520,7 @@ async fn insert_rows<C: GenericClient>(
                     &timeouts,
                     &run_ats,
                     &now,
+                    &keys,
                 ],
             )
             .await
@@ -599,6 +651,7 @@ async fn insert_single<C: GenericClient>(
                 &t.on_dependency_failure.as_str(),
                 &task.finished_at,
                 &errors,
+                &t.concurrency_key,
             ],
         )
         .await
@@ -722,6 +775,86 @@ impl PostgresStore {
         Err(StoreError::Unavailable(
             "every pooled connection was closed".into(),
         ))
+    }
+
+    /// Claim under cluster-wide limits. Claimers of one limited queue take a
+    /// transaction-scoped advisory lock first, so counting the running tasks
+    /// and claiming happen as one step across all nodes.
+    async fn claim_limited(
+        &self,
+        p: &ClaimParams,
+        limits: QueueLimits,
+    ) -> Result<Vec<Task>, StoreError> {
+        let sql = &self.inner.sql;
+        let now = truncate_micros(p.now);
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!(
+                "proto_tasker_claim:{}:{}",
+                self.inner.schema, p.queue
+            )],
+        )
+        .await
+        .map_err(db_err)?;
+        let mut allowed = p.limit as i64;
+        if let Some(g) = limits.global_concurrency {
+            let running: i64 = tx
+                .query_one(&sql.claim_running, &[&p.queue])
+                .await
+                .map_err(db_err)?
+                .get(0);
+            allowed = allowed.min(i64::from(g) - running);
+        }
+        let mut window = None;
+        if let Some((max, per)) = limits.rate {
+            let row = tx
+                .query_opt(&sql.claim_rate, &[&p.queue])
+                .await
+                .map_err(db_err)?;
+            let per = chrono::Duration::from_std(per).unwrap_or_default();
+            let (start, started) =
+                match row.map(|r| (r.get::<_, DateTime<Utc>>(0), r.get::<_, i32>(1))) {
+                    Some((start, started)) if now - start < per => (start, started),
+                    _ => (now, 0),
+                };
+            allowed = allowed.min(i64::from(max) - i64::from(started));
+            window = Some((start, started));
+        }
+        if allowed <= 0 {
+            return Ok(Vec::new());
+        }
+        let per_key = limits
+            .per_key_concurrency
+            .map(i64::from)
+            .unwrap_or(i64::MAX);
+        let scan = allowed * 20 + 200;
+        let picked = tx
+            .query(
+                &sql.claim_pick,
+                &[&p.queue, &now, &scan, &per_key, &allowed],
+            )
+            .await
+            .map_err(db_err)?;
+        let ids: Vec<i64> = picked.iter().map(|r| r.get(0)).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = tx
+            .query(&sql.claim_ids, &[&p.node, &now, &ids])
+            .await
+            .map_err(db_err)?;
+        let mut tasks = rows_to_tasks(&rows)?;
+        if let Some((start, started)) = window {
+            let started = started + tasks.len() as i32;
+            tx.execute(&sql.claim_rate_save, &[&p.queue, &start, &started])
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
+        Ok(tasks)
     }
 
     /// Wake producers here now and on every node after the NOTIFY goes out.
@@ -913,6 +1046,9 @@ impl Store for PostgresStore {
     async fn task_claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
         if p.limit == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(limits) = p.limits.filter(|l| !l.is_empty()) {
+            return self.claim_limited(&p, limits).await;
         }
         let c = self.conn().await?;
         let st = c

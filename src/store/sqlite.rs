@@ -31,8 +31,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::{Notify, broadcast, oneshot};
 
 use super::{
-    ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
-    Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, from_micros, to_micros,
+    ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, QueueLimits,
+    RescueParams, Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, from_micros,
+    to_micros,
 };
 use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
 
@@ -111,10 +112,22 @@ CREATE TABLE task_deps (
     PRIMARY KEY (parent, child)
 ) WITHOUT ROWID;
 "#,
+    r#"
+ALTER TABLE tasks ADD COLUMN concurrency_key TEXT;
+-- Serves cluster-wide limits: running tasks by queue and key.
+CREATE INDEX tasks_running_key ON tasks (queue, concurrency_key) WHERE state = 'running';
+-- Fixed-window counters of task starts for rate-limited queues.
+CREATE TABLE queue_rate (
+    queue        TEXT PRIMARY KEY,
+    window_start INTEGER NOT NULL,
+    started      INTEGER NOT NULL
+);
+"#,
 ];
 
 const TASK_COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
-     unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on";
+     unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on, \
+     concurrency_key";
 
 /// How hard SQLite works to make a commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -407,6 +420,7 @@ fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
             Some(d) => serde_json::from_str(&d).map_err(|e| conv(17, Box::new(e)))?,
             None => Vec::new(),
         },
+        concurrency_key: r.get(18)?,
     })
 }
 
@@ -501,8 +515,9 @@ fn insert_one(
     let mut st = conn
         .prepare_cached(
             "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
-             unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, \
+             concurrency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )
         .map_err(sql_err)?;
     st.execute(params![
@@ -521,6 +536,7 @@ fn insert_one(
         t.on_dependency_failure.as_str(),
         task.finished_at.map(to_micros),
         errors_json,
+        t.concurrency_key,
     ])
     .map_err(sql_err)?;
     task.id = TaskId(conn.last_insert_rowid());
@@ -536,6 +552,92 @@ fn insert_one(
         task,
         existing: false,
     })
+}
+
+/// Claim under cluster-wide limits: no more than the queue's free global
+/// slots, its rate window's remaining starts, and per key its free slots.
+fn claim_limited(
+    conn: &Connection,
+    p: &ClaimParams,
+    limits: QueueLimits,
+) -> Result<Vec<Task>, StoreError> {
+    let now = to_micros(p.now);
+    let mut allowed = p.limit as i64;
+    if let Some(g) = limits.global_concurrency {
+        let running: i64 = conn
+            .prepare_cached("SELECT count(*) FROM tasks WHERE queue = ?1 AND state = 'running'")
+            .and_then(|mut st| st.query_row([&p.queue], |r| r.get(0)))
+            .map_err(sql_err)?;
+        allowed = allowed.min(i64::from(g) - running);
+    }
+    let mut window: Option<(i64, i64)> = None;
+    if let Some((max, per)) = limits.rate {
+        let row: Option<(i64, i64)> = conn
+            .prepare_cached("SELECT window_start, started FROM queue_rate WHERE queue = ?1")
+            .and_then(|mut st| {
+                st.query_row([&p.queue], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(sql_err)?;
+        let per = i64::try_from(per.as_micros()).unwrap_or(i64::MAX);
+        let (start, started) = match row {
+            Some((start, started)) if now - start < per => (start, started),
+            _ => (now, 0),
+        };
+        allowed = allowed.min(i64::from(max) - started);
+        window = Some((start, started));
+    }
+    if allowed <= 0 {
+        return Ok(Vec::new());
+    }
+    let per_key = limits
+        .per_key_concurrency
+        .map(i64::from)
+        .unwrap_or(i64::MAX);
+    // Look a bounded way down the queue for tasks whose keys have room.
+    let scan = allowed * 20 + 200;
+    let ids: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT c.id FROM ( \
+               SELECT id, priority, run_at, concurrency_key, \
+                 row_number() OVER (PARTITION BY concurrency_key ORDER BY priority, run_at, id) AS rk \
+               FROM (SELECT id, priority, run_at, concurrency_key FROM tasks WHERE queue = ?1 \
+                       AND state IN ('available', 'scheduled', 'retryable') AND run_at <= ?2 \
+                       AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?1 AND paused = 1) \
+                     ORDER BY priority, run_at, id LIMIT ?3)) c \
+             LEFT JOIN (SELECT concurrency_key AS k, count(*) AS n FROM tasks \
+                        WHERE queue = ?1 AND state = 'running' AND concurrency_key IS NOT NULL \
+                        GROUP BY concurrency_key) r ON r.k = c.concurrency_key \
+             WHERE c.concurrency_key IS NULL OR c.rk + coalesce(r.n, 0) <= ?4 \
+             ORDER BY c.priority, c.run_at, c.id LIMIT ?5",
+        )
+        .and_then(|mut st| {
+            st.query_map(params![p.queue, now, scan, per_key, allowed], |r| r.get(0))?
+                .collect::<Result<Vec<i64>, _>>()
+        })
+        .map_err(sql_err)?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
+    let tasks = fetch_tasks(
+        conn,
+        &format!(
+            "UPDATE tasks SET state = 'running', attempt = attempt + 1, node = ?1, started_at = ?2, \
+             cancel_requested = 0 WHERE id IN (SELECT value FROM json_each(?3)) \
+             AND state IN ('available', 'scheduled', 'retryable') RETURNING {TASK_COLS}"
+        ),
+        params![p.node, now, ids_json],
+    )?;
+    if let Some((start, started)) = window {
+        conn.prepare_cached(
+            "INSERT INTO queue_rate (queue, window_start, started) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started",
+        )
+        .and_then(|mut st| st.execute(params![p.queue, start, started + tasks.len() as i64]))
+        .map_err(sql_err)?;
+    }
+    Ok(tasks)
 }
 
 /// Insert rows in order; batch references point at earlier rows.
@@ -764,8 +866,8 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let mut tasks = self
-            .write(move |conn| {
-                fetch_tasks(
+            .write(move |conn| match p.limits.filter(|l| !l.is_empty()) {
+                None => fetch_tasks(
                     conn,
                     &format!(
                         "UPDATE tasks SET state = 'running', attempt = attempt + 1, node = ?1, \
@@ -777,7 +879,10 @@ impl Store for SqliteStore {
                          RETURNING {TASK_COLS}"
                     ),
                     params![p.node, to_micros(p.now), p.queue, p.limit as i64],
-                )
+                ),
+                // The writer thread is the only writer, so counting and claiming
+                // here cannot race another claimer.
+                Some(limits) => claim_limited(conn, &p, limits),
             })
             .await?;
         tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));

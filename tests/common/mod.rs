@@ -34,6 +34,7 @@ pub fn insert(
         unique_key: None,
         depends_on: Vec::new(),
         on_dependency_failure: Default::default(),
+        concurrency_key: None,
     }
 }
 

@@ -1,0 +1,211 @@
+//! Cluster-wide concurrency and rate limits, held across three pools (nodes)
+//! that share one store, on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto_tasker::store::{
+    PostgresOptions, PostgresStore, QueueLimits, SqliteOptions, Synchronous,
+};
+use proto_tasker::{
+    Builder, NewTask, SqliteStore, Store, TaskOptions, TaskRegistry, WorkerPool, executor_fn,
+};
+use serde_json::json;
+
+type Log = Arc<Mutex<Vec<(String, Instant, Instant)>>>;
+
+fn registry(log: Log, hold: Duration) -> TaskRegistry {
+    let mut r = TaskRegistry::new();
+    r.register(
+        "work",
+        executor_fn(move |ctx| {
+            let log = log.clone();
+            async move {
+                let start = Instant::now();
+                tokio::time::sleep(hold).await;
+                let key = ctx.args["key"].as_str().unwrap_or_default().to_string();
+                log.lock().unwrap().push((key, start, Instant::now()));
+                Ok(json!(null))
+            }
+        }),
+    );
+    r
+}
+
+/// The most intervals of `log` (filtered by `key`) open at one instant.
+fn max_overlap(log: &[(String, Instant, Instant)], key: Option<&str>) -> usize {
+    let mut events: Vec<(Instant, i32)> = Vec::new();
+    for (k, s, e) in log {
+        if key.is_none_or(|want| want == k) {
+            events.push((*s, 1));
+            events.push((*e, -1));
+        }
+    }
+    // Ends before starts at the same instant: touching intervals do not overlap.
+    events.sort_by_key(|(t, d)| (*t, *d));
+    let (mut cur, mut max) = (0i32, 0i32);
+    for (_, d) in events {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as usize
+}
+
+async fn three_nodes(
+    stores: &[Arc<dyn Store>],
+    log: &Log,
+    hold: Duration,
+    limits: QueueLimits,
+) -> Vec<WorkerPool> {
+    let mut pools = Vec::new();
+    for (i, st) in stores.iter().enumerate() {
+        let p = Builder::new(st.clone(), registry(log.clone(), hold))
+            .node_name(format!("node-{i}"))
+            .queue("limited", 4)
+            .queue_limits("limited", limits)
+            .poll_interval(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        pools.push(p);
+    }
+    pools
+}
+
+async fn run_all(pools: &[WorkerPool], tasks: Vec<NewTask>) {
+    let client = pools[0].client();
+    let ids: Vec<_> = client
+        .insert_many(tasks)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.task.id)
+        .collect();
+    for p in pools {
+        p.start().await.unwrap();
+    }
+    for id in ids {
+        client.wait(id, Duration::from_secs(60)).await.unwrap();
+    }
+    for p in pools {
+        p.shutdown().await;
+    }
+}
+
+fn task(key: &str) -> NewTask {
+    NewTask::new("work", json!({"key": key}))
+        .with(TaskOptions::default().queue("limited").concurrency_key(key))
+}
+
+async fn per_key_and_global_limits_hold(stores: Vec<Arc<dyn Store>>) {
+    let log: Log = Arc::default();
+    let limits = QueueLimits {
+        per_key_concurrency: Some(2),
+        ..Default::default()
+    };
+    let pools = three_nodes(&stores, &log, Duration::from_millis(30), limits).await;
+    let tasks = (0..60)
+        .map(|i| task(["acme", "globex", "initech"][i % 3]))
+        .collect();
+    run_all(&pools, tasks).await;
+    let l = log.lock().unwrap().clone();
+    assert_eq!(l.len(), 60);
+    for key in ["acme", "globex", "initech"] {
+        assert_eq!(
+            max_overlap(&l, Some(key)),
+            2,
+            "per-key limit of 2 for {key}, reached but never exceeded"
+        );
+    }
+    assert!(
+        max_overlap(&l, None) > 2,
+        "other keys ran beside each other"
+    );
+
+    // A global limit of 3 over 3 nodes x 4 workers.
+    let log: Log = Arc::default();
+    let limits = QueueLimits {
+        global_concurrency: Some(3),
+        ..Default::default()
+    };
+    let pools = three_nodes(&stores, &log, Duration::from_millis(30), limits).await;
+    run_all(&pools, (0..45).map(|_| task("any")).collect()).await;
+    let l = log.lock().unwrap().clone();
+    assert_eq!(
+        max_overlap(&l, None),
+        3,
+        "global limit of 3, reached but never exceeded"
+    );
+}
+
+async fn rate_limit_holds(stores: Vec<Arc<dyn Store>>) {
+    let log: Log = Arc::default();
+    let limits = QueueLimits {
+        rate: Some((20, Duration::from_secs(1))),
+        ..Default::default()
+    };
+    let pools = three_nodes(&stores, &log, Duration::ZERO, limits).await;
+    run_all(&pools, (0..80).map(|_| task("r")).collect()).await;
+    let l = log.lock().unwrap().clone();
+    let first = l.iter().map(|e| e.1).min().unwrap();
+    let in_3s = l
+        .iter()
+        .filter(|e| e.1 < first + Duration::from_secs(3))
+        .count();
+    assert!(
+        (54..=66).contains(&in_3s),
+        "20 starts/s for 3 s is 60 within 10%: {in_3s}"
+    );
+}
+
+async fn sqlite_stores() -> (Vec<Arc<dyn Store>>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        // Three stores on one file: three writers, as three processes would be.
+        let mut o = SqliteOptions::new(dir.path().join("limits.db"));
+        o.synchronous = Synchronous::Normal;
+        stores.push(Arc::new(SqliteStore::open(o).unwrap()));
+    }
+    stores[0].migrate().await.unwrap();
+    (stores, dir)
+}
+
+async fn pg_stores() -> (Vec<Arc<dyn Store>>, common::PgSchema) {
+    let (first, guard) = common::pg_store().await;
+    let mut stores = vec![first];
+    for _ in 0..2 {
+        let s = PostgresStore::connect(
+            PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
+        )
+        .await
+        .unwrap();
+        stores.push(Arc::new(s));
+    }
+    (stores, guard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limits_hold_across_nodes_on_sqlite() {
+    let (stores, _d) = sqlite_stores().await;
+    per_key_and_global_limits_hold(stores).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limits_hold_across_nodes_on_postgres() {
+    let (stores, _g) = pg_stores().await;
+    per_key_and_global_limits_hold(stores).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_nodes_on_sqlite() {
+    let (stores, _d) = sqlite_stores().await;
+    rate_limit_holds(stores).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_nodes_on_postgres() {
+    let (stores, _g) = pg_stores().await;
+    rate_limit_holds(stores).await;
+}
