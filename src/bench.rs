@@ -27,6 +27,10 @@ pub struct BenchParams {
     /// Offered load of the latency phase in tasks/s (0 skips it).
     pub rate: u64,
     pub duration: Duration,
+    /// Cluster-wide limits on the bench queue (measures their cost).
+    pub limits: crate::store::QueueLimits,
+    /// Spread tasks over this many concurrency keys (0: none).
+    pub keys: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +107,7 @@ pub async fn run(
             Builder::new(st.clone(), registry.clone())
                 .node_name(format!("bench-{}-{i}", std::process::id()))
                 .queue("bench", per_node)
+                .queue_limits("bench", p.limits)
                 .claim_max(per_node)
                 .build()
         })
@@ -117,9 +122,12 @@ pub async fn run(
     while left > 0 {
         let n = left.min(p.batch.max(1));
         let batch: Vec<NewTask> = (0..n)
-            .map(|_| {
-                NewTask::new("noop", serde_json::Value::Null)
-                    .with(crate::task::TaskOptions::default().queue("bench"))
+            .map(|i| {
+                let mut o = crate::task::TaskOptions::default().queue("bench");
+                if p.keys > 0 {
+                    o = o.concurrency_key(format!("key-{}", i % p.keys));
+                }
+                NewTask::new("noop", serde_json::Value::Null).with(o)
             })
             .collect();
         let t = Instant::now();

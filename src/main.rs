@@ -154,6 +154,18 @@ struct BenchArgs {
     /// Pools (simulated nodes, each with its own store connection) sharing the work.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// Limit the bench queue to N running tasks across the nodes.
+    #[arg(long)]
+    global_concurrency: Option<u32>,
+    /// Limit each concurrency key to N running tasks (see --keys).
+    #[arg(long)]
+    per_key_concurrency: Option<u32>,
+    /// Spread tasks over N concurrency keys.
+    #[arg(long, default_value_t = 0)]
+    keys: usize,
+    /// Limit the bench queue to N task starts per second.
+    #[arg(long)]
+    rate_limit: Option<u32>,
     /// SQLite durability: full (default) or normal.
     #[arg(long, default_value = "full", value_parser = parse_sync)]
     synchronous: Synchronous,
@@ -588,6 +600,12 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
         workers: a.workers,
         rate: a.rate,
         duration: a.duration,
+        limits: proto_tasker::store::QueueLimits {
+            global_concurrency: a.global_concurrency,
+            per_key_concurrency: a.per_key_concurrency,
+            rate: a.rate_limit.map(|n| (n, Duration::from_secs(1))),
+        },
+        keys: a.keys,
     };
     let nodes = a.nodes.max(1);
     let store_arg = a.store.clone().unwrap_or_default();

@@ -32,6 +32,7 @@ impl Completer {
                 match self.store.task_complete_many(batch.clone()).await {
                     Ok(applied) => {
                         self.count(&batch, &applied);
+                        self.shared.outcomes_written.notify_waiters();
                         if let Ok(mut m) = self.shared.running.lock() {
                             for c in &batch {
                                 // Only this attempt's entry: a re-claim may hold a newer one.

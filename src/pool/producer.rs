@@ -40,6 +40,10 @@ impl Producer {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Limited queues also wake when this node's outcomes land.
+            let written = self.shared.outcomes_written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
 
             let first = tokio::select! {
                 p = self.capacity.clone().acquire_owned() => match p {
@@ -98,6 +102,7 @@ impl Producer {
                     };
                     tokio::select! {
                         _ = &mut notified => {},
+                        _ = &mut written, if self.limits.is_some() => {},
                         _ = tokio::time::sleep(pause) => {},
                         _ = stop.cancelled() => return,
                     }

@@ -159,6 +159,9 @@ pub struct WorkerPoolSharedData {
     /// True while this node holds leadership.
     pub leader: AtomicBool,
     pub started: chrono::DateTime<chrono::Utc>,
+    /// Signalled after the completer writes outcomes: running tasks left the
+    /// store's count, so producers of limited queues may claim again.
+    pub outcomes_written: tokio::sync::Notify,
     /// Told about every attempt (metrics). Set once at build.
     pub(crate) observer: Option<std::sync::Arc<dyn PoolObserver>>,
 }
@@ -186,6 +189,7 @@ impl WorkerPoolSharedData {
             fenced: AtomicBool::new(false),
             leader: AtomicBool::new(false),
             started: chrono::Utc::now(),
+            outcomes_written: tokio::sync::Notify::new(),
             observer: None,
         }
     }

@@ -143,11 +143,7 @@ struct Sql {
     parents_mark: String,
     unblock: String,
     cascade: String,
-    claim_running: String,
-    claim_rate: String,
-    claim_pick: String,
-    claim_ids: String,
-    claim_rate_save: String,
+    claim_limited: String,
     find_unique: String,
     claim: String,
     complete_many: String,
@@ -210,34 +206,35 @@ impl Sql {
                 "INSERT INTO {s}.task_deps (parent, child) SELECT unnest($1::int8[]), $2 ON CONFLICT DO NOTHING"
             ),
             parents_mark: format!("UPDATE {s}.tasks SET has_dependents = true WHERE id = ANY($1)"),
-            claim_running: format!(
-                "SELECT count(*) FROM {s}.tasks WHERE queue = $1 AND state = 'running'"
-            ),
-            claim_rate: format!(
-                "SELECT window_start, started FROM {s}.queue_rate WHERE queue = $1"
-            ),
-            claim_pick: format!(
-                "SELECT c.id FROM ( \
-                   SELECT id, priority, run_at, concurrency_key, \
-                     row_number() OVER (PARTITION BY concurrency_key ORDER BY priority, run_at, id) AS rk \
-                   FROM (SELECT id, priority, run_at, concurrency_key FROM {s}.tasks WHERE queue = $1 \
-                           AND state IN ('available', 'scheduled', 'retryable') AND run_at <= $2 \
-                           AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
-                         ORDER BY priority, run_at, id LIMIT $3) t) c \
-                 LEFT JOIN (SELECT concurrency_key AS k, count(*) AS n FROM {s}.tasks \
-                            WHERE queue = $1 AND state = 'running' AND concurrency_key IS NOT NULL \
-                            GROUP BY concurrency_key) r ON r.k = c.concurrency_key \
-                 WHERE c.concurrency_key IS NULL OR c.rk + coalesce(r.n, 0) <= $4 \
-                 ORDER BY c.priority, c.run_at, c.id LIMIT $5"
-            ),
-            claim_ids: format!(
-                "UPDATE {s}.tasks SET state = 'running', attempt = attempt + 1, node = $1, started_at = $2, \
-                 cancel_requested = false WHERE id = ANY($3) \
-                 AND state IN ('available', 'scheduled', 'retryable') RETURNING {COLS}"
-            ),
-            claim_rate_save: format!(
-                "INSERT INTO {s}.queue_rate (queue, window_start, started) VALUES ($1, $2, $3) \
-                 ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started"
+            claim_limited: format!(
+                "WITH rl AS ( \
+                   SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                               THEN $2 ELSE q.window_start END AS ws, \
+                          CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                               THEN 0 ELSE q.started END AS st \
+                   FROM (SELECT 1) one LEFT JOIN {s}.queue_rate q ON q.queue = $1), \
+                 running AS (SELECT count(*) AS n FROM {s}.tasks WHERE queue = $1 AND state = 'running'), \
+                 allowed AS (SELECT greatest(0, least($3::bigint, $4::bigint - (SELECT n FROM running), \
+                                                      $5::bigint - (SELECT st FROM rl))) AS n), \
+                 cand AS (SELECT id, priority, run_at, concurrency_key FROM {s}.tasks \
+                   WHERE queue = $1 AND state IN ('available', 'scheduled', 'retryable') AND run_at <= $2 \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
+                   ORDER BY priority, run_at, id LIMIT (SELECT n * $7 + $11 FROM allowed)), \
+                 ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY priority, run_at, id) AS rk \
+                   FROM cand c), \
+                 keyrun AS (SELECT concurrency_key AS k, count(*) AS n FROM {s}.tasks \
+                   WHERE queue = $1 AND state = 'running' AND concurrency_key IS NOT NULL GROUP BY concurrency_key), \
+                 picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
+                   WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
+                   ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM allowed)), \
+                 claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $10, \
+                   started_at = $2, cancel_requested = false \
+                   WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) \
+                     AND t.state IN ('available', 'scheduled', 'retryable') RETURNING t.*), \
+                 saved AS (INSERT INTO {s}.queue_rate (queue, window_start, started) \
+                   SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE $9 \
+                   ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started) \
+                 SELECT {COLS} FROM claimed"
             ),
             unblock: format!(
                 "UPDATE {s}.tasks c SET deps_pending = c.deps_pending - x.n, \
@@ -779,7 +776,8 @@ impl PostgresStore {
 
     /// Claim under cluster-wide limits. Claimers of one limited queue take a
     /// transaction-scoped advisory lock first, so counting the running tasks
-    /// and claiming happen as one step across all nodes.
+    /// and claiming happen as one step across all nodes. The four statements
+    /// (BEGIN, lock, count-pick-claim, COMMIT) are pipelined: one round trip.
     async fn claim_limited(
         &self,
         p: &ClaimParams,
@@ -787,72 +785,58 @@ impl PostgresStore {
     ) -> Result<Vec<Task>, StoreError> {
         let sql = &self.inner.sql;
         let now = truncate_micros(p.now);
-        let mut c = self.conn().await?;
-        let tx = c.transaction().await.map_err(db_err)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            &[&format!(
-                "proto_tasker_claim:{}:{}",
-                self.inner.schema, p.queue
-            )],
-        )
-        .await
-        .map_err(db_err)?;
-        let mut allowed = p.limit as i64;
-        if let Some(g) = limits.global_concurrency {
-            let running: i64 = tx
-                .query_one(&sql.claim_running, &[&p.queue])
-                .await
-                .map_err(db_err)?
-                .get(0);
-            allowed = allowed.min(i64::from(g) - running);
-        }
-        let mut window = None;
-        if let Some((max, per)) = limits.rate {
-            let row = tx
-                .query_opt(&sql.claim_rate, &[&p.queue])
-                .await
-                .map_err(db_err)?;
-            let per = chrono::Duration::from_std(per).unwrap_or_default();
-            let (start, started) =
-                match row.map(|r| (r.get::<_, DateTime<Utc>>(0), r.get::<_, i32>(1))) {
-                    Some((start, started)) if now - start < per => (start, started),
-                    _ => (now, 0),
-                };
-            allowed = allowed.min(i64::from(max) - i64::from(started));
-            window = Some((start, started));
-        }
-        if allowed <= 0 {
-            return Ok(Vec::new());
-        }
-        let per_key = limits
-            .per_key_concurrency
-            .map(i64::from)
-            .unwrap_or(i64::MAX);
-        let scan = allowed * 20 + 200;
-        let picked = tx
-            .query(
-                &sql.claim_pick,
-                &[&p.queue, &now, &scan, &per_key, &allowed],
-            )
+        let c = self.conn().await?;
+        let begin = c.prepare_cached("BEGIN").await.map_err(db_err)?;
+        let lock = c
+            .prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))")
             .await
             .map_err(db_err)?;
-        let ids: Vec<i64> = picked.iter().map(|r| r.get(0)).collect();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = tx
-            .query(&sql.claim_ids, &[&p.node, &now, &ids])
-            .await
-            .map_err(db_err)?;
+        let claim = c.prepare_cached(&sql.claim_limited).await.map_err(db_err)?;
+        let commit = c.prepare_cached("COMMIT").await.map_err(db_err)?;
+        let key = format!("proto_tasker_claim:{}:{}", self.inner.schema, p.queue);
+        let max = i64::MAX;
+        let global = limits.global_concurrency.map(i64::from).unwrap_or(max);
+        let per_key = limits.per_key_concurrency.map(i64::from).unwrap_or(max);
+        let (rate_max, rate_per) = match limits.rate {
+            Some((n, per)) => (i64::from(n), per),
+            None => (max, Duration::from_secs(1)),
+        };
+        let rate_per_us = i64::try_from(rate_per.as_micros()).unwrap_or(max);
+        let limit = p.limit as i64;
+        // Look a bounded way down the queue for tasks whose keys have room;
+        // without a per-key limit the first `limit` tasks are enough.
+        // (`allowed * scan_mul + scan_add` rows, computed in the statement).
+        let (scan_mul, scan_add): (i64, i64) = if limits.per_key_concurrency.is_some() {
+            (4, 16)
+        } else {
+            (1, 0)
+        };
+        let has_rate = limits.rate.is_some();
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+            &p.queue,
+            &now,
+            &limit,
+            &global,
+            &rate_max,
+            &rate_per_us,
+            &scan_mul,
+            &per_key,
+            &has_rate,
+            &p.node,
+            &scan_add,
+        ];
+        let (b, l, rows, done) = tokio::join!(
+            c.execute(&begin, &[]),
+            c.execute(&lock, &lock_params),
+            c.query(&claim, &claim_params),
+            c.execute(&commit, &[]),
+        );
+        b.map_err(db_err)?;
+        l.map_err(db_err)?;
+        let rows = rows.map_err(db_err)?;
+        done.map_err(db_err)?;
         let mut tasks = rows_to_tasks(&rows)?;
-        if let Some((start, started)) = window {
-            let started = started + tasks.len() as i32;
-            tx.execute(&sql.claim_rate_save, &[&p.queue, &start, &started])
-                .await
-                .map_err(db_err)?;
-        }
-        tx.commit().await.map_err(db_err)?;
         tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
         Ok(tasks)
     }

@@ -594,8 +594,13 @@ fn claim_limited(
         .per_key_concurrency
         .map(i64::from)
         .unwrap_or(i64::MAX);
-    // Look a bounded way down the queue for tasks whose keys have room.
-    let scan = allowed * 20 + 200;
+    // Look a bounded way down the queue for tasks whose keys have room;
+    // without a per-key limit the first `allowed` tasks are the answer.
+    let scan = if limits.per_key_concurrency.is_some() {
+        allowed * 4 + 16
+    } else {
+        allowed
+    };
     let ids: Vec<i64> = conn
         .prepare_cached(
             "SELECT c.id FROM ( \
