@@ -144,6 +144,7 @@ struct Sql {
     unblock: String,
     cascade: String,
     claim_limited: String,
+    running_keys_sub: String,
     find_unique: String,
     claim: String,
     complete_many: String,
@@ -172,6 +173,16 @@ struct Sql {
 
 impl Sql {
     fn new(s: &str) -> Self {
+        // Keeps `running_keys` in step with claims of tasks that have a key
+        // (read by per-key limits instead of counting running rows, whose
+        // index fills with dead entries between vacuums).
+        #[allow(non_snake_case)]
+        let RUNNING_KEYS_ADD = format!(
+            "INSERT INTO {s}.running_keys (queue, key, n) \
+             SELECT queue, concurrency_key, count(*) FROM claimed WHERE concurrency_key IS NOT NULL \
+             GROUP BY queue, concurrency_key \
+             ON CONFLICT (queue, key) DO UPDATE SET n = {s}.running_keys.n + excluded.n"
+        );
         let rescue_set = format!(
             "UPDATE {s}.tasks SET \
                state = CASE WHEN cancel_requested THEN 'cancelled' \
@@ -206,6 +217,11 @@ impl Sql {
                 "INSERT INTO {s}.task_deps (parent, child) SELECT unnest($1::int8[]), $2 ON CONFLICT DO NOTHING"
             ),
             parents_mark: format!("UPDATE {s}.tasks SET has_dependents = true WHERE id = ANY($1)"),
+            running_keys_sub: format!(
+                "UPDATE {s}.running_keys r SET n = greatest(0, r.n - d.c) \
+                 FROM (SELECT q, k, count(*) AS c FROM unnest($1::text[], $2::text[]) AS u(q, k) GROUP BY q, k) d \
+                 WHERE r.queue = d.q AND r.key = d.k"
+            ),
             claim_limited: format!(
                 "WITH rl AS ( \
                    SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
@@ -222,8 +238,7 @@ impl Sql {
                    ORDER BY priority, run_at, id LIMIT (SELECT n * $7 + $11 FROM allowed)), \
                  ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY priority, run_at, id) AS rk \
                    FROM cand c), \
-                 keyrun AS (SELECT concurrency_key AS k, count(*) AS n FROM {s}.tasks \
-                   WHERE queue = $1 AND state = 'running' AND concurrency_key IS NOT NULL GROUP BY concurrency_key), \
+                 keyrun AS (SELECT key AS k, n FROM {s}.running_keys WHERE queue = $1), \
                  picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
                    WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
                    ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM allowed)), \
@@ -231,6 +246,7 @@ impl Sql {
                    started_at = $2, cancel_requested = false \
                    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) \
                      AND t.state IN ('available', 'scheduled', 'retryable') RETURNING t.*), \
+                 counted AS ({RUNNING_KEYS_ADD}), \
                  saved AS (INSERT INTO {s}.queue_rate (queue, window_start, started) \
                    SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE $9 \
                    ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started) \
@@ -261,13 +277,11 @@ impl Sql {
                    WHERE queue = $3 AND state IN ('available', 'scheduled', 'retryable') AND run_at <= $2 \
                      AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $3 AND paused) \
                    ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $1, \
+                 , claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $1, \
                    started_at = $2, cancel_requested = false \
-                 FROM next WHERE t.id = next.id RETURNING {}",
-                COLS.split(", ")
-                    .map(|c| format!("t.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                 FROM next WHERE t.id = next.id RETURNING t.*), \
+                 counted AS ({RUNNING_KEYS_ADD}) \
+                 SELECT {COLS} FROM claimed"
             ),
             complete_many: format!(
                 "UPDATE {s}.tasks t SET \
@@ -280,7 +294,7 @@ impl Sql {
                  FROM unnest($1::int8[], $2::int4[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::timestamptz[], $7::jsonb[], $8::int4[]) \
                    AS c(id, attempt, state, finished_at, result, run_at, error, delta) \
                  WHERE t.id = c.id AND t.state = 'running' AND t.attempt = c.attempt \
-                 RETURNING t.id, t.has_dependents, t.state"
+                 RETURNING t.id, t.has_dependents, t.state, t.queue, t.concurrency_key"
             ),
             get: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1"),
             get_for_update: format!("SELECT {COLS} FROM {s}.tasks WHERE id = $1 FOR UPDATE"),
@@ -324,11 +338,11 @@ impl Sql {
             ),
             rescue_dead: format!(
                 "{rescue_set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
-                   (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state"
+                   (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state, queue, concurrency_key"
             ),
             rescue_node: format!(
                 "{rescue_set} WHERE state = 'running' AND node = $3 AND NOT (id = ANY($4)) \
-                 AND started_at < $5 RETURNING id, node, state"
+                 AND started_at < $5 RETURNING id, node, state, queue, concurrency_key"
             ),
             schedule_upsert: format!(
                 "INSERT INTO {s}.schedules (name, spec, source, last_tick) VALUES ($1, $2, $3, $4) \
@@ -428,6 +442,17 @@ fn migrations(s: &str) -> Vec<String> {
                 window_start timestamptz NOT NULL,
                 started      integer     NOT NULL
             );"
+        ),
+        format!(
+            "CREATE TABLE {s}.running_keys (
+                queue text    NOT NULL,
+                key   text    NOT NULL,
+                n     integer NOT NULL,
+                PRIMARY KEY (queue, key)
+            );
+            INSERT INTO {s}.running_keys (queue, key, n)
+                SELECT queue, concurrency_key, count(*) FROM {s}.tasks
+                WHERE state = 'running' AND concurrency_key IS NOT NULL GROUP BY 1, 2;"
         ),
     ]
 }
@@ -1139,6 +1164,19 @@ impl Store for PostgresStore {
             .map_err(db_err)?;
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         let (mut done, mut doomed) = (Vec::new(), Vec::new());
+        // Every applied row left `running`: keyed ones give their count back.
+        let (mut kq, mut kk): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        for r in &rows {
+            if let Ok(Some(k)) = r.try_get::<_, Option<String>>(4) {
+                kq.push(r.try_get(3).map_err(db_err)?);
+                kk.push(k);
+            }
+        }
+        if !kk.is_empty() {
+            tx.execute(&self.inner.sql.running_keys_sub, &[&kq, &kk])
+                .await
+                .map_err(db_err)?;
+        }
         for r in &rows {
             if r.try_get::<_, bool>(1).unwrap_or(false) {
                 let id: i64 = r.try_get(0).map_err(db_err)?;
@@ -1572,6 +1610,18 @@ impl Store for PostgresStore {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
+        let (mut kq, mut kk): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        for r in &rows {
+            if let Ok(Some(k)) = r.try_get::<_, Option<String>>(4) {
+                kq.push(r.try_get(3).map_err(db_err)?);
+                kk.push(k);
+            }
+        }
+        if !kk.is_empty() {
+            c.execute(&self.inner.sql.running_keys_sub, &[&kq, &kk])
+                .await
+                .map_err(db_err)?;
+        }
         let ended: Vec<i64> = rescued
             .iter()
             .filter(|r| r.state.is_finished())
