@@ -112,6 +112,32 @@ impl TaskInsert {
     }
 }
 
+/// Set a new task's state from its parents: `broken` is a parent that
+/// already failed or was cancelled (the task then never runs, per its
+/// policy), `pending` the parents not yet completed (the task waits).
+pub(crate) fn apply_parents(
+    task: &mut Task,
+    policy: OnDependencyFailure,
+    broken: Option<TaskId>,
+    pending: i32,
+    now: DateTime<Utc>,
+) {
+    if let Some(p) = broken {
+        task.state = match policy {
+            OnDependencyFailure::Cancel => TaskState::Cancelled,
+            OnDependencyFailure::Fail => TaskState::Failed,
+        };
+        task.finished_at = Some(now);
+        task.errors.push(crate::task::AttemptError {
+            attempt: 0,
+            at: now,
+            message: format!("task {p}, which it depends on, did not complete"),
+        });
+    } else if pending > 0 {
+        task.state = TaskState::Blocked;
+    }
+}
+
 /// The result of inserting one task.
 #[derive(Debug, Clone)]
 pub struct Inserted {

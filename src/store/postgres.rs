@@ -38,7 +38,7 @@ use super::{
     ClaimParams, Completion, Inserted, ListParams, NodeInfo, Outcome, PruneParams, QueueLimits,
     RescueParams, Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, truncate_micros,
 };
-use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
+use crate::task::{AttemptError, Dependency, Task, TaskId, TaskState};
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -575,6 +575,18 @@ async fn insert_rows<C: GenericClient>(
         .collect()
 }
 
+/// The task `id`, locked for update until the transaction ends.
+async fn locked_task<C: GenericClient>(c: &C, sql: &Sql, id: TaskId) -> Result<Task, StoreError> {
+    let row = c
+        .query_opt(&sql.get_for_update, &[&id.0])
+        .await
+        .map_err(db_err)?;
+    row.as_ref()
+        .map(row_to_task)
+        .transpose()?
+        .ok_or(StoreError::NotFound(id))
+}
+
 /// Cancel or fail (per their policy) the blocked tasks that wait for `parents`.
 async fn cascade<C: GenericClient>(
     c: &C,
@@ -637,20 +649,13 @@ async fn insert_single<C: GenericClient>(
             }
         }
         task.depends_on = parents.iter().map(|p| TaskId(*p)).collect();
-        if let Some(p) = broken {
-            task.state = match t.on_dependency_failure {
-                OnDependencyFailure::Cancel => TaskState::Cancelled,
-                OnDependencyFailure::Fail => TaskState::Failed,
-            };
-            task.finished_at = Some(now);
-            task.errors.push(AttemptError {
-                attempt: 0,
-                at: now,
-                message: format!("task {p}, which it depends on, did not complete"),
-            });
-        } else if pending > 0 {
-            task.state = TaskState::Blocked;
-        }
+        super::apply_parents(
+            &mut task,
+            t.on_dependency_failure,
+            broken.map(TaskId),
+            pending,
+            now,
+        );
     }
     let deps = (!parents.is_empty()).then(|| serde_json::json!(parents));
     let errors = serde_json::to_value(&task.errors).unwrap_or_else(|_| serde_json::json!([]));
@@ -1264,15 +1269,7 @@ impl Store for PostgresStore {
         let sql = &self.inner.sql;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let row = tx
-            .query_opt(&sql.get_for_update, &[&id.0])
-            .await
-            .map_err(db_err)?;
-        let task = row
-            .as_ref()
-            .map(row_to_task)
-            .transpose()?
-            .ok_or(StoreError::NotFound(id))?;
+        let task = locked_task(&*tx, sql, id).await?;
         if task.state.is_finished() {
             return Err(StoreError::Conflict {
                 id,
@@ -1292,14 +1289,12 @@ impl Store for PostgresStore {
                 .map_err(db_err)?;
             row
         } else {
-            {
-                let row = tx
-                    .query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
-                    .await
-                    .map_err(db_err)?;
-                cascade(&*tx, sql, &[id.0], now).await?;
-                row
-            }
+            let row = tx
+                .query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
+                .await
+                .map_err(db_err)?;
+            cascade(&*tx, sql, &[id.0], now).await?;
+            row
         };
         let out = row_to_task(&row)?;
         tx.commit().await.map_err(db_err)?;
@@ -1310,15 +1305,7 @@ impl Store for PostgresStore {
         let sql = &self.inner.sql;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let row = tx
-            .query_opt(&sql.get_for_update, &[&id.0])
-            .await
-            .map_err(db_err)?;
-        let task = row
-            .as_ref()
-            .map(row_to_task)
-            .transpose()?
-            .ok_or(StoreError::NotFound(id))?;
+        let task = locked_task(&*tx, sql, id).await?;
         if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
             return Err(StoreError::Conflict {
                 id,

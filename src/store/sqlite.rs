@@ -35,7 +35,7 @@ use super::{
     RescueParams, Rescued, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, from_micros,
     to_micros,
 };
-use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
+use crate::task::{AttemptError, Dependency, Task, TaskId, TaskState};
 
 /// Most jobs the writer folds into one transaction.
 pub const MAX_GROUP: usize = 512;
@@ -494,21 +494,7 @@ fn insert_one(
     }
     let mut task = t.to_task(TaskId(0), now);
     task.depends_on = parents.clone();
-    if let Some(p) = broken {
-        // A parent already failed for good: this task never runs.
-        task.state = match t.on_dependency_failure {
-            OnDependencyFailure::Cancel => TaskState::Cancelled,
-            OnDependencyFailure::Fail => TaskState::Failed,
-        };
-        task.finished_at = Some(now);
-        task.errors.push(AttemptError {
-            attempt: 0,
-            at: now,
-            message: format!("task {p}, which it depends on, did not complete"),
-        });
-    } else if pending > 0 {
-        task.state = TaskState::Blocked;
-    }
+    super::apply_parents(&mut task, t.on_dependency_failure, broken, pending, now);
     let deps_json = (!parents.is_empty())
         .then(|| serde_json::to_string(&parents).unwrap_or_else(|_| "[]".into()));
     let errors_json = serde_json::to_string(&task.errors).unwrap_or_else(|_| "[]".into());
