@@ -164,11 +164,15 @@ impl Sentinel {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = heartbeat.tick() => {
-                    self.beat(&mut last_beat).await;
-                    self.rescue().await;
+                    // Independent of each other: run them at once (on PostgreSQL,
+                    // on separate pooled connections).
+                    tokio::join!(
+                        self.beat(&mut last_beat),
+                        self.rescue(),
+                        self.elect_and_prune(&mut last_prune),
+                        self.poll_cancels(),
+                    );
                     self.reconcile(&mut last_reconcile).await;
-                    self.elect_and_prune(&mut last_prune).await;
-                    self.poll_cancels().await;
                 }
                 _ = check.tick() => self.check_slots(),
                 ev = events.recv() => match ev {

@@ -229,3 +229,36 @@ fn log_format_json_writes_one_json_object_per_line() {
     assert_eq!(v["level"], "INFO");
     assert!(v["fields"]["message"].is_string(), "{v}");
 }
+
+#[test]
+fn binding_beyond_loopback_without_a_token_warns_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "store:\n  path: {}\nserver:\n  listen: 0.0.0.0:0\n",
+            dir.path().join("w.db").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg(format!("--config={}", cfg.display()))
+        .env("PROTO_TASKER_LOG", "warn")
+        .env_remove("PROTO_TASKER_TOKEN")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.starts_with("WARNING: the API listens on 0.0.0.0"),
+        "{first}"
+    );
+    assert!(first.contains("no auth token"), "{first}");
+}
