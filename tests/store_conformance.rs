@@ -866,6 +866,41 @@ pub mod cases {
         );
     }
 
+    pub async fn per_key_claims_skip_keys_at_their_limit(s: S) {
+        use proto_tasker::store::QueueLimits;
+        let now = now();
+        let keyed = |k: &str| {
+            let mut t = insert("x", "pk", 0, now);
+            t.concurrency_key = Some(k.into());
+            t
+        };
+        let mut rows: Vec<_> = (0..100).map(|_| keyed("big")).collect();
+        rows.extend((0..3).map(|_| keyed("small")));
+        s.task_insert_many(rows, now).await.unwrap();
+        let limited = |limit| ClaimParams {
+            limits: Some(QueueLimits {
+                per_key_concurrency: Some(1),
+                ..Default::default()
+            }),
+            ..claim("pk", "n", limit, now)
+        };
+        let first = s.task_claim(limited(4)).await.unwrap();
+        assert_eq!(
+            first.len(),
+            1,
+            "one of the big key, the small ones are beyond the lookahead"
+        );
+        assert_eq!(first[0].concurrency_key.as_deref(), Some("big"));
+        // The big key is at its limit: the claim looks past its backlog.
+        let second = s.task_claim(limited(4)).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].concurrency_key.as_deref(), Some("small"));
+        assert!(
+            s.task_claim(limited(4)).await.unwrap().is_empty(),
+            "both keys at their limit"
+        );
+    }
+
     pub async fn nodes_register_and_deregister(s: S) {
         let now = now();
         s.node_heartbeat(node("n1", now)).await.unwrap();
@@ -917,6 +952,7 @@ macro_rules! all_cases {
             paused_queues_are_not_claimed,
             schedules_fire_each_tick_once,
             workflows_unblock_and_cascade,
+            per_key_claims_skip_keys_at_their_limit,
         );
     };
 }

@@ -235,6 +235,8 @@ impl Sql {
                  cand AS (SELECT id, priority, run_at, concurrency_key FROM {s}.tasks \
                    WHERE queue = $1 AND state IN ('available', 'scheduled', 'retryable') AND run_at <= $2 \
                      AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
+                     AND (concurrency_key IS NULL OR concurrency_key NOT IN \
+                       (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= $8::bigint)) \
                    ORDER BY priority, run_at, id LIMIT (SELECT n * $7 + $11 FROM allowed)), \
                  ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY priority, run_at, id) AS rk \
                    FROM cand c), \

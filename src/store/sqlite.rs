@@ -595,6 +595,9 @@ fn claim_limited(
                FROM (SELECT id, priority, run_at, concurrency_key FROM tasks WHERE queue = ?1 \
                        AND state IN ('available', 'scheduled', 'retryable') AND run_at <= ?2 \
                        AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?1 AND paused = 1) \
+                       AND (concurrency_key IS NULL OR concurrency_key NOT IN ( \
+                         SELECT concurrency_key FROM tasks WHERE queue = ?1 AND state = 'running' \
+                           AND concurrency_key IS NOT NULL GROUP BY concurrency_key HAVING count(*) >= ?4)) \
                      ORDER BY priority, run_at, id LIMIT ?3)) c \
              LEFT JOIN (SELECT concurrency_key AS k, count(*) AS n FROM tasks \
                         WHERE queue = ?1 AND state = 'running' AND concurrency_key IS NOT NULL \
