@@ -139,6 +139,41 @@ async fn per_key_and_global_limits_hold(stores: Vec<Arc<dyn Store>>) {
     );
 }
 
+/// A key at its limit with a deep backlog must not starve the keys queued
+/// behind it.
+async fn a_saturated_key_does_not_starve_others(stores: Vec<Arc<dyn Store>>) {
+    let log: Log = Arc::default();
+    let limits = QueueLimits {
+        per_key_concurrency: Some(1),
+        ..Default::default()
+    };
+    let pools = three_nodes(&stores[..1], &log, Duration::from_millis(20), limits).await;
+    // 150 x 20 ms one at a time: the big key alone takes about 3 s.
+    let mut tasks: Vec<NewTask> = (0..150).map(|_| task("big")).collect();
+    tasks.extend((0..5).map(|_| task("small")));
+    run_all(&pools, tasks).await;
+    let l = log.lock().unwrap().clone();
+    let first_big = l
+        .iter()
+        .filter(|e| e.0 == "big")
+        .map(|e| e.1)
+        .min()
+        .unwrap();
+    let last_small = l
+        .iter()
+        .filter(|e| e.0 == "small")
+        .map(|e| e.2)
+        .max()
+        .unwrap();
+    assert!(
+        last_small - first_big < Duration::from_millis(1000),
+        "the small key ran beside the big one, not after its backlog: {:?}",
+        last_small - first_big
+    );
+    assert_eq!(max_overlap(&l, Some("big")), 1);
+    assert_eq!(max_overlap(&l, Some("small")), 1);
+}
+
 async fn rate_limit_holds(stores: Vec<Arc<dyn Store>>) {
     let log: Log = Arc::default();
     let limits = QueueLimits {
@@ -208,4 +243,16 @@ async fn rate_limits_hold_across_nodes_on_sqlite() {
 async fn rate_limits_hold_across_nodes_on_postgres() {
     let (stores, _g) = pg_stores().await;
     rate_limit_holds(stores).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_key_does_not_starve_others_on_sqlite() {
+    let (stores, _d) = sqlite_stores().await;
+    a_saturated_key_does_not_starve_others(stores).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_key_does_not_starve_others_on_postgres() {
+    let (stores, _g) = pg_stores().await;
+    a_saturated_key_does_not_starve_others(stores).await;
 }

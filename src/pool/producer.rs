@@ -94,6 +94,11 @@ impl Producer {
                     if got == wanted {
                         continue; // likely more waiting
                     }
+                    if got > 0 && self.limits.is_some() {
+                        // What this claim took may have filled a key's limit;
+                        // the next claim looks past that key's backlog.
+                        continue;
+                    }
                     // A limited queue frees up when tasks finish on any node,
                     // which sends no wake-up: look again soon.
                     let pause = match self.limits {
