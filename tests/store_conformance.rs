@@ -888,7 +888,7 @@ pub mod cases {
         assert_eq!(
             first.len(),
             1,
-            "one of the big key, the small ones are beyond the lookahead"
+            "one of the big key; the small ones are beyond the lookahead"
         );
         assert_eq!(first[0].concurrency_key.as_deref(), Some("big"));
         // The big key is at its limit: the claim looks past its backlog.

@@ -839,7 +839,7 @@ impl PostgresStore {
         // without a per-key limit the first `limit` tasks are enough.
         // (`allowed * scan_mul + scan_add` rows, computed in the statement).
         let (scan_mul, scan_add): (i64, i64) = if limits.per_key_concurrency.is_some() {
-            (4, 16)
+            (2, 16)
         } else {
             (1, 0)
         };

@@ -583,7 +583,7 @@ fn claim_limited(
     // Look a bounded way down the queue for tasks whose keys have room;
     // without a per-key limit the first `allowed` tasks are the answer.
     let scan = if limits.per_key_concurrency.is_some() {
-        allowed * 4 + 16
+        allowed * 2 + 16
     } else {
         allowed
     };
