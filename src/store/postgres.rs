@@ -577,6 +577,30 @@ async fn insert_rows<C: GenericClient>(
         .collect()
 }
 
+/// Rows (with the queue in column `qi` and the key in `ki`) that left
+/// `running`: give their places back in `running_keys`.
+async fn give_back_keys<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    rows: &[Row],
+    qi: usize,
+    ki: usize,
+) -> Result<(), StoreError> {
+    let (mut queues, mut keys): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    for r in rows {
+        if let Some(k) = r.try_get::<_, Option<String>>(ki).map_err(db_err)? {
+            queues.push(r.try_get(qi).map_err(db_err)?);
+            keys.push(k);
+        }
+    }
+    if !keys.is_empty() {
+        c.execute(&sql.running_keys_sub, &[&queues, &keys])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
 /// The task `id`, locked for update until the transaction ends.
 async fn locked_task<C: GenericClient>(c: &C, sql: &Sql, id: TaskId) -> Result<Task, StoreError> {
     let row = c
@@ -1172,18 +1196,7 @@ impl Store for PostgresStore {
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         let (mut done, mut doomed) = (Vec::new(), Vec::new());
         // Every applied row left `running`: keyed ones give their count back.
-        let (mut kq, mut kk): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-        for r in &rows {
-            if let Ok(Some(k)) = r.try_get::<_, Option<String>>(4) {
-                kq.push(r.try_get(3).map_err(db_err)?);
-                kk.push(k);
-            }
-        }
-        if !kk.is_empty() {
-            tx.execute(&self.inner.sql.running_keys_sub, &[&kq, &kk])
-                .await
-                .map_err(db_err)?;
-        }
+        give_back_keys(&*tx, &self.inner.sql, &rows, 3, 4).await?;
         for r in &rows {
             if r.try_get::<_, bool>(1).unwrap_or(false) {
                 let id: i64 = r.try_get(0).map_err(db_err)?;
@@ -1565,24 +1578,22 @@ impl Store for PostgresStore {
     async fn node_rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
         let now = truncate_micros(p.now);
         let now_text = p.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let c = self.conn().await?;
+        let sql = &self.inner.sql;
+        let mut c = self.conn().await?;
+        // One transaction: the rescue, the running counts it gives back and
+        // what it does to dependent tasks land together.
+        let tx = c.transaction().await.map_err(db_err)?;
         let rows = match &p.node {
             Some(n) => {
-                let st = c
-                    .prepare_cached(&self.inner.sql.rescue_node)
-                    .await
-                    .map_err(db_err)?;
                 let keep: Vec<i64> = p.keep.iter().map(|t| t.0).collect();
                 let before = p.started_before.unwrap_or(DateTime::<Utc>::MAX_UTC);
-                c.query(&st, &[&now, &now_text, n, &keep, &before]).await
+                tx.query(&sql.rescue_node, &[&now, &now_text, n, &keep, &before])
+                    .await
             }
             None => {
                 let cutoff = now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
-                let st = c
-                    .prepare_cached(&self.inner.sql.rescue_dead)
+                tx.query(&sql.rescue_dead, &[&now, &now_text, &cutoff])
                     .await
-                    .map_err(db_err)?;
-                c.query(&st, &[&now, &now_text, &cutoff]).await
             }
         }
         .map_err(db_err)?;
@@ -1599,24 +1610,14 @@ impl Store for PostgresStore {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
-        let (mut kq, mut kk): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-        for r in &rows {
-            if let Ok(Some(k)) = r.try_get::<_, Option<String>>(4) {
-                kq.push(r.try_get(3).map_err(db_err)?);
-                kk.push(k);
-            }
-        }
-        if !kk.is_empty() {
-            c.execute(&self.inner.sql.running_keys_sub, &[&kq, &kk])
-                .await
-                .map_err(db_err)?;
-        }
+        give_back_keys(&*tx, sql, &rows, 3, 4).await?;
         let ended: Vec<i64> = rescued
             .iter()
             .filter(|r| r.state.is_finished())
             .map(|r| r.id.0)
             .collect();
-        cascade(&**c, &self.inner.sql, &ended, p.now).await?;
+        cascade(&*tx, sql, &ended, p.now).await?;
+        tx.commit().await.map_err(db_err)?;
         if !rescued.is_empty() {
             self.announce_work();
         }
