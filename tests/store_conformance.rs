@@ -899,6 +899,29 @@ pub mod cases {
             s.task_claim(limited(4)).await.unwrap().is_empty(),
             "both keys at their limit"
         );
+        // A rescue gives the keys' places back.
+        let rescued = s
+            .node_rescue(RescueParams {
+                now,
+                node_timeout: Duration::from_secs(15),
+                node: Some("n".into()),
+                keep: Vec::new(),
+                started_before: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rescued.len(), 2);
+        let later = || ClaimParams {
+            now: now + secs(1),
+            ..limited(4)
+        };
+        let again = s.task_claim(later()).await.unwrap();
+        assert_eq!(again.len(), 1, "the big key has room again");
+        assert_eq!(
+            s.task_claim(later()).await.unwrap().len(),
+            1,
+            "and so has the small one"
+        );
     }
 
     pub async fn nodes_register_and_deregister(s: S) {
