@@ -1,0 +1,243 @@
+//! The deployment files: the Grafana dashboard queries only metrics a node
+//! exports, the compose file has the promised services and files, and a real
+//! Prometheus scrapes a running node and answers a query about it.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto_tasker::server::metrics::Metrics;
+use proto_tasker::server::{AppState, Limits};
+use proto_tasker::store::{SqliteOptions, Synchronous};
+use proto_tasker::{Builder, SqliteStore, Store, TaskRegistry};
+use serde_json::Value;
+
+/// A node with metrics on 127.0.0.1:port that has run `n` noop tasks.
+async fn node_with_metrics(dir: &Path, n: usize) -> (String, Arc<proto_tasker::WorkerPool>) {
+    let mut o = SqliteOptions::new(dir.join("deploy.db"));
+    o.synchronous = Synchronous::Normal;
+    let store = Arc::new(SqliteStore::open(o).unwrap());
+    store.migrate().await.unwrap();
+    let mut reg = TaskRegistry::new();
+    proto_tasker::executors::register_builtin(&mut reg);
+    let metrics = Arc::new(Metrics::new());
+    let pool = Arc::new(
+        Builder::new(store, reg)
+            .poll_interval(Duration::from_millis(50))
+            .observer(metrics.clone())
+            .build()
+            .unwrap(),
+    );
+    pool.start().await.unwrap();
+    let state = AppState::new(pool.clone(), Limits::default(), None).with_metrics(metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(proto_tasker::server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    for _ in 0..n {
+        let t: Value = http
+            .post(format!("{base}/api/v1/tasks"))
+            .json(&serde_json::json!({"kind": "noop"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        http.get(format!("{base}/api/v1/tasks/{}?wait=10s", t["id"]))
+            .send()
+            .await
+            .unwrap();
+    }
+    (base, pool)
+}
+
+fn metric_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("proto_tasker_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_exported_metrics() {
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string("deploy/grafana/dashboards/proto_tasker.json").unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    let titles: Vec<String> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap().to_lowercase())
+        .collect();
+    for topic in [
+        "throughput",
+        "failure",
+        "wait",
+        "run time",
+        "queue depth",
+        "workers busy",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(topic)),
+            "no panel for {topic}: {titles:?}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, pool) = node_with_metrics(dir.path(), 3).await;
+    let exported = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: std::collections::HashSet<String> = metric_names(&exported).into_iter().collect();
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{expr}");
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "panel {:?} queries {name}, which /metrics does not export",
+                    p["title"]
+                );
+            }
+        }
+    }
+    pool.shutdown().await;
+}
+
+#[test]
+fn the_compose_file_has_the_promised_services_and_files() {
+    let text = std::fs::read_to_string("docker-compose.yml").unwrap();
+    let compose: Value = serde_saphyr::from_str(&text).unwrap();
+    let services = compose["services"].as_object().unwrap();
+    for s in ["proto_tasker_app", "prom", "grafana", "postgres"] {
+        assert!(services.contains_key(s), "service {s} missing");
+    }
+    let app = &services["proto_tasker_app"];
+    assert_eq!(app["deploy"]["replicas"], 2, "two replicas share the work");
+    assert!(
+        app["environment"]["PROTO_TASKER_STORE_URL"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres://")
+    );
+    for (svc, want) in [
+        ("prom", "./deploy/prometheus.yml"),
+        ("grafana", "./deploy/grafana/provisioning"),
+    ] {
+        let vols: Vec<&str> = services[svc]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            vols.iter().any(|v| v.starts_with(want)),
+            "{svc} mounts {want}: {vols:?}"
+        );
+    }
+    for f in [
+        "Dockerfile",
+        "deploy/config.yaml",
+        "deploy/prometheus.yml",
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+        "deploy/grafana/provisioning/dashboards/dashboards.yml",
+    ] {
+        assert!(Path::new(f).exists(), "{f} is referenced but missing");
+    }
+    // The container's config is a valid node config.
+    proto_tasker::config_load("deploy/config.yaml").unwrap();
+    let docker = std::fs::read_to_string("Dockerfile").unwrap();
+    assert!(
+        docker.contains("USER proto_tasker"),
+        "the runtime image runs as a non-root user"
+    );
+    assert!(docker.matches("FROM ").count() >= 2, "multi-stage build");
+}
+
+/// Prometheus from Debian's package: on PATH, at $PROTO_TASKER_PROMETHEUS, or
+/// where `.ci/run` unpacks it.
+fn prometheus_binary() -> Option<std::path::PathBuf> {
+    let candidates = [
+        std::env::var("PROTO_TASKER_PROMETHEUS")
+            .ok()
+            .map(Into::into),
+        Some("/opt/proto_tasker-prometheus/usr/bin/prometheus".into()),
+        Some("/usr/bin/prometheus".into()),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p: &std::path::PathBuf| p.exists())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_a_node() {
+    let Some(prom) = prometheus_binary() else {
+        eprintln!(
+            "SKIPPED a_real_prometheus_scrapes_a_node: no prometheus binary (.ci/run unpacks Debian's package)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (base, pool) = node_with_metrics(dir.path(), 4).await;
+    let target = base.trim_start_matches("http://");
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(&cfg, format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: proto_tasker\n    static_configs:\n      - targets: [\"{target}\"]\n")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(prom)
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=sum(proto_tasker_tasks_enqueued_total)"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let value = loop {
+        if let Ok(r) = reqwest::get(&query).await
+            && let Ok(v) = r.json::<Value>().await
+            && let Some(x) = v["data"]["result"][0]["value"][1].as_str()
+        {
+            break x.parse::<f64>().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never had the node's metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        value, 4.0,
+        "Prometheus sees the 4 tasks enqueued through the node"
+    );
+    pool.shutdown().await;
+}
