@@ -20,7 +20,10 @@
 //!   tasks of dead nodes and elects the leader that prunes old tasks.
 //! - A [`Client`] enqueues (one or many, all or nothing), gets, lists,
 //!   cancels, retries and waits for tasks.
-//! - A [`Store`] persists it all; [`SqliteStore`] is the embedded default.
+//! - A [`Store`] persists it all; [`SqliteStore`] is the embedded default and
+//!   [`store::PostgresStore`] lets many nodes share one database.
+//! - Tasks may wait for others (`depends_on`), be limited per queue or per
+//!   `concurrency_key` across the cluster, or be enqueued by cron schedules.
 //!
 //! ## Guarantees
 //!
@@ -41,9 +44,11 @@
 //! | [`client`] | `Client` |
 //! | [`pool`] | `WorkerPool`, `Builder`, `Worker`, `LocalWorker`, `WorkerPoolSharedData`, producer, completer |
 //! | [`sentinel`] | `Sentinel`: worker health, heartbeats, rescue, leadership, retention |
-//! | [`store`] | the `Store` trait and `SqliteStore` |
+//! | [`store`] | the `Store` trait, `SqliteStore` (one machine) and `PostgresStore` (a cluster) |
+//! | [`cron`] | cron schedules, fired once per tick by the leader |
+//! | [`server`] | the HTTP API, probes and Prometheus metrics of a node |
 //! | [`config`] | `Config` and [`config_load`] for the node |
-//! | [`executors`] | the node's built-in `noop`, `sleep` and `fail` |
+//! | [`executors`] | the node's built-in `shell`, `http`, `noop`, `sleep` and `fail` |
 //! | [`bench`] | the load tool behind `proto_tasker bench` |
 //!
 //! ## Example
