@@ -49,7 +49,7 @@
 //! | [`server`] | the HTTP API, probes and Prometheus metrics of a node |
 //! | [`config`] | `Config` and [`config_load`] for the node |
 //! | [`executors`] | the node's built-in `shell`, `http`, `noop`, `sleep` and `fail` |
-//! | [`bench`] | the load tool behind `proto_tasker bench` |
+//! | [`bench`](mod@bench) | the load tool behind `proto_tasker bench` |
 //!
 //! ## Example
 //!

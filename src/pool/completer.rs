@@ -1,7 +1,7 @@
 //! The completer: writes attempt outcomes to the store in batches.
 //!
 //! Slots hand outcomes over an unbounded channel and move on; the completer
-//! takes everything waiting (up to [`MAX_BATCH`]) and writes it with one
+//! takes everything waiting (up to `MAX_BATCH`) and writes it with one
 //! store call. When the store fails, the batch is kept and retried with
 //! backoff: outcomes are never dropped while the node runs (a task whose
 //! outcome is lost would run again, which at-least-once allows but we avoid).
