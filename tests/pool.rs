@@ -79,6 +79,31 @@ impl Rendezvous {
     }
 }
 
+/// Registers `meet`: a task that finishes only once two of them run together.
+fn register_meet(reg: &mut TaskRegistry, rendezvous: &Arc<Rendezvous>) {
+    let r = rendezvous.clone();
+    reg.register(
+        "meet",
+        executor_fn(move |_ctx| {
+            let r = r.clone();
+            async move {
+                r.meet(2).await;
+                Ok(json!(null))
+            }
+        }),
+    );
+}
+
+/// Both slots of a 2-worker pool are alive: two `meet` tasks complete.
+async fn both_slots_alive(client: &proto_tasker::Client) {
+    let a = client.enqueue("meet", json!(null)).await.unwrap().id;
+    let b = client.enqueue("meet", json!(null)).await.unwrap().id;
+    for id in [a, b] {
+        let t = client.wait(id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(t.state, TaskState::Completed);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_tasks_end_to_end_and_keeps_results() {
     let (store, _d) = common::sqlite_store().await;
@@ -123,17 +148,7 @@ async fn a_panicking_executor_fails_the_attempt_and_its_worker_is_replaced() {
         }),
         quick_retry(),
     );
-    let r = rendezvous.clone();
-    reg.register(
-        "meet",
-        executor_fn(move |_ctx| {
-            let r = r.clone();
-            async move {
-                r.meet(2).await;
-                Ok(json!(null))
-            }
-        }),
-    );
+    register_meet(&mut reg, &rendezvous);
     let pool = builder(store, reg).queue("default", 2).build().unwrap();
     let client = pool.client();
     pool.start().await.unwrap();
@@ -149,18 +164,7 @@ async fn a_panicking_executor_fails_the_attempt_and_its_worker_is_replaced() {
     let shared = pool.shared().clone();
     assert_eq!(Counters::get(&shared.counters.panics), 1);
     // Both slots are alive: two tasks that only finish when they run together.
-    let a = client.enqueue("meet", json!(null)).await.unwrap().id;
-    let b = client.enqueue("meet", json!(null)).await.unwrap().id;
-    for id in [a, b] {
-        assert_eq!(
-            client
-                .wait(id, Duration::from_secs(10))
-                .await
-                .unwrap()
-                .state,
-            TaskState::Completed
-        );
-    }
+    both_slots_alive(&client).await;
     assert_eq!(shared.workers_total(), 2);
     pool.shutdown().await;
 }
@@ -227,17 +231,7 @@ async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
             Ok(json!("too late"))
         }),
     );
-    let r = rendezvous.clone();
-    reg.register(
-        "meet",
-        executor_fn(move |_ctx| {
-            let r = r.clone();
-            async move {
-                r.meet(2).await;
-                Ok(json!(null))
-            }
-        }),
-    );
+    register_meet(&mut reg, &rendezvous);
     let pool = builder(store, reg).queue("default", 2).build().unwrap();
     let client = pool.client();
     pool.start().await.unwrap();
@@ -259,18 +253,7 @@ async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
     );
     let shared = pool.shared().clone();
     assert_eq!(Counters::get(&shared.counters.hung_replaced), 1);
-    let a = client.enqueue("meet", json!(null)).await.unwrap().id;
-    let b = client.enqueue("meet", json!(null)).await.unwrap().id;
-    for id in [a, b] {
-        assert_eq!(
-            client
-                .wait(id, Duration::from_secs(10))
-                .await
-                .unwrap()
-                .state,
-            TaskState::Completed
-        );
-    }
+    both_slots_alive(&client).await;
     // The hung executor's late success is fenced out.
     tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(

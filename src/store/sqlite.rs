@@ -634,6 +634,18 @@ fn claim_limited(
     Ok(tasks)
 }
 
+/// Rows with their times cut to store precision, and their args serialized
+/// here rather than on the writer thread, which is the bottleneck.
+fn prepare_rows(tasks: Vec<TaskInsert>) -> Result<(Vec<TaskInsert>, Vec<String>), StoreError> {
+    let tasks = super::truncate_rows(tasks);
+    let args = tasks
+        .iter()
+        .map(|t| serde_json::to_string(&t.args))
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    Ok((tasks, args))
+}
+
 /// Insert rows in order; batch references point at earlier rows.
 fn insert_all(
     conn: &Connection,
@@ -836,13 +848,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let now = super::truncate_micros(now);
-        let tasks = super::truncate_rows(tasks);
-        // Serialize outside the writer thread: it is the bottleneck.
-        let args: Vec<String> = tasks
-            .iter()
-            .map(|t| serde_json::to_string(&t.args))
-            .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let (tasks, args) = prepare_rows(tasks)?;
         let out = self
             .write(move |conn| insert_all(conn, &tasks, &args, now))
             .await?;
@@ -1200,12 +1206,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<Vec<Inserted>>, StoreError> {
         let name = name.to_string();
         let now = super::truncate_micros(now);
-        let tasks = super::truncate_rows(tasks);
-        let args: Vec<String> = tasks
-            .iter()
-            .map(|t| serde_json::to_string(&t.args))
-            .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let (tasks, args) = prepare_rows(tasks)?;
         let out = self
             .write(move |conn| {
                 let moved = conn
