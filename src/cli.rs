@@ -220,7 +220,15 @@ pub fn print_queues(v: &Value) {
         .unwrap_or_default()
         .iter()
         .map(|q| {
-            let n = |s: &str| q["counts"][s].as_i64().unwrap_or(0).to_string();
+            let capped = |s: &str| {
+                q["capped"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|v| v.as_str() == Some(s)))
+            };
+            let n = |s: &str| {
+                let n = q["counts"][s].as_i64().unwrap_or(0).to_string();
+                if capped(s) { format!("{n}+") } else { n }
+            };
             let status = if q["paused"].as_bool().unwrap_or(false) {
                 "paused"
             } else {

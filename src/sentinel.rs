@@ -120,6 +120,7 @@ impl Sentinel {
             workers_busy: self.shared.workers_busy() as i32,
             queues: self.queues.clone(),
             leader: self.shared.is_leader(),
+            stats: self.shared.stats(),
         }
     }
 

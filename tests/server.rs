@@ -857,3 +857,163 @@ async fn a_batch_creates_a_dag_with_refs_and_rejects_cycles() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_page_is_open_but_its_data_is_not() {
+    let s = start(Setup {
+        token: Some("s3cret-token".into()),
+        ..Setup::default()
+    })
+    .await;
+    let page = s.http.get(format!("{}/", s.base)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(r#"data-auth="true""#),
+        "the page knows to ask"
+    );
+    assert!(
+        !html.contains("s3cret-token"),
+        "the token never reaches the page"
+    );
+    // Everything it loads comes from the node itself.
+    for asset in ["/assets/dashboard.js", "/assets/dashboard.css"] {
+        assert!(html.contains(asset), "{asset}");
+        let r = s
+            .http
+            .get(format!("{}{asset}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{asset}");
+        let body = r.text().await.unwrap();
+        assert!(
+            !body.contains("https://"),
+            "{asset} loads nothing from elsewhere"
+        );
+        for sink in [
+            ".innerHTML",
+            ".outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+        ] {
+            assert!(
+                !body.contains(sink),
+                "{asset} never parses data as HTML ({sink})"
+            );
+        }
+    }
+    assert!(!html.contains("https://"), "no CDN");
+    let stats = s
+        .http
+        .get(format!("{}/api/v1/stats", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), StatusCode::UNAUTHORIZED);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_retry_and_throughput_stats() {
+    let s = start(Setup {
+        yaml: "queues:\n  default:\n    workers: 2\n",
+        ..Setup::default()
+    })
+    .await;
+    let mut failed = Vec::new();
+    for _ in 0..3 {
+        let (st, t) = s
+            .post("/tasks", json!({"kind": "fail", "max_attempts": 1}))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{t}");
+        failed.push(t["id"].as_i64().unwrap());
+    }
+    let (_, ok) = s.post("/tasks", json!({"kind": "noop"})).await;
+    let ok = ok["id"].as_i64().unwrap();
+    let until = |id: i64, want: &'static str, attempt: i64| {
+        let s = &s;
+        async move {
+            let start = Instant::now();
+            loop {
+                let (_, t) = s.get(&format!("/tasks/{id}")).await;
+                if t["state"] == want && t["attempt"] == attempt {
+                    return;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "{t}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for &id in &failed {
+        until(id, "failed", 1).await;
+    }
+    until(ok, "completed", 1).await;
+
+    // Bad requests name the field.
+    assert_error(
+        &s.post("/tasks/retry", json!({"ids": []})).await,
+        StatusCode::BAD_REQUEST,
+        Some("ids"),
+    );
+    assert_error(
+        &s.post("/tasks/retry", json!({"ids": [failed[0], "x"]}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        Some("ids[1]"),
+    );
+    // Each id on its own: an unknown id is reported, the rest are retried.
+    let (st, r) = s
+        .post(
+            "/tasks/retry",
+            json!({"ids": [failed[0], failed[1].to_string(), 999_999]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    assert_eq!(r["retried"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["errors"][0]["id"], "999999", "{r}");
+    assert_eq!(r["errors"][0]["code"], "not_found", "{r}");
+    until(failed[0], "failed", 2).await;
+    until(failed[1], "failed", 2).await;
+    assert_eq!(
+        s.get(&format!("/tasks/{}", failed[2])).await.1["attempt"],
+        1
+    );
+
+    // The sampler saw 1 completion and 5 final failures (3 + 2 retried).
+    let start = Instant::now();
+    loop {
+        let (st, v) = s.get("/stats?minutes=5&step=30").await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["step_seconds"], 30);
+        let buckets = v["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), 10);
+        let sum = |k: &str| -> u64 { buckets.iter().map(|b| b[k].as_u64().unwrap()).sum() };
+        assert!(sum("completed") <= 1 && sum("failed") <= 5, "{v}");
+        if sum("completed") == 1 && sum("failed") == 5 {
+            assert_eq!(v["totals"]["completed"], 1);
+            assert_eq!(v["totals"]["failed"], 5);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_error(
+        &s.get("/stats?minutes=0").await,
+        StatusCode::BAD_REQUEST,
+        Some("minutes"),
+    );
+    assert_error(
+        &s.get("/stats?step=abc").await,
+        StatusCode::BAD_REQUEST,
+        Some("step"),
+    );
+    s.stop().await;
+}

@@ -46,6 +46,7 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
         workers_busy: 0,
         queues: vec!["default".into()],
         leader: false,
+        stats: Default::default(),
     }
 }
 
@@ -924,11 +925,129 @@ pub mod cases {
         );
     }
 
+    /// Listing one queue merges its states in id order, pages by cursor, and
+    /// queue counts match the tasks as they are.
+    pub async fn queue_listing_and_counts_span_states(s: S) {
+        let now = now();
+        let mut rows = Vec::new();
+        for i in 0..60 {
+            let q = ["a", "b", "c"][i % 3];
+            let mut r = insert(if i % 4 == 0 { "k1" } else { "k2" }, q, 0, now);
+            if i % 7 == 0 {
+                r.run_at = now + secs(3600);
+            }
+            rows.push(r);
+        }
+        s.task_insert_many(rows, now).await.unwrap();
+        // Move tasks of every queue through running, completed, failed and cancelled.
+        for q in ["a", "b", "c"] {
+            let claimed = s.task_claim(claim(q, "n", 9, now)).await.unwrap();
+            let done: Vec<Completion> = claimed
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 3 != 2)
+                .map(|(i, t)| Completion {
+                    id: t.id,
+                    attempt: t.attempt,
+                    at: now,
+                    outcome: if i % 3 == 0 {
+                        Outcome::Completed {
+                            result: serde_json::json!(null),
+                        }
+                    } else {
+                        Outcome::Failed {
+                            error: "boom".into(),
+                        }
+                    },
+                })
+                .collect();
+            s.task_complete_many(done).await.unwrap();
+        }
+        let all = s
+            .task_list(ListParams {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 60);
+        let victim = all
+            .iter()
+            .find(|t| t.queue == "b" && t.state == TaskState::Available)
+            .unwrap();
+        s.task_cancel(victim.id, now).await.unwrap();
+        let all = s
+            .task_list(ListParams {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for q in ["a", "b", "c"] {
+            for kind in [None, Some("k1")] {
+                let want: Vec<_> = all
+                    .iter()
+                    .filter(|t| t.queue == q && kind.is_none_or(|k| t.kind == k))
+                    .map(|t| t.id)
+                    .collect();
+                let mut got = Vec::new();
+                let mut before = None;
+                loop {
+                    let page = s
+                        .task_list(ListParams {
+                            queue: Some(q.into()),
+                            kind: kind.map(String::from),
+                            before,
+                            limit: 4,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                    if page.is_empty() {
+                        break;
+                    }
+                    assert!(page.len() <= 4);
+                    before = page.last().map(|t| t.id);
+                    got.extend(page.into_iter().map(|t| t.id));
+                }
+                assert_eq!(got, want, "queue {q} kind {kind:?}");
+            }
+        }
+        let mut want = std::collections::BTreeMap::new();
+        for t in &all {
+            *want
+                .entry((t.queue.clone(), t.state.as_str()))
+                .or_insert(0i64) += 1;
+        }
+        let got: std::collections::BTreeMap<_, _> = s
+            .queue_counts()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(q, st, n)| ((q, st.as_str()), n))
+            .collect();
+        assert_eq!(got, want);
+        let states: HashSet<TaskState> = all.iter().map(|t| t.state).collect();
+        for st in [
+            TaskState::Available,
+            TaskState::Scheduled,
+            TaskState::Running,
+            TaskState::Completed,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
+            assert!(states.contains(&st), "the case covers {st}");
+        }
+    }
+
     pub async fn nodes_register_and_deregister(s: S) {
         let now = now();
         s.node_heartbeat(node("n1", now)).await.unwrap();
         s.node_heartbeat(node("n2", now)).await.unwrap();
-        s.node_heartbeat(node("n1", now + secs(2))).await.unwrap();
+        let mut later = node("n1", now + secs(2));
+        later.stats.completed = 41;
+        later.stats.failed = 2;
+        s.node_heartbeat(later).await.unwrap();
         assert!(
             s.leader_try_elect("n2", Duration::from_secs(30), Utc::now())
                 .await
@@ -937,6 +1056,8 @@ pub mod cases {
         let nodes = s.node_list().await.unwrap();
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes[0].heartbeat_at, now + secs(2));
+        assert_eq!(nodes[0].stats.completed, 41);
+        assert_eq!(nodes[0].stats.failed, 2);
         assert!(nodes.iter().any(|n| n.name == "n2" && n.leader));
         s.node_remove("n2").await.unwrap();
         assert_eq!(s.node_list().await.unwrap().len(), 1);
@@ -971,6 +1092,7 @@ macro_rules! all_cases {
             retention_prunes_only_old_finished_tasks,
             one_leader_at_a_time,
             list_filters_and_paginates,
+            queue_listing_and_counts_span_states,
             nodes_register_and_deregister,
             paused_queues_are_not_claimed,
             schedules_fire_each_tick_once,

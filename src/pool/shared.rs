@@ -194,6 +194,17 @@ impl WorkerPoolSharedData {
         }
     }
 
+    /// The outcome counters, as the heartbeat publishes them.
+    pub fn stats(&self) -> crate::store::NodeStats {
+        let c = &self.counters;
+        crate::store::NodeStats {
+            completed: Counters::get(&c.completed),
+            failed: Counters::get(&c.failed),
+            retried: Counters::get(&c.retried),
+            cancelled: Counters::get(&c.cancelled),
+        }
+    }
+
     /// How many slots are running a task now.
     pub fn workers_busy(&self) -> usize {
         self.slots

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState};
 use crate::client::ClientError;
 use crate::config::Dur;
-use crate::store::{Inserted, ListParams};
+use crate::store::{Inserted, ListParams, count_cap};
 use crate::task::{NewTask, Task, TaskId, TaskOptions, TaskState};
 
 /// Longest `?wait=` a client may ask for.
@@ -30,6 +30,8 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/tasks", post(create_task).get(list_tasks))
         .route("/tasks/batch", post(create_batch))
+        .route("/tasks/retry", post(retry_many))
+        .route("/stats", get(super::dashboard::stats))
         .route("/tasks/{id}", get(get_task))
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
@@ -404,6 +406,53 @@ async fn retry_task(
     Ok(Json(state.client.retry(parse_id(&id)?).await?))
 }
 
+/// Most ids one bulk retry may name.
+const MAX_BULK: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryMany {
+    ids: Vec<Value>,
+}
+
+/// Retry many tasks (the dashboard's "retry selected"): `{"ids": [...]}`.
+/// Each id succeeds or fails on its own; the answer lists both.
+async fn retry_many(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    let req: RetryMany = read_json(body, state.limits.max_body_bytes).await?;
+    if req.ids.is_empty() || req.ids.len() > MAX_BULK {
+        return Err(ApiError::bad(
+            "ids",
+            format!("give 1 to {MAX_BULK} ids, not {}", req.ids.len()),
+        ));
+    }
+    let mut ids = Vec::with_capacity(req.ids.len());
+    for (i, v) in req.ids.iter().enumerate() {
+        let id = match v {
+            Value::String(s) => s.parse::<TaskId>().ok(),
+            Value::Number(n) => n.as_i64().map(TaskId),
+            _ => None,
+        };
+        ids.push(
+            id.ok_or_else(|| ApiError::bad(format!("ids[{i}]"), format!("{v} is not a task id")))?,
+        );
+    }
+    let mut retried = Vec::new();
+    let mut errors = Vec::new();
+    for id in ids {
+        match state.client.retry(id).await {
+            Ok(t) => retried.push(t),
+            Err(e) => {
+                let e = ApiError::from(e);
+                if e.status == StatusCode::SERVICE_UNAVAILABLE {
+                    return Err(e);
+                }
+                errors.push(json!({"id": id.to_string(), "code": e.code, "message": e.message}));
+            }
+        }
+    }
+    Ok(Json(json!({ "retried": retried, "errors": errors })))
+}
+
 /// Every queue anyone knows of: served by a live node, configured here, or holding tasks.
 async fn known_queues(
     state: &AppState,
@@ -430,6 +479,13 @@ async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     let out: Vec<Value> = queues
         .into_iter()
         .map(|(name, counts)| {
+            // Counts stop at a cap (see store::count_cap); `capped` names
+            // the states whose count reached it, i.e. "at least".
+            let capped: Vec<&str> = TaskState::ALL
+                .iter()
+                .filter(|s| counts.get(s.as_str()).copied().unwrap_or(0) >= count_cap(**s))
+                .map(|s| s.as_str())
+                .collect();
             let counts: BTreeMap<String, i64> = TaskState::ALL
                 .iter()
                 .map(|s| (s.to_string(), counts.get(s.as_str()).copied().unwrap_or(0)))
@@ -439,6 +495,7 @@ async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
                 "paused": paused.contains(&name),
                 "concurrency": local.get(&name),
                 "counts": counts,
+                "capped": capped,
             })
         })
         .collect();

@@ -1,5 +1,5 @@
-//! The node's HTTP server: the API under `/api/v1`, `/healthz`, `/readyz`
-//! and `/metrics`.
+//! The node's HTTP server: the API under `/api/v1`, `/healthz`, `/readyz`,
+//! `/metrics` and the dashboard at `/`.
 //!
 //! # Security
 //!
@@ -7,9 +7,12 @@
 //! configured). The server binds 127.0.0.1 by default; with
 //! `server.auth_token` set, every `/api` route needs
 //! `Authorization: Bearer <token>`, compared in constant time. `/healthz`,
-//! `/readyz` and `/metrics` stay open so probes and Prometheus can reach them.
+//! `/readyz` and `/metrics` stay open so probes and Prometheus can reach them,
+//! and so does the dashboard's page (it holds no data; its script asks for
+//! the token and sends it to the API).
 
 pub mod api;
+pub mod dashboard;
 #[cfg(feature = "stats")]
 pub mod metrics;
 
@@ -59,6 +62,8 @@ pub struct AppState {
     pub(crate) token: Option<Arc<str>>,
     /// Fires when the server stops: long-polls return early.
     pub(crate) stopping: CancellationToken,
+    /// Cluster throughput over the last minutes, for the dashboard.
+    pub(crate) history: Arc<dashboard::History>,
     #[cfg(feature = "stats")]
     pub(crate) metrics: Option<Arc<metrics::Metrics>>,
 }
@@ -84,6 +89,7 @@ impl AppState {
             limits,
             token: token.map(Arc::from),
             stopping: CancellationToken::new(),
+            history: Arc::default(),
             #[cfg(feature = "stats")]
             metrics: None,
         }
@@ -224,7 +230,16 @@ pub fn router(state: AppState) -> Router {
     let app = Router::new()
         .nest("/api/v1", api)
         .route("/healthz", axum::routing::get(api::healthz))
-        .route("/readyz", axum::routing::get(api::readyz));
+        .route("/readyz", axum::routing::get(api::readyz))
+        .route("/", axum::routing::get(dashboard::page))
+        .route(
+            "/assets/dashboard.js",
+            axum::routing::get(dashboard::script),
+        )
+        .route(
+            "/assets/dashboard.css",
+            axum::routing::get(dashboard::style),
+        );
     #[cfg(feature = "stats")]
     let app = app.route("/metrics", axum::routing::get(metrics::handler));
     app.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -239,6 +254,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stopping = state.stopping.clone();
+    tokio::spawn(dashboard::run_sampler(state.clone()));
     let app = router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -238,6 +238,43 @@ pub struct NodeInfo {
     pub queues: Vec<String>,
     #[serde(default)]
     pub leader: bool,
+    /// What the node's pool did since it started (written with each heartbeat).
+    #[serde(default)]
+    pub stats: NodeStats,
+}
+
+/// Attempt outcomes a node's pool counted since it started. The dashboard
+/// sums these over the cluster's nodes and plots the differences.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    #[serde(default)]
+    pub completed: u64,
+    /// Attempts that failed for good.
+    #[serde(default)]
+    pub failed: u64,
+    /// Attempts that failed and will be retried.
+    #[serde(default)]
+    pub retried: u64,
+    #[serde(default)]
+    pub cancelled: u64,
+}
+
+/// [`Store::queue_counts`] counts at most this many tasks per queue and
+/// unfinished state, so its cost stays bounded however many tasks the store
+/// keeps; a count equal to the cap means "at least this many".
+pub const QUEUE_COUNT_CAP: i64 = 100_000;
+
+/// The same cap for the finished states (completed, failed, cancelled),
+/// which retention rather than load decides the size of.
+pub const FINISHED_COUNT_CAP: i64 = 10_000;
+
+/// The cap [`Store::queue_counts`] applies to `state`.
+pub fn count_cap(state: TaskState) -> i64 {
+    if state.is_finished() {
+        FINISHED_COUNT_CAP
+    } else {
+        QUEUE_COUNT_CAP
+    }
 }
 
 /// Rescue the running tasks of nodes whose heartbeat is older than `now - node_timeout`
@@ -325,6 +362,9 @@ pub trait Store: Send + Sync + 'static {
     async fn task_prune(&self, params: PruneParams) -> Result<u64, StoreError>;
 
     /// Count tasks by queue and state.
+    ///
+    /// Each count stops at [`count_cap`] of its state. Implementations walk an index
+    /// on `(queue, state)` so the cost does not grow with the table.
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError>;
 
     /// Pause (no task of `queue` is claimed by any node) or resume a queue.

@@ -317,8 +317,19 @@ impl Sql {
                 "DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
                  WHERE state = $1 AND finished_at < $2 LIMIT $3)"
             ),
+            // The queues by a loose index scan (one probe each), then a
+            // count of each (queue, state) range that stops at the cap ($1).
             queue_counts: format!(
-                "SELECT queue, state, count(*) FROM {s}.tasks GROUP BY queue, state"
+                "WITH RECURSIVE qs(q) AS ( \
+                   SELECT min(queue) FROM {s}.tasks \
+                   UNION ALL \
+                   SELECT (SELECT min(queue) FROM {s}.tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL) \
+                 SELECT qs.q, st.s, c.n FROM qs \
+                 CROSS JOIN unnest(ARRAY['available','scheduled','running','retryable','completed','failed','cancelled','blocked']) AS st(s) \
+                 CROSS JOIN LATERAL (SELECT count(*) AS n FROM \
+                   (SELECT 1 FROM {s}.tasks WHERE queue = qs.q AND state = st.s \
+                    LIMIT CASE WHEN st.s IN ('completed', 'failed', 'cancelled') THEN $2 ELSE $1 END) x) c \
+                 WHERE qs.q IS NOT NULL AND c.n > 0"
             ),
             queue_set_paused: format!(
                 "INSERT INTO {s}.queues (name, paused) VALUES ($1, $2) \
@@ -326,16 +337,17 @@ impl Sql {
             ),
             queue_paused: format!("SELECT name FROM {s}.queues WHERE paused ORDER BY name"),
             heartbeat: format!(
-                "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET \
+                "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET \
                  version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
-                 workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues"
+                 workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues, \
+                 stats = excluded.stats"
             ),
             node_remove: format!("DELETE FROM {s}.nodes WHERE name = $1"),
             leader_remove: format!("DELETE FROM {s}.leader WHERE node = $1"),
             node_list: format!(
                 "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, n.queues, \
-                   (l.node IS NOT NULL) FROM {s}.nodes n \
+                   (l.node IS NOT NULL), n.stats FROM {s}.nodes n \
                  LEFT JOIN {s}.leader l ON l.node = n.name AND l.expires_at > $1 ORDER BY n.name"
             ),
             rescue_dead: format!(
@@ -455,6 +467,13 @@ fn migrations(s: &str) -> Vec<String> {
             INSERT INTO {s}.running_keys (queue, key, n)
                 SELECT queue, concurrency_key, count(*) FROM {s}.tasks
                 WHERE state = 'running' AND concurrency_key IS NOT NULL GROUP BY 1, 2;"
+        ),
+        format!(
+            "-- Serves bounded counts per queue and state, and listing one queue's
+            -- tasks (one range per state, merged): neither walks the whole table.
+            CREATE INDEX tasks_queue_state ON {s}.tasks (queue, state, id);
+            -- What the node's pool did since it started (see NodeStats).
+            ALTER TABLE {s}.nodes ADD COLUMN stats jsonb NOT NULL DEFAULT '{{}}';"
         ),
     ]
 }
@@ -1248,28 +1267,57 @@ impl Store for PostgresStore {
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
         let s = &self.inner.schema;
-        let mut sql = format!("SELECT {COLS} FROM {s}.tasks WHERE true");
-        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
-        let mut add = |clause: &str,
-                       v: Box<dyn tokio_postgres::types::ToSql + Sync + Send>,
-                       sql: &mut String| {
+        type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+        let mut params: Vec<Param> = Vec::new();
+        let mut add = |v: Param| {
             params.push(v);
-            sql.push_str(&format!(" AND {clause} ${}", params.len()));
+            format!("${}", params.len())
         };
-        if let Some(st) = p.state {
-            add("state =", Box::new(st.as_str().to_string()), &mut sql);
-        }
-        if let Some(q) = p.queue {
-            add("queue =", Box::new(q), &mut sql);
-        }
+        // Filters other than state and queue, shared by every arm below.
+        let mut rest = String::new();
         if let Some(k) = p.kind {
-            add("kind =", Box::new(k), &mut sql);
+            rest.push_str(&format!(" AND kind = {}", add(Box::new(k))));
         }
         if let Some(b) = p.before {
-            add("id <", Box::new(b.0), &mut sql);
+            rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
         }
-        params.push(Box::new(p.limit.max(1) as i64));
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+        let limit = add(Box::new(p.limit.max(1) as i64));
+        let sql = match (p.state, p.queue) {
+            // One queue, any state: the newest `limit` of each state's range
+            // of tasks_queue_state, merged. A plain `queue = $1 ORDER BY id
+            // DESC` would walk the whole table by id or sort the queue's tasks.
+            (None, Some(q)) => {
+                let q = add(Box::new(q));
+                let arms: Vec<String> = TaskState::ALL
+                    .iter()
+                    .map(|st| {
+                        format!(
+                            "(SELECT {COLS} FROM {s}.tasks WHERE queue = {q} AND state = '{}'{rest} \
+                             ORDER BY id DESC LIMIT {limit})",
+                            st.as_str()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} ORDER BY id DESC LIMIT {limit}",
+                    arms.join(" UNION ALL ")
+                )
+            }
+            (state, queue) => {
+                let mut sql = format!("SELECT {COLS} FROM {s}.tasks WHERE true{rest}");
+                if let Some(st) = state {
+                    sql.push_str(&format!(
+                        " AND state = {}",
+                        add(Box::new(st.as_str().to_string()))
+                    ));
+                }
+                if let Some(q) = queue {
+                    sql.push_str(&format!(" AND queue = {}", add(Box::new(q))));
+                }
+                sql.push_str(&format!(" ORDER BY id DESC LIMIT {limit}"));
+                sql
+            }
+        };
         let c = self.conn().await?;
         let st = c.prepare_cached(&sql).await.map_err(db_err)?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
@@ -1397,7 +1445,10 @@ impl Store for PostgresStore {
             .prepare_cached(&self.inner.sql.queue_counts)
             .await
             .map_err(db_err)?;
-        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        let rows = c
+            .query(&st, &[&super::QUEUE_COUNT_CAP, &super::FINISHED_COUNT_CAP])
+            .await
+            .map_err(db_err)?;
         rows.iter()
             .map(|r| {
                 let state: String = r.try_get(1).map_err(db_err)?;
@@ -1518,6 +1569,8 @@ impl Store for PostgresStore {
     async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
         let queues =
             serde_json::to_value(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let stats =
+            serde_json::to_value(n.stats).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let c = self.conn().await?;
         let st = c
             .prepare_cached(&self.inner.sql.heartbeat)
@@ -1533,6 +1586,7 @@ impl Store for PostgresStore {
                 &n.workers,
                 &n.workers_busy,
                 &queues,
+                &stats,
             ],
         )
         .await
@@ -1561,6 +1615,7 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|r| {
                 let queues: serde_json::Value = r.try_get(6).map_err(db_err)?;
+                let stats: serde_json::Value = r.try_get(8).map_err(db_err)?;
                 Ok(NodeInfo {
                     name: r.try_get(0).map_err(db_err)?,
                     version: r.try_get(1).map_err(db_err)?,
@@ -1570,6 +1625,7 @@ impl Store for PostgresStore {
                     workers_busy: r.try_get(5).map_err(db_err)?,
                     queues: serde_json::from_value(queues).unwrap_or_default(),
                     leader: r.try_get(7).map_err(db_err)?,
+                    stats: serde_json::from_value(stats).unwrap_or_default(),
                 })
             })
             .collect()

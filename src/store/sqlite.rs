@@ -123,6 +123,13 @@ CREATE TABLE queue_rate (
     started      INTEGER NOT NULL
 );
 "#,
+    r#"
+-- Serves bounded counts per queue and state, and listing one queue's tasks
+-- (one range per state, merged), so neither walks the whole table.
+CREATE INDEX tasks_queue_state ON tasks (queue, state, id);
+-- What the node's pool did since it started (JSON, see NodeStats).
+ALTER TABLE nodes ADD COLUMN stats TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 const TASK_COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
@@ -935,26 +942,58 @@ impl Store for SqliteStore {
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
         self.read(move |conn| {
-            let mut sql = format!("SELECT {TASK_COLS} FROM tasks WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(s) = p.state {
-                sql.push_str(" AND state = ?");
-                args.push(s.as_str().to_string().into());
-            }
-            if let Some(q) = p.queue {
-                sql.push_str(" AND queue = ?");
-                args.push(q.into());
-            }
-            if let Some(k) = p.kind {
-                sql.push_str(" AND kind = ?");
-                args.push(k.into());
+            let limit = p.limit.max(1) as i64;
+            // Filters other than state and queue, shared by every arm below.
+            let mut rest = String::new();
+            let mut rest_args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(k) = &p.kind {
+                rest.push_str(" AND kind = ?");
+                rest_args.push(k.clone().into());
             }
             if let Some(b) = p.before {
-                sql.push_str(" AND id < ?");
-                args.push(b.0.into());
+                rest.push_str(" AND id < ?");
+                rest_args.push(b.0.into());
             }
-            sql.push_str(" ORDER BY id DESC LIMIT ?");
-            args.push((p.limit.max(1) as i64).into());
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let sql = match (&p.state, &p.queue) {
+                // One queue, any state: the newest `limit` of each state's
+                // range of tasks_queue_state, merged. A plain `queue = ?
+                // ORDER BY id DESC` would either walk the whole table by id
+                // or sort every task of the queue.
+                (None, Some(q)) => {
+                    let arms: Vec<String> = TaskState::ALL
+                        .iter()
+                        .map(|st| {
+                            args.push(q.clone().into());
+                            args.push(st.as_str().to_string().into());
+                            args.extend(rest_args.iter().cloned());
+                            args.push(limit.into());
+                            format!(
+                                "SELECT * FROM (SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_queue_state \
+                                 WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
+                            )
+                        })
+                        .collect();
+                    args.push(limit.into());
+                    format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL "))
+                }
+                _ => {
+                    let mut sql = format!("SELECT {TASK_COLS} FROM tasks WHERE 1 = 1");
+                    if let Some(s) = p.state {
+                        sql.push_str(" AND state = ?");
+                        args.push(s.as_str().to_string().into());
+                    }
+                    if let Some(q) = &p.queue {
+                        sql.push_str(" AND queue = ?");
+                        args.push(q.clone().into());
+                    }
+                    sql.push_str(&rest);
+                    args.extend(rest_args);
+                    sql.push_str(" ORDER BY id DESC LIMIT ?");
+                    args.push(limit.into());
+                    sql
+                }
+            };
             fetch_tasks(conn, &sql, rusqlite::params_from_iter(args))
         })
         .await
@@ -1079,11 +1118,31 @@ impl Store for SqliteStore {
 
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
         self.read(|conn| {
+            // The queues, one index probe each (a loose index scan), then a
+            // count of each (queue, state) range that stops at the cap.
             let mut st = conn
-                .prepare_cached("SELECT queue, state, count(*) FROM tasks GROUP BY queue, state")
+                .prepare_cached(&format!(
+                    "WITH RECURSIVE qs(q) AS ( \
+                       SELECT (SELECT min(queue) FROM tasks) \
+                       UNION ALL \
+                       SELECT (SELECT min(queue) FROM tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL), \
+                     st(s) AS (VALUES {}) \
+                     SELECT q, s, n FROM (SELECT qs.q AS q, st.s AS s, \
+                       CASE WHEN st.s IN ('completed', 'failed', 'cancelled') \
+                       THEN (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
+                          WHERE queue = qs.q AND state = st.s LIMIT ?2)) \
+                       ELSE (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
+                          WHERE queue = qs.q AND state = st.s LIMIT ?1)) END AS n \
+                     FROM qs, st WHERE qs.q IS NOT NULL) WHERE n > 0",
+                    TaskState::ALL
+                        .iter()
+                        .map(|s| format!("('{}')", s.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
                 .map_err(sql_err)?;
             let rows = st
-                .query_map([], |r| {
+                .query_map([super::QUEUE_COUNT_CAP, super::FINISHED_COUNT_CAP], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
                 })
                 .map_err(sql_err)?
@@ -1230,13 +1289,15 @@ impl Store for SqliteStore {
     async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
         let queues =
             serde_json::to_string(&n.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let stats =
+            serde_json::to_string(&n.stats).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO UPDATE SET \
+                "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO UPDATE SET \
                  version = excluded.version, started_at = excluded.started_at, \
                  heartbeat_at = excluded.heartbeat_at, workers = excluded.workers, \
-                 workers_busy = excluded.workers_busy, queues = excluded.queues",
+                 workers_busy = excluded.workers_busy, queues = excluded.queues, stats = excluded.stats",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -1246,7 +1307,8 @@ impl Store for SqliteStore {
                     to_micros(n.heartbeat_at),
                     n.workers,
                     n.workers_busy,
-                    queues
+                    queues,
+                    stats
                 ])
             })
             .map_err(sql_err)?;
@@ -1273,12 +1335,13 @@ impl Store for SqliteStore {
             let mut st = conn
                 .prepare_cached(
                     "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, \
-                     n.queues, (l.node IS NOT NULL) FROM nodes n \
+                     n.queues, (l.node IS NOT NULL), n.stats FROM nodes n \
                      LEFT JOIN leader l ON l.node = n.name AND l.expires_at > ?1 ORDER BY n.name",
                 )
                 .map_err(sql_err)?;
             st.query_map([now], |r| {
                 let queues: String = r.get(6)?;
+                let stats: String = r.get(8)?;
                 Ok(NodeInfo {
                     name: r.get(0)?,
                     version: r.get(1)?,
@@ -1288,6 +1351,7 @@ impl Store for SqliteStore {
                     workers_busy: r.get(5)?,
                     queues: serde_json::from_str(&queues).unwrap_or_default(),
                     leader: r.get(7)?,
+                    stats: serde_json::from_str(&stats).unwrap_or_default(),
                 })
             })
             .map_err(sql_err)?
