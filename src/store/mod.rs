@@ -216,6 +216,14 @@ pub struct ListParams {
     pub limit: usize,
 }
 
+/// The reads behind the dashboard's pages, for checking their query plans
+/// (`SqliteStore::explain`, `PostgresStore::explain`).
+#[derive(Debug, Clone)]
+pub enum DashboardRead {
+    TaskList(ListParams),
+    QueueCounts,
+}
+
 /// Delete finished tasks that finished before the given instants (`None` keeps them).
 #[derive(Debug, Clone)]
 pub struct PruneParams {

@@ -328,7 +328,7 @@ impl Sql {
                  CROSS JOIN unnest(ARRAY['available','scheduled','running','retryable','completed','failed','cancelled','blocked']) AS st(s) \
                  CROSS JOIN LATERAL (SELECT count(*) AS n FROM \
                    (SELECT 1 FROM {s}.tasks WHERE queue = qs.q AND state = st.s \
-                    LIMIT CASE WHEN st.s IN ('completed', 'failed', 'cancelled') THEN $2 ELSE $1 END) x) c \
+                    LIMIT CASE WHEN st.s IN ('completed', 'failed', 'cancelled') THEN $2::bigint ELSE $1::bigint END) x) c \
                  WHERE qs.q IS NOT NULL AND c.n > 0"
             ),
             queue_set_paused: format!(
@@ -475,7 +475,68 @@ fn migrations(s: &str) -> Vec<String> {
             -- What the node's pool did since it started (see NodeStats).
             ALTER TABLE {s}.nodes ADD COLUMN stats jsonb NOT NULL DEFAULT '{{}}';"
         ),
+        format!(
+            "-- Serves listing by kind (newest first) without walking the whole table.
+            CREATE INDEX tasks_kind ON {s}.tasks (kind, id);"
+        ),
     ]
+}
+
+type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+
+/// The query behind `task_list` in schema `s`, with its parameters.
+fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
+    let mut params: Vec<Param> = Vec::new();
+    let mut add = |v: Param| {
+        params.push(v);
+        format!("${}", params.len())
+    };
+    // Filters other than state and queue, shared by every arm below.
+    let mut rest = String::new();
+    if let Some(k) = p.kind {
+        rest.push_str(&format!(" AND kind = {}", add(Box::new(k))));
+    }
+    if let Some(b) = p.before {
+        rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
+    }
+    let limit = add(Box::new(p.limit.max(1) as i64));
+    let sql = match (p.state, p.queue) {
+        // One queue, any state: the newest `limit` of each state's range
+        // of tasks_queue_state, merged. A plain `queue = $1 ORDER BY id
+        // DESC` would walk the whole table by id or sort the queue's tasks.
+        (None, Some(q)) => {
+            let q = add(Box::new(q));
+            let arms: Vec<String> = TaskState::ALL
+                .iter()
+                .map(|st| {
+                    format!(
+                        "(SELECT {COLS} FROM {s}.tasks WHERE queue = {q} AND state = '{}'{rest} \
+                         ORDER BY id DESC LIMIT {limit})",
+                        st.as_str()
+                    )
+                })
+                .collect();
+            format!(
+                "{} ORDER BY id DESC LIMIT {limit}",
+                arms.join(" UNION ALL ")
+            )
+        }
+        (state, queue) => {
+            let mut sql = format!("SELECT {COLS} FROM {s}.tasks WHERE true{rest}");
+            if let Some(st) = state {
+                sql.push_str(&format!(
+                    " AND state = {}",
+                    add(Box::new(st.as_str().to_string()))
+                ));
+            }
+            if let Some(q) = queue {
+                sql.push_str(&format!(" AND queue = {}", add(Box::new(q))));
+            }
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT {limit}"));
+            sql
+        }
+    };
+    (sql, params)
 }
 
 fn row_to_task(r: &Row) -> Result<Task, StoreError> {
@@ -777,6 +838,34 @@ fn channel_name(schema: &str) -> String {
 }
 
 impl PostgresStore {
+    /// `EXPLAIN` of one of the dashboard's reads, as the store runs it: one
+    /// line per plan line. Tests use it to check that list pages and counts
+    /// walk indexes, whatever the table holds.
+    pub async fn explain(&self, read: super::DashboardRead) -> Result<Vec<String>, StoreError> {
+        let (sql, params): (String, Vec<Param>) = match read {
+            super::DashboardRead::TaskList(p) => list_sql(&self.inner.schema, p),
+            super::DashboardRead::QueueCounts => (
+                self.inner.sql.queue_counts.clone(),
+                vec![
+                    Box::new(super::QUEUE_COUNT_CAP),
+                    Box::new(super::FINISHED_COUNT_CAP),
+                ],
+            ),
+        };
+        let c = self.conn().await?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = c
+            .query(&format!("EXPLAIN {sql}"), &refs)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(db_err))
+            .collect()
+    }
+
     /// Connect (lazily: the pool opens connections on first use) and start
     /// the LISTEN and NOTIFY tasks. Call [`Store::migrate`] before use.
     pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
@@ -1266,58 +1355,7 @@ impl Store for PostgresStore {
     }
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
-        let s = &self.inner.schema;
-        type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
-        let mut params: Vec<Param> = Vec::new();
-        let mut add = |v: Param| {
-            params.push(v);
-            format!("${}", params.len())
-        };
-        // Filters other than state and queue, shared by every arm below.
-        let mut rest = String::new();
-        if let Some(k) = p.kind {
-            rest.push_str(&format!(" AND kind = {}", add(Box::new(k))));
-        }
-        if let Some(b) = p.before {
-            rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
-        }
-        let limit = add(Box::new(p.limit.max(1) as i64));
-        let sql = match (p.state, p.queue) {
-            // One queue, any state: the newest `limit` of each state's range
-            // of tasks_queue_state, merged. A plain `queue = $1 ORDER BY id
-            // DESC` would walk the whole table by id or sort the queue's tasks.
-            (None, Some(q)) => {
-                let q = add(Box::new(q));
-                let arms: Vec<String> = TaskState::ALL
-                    .iter()
-                    .map(|st| {
-                        format!(
-                            "(SELECT {COLS} FROM {s}.tasks WHERE queue = {q} AND state = '{}'{rest} \
-                             ORDER BY id DESC LIMIT {limit})",
-                            st.as_str()
-                        )
-                    })
-                    .collect();
-                format!(
-                    "{} ORDER BY id DESC LIMIT {limit}",
-                    arms.join(" UNION ALL ")
-                )
-            }
-            (state, queue) => {
-                let mut sql = format!("SELECT {COLS} FROM {s}.tasks WHERE true{rest}");
-                if let Some(st) = state {
-                    sql.push_str(&format!(
-                        " AND state = {}",
-                        add(Box::new(st.as_str().to_string()))
-                    ));
-                }
-                if let Some(q) = queue {
-                    sql.push_str(&format!(" AND queue = {}", add(Box::new(q))));
-                }
-                sql.push_str(&format!(" ORDER BY id DESC LIMIT {limit}"));
-                sql
-            }
-        };
+        let (sql, params) = list_sql(&self.inner.schema, p);
         let c = self.conn().await?;
         let st = c.prepare_cached(&sql).await.map_err(db_err)?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params

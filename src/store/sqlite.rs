@@ -130,7 +130,93 @@ CREATE INDEX tasks_queue_state ON tasks (queue, state, id);
 -- What the node's pool did since it started (JSON, see NodeStats).
 ALTER TABLE nodes ADD COLUMN stats TEXT NOT NULL DEFAULT '{}';
 "#,
+    r#"
+-- Serves listing by kind (newest first) without walking the whole table.
+CREATE INDEX tasks_kind ON tasks (kind, id);
+"#,
 ];
+
+/// The query behind `queue_counts`: the queues, one index probe each (a
+/// loose index scan), then a count of each (queue, state) range that stops at
+/// the cap (?1 unfinished, ?2 finished states).
+fn queue_counts_sql() -> String {
+    format!(
+        "WITH RECURSIVE qs(q) AS ( \
+           SELECT (SELECT min(queue) FROM tasks) \
+           UNION ALL \
+           SELECT (SELECT min(queue) FROM tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL), \
+         st(s) AS (VALUES {}) \
+         SELECT q, s, n FROM (SELECT qs.q AS q, st.s AS s, \
+           CASE WHEN st.s IN ('completed', 'failed', 'cancelled') \
+           THEN (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
+              WHERE queue = qs.q AND state = st.s LIMIT ?2)) \
+           ELSE (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
+              WHERE queue = qs.q AND state = st.s LIMIT ?1)) END AS n \
+         FROM qs, st WHERE qs.q IS NOT NULL) WHERE n > 0",
+        TaskState::ALL
+            .iter()
+            .map(|s| format!("('{}')", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The query behind `task_list`, with its arguments.
+fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) {
+    let limit = p.limit.max(1) as i64;
+    // Filters other than state and queue, shared by every arm below.
+    let mut rest = String::new();
+    let mut rest_args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(k) = &p.kind {
+        rest.push_str(" AND kind = ?");
+        rest_args.push(k.clone().into());
+    }
+    if let Some(b) = p.before {
+        rest.push_str(" AND id < ?");
+        rest_args.push(b.0.into());
+    }
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let sql = match (&p.state, &p.queue) {
+        // One queue, any state: the newest `limit` of each state's
+        // range of tasks_queue_state, merged. A plain `queue = ?
+        // ORDER BY id DESC` would either walk the whole table by id
+        // or sort every task of the queue.
+        (None, Some(q)) => {
+            let arms: Vec<String> = TaskState::ALL
+                .iter()
+                .map(|st| {
+                    args.push(q.clone().into());
+                    args.push(st.as_str().to_string().into());
+                    args.extend(rest_args.iter().cloned());
+                    args.push(limit.into());
+                    format!(
+                        "SELECT * FROM (SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_queue_state \
+                         WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
+                    )
+                })
+                .collect();
+            args.push(limit.into());
+            format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL "))
+        }
+        _ => {
+            let mut sql = format!("SELECT {TASK_COLS} FROM tasks WHERE 1 = 1");
+            if let Some(s) = p.state {
+                sql.push_str(" AND state = ?");
+                args.push(s.as_str().to_string().into());
+            }
+            if let Some(q) = &p.queue {
+                sql.push_str(" AND queue = ?");
+                args.push(q.clone().into());
+            }
+            sql.push_str(&rest);
+            args.extend(rest_args);
+            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            args.push(limit.into());
+            sql
+        }
+    };
+    (sql, args)
+}
 
 const TASK_COLS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, timeout_ms, \
      unique_key, run_at, created_at, started_at, finished_at, node, result, errors, depends_on, \
@@ -206,6 +292,32 @@ fn sql_err(e: rusqlite::Error) -> StoreError {
 }
 
 impl SqliteStore {
+    /// `EXPLAIN QUERY PLAN` of one of the dashboard's reads, as the store
+    /// runs it: one line per plan step. Tests use it to check that list
+    /// pages and counts walk indexes, whatever the table holds.
+    pub async fn explain(&self, read: super::DashboardRead) -> Result<Vec<String>, StoreError> {
+        self.read(move |conn| {
+            let (sql, args) = match read {
+                super::DashboardRead::TaskList(p) => list_sql(&p),
+                super::DashboardRead::QueueCounts => (
+                    queue_counts_sql(),
+                    vec![
+                        super::QUEUE_COUNT_CAP.into(),
+                        super::FINISHED_COUNT_CAP.into(),
+                    ],
+                ),
+            };
+            let mut st = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .map_err(sql_err)?;
+            st.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)
+        })
+        .await
+    }
+
     /// Open (creating if needed) the database file. Fails with a message that
     /// names the file when it cannot be opened or is not a proto_tasker database.
     /// Call [`Store::migrate`] before use (the node does it at start).
@@ -942,58 +1054,7 @@ impl Store for SqliteStore {
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
         self.read(move |conn| {
-            let limit = p.limit.max(1) as i64;
-            // Filters other than state and queue, shared by every arm below.
-            let mut rest = String::new();
-            let mut rest_args: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(k) = &p.kind {
-                rest.push_str(" AND kind = ?");
-                rest_args.push(k.clone().into());
-            }
-            if let Some(b) = p.before {
-                rest.push_str(" AND id < ?");
-                rest_args.push(b.0.into());
-            }
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            let sql = match (&p.state, &p.queue) {
-                // One queue, any state: the newest `limit` of each state's
-                // range of tasks_queue_state, merged. A plain `queue = ?
-                // ORDER BY id DESC` would either walk the whole table by id
-                // or sort every task of the queue.
-                (None, Some(q)) => {
-                    let arms: Vec<String> = TaskState::ALL
-                        .iter()
-                        .map(|st| {
-                            args.push(q.clone().into());
-                            args.push(st.as_str().to_string().into());
-                            args.extend(rest_args.iter().cloned());
-                            args.push(limit.into());
-                            format!(
-                                "SELECT * FROM (SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_queue_state \
-                                 WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
-                            )
-                        })
-                        .collect();
-                    args.push(limit.into());
-                    format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL "))
-                }
-                _ => {
-                    let mut sql = format!("SELECT {TASK_COLS} FROM tasks WHERE 1 = 1");
-                    if let Some(s) = p.state {
-                        sql.push_str(" AND state = ?");
-                        args.push(s.as_str().to_string().into());
-                    }
-                    if let Some(q) = &p.queue {
-                        sql.push_str(" AND queue = ?");
-                        args.push(q.clone().into());
-                    }
-                    sql.push_str(&rest);
-                    args.extend(rest_args);
-                    sql.push_str(" ORDER BY id DESC LIMIT ?");
-                    args.push(limit.into());
-                    sql
-                }
-            };
+            let (sql, args) = list_sql(&p);
             fetch_tasks(conn, &sql, rusqlite::params_from_iter(args))
         })
         .await
@@ -1118,29 +1179,7 @@ impl Store for SqliteStore {
 
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
         self.read(|conn| {
-            // The queues, one index probe each (a loose index scan), then a
-            // count of each (queue, state) range that stops at the cap.
-            let mut st = conn
-                .prepare_cached(&format!(
-                    "WITH RECURSIVE qs(q) AS ( \
-                       SELECT (SELECT min(queue) FROM tasks) \
-                       UNION ALL \
-                       SELECT (SELECT min(queue) FROM tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL), \
-                     st(s) AS (VALUES {}) \
-                     SELECT q, s, n FROM (SELECT qs.q AS q, st.s AS s, \
-                       CASE WHEN st.s IN ('completed', 'failed', 'cancelled') \
-                       THEN (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
-                          WHERE queue = qs.q AND state = st.s LIMIT ?2)) \
-                       ELSE (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
-                          WHERE queue = qs.q AND state = st.s LIMIT ?1)) END AS n \
-                     FROM qs, st WHERE qs.q IS NOT NULL) WHERE n > 0",
-                    TaskState::ALL
-                        .iter()
-                        .map(|s| format!("('{}')", s.as_str()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-                .map_err(sql_err)?;
+            let mut st = conn.prepare_cached(&queue_counts_sql()).map_err(sql_err)?;
             let rows = st
                 .query_map([super::QUEUE_COUNT_CAP, super::FINISHED_COUNT_CAP], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))

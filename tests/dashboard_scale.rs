@@ -1,0 +1,189 @@
+//! The dashboard's reads stay index walks with a million tasks in the store:
+//! each store explains the exact queries it runs (`explain`), and every
+//! access to `tasks` must be an index search that stops at the page size or
+//! the count cap, never a scan of the table or a sort of all its rows.
+//! The timings printed are for the record (see docs/benchmarks.md), not
+//! asserted.
+
+mod common;
+
+use std::time::Instant;
+
+use proto_tasker::store::{DashboardRead, ListParams};
+use proto_tasker::{Store, TaskState};
+
+const ROWS: i64 = 1_000_000;
+
+/// The list pages the dashboard shows: (name, params, merges per-state ranges).
+fn reads() -> Vec<(&'static str, DashboardRead, bool)> {
+    let list = |state: Option<TaskState>, queue: Option<&str>, kind: Option<&str>, cursor: bool| {
+        DashboardRead::TaskList(ListParams {
+            state,
+            queue: queue.map(String::from),
+            kind: kind.map(String::from),
+            before: cursor.then_some(proto_tasker::TaskId(ROWS / 2)),
+            limit: 50,
+        })
+    };
+    vec![
+        (
+            "dead letters",
+            list(Some(TaskState::Failed), None, None, false),
+            false,
+        ),
+        (
+            "dead letters, page 2",
+            list(Some(TaskState::Failed), None, None, true),
+            false,
+        ),
+        (
+            "one state",
+            list(Some(TaskState::Available), None, None, true),
+            false,
+        ),
+        ("one queue", list(None, Some("q1"), None, false), true),
+        (
+            "one queue, page 2",
+            list(None, Some("q1"), None, true),
+            true,
+        ),
+        (
+            "queue and state",
+            list(Some(TaskState::Completed), Some("q2"), None, true),
+            false,
+        ),
+        ("one kind", list(None, None, Some("k3"), true), false),
+        (
+            "kind and state",
+            list(Some(TaskState::Failed), None, Some("k3"), false),
+            false,
+        ),
+        ("queue counts", DashboardRead::QueueCounts, false),
+    ]
+}
+
+/// SQLite's plan lines: every step on `tasks` is a SEARCH through an index.
+fn check_sqlite(name: &str, plan: &[String], merges: bool) {
+    for line in plan {
+        if line.contains("tasks") && !line.contains("CONSTANT") {
+            assert!(
+                line.starts_with("SEARCH tasks USING") && line.contains("INDEX"),
+                "{name}: {line} in {plan:#?}"
+            );
+        }
+        // Only the merge of the per-state pages (at most 8 x 50 rows) sorts.
+        if line.contains("TEMP B-TREE") {
+            assert!(
+                merges && line.contains("ORDER BY"),
+                "{name}: {line} in {plan:#?}"
+            );
+        }
+    }
+}
+
+/// PostgreSQL's plan: no sequential or bitmap scan of tasks, and no sort
+/// except the merge of the per-state pages.
+fn check_postgres(name: &str, plan: &[String], merges: bool) {
+    for line in plan {
+        assert!(
+            !line.contains("Seq Scan on tasks") && !line.contains("Bitmap Heap Scan on tasks"),
+            "{name}: {line} in {plan:#?}"
+        );
+        if line.contains("Sort") && !merges {
+            panic!("{name}: {line} in {plan:#?}");
+        }
+    }
+    assert!(
+        plan.iter().any(|l| l.contains("Index")),
+        "{name}: {plan:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dashboard_reads_use_indexes_with_a_million_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.db");
+    let store =
+        proto_tasker::SqliteStore::open(proto_tasker::store::SqliteOptions::new(&path)).unwrap();
+    store.migrate().await.unwrap();
+    let t = Instant::now();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "BEGIN;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+             INSERT INTO tasks (kind, queue, args, priority, state, attempt, max_attempts,
+                                run_at, created_at, started_at, finished_at, node, errors)
+             SELECT 'k' || (i % 7), 'q' || (i % 4), '{{\"n\":' || i || '}}', 0,
+                    CASE WHEN i % 100 = 0 THEN 'failed' WHEN i % 50 = 1 THEN 'available'
+                         WHEN i % 1000 = 7 THEN 'running' ELSE 'completed' END,
+                    1, 3, 1700000000000000 + i, 1700000000000000 + i, 1700000000000000 + i,
+                    1700000000000000 + i + 500, 'n1', '[]'
+             FROM n;
+             COMMIT;
+             ANALYZE;"
+        ))
+        .unwrap();
+    }
+    eprintln!("sqlite: {ROWS} rows in {:?}", t.elapsed());
+    for (name, read, merges) in reads() {
+        let plan = store.explain(read.clone()).await.unwrap();
+        check_sqlite(name, &plan, merges);
+        let t = Instant::now();
+        let n = run(&store, read).await;
+        eprintln!("sqlite {name}: {n} rows in {:?}", t.elapsed());
+    }
+    let counts = store.queue_counts().await.unwrap();
+    let completed_q0 = counts
+        .iter()
+        .find(|(q, s, _)| q == "q0" && *s == TaskState::Completed)
+        .unwrap()
+        .2;
+    assert_eq!(
+        completed_q0,
+        proto_tasker::store::FINISHED_COUNT_CAP,
+        "capped"
+    );
+}
+
+async fn run(store: &dyn Store, read: DashboardRead) -> usize {
+    match read {
+        DashboardRead::TaskList(p) => store.task_list(p).await.unwrap().len(),
+        DashboardRead::QueueCounts => store.queue_counts().await.unwrap().len(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dashboard_reads_use_indexes_with_a_million_tasks() {
+    let (store, schema) = common::pg_store_typed().await;
+    let s = &schema.schema;
+    let (client, conn) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let t = Instant::now();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.tasks (kind, queue, args, priority, state, attempt, max_attempts,
+                                    run_at, created_at, started_at, finished_at, node, errors)
+             SELECT 'k' || (i % 7), 'q' || (i % 4), jsonb_build_object('n', i), 0,
+                    CASE WHEN i % 100 = 0 THEN 'failed' WHEN i % 50 = 1 THEN 'available'
+                         WHEN i % 1000 = 7 THEN 'running' ELSE 'completed' END,
+                    1, 3, now(), now(), now(), now(), 'n1', '[]'
+             FROM generate_series(1, {ROWS}) AS i"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("VACUUM ANALYZE {s}.tasks"))
+        .await
+        .unwrap();
+    eprintln!("postgres: {ROWS} rows in {:?}", t.elapsed());
+    for (name, read, merges) in reads() {
+        let plan = store.explain(read.clone()).await.unwrap();
+        check_postgres(name, &plan, merges);
+        let t = Instant::now();
+        let n = run(&*store, read).await;
+        eprintln!("postgres {name}: {n} rows in {:?}", t.elapsed());
+    }
+}
