@@ -40,12 +40,21 @@ fn browser_available() -> bool {
     ok
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop, with everything it started: it leads its
+/// own process group (chromedriver's browsers outlive a plain kill).
 struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        Proc(cmd.process_group(0).spawn().unwrap())
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.wait();
     }
 }
@@ -71,15 +80,15 @@ fn start_node(dir: &Path, extra: &str, token: Option<&str>) -> Node {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .arg(format!("--config={}", cfg.display()))
-        .env("PROTO_TASKER_LOG", "info")
-        .env_remove("PROTO_TASKER_TOKEN")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut node = Proc::spawn(
+        Command::new(BIN)
+            .arg(format!("--config={}", cfg.display()))
+            .env("PROTO_TASKER_LOG", "info")
+            .env_remove("PROTO_TASKER_TOKEN")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null()),
+    );
+    let stderr = node.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -97,7 +106,7 @@ fn start_node(dir: &Path, extra: &str, token: Option<&str>) -> Node {
         .recv_timeout(Duration::from_secs(20))
         .expect("node printed its address");
     Node {
-        _proc: Proc(child),
+        _proc: node,
         url,
         token: token.map(String::from),
         http: reqwest::Client::new(),
@@ -163,13 +172,11 @@ impl Browser {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let driver = Proc(
+        let driver = Proc::spawn(
             Command::new(CHROMEDRIVER)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .stderr(Stdio::null()),
         );
         let http = reqwest::Client::new();
         let root = format!("http://127.0.0.1:{port}");
@@ -188,7 +195,8 @@ impl Browser {
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1400,1000"]
+                         "--disable-dev-shm-usage", "--window-size=1400,1000",
+                         "--disable-crash-reporter", "--disable-breakpad"]
             }
         }}});
         let r: Value = http
