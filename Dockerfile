@@ -4,6 +4,9 @@ FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Compiled into the binary: the dashboard's template, script and style.
+COPY templates ./templates
+COPY assets ./assets
 COPY benches ./benches
 COPY examples ./examples
 RUN cargo build --release --locked --bin proto_tasker

@@ -169,6 +169,53 @@ fn the_compose_file_has_the_promised_services_and_files() {
         "the runtime image runs as a non-root user"
     );
     assert!(docker.matches("FROM ").count() >= 2, "multi-stage build");
+    // The build stage copies everything the binary compiles in: askama's
+    // templates and whatever `include_str!` reads from outside src/.
+    let mut needed = vec!["src".to_string(), "templates".to_string()];
+    for entry in walk("src") {
+        let text = std::fs::read_to_string(&entry).unwrap();
+        for (i, _) in text.match_indices("include_str!(\"") {
+            let rest = &text[i + "include_str!(\"".len()..];
+            let path = &rest[..rest.find('"').unwrap()];
+            let resolved = Path::new(&entry).parent().unwrap().join(path);
+            let top = resolved
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .fold(Vec::new(), |mut acc: Vec<String>, c| {
+                    match c {
+                        std::path::Component::ParentDir => {
+                            acc.pop();
+                        }
+                        c => acc.push(c.as_os_str().to_string_lossy().into_owned()),
+                    }
+                    acc
+                });
+            needed.push(top[0].clone());
+        }
+    }
+    for dir in needed {
+        assert!(
+            docker.contains(&format!("COPY {dir} ./{dir}")),
+            "the Dockerfile's build stage copies {dir}/"
+        );
+    }
+}
+
+/// Every `.rs` file under `dir`.
+fn walk(dir: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// Prometheus from Debian's package: on PATH, at $PROTO_TASKER_PROMETHEUS, or
