@@ -1017,3 +1017,76 @@ async fn bulk_retry_and_throughput_stats() {
     );
     s.stop().await;
 }
+
+/// The throughput history sums the nodes' counters and copes with nodes that
+/// start, restart and stop between samples; on both stores.
+async fn history_follows_nodes(store: Arc<dyn Store>) {
+    use proto_tasker::server::dashboard::History;
+    use proto_tasker::store::{NodeInfo, NodeStats};
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let node = |name: &str, started: chrono::DateTime<chrono::Utc>, completed: u64, failed: u64| {
+        NodeInfo {
+            name: name.into(),
+            version: "t".into(),
+            started_at: proto_tasker::store::truncate_micros(started),
+            heartbeat_at: proto_tasker::store::truncate_micros(chrono::Utc::now()),
+            workers: 1,
+            workers_busy: 0,
+            queues: vec!["default".into()],
+            leader: false,
+            stats: NodeStats {
+                completed,
+                failed,
+                ..Default::default()
+            },
+        }
+    };
+    let h = History::default();
+    let total = |h: &History| {
+        let b = h.buckets(
+            t0,
+            chrono::Utc::now() + chrono::Duration::seconds(10),
+            chrono::Duration::seconds(10),
+        );
+        (
+            b.iter().map(|x| x.completed).sum::<u64>(),
+            b.iter().map(|x| x.failed).sum::<u64>(),
+        )
+    };
+    // Counts from before the first sample are history we cannot place.
+    store.node_heartbeat(node("a", t0, 100, 1)).await.unwrap();
+    h.sample(&*store).await.unwrap();
+    assert_eq!(total(&h), (0, 0));
+    // a moves on; b starts after the first sample: all of b's counts are new.
+    store.node_heartbeat(node("a", t0, 130, 1)).await.unwrap();
+    let b_start = chrono::Utc::now();
+    store
+        .node_heartbeat(node("b", b_start, 7, 2))
+        .await
+        .unwrap();
+    h.sample(&*store).await.unwrap();
+    assert_eq!(total(&h), (37, 2));
+    // a restarts (new start time, counters from zero); b stops.
+    store
+        .node_heartbeat(node("a", chrono::Utc::now(), 5, 0))
+        .await
+        .unwrap();
+    store.node_remove("b").await.unwrap();
+    h.sample(&*store).await.unwrap();
+    assert_eq!(total(&h), (42, 2));
+    // Nothing new: nothing added.
+    h.sample(&*store).await.unwrap();
+    assert_eq!(total(&h), (42, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_follows_nodes_on_sqlite() {
+    let (store, _dir) = common::sqlite_store().await;
+    history_follows_nodes(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_follows_nodes_on_postgres() {
+    let (store, _schema) = common::pg_store().await;
+    history_follows_nodes(store).await;
+}
