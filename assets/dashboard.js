@@ -510,9 +510,15 @@
           ["Depends on", t.depends_on && t.depends_on.length
             ? t.depends_on.map((d) => [h("a", { href: "#/task/" + d }, String(d)), " "]) : "—"],
         ];
-        const steps = [["created", t.created_at], ["due", t.run_at], ["started", t.started_at], ["finished", t.finished_at]];
+        // Every attempt's end that left an error, then the current attempt.
+        const steps = [["created", t.created_at]]
+          .concat((t.errors || []).map((e) => ["attempt " + e.attempt + " failed", e.at]))
+          .concat([[t.attempt > 0 ? "due (attempt " + t.attempt + ")" : "due", t.run_at],
+            ["started", t.started_at], ["finished", t.finished_at]])
+          .filter(([, at]) => at)
+          .sort((a, b) => new Date(a[1]) - new Date(b[1]));
         let prev = null;
-        const timeline = h("ol", { class: "timeline" }, steps.filter(([, at]) => at).map(([label, at]) => {
+        const timeline = h("ol", { class: "timeline" }, steps.map(([label, at]) => {
           const d = prev ? " (+" + dur(Math.max(0, new Date(at) - new Date(prev))) + ")" : "";
           prev = at;
           return h("li", {}, h("strong", {}, label), " ", fmtTime(at), d);

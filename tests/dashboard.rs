@@ -536,16 +536,49 @@ async fn dashboard_shows_and_drives_a_live_node() {
         .await;
     }
 
+    // The task page lists every attempt's error and the timeline.
+    b.goto(&format!("{}/#/task/{}", node.url, dead[0])).await;
+    b.wait_text("#task-errors", |t| t.matches("boom 0").count() == 2)
+        .await;
+    assert_eq!(b.count("#task-errors tbody tr").await, 2);
+    let timeline = b
+        .wait_text("#task-detail .timeline", |t| t.contains("finished"))
+        .await;
+    assert!(
+        timeline.contains("created") && timeline.contains("started"),
+        "{timeline}"
+    );
+    b.screenshot("07-task-errors").await;
+
+    // The filter form narrows the list: only `fail` tasks, all of them.
+    b.goto(&format!("{}/#/tasks", node.url)).await;
+    b.type_into("#task-filters input[name='kind']", "fail")
+        .await;
+    b.click("#task-filters button").await;
+    b.wait_text("#tasks-table", |t| !t.contains("noop")).await;
+    for &id in &dead {
+        b.wait(&format!("#tasks-table tr[data-id='{id}']")).await;
+    }
+    assert_eq!(b.count("#tasks-table tbody tr").await, 3);
+    assert!(
+        b.js("return location.hash", json!([]))
+            .await
+            .as_str()
+            .unwrap()
+            .contains("kind=fail"),
+        "the filter is in the address, so it survives a reload"
+    );
+
     // Nodes (with the leader) and schedules (with the next run).
     b.goto(&format!("{}/#/nodes", node.url)).await;
     b.wait("#nodes-table .badge.leader").await;
-    b.screenshot("07-nodes").await;
+    b.screenshot("08-nodes").await;
     b.goto(&format!("{}/#/schedules", node.url)).await;
     b.wait_text("#schedules-table", |t| {
         t.contains("nightly-report") && t.contains("in ")
     })
     .await;
-    b.screenshot("08-schedules").await;
+    b.screenshot("09-schedules").await;
 
     // Live: a task submitted now shows up without a reload.
     b.goto(&format!("{}/#/tasks", node.url)).await;
@@ -574,7 +607,7 @@ async fn dashboard_asks_for_the_token_and_keeps_it_in_the_session() {
     b.type_into("#token", "wrong").await;
     b.click("#login-form button").await;
     b.wait_text("#login-error", |t| t.contains("refused")).await;
-    b.screenshot("09-login-refused").await;
+    b.screenshot("10-login-refused").await;
     b.type_into("#token", "s3cret-token").await;
     b.click("#login-form button").await;
     b.wait("#overview-cards .card").await;
@@ -585,7 +618,7 @@ async fn dashboard_asks_for_the_token_and_keeps_it_in_the_session() {
         )
         .await;
     assert_eq!(stored, json!(["s3cret-token", 0, ""]));
-    b.screenshot("10-signed-in").await;
+    b.screenshot("11-signed-in").await;
     b.click("#logout").await;
     b.wait("#login:not([hidden])").await;
     assert_eq!(
