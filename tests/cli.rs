@@ -1,32 +1,21 @@
 //! The built binary's client commands against a live node (also the binary).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_proto_tasker");
 
-/// A node on a free port; killed on drop.
-struct Node {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Node = common::NodeProcess;
 
 fn start_node(dir: &Path, extra: &str) -> Node {
-    let cfg = dir.join("node.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
+    common::NodeProcess::start(
+        dir,
+        &format!(
             "store:\n  path: {}\npool:\n  poll_interval: 50ms\n{}",
             dir.join("cli.db").display(),
             if extra.contains("server:") {
@@ -36,33 +25,6 @@ fn start_node(dir: &Path, extra: &str) -> Node {
             }
         ),
     )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .arg(format!("--config={}", cfg.display()))
-        .env("PROTO_TASKER_LOG", "info")
-        .env_remove("PROTO_TASKER_TOKEN")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let url: String = line[i + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let _ = tx.send(url);
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("node printed its address");
-    Node { child, url }
 }
 
 fn cli(node: &Node, args: &[&str]) -> Output {

@@ -6,14 +6,14 @@
 //! Without chromedriver the tests print SKIPPED, except under `CI=true`,
 //! where `.ci/run` installs it and a missing browser is a failure.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_proto_tasker");
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const WAIT: Duration = Duration::from_secs(15);
@@ -40,74 +40,30 @@ fn browser_available() -> bool {
     ok
 }
 
-/// A child process killed on drop, with everything it started: it leads its
-/// own process group (chromedriver's browsers outlive a plain kill).
-struct Proc(Child);
+use common::GroupProcess as Proc;
 
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        use std::os::unix::process::CommandExt;
-        Proc(cmd.process_group(0).spawn().unwrap())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
-
-/// A node process on a free port.
+/// A node process on a free port, with an API client.
 struct Node {
-    _proc: Proc,
+    _proc: common::NodeProcess,
     url: String,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 fn start_node(dir: &Path, extra: &str, token: Option<&str>) -> Node {
-    let cfg = dir.join("node.yaml");
     let auth = token
         .map(|t| format!("  auth_token: {t}\n"))
         .unwrap_or_default();
-    std::fs::write(
-        &cfg,
-        format!(
+    let proc = common::NodeProcess::start(
+        dir,
+        &format!(
             "store:\n  path: {}\npool:\n  poll_interval: 50ms\nserver:\n  listen: 127.0.0.1:0\n{auth}{extra}",
             dir.join("dash.db").display(),
         ),
-    )
-    .unwrap();
-    let mut node = Proc::spawn(
-        Command::new(BIN)
-            .arg(format!("--config={}", cfg.display()))
-            .env("PROTO_TASKER_LOG", "info")
-            .env_remove("PROTO_TASKER_TOKEN")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null()),
     );
-    let stderr = node.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let url: String = line[i + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let _ = tx.send(url);
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("node printed its address");
     Node {
-        _proc: node,
-        url,
+        url: proc.url.clone(),
+        _proc: proc,
         token: token.map(String::from),
         http: reqwest::Client::new(),
     }
@@ -288,7 +244,17 @@ impl Browser {
             {
                 return t.to_string();
             }
-            assert!(start.elapsed() < WAIT, "{css} never had the expected text");
+            if start.elapsed() >= WAIT {
+                let text = match self.find(css).await {
+                    Some(e) => self
+                        .cmd("GET", &format!("/element/{e}/text"), json!({}))
+                        .await
+                        .unwrap_or_default(),
+                    None => Value::Null,
+                };
+                self.screenshot("failed-wait").await;
+                panic!("{css} never had the expected text; it has {text} (see failed-wait.png)");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -528,24 +494,31 @@ async fn dashboard_shows_and_drives_a_live_node() {
         1,
         "only the selected one"
     );
+    // Once the page shows the first one failed again, retry the whole page.
+    b.wait_text(&format!("#tasks-table tr[data-id='{}']", dead[0]), |t| {
+        t.contains("2/2")
+    })
+    .await;
     b.click("#retry-page").await;
-    for &id in &dead[1..] {
+    for (&id, attempt) in dead.iter().zip([3, 2, 2]) {
         node.wait_task(id, "is retried by the bulk retry", |t| {
-            t["state"] == "failed" && t["attempt"] == 2
+            t["state"] == "failed" && t["attempt"] == attempt
         })
         .await;
     }
 
     // The task page lists every attempt's error and the timeline.
     b.goto(&format!("{}/#/task/{}", node.url, dead[0])).await;
-    b.wait_text("#task-errors", |t| t.matches("boom 0").count() == 2)
+    b.wait_text("#task-errors", |t| t.matches("boom 0").count() == 3)
         .await;
-    assert_eq!(b.count("#task-errors tbody tr").await, 2);
+    assert_eq!(b.count("#task-errors tbody tr").await, 3);
     let timeline = b
         .wait_text("#task-detail .timeline", |t| t.contains("finished"))
         .await;
     assert!(
-        timeline.contains("created") && timeline.contains("started"),
+        timeline.contains("created")
+            && (1..=3).all(|a| timeline.contains(&format!("attempt {a} failed")))
+            && timeline.contains("started"),
         "{timeline}"
     );
     b.screenshot("07-task-errors").await;

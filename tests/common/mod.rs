@@ -284,3 +284,67 @@ pub async fn pg_store_typed() -> (Arc<proto_tasker::store::PostgresStore>, PgSch
     store.migrate().await.expect("migrate postgres");
     (Arc::new(store), PgSchema { url, schema })
 }
+
+/// A child process that leads its own process group, killed with everything
+/// it started when dropped (a browser under its driver, say).
+pub struct GroupProcess(pub std::process::Child);
+
+impl GroupProcess {
+    pub fn spawn(cmd: &mut std::process::Command) -> GroupProcess {
+        use std::os::unix::process::CommandExt;
+        GroupProcess(cmd.process_group(0).spawn().expect("spawn"))
+    }
+}
+
+impl Drop for GroupProcess {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+/// A node process (the built binary) serving `config` (YAML, written to
+/// `dir/node.yaml`; give it `server.listen: 127.0.0.1:0`). `url` is the
+/// address the node printed once it listened.
+pub struct NodeProcess {
+    _proc: GroupProcess,
+    pub url: String,
+}
+
+impl NodeProcess {
+    pub fn start(dir: &std::path::Path, config: &str) -> NodeProcess {
+        use std::io::BufRead;
+        let cfg = dir.join("node.yaml");
+        std::fs::write(&cfg, config).expect("write the node's config");
+        let mut proc = GroupProcess::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_proto_tasker"))
+                .arg(format!("--config={}", cfg.display()))
+                .env("PROTO_TASKER_LOG", "info")
+                .env_remove("PROTO_TASKER_TOKEN")
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null()),
+        );
+        let stderr = proc.0.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(i) = line.find("listening on http://") {
+                    let url: String = line[i + "listening on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("node printed its address");
+        NodeProcess { _proc: proc, url }
+    }
+}
