@@ -136,7 +136,10 @@ async fn a_node_killed_mid_run_loses_nothing() {
         !orphans.is_empty(),
         "the kill landed while tasks were running"
     );
-    assert!(orphans.len() <= 8, "never more running than workers");
+    // Not `<= 8`: a task stays `running` in the store until the completer has
+    // written its outcome, and a worker takes its next task as soon as the
+    // outcome is queued, so the kill can also catch outcomes still queued.
+    // Every one of them must run again, which the checks below assert.
 
     let mut second = spawn_node(&cfg, dir.path());
     let deadline = Instant::now() + Duration::from_secs(90);
