@@ -571,7 +571,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         let state = state.with_metrics(metrics.clone());
         tracing::info!(
             auth = cfg.server.auth_token.is_some(),
-            "listening on http://{addr}"
+            "listening on http://{addr} (dashboard at http://{addr}/)"
         );
         let stopped = stop.clone();
         server = Some(tokio::spawn(proto_tasker::server::serve(
