@@ -1,6 +1,6 @@
 //! The built binary's client commands against a live node (also the binary).
 
-mod common;
+mod fixtures;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,10 +10,10 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_proto_tasker");
 
-type Node = common::NodeProcess;
+type Node = fixtures::NodeProcess;
 
 fn start_node(dir: &Path, extra: &str) -> Node {
-    common::NodeProcess::start(
+    fixtures::NodeProcess::start(
         dir,
         &format!(
             "store:\n  path: {}\npool:\n  poll_interval: 50ms\n{}",

@@ -6,7 +6,7 @@
 //! Without chromedriver the tests print SKIPPED, except under `CI=true`,
 //! where `.ci/run` installs it and a missing browser is a failure.
 
-mod common;
+mod fixtures;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,11 +40,11 @@ fn browser_available() -> bool {
     ok
 }
 
-use common::GroupProcess as Proc;
+use fixtures::GroupProcess as Proc;
 
 /// A node process on a free port, with an API client.
 struct Node {
-    _proc: common::NodeProcess,
+    _proc: fixtures::NodeProcess,
     url: String,
     token: Option<String>,
     http: reqwest::Client,
@@ -54,7 +54,7 @@ fn start_node(dir: &Path, extra: &str, token: Option<&str>) -> Node {
     let auth = token
         .map(|t| format!("  auth_token: {t}\n"))
         .unwrap_or_default();
-    let proc = common::NodeProcess::start(
+    let proc = fixtures::NodeProcess::start(
         dir,
         &format!(
             "store:\n  path: {}\npool:\n  poll_interval: 50ms\nserver:\n  listen: 127.0.0.1:0\n{auth}{extra}",

@@ -5,7 +5,7 @@
 //! The timings printed are for the record (see docs/benchmarks.md), not
 //! asserted.
 
-mod common;
+mod fixtures;
 
 use std::time::Instant;
 
@@ -155,7 +155,7 @@ async fn run(store: &dyn Store, read: DashboardRead) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_dashboard_reads_use_indexes_with_a_million_tasks() {
-    let (store, schema) = common::pg_store_typed().await;
+    let (store, schema) = fixtures::pg_store_typed().await;
     let s = &schema.schema;
     let (client, conn) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
         .await

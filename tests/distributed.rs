@@ -2,7 +2,7 @@
 //! stall, connections killed under load, cancel across nodes, transactional
 //! enqueue, and concurrent claimers.
 
-mod common;
+mod fixtures;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -211,7 +211,7 @@ async fn enqueue_http(client: &Client, url: &str, n: usize) -> HashMap<i64, i64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_killed_every_task_completes() {
-    let (store, guard) = common::pg_store().await;
+    let (store, guard) = fixtures::pg_store().await;
     let log = ExecLog::default();
     *log.hold.lock().unwrap() = Duration::from_millis(15);
     *log.hold_first.lock().unwrap() = Duration::from_millis(15);
@@ -293,7 +293,7 @@ async fn three_nodes_one_killed_every_task_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_node_cannot_complete_rescued_tasks() {
-    let (store, guard) = common::pg_store().await;
+    let (store, guard) = fixtures::pg_store().await;
     let log = ExecLog::default();
     *log.hold_first.lock().unwrap() = Duration::from_millis(3500);
     let url = log.serve().await;
@@ -366,7 +366,7 @@ fn fast_sentinel() -> SentinelConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_connections_are_survived() {
-    let (store, guard) = common::pg_store_typed().await;
+    let (store, guard) = fixtures::pg_store_typed().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     let pool = Builder::new(store.clone(), reg)
@@ -410,7 +410,7 @@ async fn killed_connections_are_survived() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_a_task_running_on_another_node() {
-    let (store_a, guard) = common::pg_store_typed().await;
+    let (store_a, guard) = fixtures::pg_store_typed().await;
     let store_b = Arc::new(
         PostgresStore::connect(
             PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
@@ -482,7 +482,7 @@ async fn cancel_reaches_a_task_running_on_another_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_enqueued_in_a_transaction_exist_only_if_it_commits() {
-    let (store, guard) = common::pg_store_typed().await;
+    let (store, guard) = fixtures::pg_store_typed().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     let pool = Builder::new(store.clone(), reg)
@@ -554,7 +554,7 @@ fn concurrent_claimers_never_claim_the_same_task() {
         .build()
         .unwrap();
     let (stores, _guard) = rt.block_on(async {
-        let (first, guard) = common::pg_store_typed().await;
+        let (first, guard) = fixtures::pg_store_typed().await;
         let mut stores: Vec<Arc<dyn Store>> = vec![first];
         for _ in 0..3 {
             let s = PostgresStore::connect(
@@ -582,7 +582,7 @@ fn concurrent_claimers_never_claim_the_same_task() {
                 let claimed = rt.block_on(async {
                     let now = Utc::now();
                     let rows = (0..tasks)
-                        .map(|_| common::insert("x", &queue, 0, now))
+                        .map(|_| fixtures::insert("x", &queue, 0, now))
                         .collect();
                     stores[0].task_insert_many(rows, now).await.unwrap();
                     let mut handles = Vec::new();
@@ -627,7 +627,7 @@ fn concurrent_claimers_never_claim_the_same_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_loses_no_outcome() {
     let root = std::env::temp_dir().join(format!("proto_tasker-restart-{}", std::process::id()));
-    let cluster = tokio::task::spawn_blocking(move || common::Cluster::create(&root))
+    let cluster = tokio::task::spawn_blocking(move || fixtures::Cluster::create(&root))
         .await
         .unwrap()
         .unwrap();
@@ -694,7 +694,7 @@ async fn a_database_restart_loses_no_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_heartbeat_fences_itself() {
     let root = std::env::temp_dir().join(format!("proto_tasker-fence-{}", std::process::id()));
-    let cluster = tokio::task::spawn_blocking(move || common::Cluster::create(&root))
+    let cluster = tokio::task::spawn_blocking(move || fixtures::Cluster::create(&root))
         .await
         .unwrap()
         .unwrap();
@@ -788,7 +788,7 @@ async fn a_node_that_cannot_heartbeat_fences_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
-    let (store, guard) = common::pg_store().await;
+    let (store, guard) = fixtures::pg_store().await;
     let dir = tempfile::tempdir().unwrap();
     let schedule = "schedules:\n  - name: tick\n    cron: \"* * * * * *\"\n    kind: noop\n    catch_up: all\n";
     let mut nodes: Vec<NodeProc> = ["node-a", "node-b", "node-c"]

@@ -1,6 +1,6 @@
 //! The built-in `shell` and `http` executors, run through a real pool.
 
-mod common;
+mod fixtures;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use proto_tasker::{Builder, NewTask, TaskOptions, TaskRegistry, TaskState, Worke
 use serde_json::json;
 
 async fn pool(registry: TaskRegistry) -> (WorkerPool, tempfile::TempDir) {
-    let (store, dir) = common::sqlite_store().await;
+    let (store, dir) = fixtures::sqlite_store().await;
     let p = Builder::new(store, registry)
         .poll_interval(Duration::from_millis(50))
         .build()

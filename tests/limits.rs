@@ -1,7 +1,7 @@
 //! Cluster-wide concurrency and rate limits, held across three pools (nodes)
 //! that share one store, on SQLite and on PostgreSQL.
 
-mod common;
+mod fixtures;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -207,8 +207,8 @@ async fn sqlite_stores() -> (Vec<Arc<dyn Store>>, tempfile::TempDir) {
     (stores, dir)
 }
 
-async fn pg_stores() -> (Vec<Arc<dyn Store>>, common::PgSchema) {
-    let (first, guard) = common::pg_store().await;
+async fn pg_stores() -> (Vec<Arc<dyn Store>>, fixtures::PgSchema) {
+    let (first, guard) = fixtures::pg_store().await;
     let mut stores = vec![first];
     for _ in 0..2 {
         let s = PostgresStore::connect(

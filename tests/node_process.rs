@@ -1,7 +1,7 @@
 //! The real binary as a child process: crash recovery after SIGKILL, clean
 //! shutdown on SIGTERM, and bad input that must exit 1 with a clear message.
 
-mod common;
+mod fixtures;
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

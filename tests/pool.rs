@@ -1,7 +1,7 @@
 //! Worker pool behaviour against a real SQLite store: end to end runs,
 //! panics, timeouts, hung workers, shutdown, concurrency, cancel, retries.
 
-mod common;
+mod fixtures;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -106,7 +106,7 @@ async fn both_slots_alive(client: &proto_tasker::Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_tasks_end_to_end_and_keeps_results() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     reg.register(
         "double",
@@ -135,7 +135,7 @@ async fn runs_tasks_end_to_end_and_keeps_results() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panicking_executor_fails_the_attempt_and_its_worker_is_replaced() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let rendezvous = Rendezvous::new();
     let mut reg = TaskRegistry::new();
     reg.register_with(
@@ -171,7 +171,7 @@ async fn a_panicking_executor_fails_the_attempt_and_its_worker_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_overrunning_executor_is_cancelled_and_the_attempt_fails() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let token_fired = Arc::new(AtomicBool::new(false));
     let fired = token_fired.clone();
     let mut reg = TaskRegistry::new();
@@ -220,7 +220,7 @@ async fn an_overrunning_executor_is_cancelled_and_the_attempt_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let rendezvous = Rendezvous::new();
     let mut reg = TaskRegistry::new();
     // Blocks its thread and never yields: only the Sentinel can take the slot back.
@@ -265,7 +265,7 @@ async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_queue_never_runs_more_than_its_workers() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let now = Arc::new(AtomicUsize::new(0));
     let max = Arc::new(AtomicUsize::new(0));
     let mut reg = TaskRegistry::new();
@@ -313,7 +313,7 @@ async fn a_queue_never_runs_more_than_its_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_lets_running_tasks_finish() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     let pool = builder(store, reg).queue("default", 3).build().unwrap();
@@ -357,7 +357,7 @@ async fn graceful_shutdown_lets_running_tasks_finish() {
 }
 
 async fn shutdown_releases(force: bool, timeout: Duration, kind: &str) -> Duration {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     // Ignores its token entirely.
@@ -435,7 +435,7 @@ async fn shutdown_releases_tasks_whose_executor_ignores_cancellation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_reaches_a_running_task_and_a_queued_one_never_runs() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let ran = Arc::new(AtomicUsize::new(0));
     let mut reg = TaskRegistry::new();
     let r = ran.clone();
@@ -488,7 +488,7 @@ async fn cancel_reaches_a_running_task_and_a_queued_one_never_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failures_retry_with_backoff_then_dead_letter_then_retry_by_hand() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let calls = Arc::new(AtomicUsize::new(0));
     let mut reg = TaskRegistry::new();
     let c = calls.clone();
@@ -535,7 +535,7 @@ async fn failures_retry_with_backoff_then_dead_letter_then_retry_by_hand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_args_unknown_kinds_and_snoozes() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     let runs = Arc::new(AtomicUsize::new(0));
@@ -596,7 +596,7 @@ async fn bad_args_unknown_kinds_and_snoozes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_leader_prunes_finished_tasks_past_retention() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     let retention = Retention {
@@ -634,7 +634,7 @@ async fn the_leader_prunes_finished_tasks_past_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_schedule_enqueues_one_task_per_tick() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     proto_tasker::executors::register_builtin(&mut reg);
     let spec: proto_tasker::cron::ScheduleSpec = serde_json::from_value(json!({
@@ -672,7 +672,7 @@ async fn a_schedule_enqueues_one_task_per_tick() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn results_are_kept_up_to_their_size_cap() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     let mut reg = TaskRegistry::new();
     reg.register(
         "echo_len",

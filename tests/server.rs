@@ -1,7 +1,7 @@
 //! The real HTTP server on port 0, driven over HTTP with a real client:
 //! every route, every error status, auth on and off, long-poll, metrics.
 
-mod common;
+mod fixtures;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1081,12 +1081,12 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_follows_nodes_on_sqlite() {
-    let (store, _dir) = common::sqlite_store().await;
+    let (store, _dir) = fixtures::sqlite_store().await;
     history_follows_nodes(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_follows_nodes_on_postgres() {
-    let (store, _schema) = common::pg_store().await;
+    let (store, _schema) = fixtures::pg_store().await;
     history_follows_nodes(store).await;
 }

@@ -1,7 +1,7 @@
 //! One conformance suite for every store: each case is a function over a
 //! `Store`, run once per backend by the `conformance!` macro below.
 
-mod common;
+mod fixtures;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use proto_tasker::store::{
 };
 use proto_tasker::{Store, StoreError, TaskState};
 
-use common::insert;
+use fixtures::insert;
 
 type S = Arc<dyn Store>;
 
@@ -1103,9 +1103,9 @@ macro_rules! all_cases {
 }
 
 mod sqlite {
-    all_cases!(crate::common::sqlite_store);
+    all_cases!(crate::fixtures::sqlite_store);
 }
 
 mod postgres {
-    all_cases!(crate::common::pg_store);
+    all_cases!(crate::fixtures::pg_store);
 }

@@ -2,7 +2,7 @@
 //! order with results flowing to children, and a failed parent applies its
 //! children's policy. Run on SQLite and on PostgreSQL.
 
-mod common;
+mod fixtures;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,12 +127,12 @@ async fn dag_runs_in_order(store: Arc<dyn Store>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dag_of_1000_tasks_runs_in_dependency_order_on_sqlite() {
-    let (store, _d) = common::sqlite_store().await;
+    let (store, _d) = fixtures::sqlite_store().await;
     dag_runs_in_order(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dag_of_1000_tasks_runs_in_dependency_order_on_postgres() {
-    let (store, _g) = common::pg_store().await;
+    let (store, _g) = fixtures::pg_store().await;
     dag_runs_in_order(store).await;
 }
