@@ -170,26 +170,6 @@ async fn count(store: &Arc<dyn Store>, state: TaskState) -> i64 {
     panic!("the store never answered");
 }
 
-async fn all_tasks(store: &Arc<dyn Store>) -> Vec<proto_tasker::Task> {
-    let mut out = Vec::new();
-    let mut before = None;
-    loop {
-        let page = store
-            .task_list(proto_tasker::store::ListParams {
-                before,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        if page.is_empty() {
-            return out;
-        }
-        before = page.last().map(|t| t.id);
-        out.extend(page);
-    }
-}
-
 async fn enqueue_http(client: &Client, url: &str, n: usize) -> HashMap<i64, i64> {
     let mut by_task = HashMap::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
@@ -245,7 +225,7 @@ async fn three_nodes_one_killed_every_task_completes() {
     )
     .await;
 
-    let tasks = all_tasks(&store).await;
+    let tasks = fixtures::all_tasks(&store).await;
     assert_eq!(tasks.len(), 10_000);
     let execs = log.count_by_task();
     let mut rescued = 0;
@@ -323,7 +303,7 @@ async fn a_stalled_node_cannot_complete_rescued_tasks() {
     // node-a wakes up; its first executions answer, and it tries to complete them.
     tokio::time::sleep(Duration::from_millis(4000)).await;
     let execs = log.execs();
-    for t in all_tasks(&store).await {
+    for t in fixtures::all_tasks(&store).await {
         let n = by_task[&t.id.0];
         let mine: Vec<&Exec> = execs.iter().filter(|e| e.n == n).collect();
         assert_eq!(mine.len(), 2, "task {} ran twice: once on each node", t.id);
@@ -675,7 +655,7 @@ async fn a_database_restart_loses_no_outcome() {
         async || count(&dyn_store, TaskState::Completed).await == 1500,
     )
     .await;
-    let tasks = all_tasks(&dyn_store).await;
+    let tasks = fixtures::all_tasks(&dyn_store).await;
     assert!(
         tasks
             .iter()
@@ -828,7 +808,7 @@ async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
             + Duration::from_millis(NODE_TIMEOUT_MS + 2000),
     )
     .await;
-    let tasks = all_tasks(&store).await;
+    let tasks = fixtures::all_tasks(&store).await;
     let mut ticks: Vec<DateTime<Utc>> = tasks
         .iter()
         .filter_map(|t| {

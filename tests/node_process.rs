@@ -61,26 +61,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
-async fn all_tasks(store: &Arc<dyn Store>) -> Vec<proto_tasker::Task> {
-    let mut out = Vec::new();
-    let mut before = None;
-    loop {
-        let page = store
-            .task_list(ListParams {
-                before,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        if page.is_empty() {
-            return out;
-        }
-        before = page.last().map(|t| t.id);
-        out.extend(page);
-    }
-}
-
 async fn count(store: &Arc<dyn Store>, state: TaskState) -> i64 {
     store
         .queue_counts()
@@ -156,7 +136,7 @@ async fn a_node_killed_mid_run_loses_nothing() {
         "clean exit on SIGTERM"
     );
 
-    let all = all_tasks(&store).await;
+    let all = fixtures::all_tasks(&store).await;
     assert_eq!(all.len(), 1000, "no task lost");
     for t in &all {
         assert_eq!(t.state, TaskState::Completed);
