@@ -342,3 +342,89 @@ pub async fn run_http(p: HttpBenchParams) -> Result<HttpBenchReport, Box<dyn std
         single_request_ms: percentiles(&single_hist),
     })
 }
+
+/// The stores a bench drains through: `nodes` stores over one SQLite file
+/// (a fresh temp file when `target` is `None`), or over one fresh schema of
+/// the PostgreSQL database `target` names. Dropping it removes what it made.
+pub struct BenchStores {
+    pub stores: Vec<Arc<dyn Store>>,
+    /// What the report calls the store.
+    pub label: String,
+    temp_dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for BenchStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchStores")
+            .field("label", &self.label)
+            .field("stores", &self.stores.len())
+            .finish()
+    }
+}
+
+impl BenchStores {
+    pub async fn open(
+        target: Option<&str>,
+        nodes: usize,
+        synchronous: crate::store::Synchronous,
+    ) -> Result<Self, crate::NodeError> {
+        use crate::config::{StoreConfig, StoreKind};
+        let mut cfg = StoreConfig {
+            synchronous,
+            ..StoreConfig::default()
+        };
+        let (label, temp_dir) = match target {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                cfg.kind = StoreKind::Postgres;
+                cfg.url = Some(url.to_string());
+                cfg.schema = format!("proto_tasker_bench_{}", std::process::id());
+                let label = format!("postgres schema {} (dropped afterwards)", cfg.schema);
+                (label, None)
+            }
+            other => {
+                let temp_dir = match other {
+                    Some(p) => {
+                        cfg.path = p.into();
+                        None
+                    }
+                    None => {
+                        let d = std::env::temp_dir()
+                            .join(format!("proto_tasker-bench-{}", std::process::id()));
+                        std::fs::create_dir_all(&d).map_err(|e| {
+                            crate::NodeError::Config(format!("{}: {e}", d.display()))
+                        })?;
+                        cfg.path = d.join("bench.db");
+                        Some(d)
+                    }
+                };
+                let label = format!(
+                    "sqlite {} (synchronous={synchronous:?})",
+                    cfg.path.display()
+                );
+                (label, temp_dir)
+            }
+        };
+        let mut stores = Vec::with_capacity(nodes.max(1));
+        for _ in 0..nodes.max(1) {
+            stores.push(crate::node::open_store(&cfg).await?);
+        }
+        Ok(BenchStores {
+            stores,
+            label,
+            temp_dir,
+        })
+    }
+
+    /// Remove the schema or file the bench made.
+    pub async fn remove(self) {
+        if let Some(pg) = self.stores[0]
+            .as_any()
+            .downcast_ref::<crate::store::PostgresStore>()
+        {
+            let _ = pg.drop_schema().await;
+        }
+        if let Some(d) = &self.temp_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

@@ -1,16 +1,21 @@
 //! The front door: enqueue, inspect and steer tasks.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
 
+use crate::cron::{ScheduleSpec, ScheduleView};
 use crate::registry::TaskRegistry;
-use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert};
+use crate::store::{
+    Inserted, ListParams, NodeInfo, PostgresStore, ScheduleRow, Store, StoreError, TaskInsert,
+    count_cap,
+};
 use crate::task::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task,
-    TaskId,
+    TaskId, TaskState,
 };
 
 /// Why a client call failed.
@@ -155,9 +160,8 @@ impl Client {
             return Err(invalid("depends_on", "a batch reference needs insert_many"));
         }
         let mut v = self.store.task_insert_many(vec![row], now).await?;
-        v.pop().ok_or_else(|| {
-            ClientError::Store(StoreError::Unavailable("insert returned no row".into()))
-        })
+        v.pop()
+            .ok_or_else(|| ClientError::Store(StoreError::unavailable("insert returned no row")))
     }
 
     /// Enqueue many tasks in one transaction: all are inserted or none.
@@ -327,15 +331,19 @@ impl Client {
         tx: &C,
         tasks: Vec<NewTask>,
     ) -> Result<Vec<Inserted>, ClientError> {
-        let schema = self.store.postgres_schema().ok_or_else(|| {
-            invalid(
-                "store",
-                "insert_in needs a PostgresStore (the caller's transaction is PostgreSQL)",
-            )
-        })?;
+        let pg = self
+            .store
+            .as_any()
+            .downcast_ref::<PostgresStore>()
+            .ok_or_else(|| {
+                invalid(
+                    "store",
+                    "insert_in needs a PostgresStore (the caller's transaction is PostgreSQL)",
+                )
+            })?;
         let now = Utc::now();
         let (rows, order) = self.resolve_all(tasks, now)?;
-        let out = crate::store::postgres::insert_in(tx, schema, rows, now).await?;
+        let out = pg.insert_in(tx, rows, now).await?;
         Ok(unpermute(out, &order))
     }
 
@@ -378,6 +386,109 @@ impl Client {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
+    }
+}
+
+/// A queue as the operator sees it: counts by state (each stopped at
+/// [`count_cap`]; `capped` names the states that reached it, i.e. "at
+/// least"), and whether it is paused.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueInfo {
+    pub name: String,
+    pub paused: bool,
+    /// Every state, zero included.
+    pub counts: BTreeMap<TaskState, i64>,
+    pub capped: Vec<TaskState>,
+}
+
+/// The operator's side of the front door: queues, nodes, schedules.
+impl Client {
+    /// Every queue anyone knows of: named in `also` (e.g. the queues this
+    /// node serves), served by a registered node, paused, or holding tasks.
+    pub async fn queues(
+        &self,
+        also: impl IntoIterator<Item = String>,
+    ) -> Result<Vec<QueueInfo>, ClientError> {
+        let mut counts: BTreeMap<String, BTreeMap<TaskState, i64>> =
+            also.into_iter().map(|q| (q, BTreeMap::new())).collect();
+        for n in self.store.node_list(Utc::now()).await? {
+            for q in n.queues {
+                counts.entry(q).or_default();
+            }
+        }
+        for (q, st, n) in self.store.queue_counts().await? {
+            counts.entry(q).or_default().insert(st, n);
+        }
+        let paused: BTreeSet<String> = self.store.queue_paused().await?.into_iter().collect();
+        Ok(counts
+            .into_iter()
+            .map(|(name, found)| {
+                let counts: BTreeMap<TaskState, i64> = TaskState::ALL
+                    .iter()
+                    .map(|s| (*s, found.get(s).copied().unwrap_or(0)))
+                    .collect();
+                QueueInfo {
+                    paused: paused.contains(&name),
+                    capped: TaskState::ALL
+                        .into_iter()
+                        .filter(|s| counts[s] >= count_cap(*s))
+                        .collect(),
+                    counts,
+                    name,
+                }
+            })
+            .collect())
+    }
+
+    /// Counts of tasks by queue and state, each stopped at [`count_cap`].
+    pub async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, ClientError> {
+        Ok(self.store.queue_counts().await?)
+    }
+
+    /// Pause (no node claims its tasks) or resume a queue.
+    pub async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), ClientError> {
+        Ok(self.store.queue_set_paused(queue, paused).await?)
+    }
+
+    /// The nodes of the cluster; `leader` marks the one holding the lease now.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        Ok(self.store.node_list(Utc::now()).await?)
+    }
+
+    /// The schedules with their next run.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleView>, ClientError> {
+        let rows = self.store.schedule_list().await?;
+        Ok(rows.iter().map(ScheduleView::from_row).collect())
+    }
+
+    /// Add a schedule from the API, or replace the one of the same name.
+    /// The spec and the task it enqueues are checked as an enqueue would be.
+    pub async fn schedule_put(&self, spec: ScheduleSpec) -> Result<ScheduleView, ClientError> {
+        let schedule = spec.parse("").map_err(|e| invalid(e.field, e.message))?;
+        self.check(schedule.task(Utc::now()))?;
+        let row = ScheduleRow {
+            name: spec.name.clone(),
+            spec: serde_json::to_value(&spec).map_err(|e| invalid("body", e.to_string()))?,
+            source: "api".into(),
+            last_tick: Utc::now(),
+        };
+        self.store.schedule_upsert(row).await?;
+        self.schedules()
+            .await?
+            .into_iter()
+            .find(|v| v.spec["name"] == spec.name.as_str())
+            .ok_or_else(|| ClientError::Store(StoreError::unavailable("schedule vanished")))
+    }
+
+    /// Remove a schedule; false when there was none of that name.
+    pub async fn schedule_delete(&self, name: &str) -> Result<bool, ClientError> {
+        Ok(self.store.schedule_delete(name).await?)
+    }
+
+    /// Does the store answer? (What `/readyz` reports.)
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.store.queue_paused().await?;
+        Ok(())
     }
 }
 

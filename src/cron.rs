@@ -21,18 +21,18 @@
 //! `overlap: allow` (default) enqueues every tick. `overlap: skip` gives all
 //! of a schedule's tasks one unique key, so a tick is skipped while the
 //! previous tick's task is unfinished.
+//!
+//! This file is the model (specs, ticks, the task a tick enqueues); the
+//! leader's service that fires them is `maintenance/cron_firer.rs`.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use croner::Cron;
 use serde::{Deserialize, Serialize};
 
-use crate::client::Client;
-use crate::pool::WorkerPoolSharedData;
-use crate::store::{ScheduleRow, Store};
+use crate::store::ScheduleRow;
 use crate::task::{NewTask, TaskOptions};
 
 /// Most missed ticks `catch_up: all` enqueues at once.
@@ -242,76 +242,6 @@ impl Schedule {
         o.priority = self.spec.priority;
         o.max_attempts = self.spec.max_attempts;
         NewTask::new(self.spec.kind.clone(), self.spec.args.clone()).with(o)
-    }
-}
-
-/// The leader-only service that fires due schedules.
-pub(crate) struct CronScheduler {
-    pub store: Arc<dyn Store>,
-    pub client: Client,
-    pub shared: Arc<WorkerPoolSharedData>,
-    pub interval: Duration,
-}
-
-impl CronScheduler {
-    pub(crate) async fn run(self) {
-        let stop = self.shared.stop_claiming.clone();
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if !self.shared.is_leader() {
-                continue;
-            }
-            if let Err(e) = self.fire_due().await {
-                tracing::warn!(error = %e, "firing schedules failed");
-            }
-        }
-    }
-
-    async fn fire_due(&self) -> Result<(), crate::store::StoreError> {
-        let now = Utc::now();
-        for row in self.store.schedule_list().await? {
-            let schedule = match serde_json::from_value::<ScheduleSpec>(row.spec.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|s| s.parse("").map_err(|e| e.to_string()))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(schedule = %row.name, error = %e, "skipping a schedule that does not parse");
-                    continue;
-                }
-            };
-            let (ticks, newest) = schedule.due(
-                row.last_tick,
-                now,
-                self.interval * 2 + Duration::from_secs(1),
-            );
-            let Some(newest) = newest else { continue };
-            let tasks = ticks.iter().map(|t| schedule.task(*t)).collect();
-            let rows = match self.client.prepare(tasks) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(schedule = %row.name, error = %e, "schedule's task is invalid");
-                    Vec::new()
-                }
-            };
-            match self
-                .store
-                .schedule_fire(&row.name, row.last_tick, newest, rows, now)
-                .await?
-            {
-                Some(inserted) => {
-                    let new = inserted.iter().filter(|i| !i.existing).count();
-                    tracing::info!(schedule = %row.name, ticks = ticks.len(), enqueued = new, "schedule fired");
-                }
-                None => tracing::debug!(schedule = %row.name, "another node fired this tick"),
-            }
-        }
-        Ok(())
     }
 }
 

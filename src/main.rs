@@ -4,14 +4,13 @@ mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use proto_tasker::bench::{self, BenchParams};
-use proto_tasker::config::{Config, Dur, LogFormat, StoreKind};
-use proto_tasker::store::{PostgresOptions, PostgresStore, SqliteOptions, Synchronous};
-use proto_tasker::{Builder, SqliteStore, Store, StoreError, config_load};
+use proto_tasker::bench::{self, BenchParams, BenchStores};
+use proto_tasker::config::{Config, LogFormat};
+use proto_tasker::store::Synchronous;
+use proto_tasker::{Node, NodeError, config_load};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -23,9 +22,9 @@ struct Cli {
     /// defaults: store ./proto_tasker.db, HTTP on 127.0.0.1:8080.
     #[arg(long, global = true, env = "PROTO_TASKER_CONFIG")]
     config: Option<PathBuf>,
-    /// Log format of a node: text or json (overrides log.format).
-    #[arg(long, global = true, value_parser = ["text", "json"])]
-    log_format: Option<String>,
+    /// Log format of a node (overrides log.format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     /// The node's API, for client commands.
     #[arg(
         long,
@@ -166,8 +165,8 @@ struct BenchArgs {
     /// Limit the bench queue to N task starts per second.
     #[arg(long)]
     rate_limit: Option<u32>,
-    /// SQLite durability: full (default) or normal.
-    #[arg(long, default_value = "full", value_parser = parse_sync)]
+    /// SQLite durability.
+    #[arg(long, value_enum, default_value_t = Synchronous::Full)]
     synchronous: Synchronous,
     /// Instead of a store, measure task creation through this node's API
     /// (e.g. http://127.0.0.1:8080): --tasks through the batch route in
@@ -186,15 +185,7 @@ struct BenchArgs {
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
-    Dur::parse(s)
-}
-
-fn parse_sync(s: &str) -> Result<Synchronous, String> {
-    match s {
-        "full" => Ok(Synchronous::Full),
-        "normal" => Ok(Synchronous::Normal),
-        _ => Err(format!("{s:?}: expected full or normal")),
-    }
+    proto_tasker::duration::parse(s)
 }
 
 /// A failure with the exit code it maps to (1 user error, 2 store or server unreachable).
@@ -218,10 +209,18 @@ impl Failure {
     }
 }
 
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        // A bad SQLite file or schema is the user's to fix (exit 1).
-        Failure::user(e.to_string())
+impl From<NodeError> for Failure {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Config(m) => Failure::user(m),
+            NodeError::Unreachable(m) => Failure::unreachable(m),
+        }
+    }
+}
+
+impl From<proto_tasker::StoreError> for Failure {
+    fn from(e: proto_tasker::StoreError) -> Self {
+        NodeError::from(e).into()
     }
 }
 
@@ -277,40 +276,6 @@ fn init_logging(cfg: &Config) {
     };
 }
 
-async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, Failure> {
-    match cfg.store.kind {
-        StoreKind::Sqlite => {
-            let mut o = SqliteOptions::new(cfg.store.path.clone());
-            o.synchronous = cfg.store.synchronous;
-            Ok(Arc::new(SqliteStore::open(o)?))
-        }
-        StoreKind::Postgres => {
-            let url = cfg.store.url.clone().unwrap_or_default();
-            let mut o = PostgresOptions::new(url).schema(cfg.store.schema.clone());
-            o.pool_size = cfg.store.pool_size;
-            let store = PostgresStore::connect(o).await?;
-            // Fail now, with exit 2, if the server does not answer.
-            store
-                .queue_paused()
-                .await
-                .or_else(|e| match e {
-                    // The schema may not exist before the first migrate.
-                    StoreError::Unavailable(m) if m.starts_with("42P01") => Ok(Vec::new()),
-                    other => Err(other),
-                })
-                .map_err(|e| Failure::unreachable(format!("store.url: {e}")))?;
-            Ok(Arc::new(store))
-        }
-    }
-}
-
-fn store_label(cfg: &Config) -> String {
-    match cfg.store.kind {
-        StoreKind::Sqlite => format!("sqlite {}", cfg.store.path.display()),
-        StoreKind::Postgres => format!("postgres schema {}", cfg.store.schema),
-    }
-}
-
 fn show(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -328,18 +293,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Migrate => {
             let cfg = load_config(cli.config.as_ref())?;
-            open_store(&cfg).await?.migrate().await?;
+            proto_tasker::node::open_store(&cfg.store)
+                .await?
+                .migrate()
+                .await?;
             println!("schema is up to date");
             Ok(())
         }
         Command::Serve => {
             let mut cfg = load_config(cli.config.as_ref())?;
-            match cli.log_format.as_deref() {
-                Some("json") => cfg.log.format = LogFormat::Json,
-                Some("text") => cfg.log.format = LogFormat::Text,
-                _ => {}
+            if let Some(f) = cli.log_format {
+                cfg.log.format = f;
             }
-            serve(cfg).await
+            init_logging(&cfg);
+            let node = Node::from_config(&cfg).await?;
+            node.run(proto_tasker::pool::wait_for_signal()).await?;
+            Ok(())
         }
         Command::Bench(args) => match args.api.clone() {
             Some(api) => {
@@ -514,85 +483,6 @@ async fn queue_action(
     Ok(())
 }
 
-async fn serve(cfg: Config) -> Result<(), Failure> {
-    init_logging(&cfg);
-    let store = open_store(&cfg).await?;
-    if cfg.store.migrate {
-        store.migrate().await?;
-    }
-    let registry = cfg.registry().map_err(Failure::user)?;
-    #[allow(unused_mut)]
-    let mut builder = cfg.apply(Builder::new(store, registry));
-    #[cfg(feature = "stats")]
-    let metrics = Arc::new(proto_tasker::server::metrics::Metrics::new());
-    #[cfg(feature = "stats")]
-    {
-        builder = builder.observer(metrics.clone());
-    }
-    let pool = Arc::new(builder.build().map_err(|e| Failure::user(e.to_string()))?);
-    tracing::info!(node = pool.node_name(), store = %store_label(&cfg), "node starting");
-    pool.start().await?;
-
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut server = None;
-    if cfg.server.enabled {
-        let listener = match tokio::net::TcpListener::bind(&cfg.server.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                pool.shutdown().await;
-                return Err(Failure::user(format!(
-                    "server.listen: cannot bind {}: {e}",
-                    cfg.server.listen
-                )));
-            }
-        };
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Failure::user(e.to_string()))?;
-        if !proto_tasker::server::is_loopback(&addr) && cfg.server.auth_token.is_none() {
-            let warning = format!(
-                "WARNING: the API listens on {addr}, reachable from other machines, with no auth token: \
-                 anyone who reaches it can enqueue tasks. Set server.auth_token (or PROTO_TASKER_TOKEN)."
-            );
-            eprintln!("{warning}");
-            tracing::warn!("{warning}");
-        }
-        let limits = proto_tasker::server::Limits {
-            max_body_bytes: cfg.server.max_body_bytes,
-            max_args_bytes: cfg.server.max_args_bytes,
-            max_batch: cfg.server.max_batch,
-        };
-        let state = proto_tasker::server::AppState::new(
-            pool.clone(),
-            limits,
-            cfg.server.auth_token.clone(),
-        );
-        #[cfg(feature = "stats")]
-        let state = state.with_metrics(metrics.clone());
-        tracing::info!(
-            auth = cfg.server.auth_token.is_some(),
-            "listening on http://{addr} (dashboard at http://{addr}/)"
-        );
-        let stopped = stop.clone();
-        server = Some(tokio::spawn(proto_tasker::server::serve(
-            listener,
-            state,
-            async move { stopped.cancelled().await },
-        )));
-    }
-    proto_tasker::pool::wait_for_signal().await;
-    stop.cancel();
-    if let Some(s) = server {
-        match tokio::time::timeout(Duration::from_secs(10), s).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
-            Err(_) => tracing::warn!("HTTP server did not stop within 10s"),
-            _ => {}
-        }
-    }
-    pool.shutdown().await;
-    Ok(())
-}
-
 async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
     let params = BenchParams {
         tasks: a.tasks,
@@ -608,55 +498,14 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
         keys: a.keys,
     };
     let nodes = a.nodes.max(1);
-    let store_arg = a.store.clone().unwrap_or_default();
-    let (stores, label, _guard): (Vec<Arc<dyn Store>>, String, Option<TempDirGuard>) = match a.store
-    {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let schema = format!("proto_tasker_bench_{}", std::process::id());
-            let mut stores: Vec<Arc<dyn Store>> = Vec::new();
-            for _ in 0..nodes {
-                let o = PostgresOptions::new(url.clone()).schema(schema.clone());
-                stores.push(Arc::new(PostgresStore::connect(o).await?));
-            }
-            (
-                stores,
-                format!("postgres schema {schema} (dropped afterwards)"),
-                None,
-            )
-        }
-        other => {
-            let (path, guard) = match other {
-                Some(p) => (PathBuf::from(p), None),
-                None => {
-                    let d = tempfile_dir()?;
-                    (d.join("bench.db"), Some(TempDirGuard(d)))
-                }
-            };
-            let mut stores: Vec<Arc<dyn Store>> = Vec::new();
-            for _ in 0..nodes {
-                let mut o = SqliteOptions::new(&path);
-                o.synchronous = a.synchronous;
-                stores.push(Arc::new(SqliteStore::open(o)?));
-            }
-            (
-                stores,
-                format!(
-                    "sqlite {} (synchronous={:?})",
-                    path.display(),
-                    a.synchronous
-                ),
-                guard,
-            )
-        }
-    };
-    stores[0]
+    let stores = BenchStores::open(a.store.as_deref(), nodes, a.synchronous).await?;
+    let label = stores.label.clone();
+    stores.stores[0]
         .migrate()
         .await
         .map_err(|e| Failure::unreachable(e.to_string()))?;
-    let report = bench::run(stores.clone(), params).await;
-    if let Some(schema) = stores[0].postgres_schema() {
-        drop_bench_schema(&store_arg, schema).await;
-    }
+    let report = bench::run(stores.stores.clone(), params).await;
+    stores.remove().await;
     let report = report.map_err(|e| Failure::unreachable(format!("bench failed: {e}")))?;
     if json {
         show(&serde_json::to_value(&report).unwrap_or_default());
@@ -665,28 +514,4 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
         print!("{report}");
     }
     Ok(())
-}
-
-async fn drop_bench_schema(url: &str, schema: &str) {
-    if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-        tokio::spawn(conn);
-        let _ = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .await;
-    }
-}
-
-/// A temp dir removed on drop (the bench's default store).
-struct TempDirGuard(PathBuf);
-
-impl Drop for TempDirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> Result<PathBuf, Failure> {
-    let d = std::env::temp_dir().join(format!("proto_tasker-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).map_err(|e| Failure::user(format!("{}: {e}", d.display())))?;
-    Ok(d)
 }

@@ -33,42 +33,55 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use serde::{Deserialize, Serialize};
+
+use crate::duration::text as dur_serde;
+use crate::maintenance::{Retention, rescue, retention};
 use crate::pool::shared::{Counters, StopReason, WorkerPoolSharedData};
 use crate::pool::worker::{SlotCtx, run_slot};
-use crate::store::{Completion, NodeInfo, Outcome, PruneParams, RescueParams, Store, StoreEvent};
+use crate::store::{Completion, NodeInfo, Outcome, Rescued, Store, StoreEvent};
 
-/// How long finished tasks are kept before the leader prunes them (`None`: forever).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Retention {
-    pub completed: Option<Duration>,
-    pub failed: Option<Duration>,
-    pub cancelled: Option<Duration>,
-    pub interval: Duration,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        let week = Some(Duration::from_secs(7 * 24 * 3600));
-        Retention {
-            completed: week,
-            failed: week,
-            cancelled: week,
-            interval: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Timings of the Sentinel.
-#[derive(Debug, Clone, PartialEq)]
+/// Timings of the Sentinel. In a config file this is the `sentinel:`
+/// section; `retention` is its own top-level section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SentinelConfig {
+    #[serde(with = "dur_serde")]
     pub heartbeat_interval: Duration,
     /// A node silent for longer than this is dead; also this node's own lease.
+    #[serde(with = "dur_serde")]
     pub node_timeout: Duration,
     /// How often worker slots are checked.
+    #[serde(with = "dur_serde")]
     pub check_interval: Duration,
     /// How far past its deadline a busy slot may go before it counts as hung.
+    #[serde(with = "dur_serde")]
     pub hung_grace: Duration,
+    #[serde(skip)]
     pub retention: Retention,
+}
+
+impl SentinelConfig {
+    /// Check what types alone cannot; `Err((field, message))`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let e = |f: &str, m: &str| Err((format!("sentinel.{f}"), m.to_string()));
+        if self.heartbeat_interval.is_zero() {
+            return e("heartbeat_interval", "must be more than 0");
+        }
+        if self.check_interval.is_zero() {
+            return e("check_interval", "must be more than 0");
+        }
+        if self.node_timeout <= self.heartbeat_interval {
+            return e(
+                "node_timeout",
+                "must be longer than sentinel.heartbeat_interval (a node would be declared dead between two heartbeats)",
+            );
+        }
+        if self.retention.interval.is_zero() {
+            return Err(("retention.interval".into(), "must be more than 0".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SentinelConfig {
@@ -128,21 +141,17 @@ impl Sentinel {
     /// left running. Called before the first claim.
     pub(crate) async fn start(&self) -> Result<(), crate::store::StoreError> {
         self.store.node_heartbeat(self.node_info()).await?;
-        let rescued = self
-            .store
-            .node_rescue(RescueParams {
-                now: Utc::now(),
-                node_timeout: self.config.node_timeout,
-                node: Some(self.shared.node.clone()),
-                keep: Vec::new(),
-                started_before: None,
-            })
-            .await?;
+        let rescued = rescue::rescue_own(
+            &*self.store,
+            &self.shared.node,
+            Vec::new(),
+            None,
+            self.config.node_timeout,
+            Utc::now(),
+        )
+        .await?;
         if !rescued.is_empty() {
-            Counters::add(&self.shared.counters.rescued, rescued.len() as u64);
-            if let Some(o) = &self.shared.observer {
-                o.tasks_rescued(rescued.len() as u64);
-            }
+            self.count_rescued(&rescued);
             tracing::info!(
                 count = rescued.len(),
                 "rescued tasks left running by an earlier process of this node"
@@ -191,7 +200,7 @@ impl Sentinel {
         }
         if self.shared.is_leader() {
             let _ = self.store.leader_resign(&self.shared.node).await;
-            self.shared.leader.store(false, Ordering::Relaxed);
+            self.shared.leader.set(false);
         }
         self.slots
     }
@@ -224,20 +233,17 @@ impl Sentinel {
         }
     }
 
+    fn count_rescued(&self, r: &[Rescued]) {
+        Counters::add(&self.shared.counters.rescued, r.len() as u64);
+        if let Some(o) = &self.shared.observer {
+            o.tasks_rescued(r.len() as u64);
+        }
+    }
+
     async fn rescue(&self) {
-        let params = RescueParams {
-            now: Utc::now(),
-            node_timeout: self.config.node_timeout,
-            node: None,
-            keep: Vec::new(),
-            started_before: None,
-        };
-        match self.store.node_rescue(params).await {
+        match rescue::rescue_dead(&*self.store, self.config.node_timeout, Utc::now()).await {
             Ok(r) if !r.is_empty() => {
-                Counters::add(&self.shared.counters.rescued, r.len() as u64);
-                if let Some(o) = &self.shared.observer {
-                    o.tasks_rescued(r.len() as u64);
-                }
+                self.count_rescued(&r);
                 for t in &r {
                     tracing::warn!(task = %t.id, node = ?t.node, state = %t.state, "rescued task of a dead node");
                 }
@@ -262,16 +268,12 @@ impl Sentinel {
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default();
         let now = Utc::now();
-        let params = RescueParams {
-            now,
-            node_timeout: self.config.node_timeout,
-            node: Some(self.shared.node.clone()),
-            keep,
-            started_before: Some(
-                now - chrono::Duration::from_std(self.config.node_timeout).unwrap_or_default(),
-            ),
-        };
-        match self.store.node_rescue(params).await {
+        let started_before =
+            now - chrono::Duration::from_std(self.config.node_timeout).unwrap_or_default();
+        let node = &self.shared.node;
+        let timeout = self.config.node_timeout;
+        match rescue::rescue_own(&*self.store, node, keep, Some(started_before), timeout, now).await
+        {
             Ok(r) if !r.is_empty() => {
                 Counters::add(&self.shared.counters.rescued, r.len() as u64);
                 tracing::warn!(
@@ -296,7 +298,7 @@ impl Sentinel {
                 false
             }
         };
-        if self.shared.leader.swap(leader, Ordering::AcqRel) != leader {
+        if self.shared.leader.set(leader) != leader {
             tracing::info!(leader, "leadership changed");
         }
         let r = &self.config.retention;
@@ -304,17 +306,7 @@ impl Sentinel {
             return;
         }
         *last_prune = Some(Instant::now());
-        let now = Utc::now();
-        let before = |d: Option<Duration>| {
-            d.map(|d| now - chrono::Duration::from_std(d).unwrap_or_default())
-        };
-        let params = PruneParams {
-            completed_before: before(r.completed),
-            failed_before: before(r.failed),
-            cancelled_before: before(r.cancelled),
-            limit: 10_000,
-        };
-        match self.store.task_prune(params).await {
+        match retention::prune(&*self.store, r, Utc::now()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "pruned finished tasks past retention"),
             Err(e) => tracing::warn!(error = %e, "pruning failed"),

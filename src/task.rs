@@ -27,7 +27,7 @@ impl FromStr for TaskId {
 }
 
 /// Where a task is in its life cycle (see the state machine in the README).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     /// Waiting for its `run_at` to arrive.

@@ -7,37 +7,20 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto_tasker::server::metrics::Metrics;
-use proto_tasker::server::{AppState, Limits};
-use proto_tasker::store::{SqliteOptions, Synchronous};
-use proto_tasker::{Builder, SqliteStore, Store, TaskRegistry};
+use proto_tasker::store::Synchronous;
 use serde_json::Value;
 
 /// A node with metrics on 127.0.0.1:port that has run `n` noop tasks.
 async fn node_with_metrics(dir: &Path, n: usize) -> (String, Arc<proto_tasker::WorkerPool>) {
-    let mut o = SqliteOptions::new(dir.join("deploy.db"));
-    o.synchronous = Synchronous::Normal;
-    let store = Arc::new(SqliteStore::open(o).unwrap());
-    store.migrate().await.unwrap();
-    let mut reg = TaskRegistry::new();
-    proto_tasker::executors::register_builtin(&mut reg);
-    let metrics = Arc::new(Metrics::new());
-    let pool = Arc::new(
-        Builder::new(store, reg)
-            .poll_interval(Duration::from_millis(50))
-            .observer(metrics.clone())
-            .build()
-            .unwrap(),
-    );
-    pool.start().await.unwrap();
-    let state = AppState::new(pool.clone(), Limits::default(), None).with_metrics(metrics);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(proto_tasker::server::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
+    let mut cfg = proto_tasker::Config::default();
+    cfg.store.path = dir.join("deploy.db");
+    cfg.store.synchronous = Synchronous::Normal;
+    cfg.pool.poll_interval = Duration::from_millis(50);
+    cfg.server.listen = "127.0.0.1:0".into();
+    let node = proto_tasker::Node::from_config(&cfg).await.unwrap();
+    let base = format!("http://{}", node.local_addr().unwrap());
+    let pool = node.pool().clone();
+    tokio::spawn(node.run(std::future::pending()));
     let http = reqwest::Client::new();
     for _ in 0..n {
         let t: Value = http

@@ -202,7 +202,7 @@ async fn three_nodes_one_killed_every_task_completes() {
         .map(|n| start_node(dir.path(), n, &guard.url, &guard.schema, 12))
         .collect();
     wait_for("three nodes", Duration::from_secs(20), async || {
-        store.node_list().await.unwrap().len() == 3
+        store.node_list(chrono::Utc::now()).await.unwrap().len() == 3
     })
     .await;
 
@@ -262,7 +262,7 @@ async fn three_nodes_one_killed_every_task_completes() {
         rescued > 0,
         "the kill landed while node-b was running tasks"
     );
-    let live = store.node_list().await.unwrap();
+    let live = store.node_list(chrono::Utc::now()).await.unwrap();
     assert_eq!(
         live.iter().filter(|n| n.leader).count(),
         1,
@@ -280,7 +280,7 @@ async fn a_stalled_node_cannot_complete_rescued_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let a = start_node(dir.path(), "node-a", &guard.url, &guard.schema, 20);
     wait_for("node-a", Duration::from_secs(20), async || {
-        store.node_list().await.unwrap().len() == 1
+        store.node_list(chrono::Utc::now()).await.unwrap().len() == 1
     })
     .await;
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
@@ -779,7 +779,7 @@ async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
         "a leader among three nodes",
         Duration::from_secs(20),
         async || {
-            let n = store.node_list().await.unwrap();
+            let n = store.node_list(chrono::Utc::now()).await.unwrap();
             n.len() == 3 && n.iter().any(|x| x.leader)
         },
     )
@@ -791,7 +791,7 @@ async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
     tokio::time::sleep((start - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(10))
         .await;
     let leader = store
-        .node_list()
+        .node_list(chrono::Utc::now())
         .await
         .unwrap()
         .into_iter()
@@ -829,7 +829,7 @@ async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
         "one task per second over 20 s with the leader killed at 10 s: {ticks:?}"
     );
     let new_leader = store
-        .node_list()
+        .node_list(chrono::Utc::now())
         .await
         .unwrap()
         .into_iter()

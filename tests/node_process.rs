@@ -156,7 +156,7 @@ async fn a_node_killed_mid_run_loses_nothing() {
         }
     }
     // The cleanly stopped node deregistered; only the killed one's row is left.
-    let nodes = store.node_list().await.unwrap();
+    let nodes = store.node_list(chrono::Utc::now()).await.unwrap();
     assert_eq!(nodes.len(), 1);
     assert!(
         nodes[0].name.ends_with(&format!("-{}", first.id())),

@@ -351,7 +351,7 @@ async fn graceful_shutdown_lets_running_tasks_finish() {
         TaskState::Available
     );
     assert!(
-        client.store().node_list().await.unwrap().is_empty(),
+        client.nodes().await.unwrap().is_empty(),
         "node deregistered"
     );
 }
@@ -627,7 +627,7 @@ async fn the_leader_prunes_finished_tasks_past_retention() {
         client.get(dead).await.unwrap().is_some(),
         "failed tasks kept (retention off)"
     );
-    let nodes = client.store().node_list().await.unwrap();
+    let nodes = client.nodes().await.unwrap();
     assert!(nodes.iter().any(|n| n.leader && n.name == pool.node_name()));
     pool.shutdown().await;
 }

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto_tasker::config::Config;
-use proto_tasker::server::metrics::Metrics;
-use proto_tasker::server::{AppState, Limits};
-use proto_tasker::store::{SqliteOptions, Synchronous};
-use proto_tasker::{Builder, SentinelConfig, SqliteStore, Store, WorkerPool};
+use proto_tasker::server::Limits;
+use proto_tasker::store::Synchronous;
+use proto_tasker::{Node, SentinelConfig, Store, WorkerPool};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -31,41 +30,51 @@ struct Setup {
     yaml: &'static str,
 }
 
+/// A node as `proto_tasker serve` assembles it ([`Node::from_config`]),
+/// from the setup's YAML plus test timings, on port 0.
 async fn start(setup: Setup) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("server.db");
-    let mut opts = SqliteOptions::new(&db);
-    opts.synchronous = Synchronous::Normal;
-    opts.busy_timeout = Duration::from_millis(200);
-    let store = Arc::new(SqliteStore::open(opts).unwrap());
-    store.migrate().await.unwrap();
     let cfg_path = dir.path().join("node.yaml");
     std::fs::write(&cfg_path, setup.yaml).unwrap();
-    let cfg: Config = proto_tasker::config_load(&cfg_path).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let pool = Arc::new(
-        cfg.apply(Builder::new(store, cfg.registry().unwrap()))
-            .poll_interval(Duration::from_millis(50))
-            .sentinel(SentinelConfig {
-                heartbeat_interval: Duration::from_millis(100),
-                node_timeout: Duration::from_secs(2),
-                ..SentinelConfig::default()
-            })
-            .shutdown_timeout(Duration::from_secs(2))
-            .observer(metrics.clone())
-            .build()
-            .unwrap(),
-    );
-    pool.start().await.unwrap();
-    let state =
-        AppState::new(pool.clone(), setup.limits, setup.token.clone()).with_metrics(metrics);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let mut cfg: Config = proto_tasker::config_load(&cfg_path).unwrap();
+    cfg.store.path = db.clone();
+    cfg.store.synchronous = Synchronous::Normal;
+    cfg.store.busy_timeout = Duration::from_millis(200);
+    cfg.pool.poll_interval = Duration::from_millis(50);
+    cfg.pool.shutdown_timeout = Duration::from_secs(2);
+    cfg.sentinel = SentinelConfig {
+        heartbeat_interval: Duration::from_millis(100),
+        node_timeout: Duration::from_secs(2),
+        ..SentinelConfig::default()
+    };
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.auth_token = setup.token.clone();
+    cfg.server.max_body_bytes = setup.limits.max_body_bytes;
+    cfg.server.max_args_bytes = setup.limits.max_args_bytes;
+    cfg.server.max_batch = setup.limits.max_batch;
+    let node = Node::from_config(&cfg).await.unwrap();
+    let addr = node.local_addr().unwrap();
+    let pool = node.pool().clone();
     let stop = tokio_util::sync::CancellationToken::new();
     let s = stop.clone();
-    tokio::spawn(proto_tasker::server::serve(listener, state, async move {
-        s.cancelled().await
-    }));
+    let ran = tokio::spawn(node.run(async move { s.cancelled().await }));
+    // The node is up once its pool has registered it.
+    let t0 = Instant::now();
+    while pool
+        .client()
+        .nodes()
+        .await
+        .map(|n| n.is_empty())
+        .unwrap_or(true)
+    {
+        assert!(!ran.is_finished(), "the node stopped at start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the node did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     TestServer {
         base: format!("http://{addr}"),
         http: reqwest::Client::new(),
@@ -1055,7 +1064,7 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
     };
     // Counts from before the first sample are history we cannot place.
     store.node_heartbeat(node("a", t0, 100, 1)).await.unwrap();
-    h.sample(&*store).await.unwrap();
+    h.record(store.node_list(chrono::Utc::now()).await.unwrap());
     assert_eq!(total(&h), (0, 0));
     // a moves on; b starts after the first sample: all of b's counts are new.
     store.node_heartbeat(node("a", t0, 130, 1)).await.unwrap();
@@ -1064,7 +1073,7 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
         .node_heartbeat(node("b", b_start, 7, 2))
         .await
         .unwrap();
-    h.sample(&*store).await.unwrap();
+    h.record(store.node_list(chrono::Utc::now()).await.unwrap());
     assert_eq!(total(&h), (37, 2));
     // a restarts (new start time, counters from zero); b stops.
     store
@@ -1072,10 +1081,10 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
         .await
         .unwrap();
     store.node_remove("b").await.unwrap();
-    h.sample(&*store).await.unwrap();
+    h.record(store.node_list(chrono::Utc::now()).await.unwrap());
     assert_eq!(total(&h), (42, 2));
     // Nothing new: nothing added.
-    h.sample(&*store).await.unwrap();
+    h.record(store.node_list(chrono::Utc::now()).await.unwrap());
     assert_eq!(total(&h), (42, 2));
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proto_tasker::store::{
-    ClaimParams, Completion, ListParams, NodeInfo, Outcome, PruneParams, RescueParams, StoreEvent,
+    ClaimParams, Completion, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
+    ScheduleFire, StoreEvent,
 };
 use proto_tasker::{Store, StoreError, TaskState};
 
@@ -719,13 +720,25 @@ pub mod cases {
         let mut task = insert("x", "cron", 0, now);
         task.unique_key = Some("cron:nightly:t1".into());
         let fired = s
-            .schedule_fire("nightly", now, now + secs(60), vec![task.clone()], now)
+            .schedule_fire(ScheduleFire {
+                name: "nightly".into(),
+                expected: now,
+                new_last: now + secs(60),
+                tasks: vec![task.clone()],
+                now,
+            })
             .await
             .unwrap();
         assert_eq!(fired.unwrap().len(), 1);
         // A second node that read the old last_tick fires nothing.
         let again = s
-            .schedule_fire("nightly", now, now + secs(60), vec![task], now)
+            .schedule_fire(ScheduleFire {
+                name: "nightly".into(),
+                expected: now,
+                new_last: now + secs(60),
+                tasks: vec![task],
+                now,
+            })
             .await
             .unwrap();
         assert!(again.is_none());
@@ -1053,14 +1066,14 @@ pub mod cases {
                 .await
                 .unwrap()
         );
-        let nodes = s.node_list().await.unwrap();
+        let nodes = s.node_list(chrono::Utc::now()).await.unwrap();
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes[0].heartbeat_at, now + secs(2));
         assert_eq!(nodes[0].stats.completed, 41);
         assert_eq!(nodes[0].stats.failed, 2);
         assert!(nodes.iter().any(|n| n.name == "n2" && n.leader));
         s.node_remove("n2").await.unwrap();
-        assert_eq!(s.node_list().await.unwrap().len(), 1);
+        assert_eq!(s.node_list(chrono::Utc::now()).await.unwrap().len(), 1);
     }
 }
 
@@ -1100,6 +1113,32 @@ macro_rules! all_cases {
             per_key_claims_skip_keys_at_their_limit,
         );
     };
+}
+
+/// A case written in `cases` but left off `all_cases!` would never run:
+/// this fails until it is listed.
+#[test]
+fn every_case_runs_on_every_store() {
+    let src = include_str!("store_conformance.rs");
+    let (cases, rest) = src
+        .split_once("macro_rules! conformance")
+        .expect("the macros follow the cases");
+    let listed = rest
+        .split_once("macro_rules! all_cases")
+        .map(|(_, l)| l)
+        .unwrap_or_default();
+    let defined: Vec<&str> = cases
+        .split("pub async fn ")
+        .skip(1)
+        .filter_map(|f| f.split_once('(').map(|(name, _)| name))
+        .collect();
+    assert!(defined.len() > 10, "found only {defined:?}");
+    for name in defined {
+        assert!(
+            listed.contains(&format!("{name},")),
+            "case {name} is not in all_cases!"
+        );
+    }
 }
 
 mod sqlite {

@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::WorkerPool;
+use super::settings::{PoolSettings, validate_queue};
+use crate::maintenance::Retention;
 use crate::pool::shared::PoolObserver;
 use crate::registry::TaskRegistry;
-use crate::sentinel::{Retention, SentinelConfig};
+use crate::sentinel::SentinelConfig;
 use crate::store::Store;
 
 /// Why a pool could not be built.
@@ -17,21 +19,13 @@ pub struct BuildError {
     pub message: String,
 }
 
-/// Settings of a pool; see [`Builder`].
+/// Everything a [`Builder`] gathers for its pool.
 #[derive(Debug, Clone)]
-pub(crate) struct PoolConfig {
+pub(crate) struct PoolSetup {
     pub node: String,
     pub queues: Vec<(String, usize)>,
-    pub poll_interval: Duration,
-    pub claim_max: usize,
-    pub shutdown_timeout: Duration,
-    pub force_shutdown: bool,
-    pub cancel_grace: Duration,
+    pub settings: PoolSettings,
     pub sentinel: SentinelConfig,
-    /// How often the leader looks for due schedules.
-    pub cron_interval: Duration,
-    /// Largest result (as JSON) an executor may return; larger fails the task.
-    pub max_result_bytes: usize,
     /// Schedules this node registers at start.
     pub schedules: Vec<crate::cron::ScheduleSpec>,
     /// Cluster-wide limits by queue.
@@ -54,7 +48,7 @@ pub(crate) struct PoolConfig {
 pub struct Builder {
     store: Arc<dyn Store>,
     registry: TaskRegistry,
-    config: PoolConfig,
+    config: PoolSetup,
     observer: Option<Arc<dyn PoolObserver>>,
 }
 
@@ -83,17 +77,11 @@ impl Builder {
         Builder {
             store,
             registry,
-            config: PoolConfig {
+            config: PoolSetup {
                 node: default_node_name(),
                 queues: Vec::new(),
-                poll_interval: Duration::from_secs(1),
-                claim_max: 100,
-                shutdown_timeout: Duration::from_secs(30),
-                force_shutdown: false,
-                cancel_grace: Duration::from_secs(2),
+                settings: PoolSettings::default(),
                 sentinel: SentinelConfig::default(),
-                cron_interval: Duration::from_millis(500),
-                max_result_bytes: 1 << 20,
                 schedules: Vec::new(),
                 limits: std::collections::HashMap::new(),
             },
@@ -129,32 +117,32 @@ impl Builder {
 
     /// How often an idle producer looks for due work without a wake-up.
     pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.config.poll_interval = d;
+        self.config.settings.poll_interval = d;
         self
     }
 
     /// Most tasks one claim takes (never more than the free workers).
     pub fn claim_max(mut self, n: usize) -> Self {
-        self.config.claim_max = n;
+        self.config.settings.claim_max = n;
         self
     }
 
     /// How long shutdown lets running tasks finish before cancelling them.
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
-        self.config.shutdown_timeout = d;
+        self.config.settings.shutdown_timeout = d;
         self
     }
 
     /// Cancel running tasks at once on shutdown.
     pub fn force_shutdown(mut self, yes: bool) -> Self {
-        self.config.force_shutdown = yes;
+        self.config.settings.force_shutdown = yes;
         self
     }
 
     /// How long cancelled executors get to return before their tasks are
     /// released regardless.
     pub fn cancel_grace(mut self, d: Duration) -> Self {
-        self.config.cancel_grace = d;
+        self.config.settings.cancel_grace = d;
         self
     }
 
@@ -168,14 +156,14 @@ impl Builder {
 
     /// How often the leader looks for due schedules (default 500ms).
     pub fn cron_interval(mut self, d: Duration) -> Self {
-        self.config.cron_interval = d;
+        self.config.settings.cron_interval = d;
         self
     }
 
     /// Largest result an executor may return, as JSON (default 1 MiB). A
     /// larger one fails the task (returning it again would not help).
     pub fn max_result_bytes(mut self, n: usize) -> Self {
-        self.config.max_result_bytes = n;
+        self.config.settings.max_result_bytes = n;
         self
     }
 
@@ -195,13 +183,18 @@ impl Builder {
         self
     }
 
+    /// Every setting of `settings` at once (a config file's `pool:` section).
+    pub fn settings(mut self, settings: PoolSettings) -> Self {
+        self.config.settings = settings;
+        self
+    }
+
+    /// Check the settings (the same checks `config check` makes, with the
+    /// same field names) and build the pool.
     pub fn build(mut self) -> Result<WorkerPool, BuildError> {
-        let err = |field: &str, message: String| BuildError {
-            field: field.to_string(),
-            message,
-        };
+        let err = |(field, message): (String, String)| BuildError { field, message };
         if self.config.node.trim().is_empty() {
-            return Err(err("node.name", "must not be empty".into()));
+            return Err(err(("node.name".into(), "must not be empty".into())));
         }
         if self.config.queues.is_empty() {
             self.config
@@ -209,49 +202,17 @@ impl Builder {
                 .push((crate::task::DEFAULT_QUEUE.to_string(), 10));
         }
         for (q, n) in &self.config.queues {
-            if q.trim().is_empty() {
-                return Err(err("queues", "a queue name must not be empty".into()));
-            }
-            if *n == 0 {
-                return Err(err(
-                    &format!("queues.{q}.workers"),
-                    "must be at least 1".into(),
-                ));
-            }
-        }
-        if self.config.claim_max == 0 {
-            return Err(err("claim_max", "must be at least 1".into()));
-        }
-        let s = &self.config.sentinel;
-        if s.heartbeat_interval.is_zero() || s.node_timeout <= s.heartbeat_interval {
-            return Err(err(
-                "sentinel.node_timeout",
-                format!(
-                    "must be longer than sentinel.heartbeat_interval ({:?} <= {:?})",
-                    s.node_timeout, s.heartbeat_interval
-                ),
-            ));
+            let limits = self.config.limits.get(q).copied().unwrap_or_default();
+            validate_queue(q, *n, &limits).map_err(err)?;
         }
         for (q, l) in &self.config.limits {
-            let zero = l.global_concurrency == Some(0)
-                || l.per_key_concurrency == Some(0)
-                || l.rate.is_some_and(|(n, per)| n == 0 || per.is_zero());
-            if zero {
-                return Err(err(
-                    &format!("queues.{q}"),
-                    "limits must be more than 0".into(),
-                ));
-            }
+            validate_queue(q, 1, l).map_err(err)?;
         }
+        self.config.settings.validate().map_err(err)?;
+        self.config.sentinel.validate().map_err(err)?;
         for (i, spec) in self.config.schedules.iter().enumerate() {
             spec.parse(&format!("schedules[{i}]."))
-                .map_err(|e| err(&e.field, e.message))?;
-        }
-        if s.check_interval.is_zero()
-            || self.config.poll_interval.is_zero()
-            || self.config.cron_interval.is_zero()
-        {
-            return Err(err("poll_interval", "intervals must be more than 0".into()));
+                .map_err(|e| err((e.field, e.message)))?;
         }
         Ok(WorkerPool::new(
             self.store,

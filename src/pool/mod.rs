@@ -23,6 +23,7 @@
 pub mod builder;
 pub mod completer;
 pub mod producer;
+pub mod settings;
 pub mod shared;
 pub mod worker;
 
@@ -38,10 +39,11 @@ use crate::client::Client;
 use crate::registry::TaskRegistry;
 use crate::sentinel::{Sentinel, Slot};
 use crate::store::{Completion, Outcome, Store, StoreError};
-use builder::PoolConfig;
+use builder::PoolSetup;
 pub use builder::{BuildError, Builder, default_node_name};
 use completer::Completer;
 use producer::Producer;
+pub use settings::PoolSettings;
 pub use shared::{Counters, PoolObserver, StopReason, WorkerPoolSharedData};
 pub use worker::{LocalWorker, Worker};
 use worker::{SlotCtx, run_slot};
@@ -60,7 +62,7 @@ pub struct WorkerPool {
     store: Arc<dyn Store>,
     registry: Arc<TaskRegistry>,
     shared: Arc<WorkerPoolSharedData>,
-    config: PoolConfig,
+    config: PoolSetup,
     /// `None` before `start` and after `shutdown`. A tokio mutex: start and
     /// shutdown hold it across awaits so they never interleave.
     running: Mutex<Option<Running>>,
@@ -80,7 +82,7 @@ impl WorkerPool {
     fn new(
         store: Arc<dyn Store>,
         registry: Arc<TaskRegistry>,
-        config: PoolConfig,
+        config: PoolSetup,
         observer: Option<Arc<dyn PoolObserver>>,
     ) -> Self {
         let slots = config.queues.iter().map(|(_, n)| n).sum();
@@ -142,18 +144,20 @@ impl WorkerPool {
         for spec in &self.config.schedules {
             let row = crate::store::ScheduleRow {
                 name: spec.name.clone(),
-                spec: serde_json::to_value(spec).map_err(|e| StoreError::Invalid(e.to_string()))?,
+                spec: serde_json::to_value(spec)
+                    .map_err(|e| StoreError::invalid("schedules", e.to_string()))?,
                 source: "config".into(),
                 last_tick: Utc::now(),
             };
             self.store.schedule_upsert(row).await?;
         }
         let cron = tokio::spawn(
-            crate::cron::CronScheduler {
+            crate::maintenance::cron_firer::CronFirer {
                 store: self.store.clone(),
                 client: self.client(),
-                shared: self.shared.clone(),
-                interval: self.config.cron_interval,
+                leadership: self.shared.leader.clone(),
+                stop: self.shared.stop_claiming.clone(),
+                interval: self.config.settings.cron_interval,
             }
             .run(),
         );
@@ -173,7 +177,7 @@ impl WorkerPool {
             for _ in 0..*workers {
                 let ctx = SlotCtx {
                     id: slot_id,
-                    max_result_bytes: self.config.max_result_bytes,
+                    max_result_bytes: self.config.settings.max_result_bytes,
                     store: self.store.clone(),
                     worker: worker.clone(),
                     jobs: jobs_rx.clone(),
@@ -192,8 +196,8 @@ impl WorkerPool {
                     shared: self.shared.clone(),
                     capacity: Arc::new(Semaphore::new(*workers)),
                     jobs: jobs_tx,
-                    poll_interval: self.config.poll_interval,
-                    claim_max: self.config.claim_max,
+                    poll_interval: self.config.settings.poll_interval,
+                    claim_max: self.config.settings.claim_max,
                     limits: self
                         .config
                         .limits
@@ -234,14 +238,18 @@ impl WorkerPool {
             let _ = p.await;
         }
         let _ = run.cron.await;
-        if !self.config.force_shutdown && !shared.wait_idle(self.config.shutdown_timeout).await {
+        if !self.config.settings.force_shutdown
+            && !shared
+                .wait_idle(self.config.settings.shutdown_timeout)
+                .await
+        {
             tracing::warn!(
                 busy = shared.workers_busy(),
                 "shutdown_timeout passed with tasks running; cancelling them"
             );
         }
         shared.stop_all(StopReason::Shutdown);
-        shared.wait_idle(self.config.cancel_grace).await;
+        shared.wait_idle(self.config.settings.cancel_grace).await;
         run.sentinel_stop.cancel();
         let slots = run.sentinel.await.unwrap_or_default();
         // Tasks whose executors ignored cancellation: give them back anyway.

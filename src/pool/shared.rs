@@ -157,7 +157,7 @@ pub struct WorkerPoolSharedData {
     /// True while the node's lease is lost: producers do not claim.
     pub fenced: AtomicBool,
     /// True while this node holds leadership.
-    pub leader: AtomicBool,
+    pub leader: crate::maintenance::Leadership,
     pub started: chrono::DateTime<chrono::Utc>,
     /// Signalled after the completer writes outcomes: running tasks left the
     /// store's count, so producers of limited queues may claim again.
@@ -187,7 +187,7 @@ impl WorkerPoolSharedData {
             counters: Counters::default(),
             stop_claiming: CancellationToken::new(),
             fenced: AtomicBool::new(false),
-            leader: AtomicBool::new(false),
+            leader: Default::default(),
             started: chrono::Utc::now(),
             outcomes_written: tokio::sync::Notify::new(),
             observer: None,
@@ -218,7 +218,7 @@ impl WorkerPoolSharedData {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.leader.load(Ordering::Relaxed)
+        self.leader.is_leader()
     }
 
     /// Fire the token of a running task, if this node runs it.

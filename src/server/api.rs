@@ -1,6 +1,6 @@
 //! Handlers of the HTTP API (see CONTRACT.md for the routes).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 use crate::client::ClientError;
-use crate::config::Dur;
-use crate::store::{Inserted, ListParams, count_cap};
+use crate::duration;
+use crate::store::{Inserted, ListParams};
 use crate::task::{NewTask, Task, TaskId, TaskOptions, TaskState};
 
 /// Longest `?wait=` a client may ask for.
@@ -300,7 +300,7 @@ async fn get_task(
     let wait = match q.wait.as_deref() {
         None => Duration::ZERO,
         Some(w) => {
-            let d = Dur::parse(w).map_err(|e| ApiError::bad("wait", e))?;
+            let d = duration::parse(w).map_err(|e| ApiError::bad("wait", e))?;
             if d > MAX_WAIT {
                 return Err(ApiError::bad(
                     "wait",
@@ -453,49 +453,25 @@ async fn retry_many(State(state): State<AppState>, body: Body) -> Result<Json<Va
     Ok(Json(json!({ "retried": retried, "errors": errors })))
 }
 
-/// Every queue anyone knows of: served by a live node, configured here, or holding tasks.
-async fn known_queues(
-    state: &AppState,
-) -> Result<(BTreeMap<String, BTreeMap<String, i64>>, BTreeSet<String>), ApiError> {
-    let mut queues: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    for (q, _) in state.pool.queues() {
-        queues.entry(q.clone()).or_default();
-    }
-    for n in state.store.node_list().await? {
-        for q in n.queues {
-            queues.entry(q).or_default();
-        }
-    }
-    for (q, st, n) in state.store.queue_counts().await? {
-        queues.entry(q).or_default().insert(st.to_string(), n);
-    }
-    let paused: BTreeSet<String> = state.store.queue_paused().await?.into_iter().collect();
-    Ok((queues, paused))
+/// The queues this node serves, which are known even before they hold tasks.
+fn local_queues(state: &AppState) -> impl Iterator<Item = String> + '_ {
+    state.pool.queues().iter().map(|(q, _)| q.clone())
 }
 
 async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let (queues, paused) = known_queues(&state).await?;
     let local: BTreeMap<_, _> = state.pool.queues().iter().cloned().collect();
-    let out: Vec<Value> = queues
+    let out: Vec<Value> = state
+        .client
+        .queues(local_queues(&state))
+        .await?
         .into_iter()
-        .map(|(name, counts)| {
-            // Counts stop at a cap (see store::count_cap); `capped` names
-            // the states whose count reached it, i.e. "at least".
-            let capped: Vec<&str> = TaskState::ALL
-                .iter()
-                .filter(|s| counts.get(s.as_str()).copied().unwrap_or(0) >= count_cap(**s))
-                .map(|s| s.as_str())
-                .collect();
-            let counts: BTreeMap<String, i64> = TaskState::ALL
-                .iter()
-                .map(|s| (s.to_string(), counts.get(s.as_str()).copied().unwrap_or(0)))
-                .collect();
+        .map(|q| {
             json!({
-                "name": name,
-                "paused": paused.contains(&name),
-                "concurrency": local.get(&name),
-                "counts": counts,
-                "capped": capped,
+                "name": q.name,
+                "paused": q.paused,
+                "concurrency": local.get(&q.name),
+                "counts": q.counts,
+                "capped": q.capped,
             })
         })
         .collect();
@@ -503,8 +479,8 @@ async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
 }
 
 async fn set_paused(state: AppState, queue: String, paused: bool) -> Result<Json<Value>, ApiError> {
-    let (queues, _) = known_queues(&state).await?;
-    if !queues.contains_key(&queue) {
+    let known = state.client.queues(local_queues(&state)).await?;
+    if !known.iter().any(|q| q.name == queue) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -512,7 +488,7 @@ async fn set_paused(state: AppState, queue: String, paused: bool) -> Result<Json
         )
         .field("queue"));
     }
-    state.store.queue_set_paused(&queue, paused).await?;
+    state.client.queue_set_paused(&queue, paused).await?;
     tracing::info!(queue = %queue, paused, "queue {}", if paused { "paused" } else { "resumed" });
     Ok(Json(json!({ "name": queue, "paused": paused })))
 }
@@ -534,8 +510,8 @@ async fn resume_queue(
 async fn list_nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let now = Utc::now();
     let nodes: Vec<Value> = state
-        .store
-        .node_list()
+        .client
+        .nodes()
         .await?
         .into_iter()
         .map(|n| {
@@ -551,42 +527,20 @@ async fn list_nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 }
 
 async fn list_schedules(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = state.store.schedule_list().await?;
-    let views: Vec<_> = rows
-        .iter()
-        .map(crate::cron::ScheduleView::from_row)
-        .collect();
+    let views = state.client.schedules().await?;
     Ok(Json(json!({ "schedules": views })))
 }
 
 /// Add a schedule, or replace the one of the same name.
 async fn put_schedule(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
     let spec: crate::cron::ScheduleSpec = read_json(body, state.limits.max_body_bytes).await?;
-    let schedule = spec
-        .parse("")
-        .map_err(|e| ApiError::bad(e.field, e.message))?;
     if !state.registry.contains(&spec.kind) {
         return Err(
             ApiError::bad("kind", format!("unknown kind {:?}", spec.kind))
                 .with_code("unknown_kind"),
         );
     }
-    // The schedule's task must be valid too: check it as an enqueue would.
-    state.client.check(schedule.task(Utc::now()))?;
-    let row = crate::store::ScheduleRow {
-        name: spec.name.clone(),
-        spec: serde_json::to_value(&spec).map_err(|e| ApiError::bad("body", e.to_string()))?,
-        source: "api".into(),
-        last_tick: Utc::now(),
-    };
-    state.store.schedule_upsert(row).await?;
-    let view = state
-        .store
-        .schedule_list()
-        .await?
-        .iter()
-        .find(|r| r.name == spec.name)
-        .map(crate::cron::ScheduleView::from_row);
+    let view = state.client.schedule_put(spec).await?;
     Ok((StatusCode::CREATED, Json(json!(view))).into_response())
 }
 
@@ -594,7 +548,7 @@ async fn delete_schedule(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if state.store.schedule_delete(&name).await? {
+    if state.client.schedule_delete(&name).await? {
         Ok(Json(json!({ "deleted": name })))
     } else {
         Err(ApiError::new(
@@ -611,7 +565,7 @@ pub(crate) async fn healthz() -> Json<Value> {
 }
 
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    match state.store.queue_paused().await {
+    match state.client.ping().await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
-use crate::store::{NodeStats, Store};
+use crate::store::{NodeInfo, NodeStats};
 
 /// How often the sampler reads the nodes' counters.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
@@ -64,9 +64,9 @@ struct HistoryInner {
 }
 
 impl History {
-    /// Read the nodes' counters once and record the increase since the last read.
-    pub async fn sample(&self, store: &dyn Store) -> Result<(), crate::store::StoreError> {
-        let nodes = store.node_list().await?;
+    /// Record the increase of the nodes' counters (as just read) since the
+    /// last sample.
+    pub fn record(&self, nodes: Vec<NodeInfo>) {
         let now = Utc::now();
         let mut h = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = Sample {
@@ -103,7 +103,6 @@ impl History {
         while h.samples.front().is_some_and(|f| now - f.at > keep) {
             h.samples.pop_front();
         }
-        Ok(())
     }
 
     /// The increase over `[from, to)` in buckets of `step`, oldest first.
@@ -155,7 +154,7 @@ pub async fn run_sampler(state: AppState) {
             _ = state.stopping.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = state.history.sample(&*state.store).await {
+        if let Err(e) = state.client.nodes().await.map(|n| state.history.record(n)) {
             tracing::debug!(error = %e, "throughput sample skipped");
         }
     }
@@ -206,7 +205,7 @@ pub(crate) async fn stats(
         })
         .collect();
     let mut totals = NodeStats::default();
-    for n in state.store.node_list().await? {
+    for n in state.client.nodes().await? {
         totals.completed += n.stats.completed;
         totals.failed += n.stats.failed;
         totals.retried += n.stats.retried;

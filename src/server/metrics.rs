@@ -219,7 +219,7 @@ pub(crate) async fn handler(State(state): State<AppState>) -> Response {
         .get_or_create(&StateLabel { state: "idle" })
         .set(total - busy);
     m.leader.set(i64::from(shared.is_leader()));
-    match state.store.queue_counts().await {
+    match state.client.queue_counts().await {
         Ok(counts) => {
             m.depth.clear();
             for (queue, st, n) in counts {

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Client, ClientError};
 use crate::pool::WorkerPool;
 use crate::registry::TaskRegistry;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Limits on what one request may carry.
 #[derive(Debug, Clone)]
@@ -55,7 +55,6 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct AppState {
     pub(crate) client: Client,
-    pub(crate) store: Arc<dyn Store>,
     pub(crate) registry: Arc<TaskRegistry>,
     pub(crate) pool: Arc<WorkerPool>,
     pub(crate) limits: Limits,
@@ -83,7 +82,6 @@ impl AppState {
     pub fn new(pool: Arc<WorkerPool>, limits: Limits, token: Option<String>) -> Self {
         AppState {
             client: pool.client(),
-            store: pool.store().clone(),
             registry: pool.registry().clone(),
             pool,
             limits,
@@ -93,6 +91,11 @@ impl AppState {
             #[cfg(feature = "stats")]
             metrics: None,
         }
+    }
+
+    /// Whether requests need a bearer token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
     }
 
     /// Export metrics at /metrics (build the pool with [`metrics::Metrics`] as its observer).
@@ -152,18 +155,15 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            StoreError::Invalid(m) => {
-                let field = m
-                    .split_once(':')
-                    .map(|(f, _)| f)
-                    .filter(|f| *f == "depends_on");
-                let e = ApiError::new(StatusCode::BAD_REQUEST, "invalid", m.clone());
+            StoreError::Invalid { ref field, .. } => {
+                let field = field.clone();
+                let e = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
                 match field {
                     Some(f) => e.field(f),
                     None => e,
                 }
             }
-            StoreError::Unavailable(_) | StoreError::Schema(_) => {
+            StoreError::Unavailable { .. } | StoreError::Schema(_) => {
                 tracing::warn!(error = %e, "store unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

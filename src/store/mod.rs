@@ -20,7 +20,16 @@
 //!
 //! Methods take `now` in their params instead of reading the clock, so the
 //! conformance suite can drive time by hand.
+//!
+//! # Layout
+//!
+//! This file holds the trait and its errors; `params.rs` the structs its
+//! methods take and return; `lifecycle.rs` the rules of the task life
+//! cycle, written once; `sqlite/` and `postgres/` one wing per store, each
+//! with its SQL and numbered migrations.
 
+pub mod lifecycle;
+mod params;
 pub mod postgres;
 mod sqlite;
 
@@ -29,21 +38,25 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
-use crate::task::{Dependency, OnDependencyFailure, Task, TaskId, TaskState};
+use crate::task::{Task, TaskId, TaskState};
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or answered with an error that is not the
     /// caller's fault (I/O, lock, corrupt file, lost connection).
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        message: String,
+        /// Trying again later may work (a lost connection, a busy lock); a
+        /// write the store refuses for good (bad data) is not transient.
+        transient: bool,
+    },
     /// The schema is newer than this binary understands, or missing.
     #[error("store schema: {0}")]
     Schema(String),
@@ -57,275 +70,85 @@ pub enum StoreError {
         state: TaskState,
         message: String,
     },
-    /// The caller's input was rejected by the store.
-    #[error("invalid: {0}")]
-    Invalid(String),
+    /// The caller's input was rejected by the store; `field` names the part
+    /// of the input at fault, when one does.
+    #[error("invalid: {}{message}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    Invalid {
+        field: Option<String>,
+        message: String,
+    },
 }
 
-/// A fully resolved task to insert (defaults already applied by the [`Client`](crate::Client)).
-#[derive(Debug, Clone)]
-pub struct TaskInsert {
-    pub kind: String,
-    pub args: serde_json::Value,
-    pub queue: String,
-    pub priority: i16,
-    pub run_at: DateTime<Utc>,
-    pub max_attempts: i32,
-    pub timeout_ms: Option<i64>,
-    pub unique_key: Option<String>,
-    /// Parents: existing tasks, or earlier rows of the same insert
-    /// (`Dependency::Batch(i)` with `i` below this row's index).
-    pub depends_on: Vec<Dependency>,
-    pub on_dependency_failure: OnDependencyFailure,
-    /// Tasks sharing a key count together against `per_key_concurrency`.
-    pub concurrency_key: Option<String>,
-}
+impl StoreError {
+    /// Input rejected, naming the field at fault.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
 
-impl TaskInsert {
-    /// The task this insert created, as stored with `id` at `now`.
-    pub fn to_task(&self, id: TaskId, now: DateTime<Utc>) -> Task {
-        Task {
-            id,
-            kind: self.kind.clone(),
-            args: self.args.clone(),
-            queue: self.queue.clone(),
-            priority: self.priority,
-            state: if self.run_at > now {
-                TaskState::Scheduled
-            } else {
-                TaskState::Available
-            },
-            attempt: 0,
-            max_attempts: self.max_attempts,
-            run_at: self.run_at,
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            node: None,
-            result: None,
-            errors: Vec::new(),
-            timeout_ms: self.timeout_ms,
-            unique_key: self.unique_key.clone(),
-            depends_on: Vec::new(),
-            concurrency_key: self.concurrency_key.clone(),
+    /// Input rejected as a whole (e.g. a value that does not serialize).
+    pub fn invalid_value(message: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// The store failed in a way that may pass (connection, lock).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        StoreError::Unavailable {
+            message: message.into(),
+            transient: true,
+        }
+    }
+
+    /// The field an `Invalid` error names.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            StoreError::Invalid { field, .. } => field.as_deref(),
+            _ => None,
         }
     }
 }
 
-/// Set a new task's state from its parents: `broken` is a parent that
-/// already failed or was cancelled (the task then never runs, per its
-/// policy), `pending` the parents not yet completed (the task waits).
-pub(crate) fn apply_parents(
-    task: &mut Task,
-    policy: OnDependencyFailure,
-    broken: Option<TaskId>,
-    pending: i32,
-    now: DateTime<Utc>,
-) {
-    if let Some(p) = broken {
-        task.state = match policy {
-            OnDependencyFailure::Cancel => TaskState::Cancelled,
-            OnDependencyFailure::Fail => TaskState::Failed,
-        };
-        task.finished_at = Some(now);
-        task.errors.push(crate::task::AttemptError {
-            attempt: 0,
-            at: now,
-            message: format!("task {p}, which it depends on, did not complete"),
-        });
-    } else if pending > 0 {
-        task.state = TaskState::Blocked;
-    }
+/// The task columns every store selects, in this order; the row decoders
+/// read them by the positions in [`col`].
+pub(crate) const TASK_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, \
+    max_attempts, timeout_ms, unique_key, run_at, created_at, started_at, finished_at, node, \
+    result, errors, depends_on, concurrency_key";
+
+/// Positions of [`TASK_COLUMNS`].
+pub(crate) mod col {
+    pub const ID: usize = 0;
+    pub const KIND: usize = 1;
+    pub const QUEUE: usize = 2;
+    pub const ARGS: usize = 3;
+    pub const PRIORITY: usize = 4;
+    pub const STATE: usize = 5;
+    pub const ATTEMPT: usize = 6;
+    pub const MAX_ATTEMPTS: usize = 7;
+    pub const TIMEOUT_MS: usize = 8;
+    pub const UNIQUE_KEY: usize = 9;
+    pub const RUN_AT: usize = 10;
+    pub const CREATED_AT: usize = 11;
+    pub const STARTED_AT: usize = 12;
+    pub const FINISHED_AT: usize = 13;
+    pub const NODE: usize = 14;
+    pub const RESULT: usize = 15;
+    pub const ERRORS: usize = 16;
+    pub const DEPENDS_ON: usize = 17;
+    pub const CONCURRENCY_KEY: usize = 18;
 }
 
-/// The result of inserting one task.
-#[derive(Debug, Clone)]
-pub struct Inserted {
-    pub task: Task,
-    /// True when `unique_key` matched an unfinished task, which is returned instead.
-    pub existing: bool,
+/// A state read back from a store, or a schema error naming the column.
+pub(crate) fn parse_state(s: &str) -> Result<TaskState, StoreError> {
+    s.parse()
+        .map_err(|e: crate::task::UnknownState| StoreError::Schema(format!("tasks.state: {e}")))
 }
 
-/// Claim up to `limit` due tasks of `queue` for `node`, most urgent first
-/// (priority, then run_at, then id).
-#[derive(Debug, Clone)]
-pub struct ClaimParams {
-    pub queue: String,
-    pub node: String,
-    pub limit: usize,
-    pub now: DateTime<Utc>,
-    /// Cluster-wide limits of the queue; `None` takes the fast path.
-    pub limits: Option<QueueLimits>,
-}
-
-/// Limits a queue keeps across the whole cluster (every node configures the same).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueLimits {
-    /// At most this many of the queue's tasks run at once, on all nodes together.
-    pub global_concurrency: Option<u32>,
-    /// At most this many tasks with the same `concurrency_key` run at once.
-    pub per_key_concurrency: Option<u32>,
-    /// At most `.0` task starts per `.1` (a fixed window).
-    pub rate: Option<(u32, Duration)>,
-}
-
-impl QueueLimits {
-    pub fn is_empty(&self) -> bool {
-        self.global_concurrency.is_none()
-            && self.per_key_concurrency.is_none()
-            && self.rate.is_none()
-    }
-}
-
-/// How an attempt ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Success, with the executor's output.
-    Completed { result: serde_json::Value },
-    /// The attempt failed and the task runs again at `run_at`.
-    Retry {
-        run_at: DateTime<Utc>,
-        error: String,
-    },
-    /// The task failed for good (dead-letter list).
-    Failed { error: String },
-    /// The task was cancelled while running.
-    Cancelled { error: String },
-    /// Run again at `run_at` without using up an attempt.
-    Snoozed { run_at: DateTime<Utc> },
-    /// The node gave the task back (shutdown): available again now, attempt not used up.
-    Released,
-}
-
-/// One attempt's outcome, fenced by `(id, attempt)`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    pub id: TaskId,
-    pub attempt: i32,
-    pub at: DateTime<Utc>,
-    pub outcome: Outcome,
-}
-
-/// Filters for listing tasks, newest first. `before` is the cursor: only ids below it.
-#[derive(Debug, Clone, Default)]
-pub struct ListParams {
-    pub state: Option<TaskState>,
-    pub queue: Option<String>,
-    pub kind: Option<String>,
-    pub before: Option<TaskId>,
-    pub limit: usize,
-}
-
-/// The reads behind the dashboard's pages, for checking their query plans
-/// (`SqliteStore::explain`, `PostgresStore::explain`).
-#[derive(Debug, Clone)]
-pub enum DashboardRead {
-    TaskList(ListParams),
-    QueueCounts,
-}
-
-/// Delete finished tasks that finished before the given instants (`None` keeps them).
-#[derive(Debug, Clone)]
-pub struct PruneParams {
-    pub completed_before: Option<DateTime<Utc>>,
-    pub failed_before: Option<DateTime<Utc>>,
-    pub cancelled_before: Option<DateTime<Utc>>,
-    /// At most this many rows per call, so a prune never holds the writer long.
-    pub limit: usize,
-}
-
-/// A node as registered in the store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    pub name: String,
-    pub version: String,
-    pub started_at: DateTime<Utc>,
-    pub heartbeat_at: DateTime<Utc>,
-    pub workers: i32,
-    pub workers_busy: i32,
-    pub queues: Vec<String>,
-    #[serde(default)]
-    pub leader: bool,
-    /// What the node's pool did since it started (written with each heartbeat).
-    #[serde(default)]
-    pub stats: NodeStats,
-}
-
-/// Attempt outcomes a node's pool counted since it started. The dashboard
-/// sums these over the cluster's nodes and plots the differences.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStats {
-    #[serde(default)]
-    pub completed: u64,
-    /// Attempts that failed for good.
-    #[serde(default)]
-    pub failed: u64,
-    /// Attempts that failed and will be retried.
-    #[serde(default)]
-    pub retried: u64,
-    #[serde(default)]
-    pub cancelled: u64,
-}
-
-/// [`Store::queue_counts`] counts at most this many tasks per queue and
-/// unfinished state, so its cost stays bounded however many tasks the store
-/// keeps; a count equal to the cap means "at least this many".
-pub const QUEUE_COUNT_CAP: i64 = 100_000;
-
-/// The same cap for the finished states (completed, failed, cancelled),
-/// which retention rather than load decides the size of.
-pub const FINISHED_COUNT_CAP: i64 = 10_000;
-
-/// The cap [`Store::queue_counts`] applies to `state`.
-pub fn count_cap(state: TaskState) -> i64 {
-    if state.is_finished() {
-        FINISHED_COUNT_CAP
-    } else {
-        QUEUE_COUNT_CAP
-    }
-}
-
-/// Rescue the running tasks of nodes whose heartbeat is older than `now - node_timeout`
-/// (and of nodes that have no row at all), or, with `node`, of that one node.
-#[derive(Debug, Clone)]
-pub struct RescueParams {
-    pub now: DateTime<Utc>,
-    pub node_timeout: Duration,
-    /// Rescue this node's running tasks whatever its heartbeat says (used by
-    /// a node at start-up: anything still running under its own name is an
-    /// orphan of an earlier process; and by a live node for tasks it holds
-    /// no record of, e.g. a claim whose answer was lost with its connection).
-    pub node: Option<String>,
-    /// With `node`: leave these tasks alone (the node holds them).
-    pub keep: Vec<TaskId>,
-    /// With `node`: only tasks started before this instant.
-    pub started_before: Option<DateTime<Utc>>,
-}
-
-/// A task that was running on a dead node and was put back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rescued {
-    pub id: TaskId,
-    pub node: Option<String>,
-    pub state: TaskState,
-}
-
-/// A cron schedule as stored: its spec (JSON of [`ScheduleSpec`](crate::cron::ScheduleSpec)),
-/// where it came from (`config` or `api`) and the last tick fired.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScheduleRow {
-    pub name: String,
-    pub spec: serde_json::Value,
-    pub source: String,
-    pub last_tick: DateTime<Utc>,
-}
-
-/// Events a store publishes to the nodes that use it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StoreEvent {
-    /// A running task was asked to stop.
-    CancelRequested { id: TaskId, node: Option<String> },
-}
+pub use params::*;
 
 /// The persistence seam. See the module docs for the invariants.
 #[async_trait]
@@ -390,18 +213,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError>;
 
-    /// Fire a schedule, atomically: if its `last_tick` is still `expected`,
-    /// set it to `new_last` and insert `tasks` (unique keys honoured) in the
-    /// same transaction, returning them; otherwise change nothing and return
-    /// `None` (another node fired it).
-    async fn schedule_fire(
-        &self,
-        name: &str,
-        expected: DateTime<Utc>,
-        new_last: DateTime<Utc>,
-        tasks: Vec<TaskInsert>,
-        now: DateTime<Utc>,
-    ) -> Result<Option<Vec<Inserted>>, StoreError>;
+    /// Fire a schedule, atomically (see [`ScheduleFire`]): returns the
+    /// inserted tasks, or `None` when another node fired it first.
+    async fn schedule_fire(&self, fire: ScheduleFire) -> Result<Option<Vec<Inserted>>, StoreError>;
 
     /// Register or refresh this node.
     async fn node_heartbeat(&self, node: NodeInfo) -> Result<(), StoreError>;
@@ -409,7 +223,9 @@ pub trait Store: Send + Sync + 'static {
     /// Remove a node that stops cleanly.
     async fn node_remove(&self, name: &str) -> Result<(), StoreError>;
 
-    async fn node_list(&self) -> Result<Vec<NodeInfo>, StoreError>;
+    /// The registered nodes; `leader` is set for the one whose lease is
+    /// still valid at `now`.
+    async fn node_list(&self, now: DateTime<Utc>) -> Result<Vec<NodeInfo>, StoreError>;
 
     /// Put the running tasks of dead nodes back (see [`RescueParams`]); each
     /// becomes `retryable` (or `failed` if it has no attempts left).
@@ -433,11 +249,9 @@ pub trait Store: Send + Sync + 'static {
     /// Store events (cancel requests) for the nodes of this process.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
 
-    /// The schema of a PostgreSQL store (for enqueueing inside a caller's
-    /// transaction); `None` for other stores.
-    fn postgres_schema(&self) -> Option<&str> {
-        None
-    }
+    /// The concrete store, for features only one store has (enqueueing
+    /// inside a caller's PostgreSQL transaction).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// `t` cut to whole microseconds: the precision every store keeps.

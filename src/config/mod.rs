@@ -1,0 +1,443 @@
+//! Node configuration: [`Config`] and [`config_load`].
+//!
+//! YAML (`.yaml`, `.yml`) or JSON (`.json`), chosen by extension. Every field
+//! has a default, so an empty file is a valid config. Unknown fields are
+//! errors. Errors name the file, the line and the field:
+//!
+//! ```text
+//! node.yaml:7:14: queues.default.workers: invalid value: integer `-2`, expected usize
+//! ```
+//!
+//! Environment overrides (applied after the file): `PROTO_TASKER_STORE_PATH`
+//! (SQLite file), `PROTO_TASKER_STORE_URL` (a `postgres://` URL, which also
+//! switches the store to PostgreSQL).
+
+mod load;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::duration::parse as parse_duration;
+use crate::duration::text as dur_serde;
+use crate::maintenance::Retention;
+use crate::pool::settings::validate_queue;
+use crate::pool::{Builder, PoolSettings};
+use crate::sentinel::SentinelConfig;
+use crate::store::{QueueLimits, Synchronous};
+pub use load::config_load;
+
+/// Which store a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// The SQLite file.
+    pub path: PathBuf,
+    /// The PostgreSQL URL (`kind: postgres`).
+    pub url: Option<String>,
+    /// The PostgreSQL schema holding the tables; clusters sharing a database use different ones.
+    pub schema: String,
+    /// PostgreSQL connections per node (plus one for LISTEN).
+    pub pool_size: usize,
+    /// SQLite durability: `full` (default) or `normal`.
+    pub synchronous: Synchronous,
+    /// How long a SQLite connection waits for another process's write lock
+    /// before the request fails (503).
+    #[serde(with = "dur_serde")]
+    pub busy_timeout: Duration,
+    /// Create or upgrade the schema at start.
+    pub migrate: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
+            path: PathBuf::from("proto_tasker.db"),
+            url: None,
+            schema: "proto_tasker".into(),
+            pool_size: 16,
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            migrate: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique among nodes sharing a store. Default `hostname-pid`.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Serve the HTTP API, /metrics and the dashboard.
+    pub enabled: bool,
+    /// Address to bind; loopback unless you mean otherwise (then set a token).
+    pub listen: String,
+    /// When set, every /api route needs `Authorization: Bearer <token>`.
+    /// Env `PROTO_TASKER_TOKEN` overrides it.
+    pub auth_token: Option<String>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest `args` of one task, as JSON.
+    pub max_args_bytes: usize,
+    /// Most tasks in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let limits = crate::server::Limits::default();
+        ServerConfig {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            auth_token: None,
+            max_body_bytes: limits.max_body_bytes,
+            max_args_bytes: limits.max_args_bytes,
+            max_batch: limits.max_batch,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// What one request may carry.
+    pub fn limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_args_bytes: self.max_args_bytes,
+            max_batch: self.max_batch,
+        }
+    }
+}
+
+/// The `shell` executor: off while `allow` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShellConfig {
+    /// Programs (`cmd[0]`, exactly as written in tasks) that may run.
+    pub allow: Vec<String>,
+    /// Bytes of stdout and of stderr kept (the tail).
+    pub max_output_bytes: usize,
+}
+
+impl Default for ShellConfig {
+    fn default() -> Self {
+        ShellConfig {
+            allow: Vec::new(),
+            max_output_bytes: 64 << 10,
+        }
+    }
+}
+
+/// The `http` executor: off while `allow_hosts` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Hosts (`example.com`) or `host:port` pairs tasks may call.
+    pub allow_hosts: Vec<String>,
+    /// Bytes of the response body kept.
+    pub max_response_bytes: usize,
+    /// Per-request timeout (the task's own timeout applies too).
+    #[serde(with = "dur_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            allow_hosts: Vec::new(),
+            max_response_bytes: 1 << 20,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorsConfig {
+    pub shell: ShellConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Slots serving this queue on this node.
+    pub workers: usize,
+    /// At most this many of the queue's tasks run at once across the cluster.
+    #[serde(default)]
+    pub global_concurrency: Option<u32>,
+    /// At most this many tasks with the same `concurrency_key` run at once across the cluster.
+    #[serde(default)]
+    pub per_key_concurrency: Option<u32>,
+    /// At most `max` task starts per `per` across the cluster.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub max: u32,
+    #[serde(with = "dur_serde")]
+    pub per: Duration,
+}
+
+impl QueueConfig {
+    /// The queue's cluster-wide limits, as the store applies them.
+    pub fn limits(&self) -> QueueLimits {
+        QueueLimits {
+            global_concurrency: self.global_concurrency,
+            per_key_concurrency: self.per_key_concurrency,
+            rate: self.rate_limit.as_ref().map(|r| (r.max, r.per)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `proto_tasker=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub store: StoreConfig,
+    pub server: ServerConfig,
+    /// Queues this node serves, with their worker counts.
+    pub queues: BTreeMap<String, QueueConfig>,
+    pub pool: PoolSettings,
+    pub sentinel: SentinelConfig,
+    pub retention: Retention,
+    pub log: LogConfig,
+    pub executors: ExecutorsConfig,
+    /// Cron schedules this node registers at start.
+    pub schedules: Vec<crate::cron::ScheduleSpec>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            store: StoreConfig::default(),
+            server: ServerConfig::default(),
+            queues: BTreeMap::from([(
+                crate::task::DEFAULT_QUEUE.to_string(),
+                QueueConfig {
+                    workers: 10,
+                    global_concurrency: None,
+                    per_key_concurrency: None,
+                    rate_limit: None,
+                },
+            )]),
+            pool: PoolSettings::default(),
+            sentinel: SentinelConfig::default(),
+            retention: Retention::default(),
+            log: LogConfig::default(),
+            executors: ExecutorsConfig::default(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+/// A config that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<u64>,
+    pub column: Option<u64>,
+    /// The dotted path of the offending field, when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        write!(f, ": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub(crate) fn apply_env(cfg: &mut Config) {
+    if let Ok(t) = std::env::var("PROTO_TASKER_TOKEN")
+        && !t.is_empty()
+    {
+        cfg.server.auth_token = Some(t);
+    }
+    if let Ok(p) = std::env::var("PROTO_TASKER_STORE_PATH")
+        && !p.is_empty()
+    {
+        cfg.store.path = PathBuf::from(p);
+    }
+    if let Ok(u) = std::env::var("PROTO_TASKER_STORE_URL")
+        && !u.is_empty()
+    {
+        cfg.store.kind = StoreKind::Postgres;
+        cfg.store.url = Some(u);
+    }
+}
+
+/// Check what types alone cannot. Returns `(field, message)`.
+pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
+    let e = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
+    if cfg.queues.is_empty() {
+        return e("queues", "at least one queue is needed");
+    }
+    for (name, q) in &cfg.queues {
+        validate_queue(name, q.workers, &q.limits())?;
+    }
+    if let Some(n) = &cfg.node.name
+        && n.trim().is_empty()
+    {
+        return e("node.name", "must not be empty when set");
+    }
+    cfg.pool.validate()?;
+    let mut sentinel = cfg.sentinel.clone();
+    sentinel.retention = cfg.retention.clone();
+    sentinel.validate()?;
+    match cfg.store.kind {
+        StoreKind::Sqlite if cfg.store.path.as_os_str().is_empty() => {
+            return e("store.path", "must not be empty");
+        }
+        StoreKind::Postgres if cfg.store.url.as_deref().is_none_or(str::is_empty) => {
+            return e("store.url", "is required when store.kind is postgres");
+        }
+        StoreKind::Postgres if cfg.store.pool_size < 2 => {
+            return e("store.pool_size", "must be at least 2");
+        }
+        _ => {}
+    }
+    if let Some(t) = &cfg.server.auth_token
+        && t.trim().is_empty()
+    {
+        return e("server.auth_token", "must not be empty when set");
+    }
+    if cfg.server.listen.parse::<std::net::SocketAddr>().is_err() {
+        return e("server.listen", "must be an address like 127.0.0.1:8080");
+    }
+    if cfg.server.max_batch == 0 || cfg.server.max_args_bytes == 0 || cfg.server.max_body_bytes == 0
+    {
+        return e(
+            "server",
+            "max_batch, max_args_bytes and max_body_bytes must be more than 0",
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, spec) in cfg.schedules.iter().enumerate() {
+        spec.parse(&format!("schedules[{i}]."))
+            .map_err(|e| (e.field, e.message))?;
+        if !names.insert(spec.name.as_str()) {
+            return Err((
+                format!("schedules[{i}].name"),
+                format!("{:?} is used twice", spec.name),
+            ));
+        }
+    }
+    if cfg.log.level.trim().is_empty() {
+        return e("log.level", "must not be empty");
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The registry of a node: `noop`, `sleep`, `fail`, and `shell`/`http`
+    /// as configured (they refuse every task while their allow-lists are empty).
+    pub fn registry(&self) -> Result<crate::registry::TaskRegistry, String> {
+        let mut r = crate::registry::TaskRegistry::new();
+        crate::executors::register_builtin(&mut r);
+        let sh = &self.executors.shell;
+        r.register(
+            "shell",
+            std::sync::Arc::new(crate::executors::shell::ShellExecutor::new(
+                sh.allow.clone(),
+                sh.max_output_bytes,
+            )),
+        );
+        let h = &self.executors.http;
+        r.register(
+            "http",
+            std::sync::Arc::new(crate::executors::http::HttpExecutor::new(
+                h.allow_hosts.clone(),
+                h.max_response_bytes,
+                h.timeout,
+            )?),
+        );
+        Ok(r)
+    }
+
+    /// The defaults plus env overrides: what a node runs on without a file.
+    pub fn from_env() -> Self {
+        let mut c = Config::default();
+        apply_env(&mut c);
+        c
+    }
+
+    /// Apply this config's node name, queues, pool, sentinel, retention and
+    /// schedules to a builder.
+    pub fn apply(&self, mut b: Builder) -> Builder {
+        if let Some(n) = &self.node.name {
+            b = b.node_name(n.clone());
+        }
+        for (q, c) in &self.queues {
+            b = b
+                .queue(q.clone(), c.workers)
+                .queue_limits(q.clone(), c.limits());
+        }
+        for spec in &self.schedules {
+            b = b.schedule(spec.clone());
+        }
+        let mut sentinel = self.sentinel.clone();
+        sentinel.retention = self.retention.clone();
+        b.settings(self.pool.clone()).sentinel(sentinel)
+    }
+}

@@ -1,0 +1,270 @@
+//! The structs the [`Store`](super::Store) methods take and return.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::task::{Dependency, OnDependencyFailure, Task, TaskId, TaskState};
+
+/// A fully resolved task to insert (defaults already applied by the [`Client`](crate::Client)).
+#[derive(Debug, Clone)]
+pub struct TaskInsert {
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub queue: String,
+    pub priority: i16,
+    pub run_at: DateTime<Utc>,
+    pub max_attempts: i32,
+    pub timeout_ms: Option<i64>,
+    pub unique_key: Option<String>,
+    /// Parents: existing tasks, or earlier rows of the same insert
+    /// (`Dependency::Batch(i)` with `i` below this row's index).
+    pub depends_on: Vec<Dependency>,
+    pub on_dependency_failure: OnDependencyFailure,
+    /// Tasks sharing a key count together against `per_key_concurrency`.
+    pub concurrency_key: Option<String>,
+}
+
+impl TaskInsert {
+    /// The task this insert created, as stored with `id` at `now`.
+    pub fn to_task(&self, id: TaskId, now: DateTime<Utc>) -> Task {
+        Task {
+            id,
+            kind: self.kind.clone(),
+            args: self.args.clone(),
+            queue: self.queue.clone(),
+            priority: self.priority,
+            state: if self.run_at > now {
+                TaskState::Scheduled
+            } else {
+                TaskState::Available
+            },
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            node: None,
+            result: None,
+            errors: Vec::new(),
+            timeout_ms: self.timeout_ms,
+            unique_key: self.unique_key.clone(),
+            depends_on: Vec::new(),
+            concurrency_key: self.concurrency_key.clone(),
+        }
+    }
+}
+
+/// The result of inserting one task.
+#[derive(Debug, Clone)]
+pub struct Inserted {
+    pub task: Task,
+    /// True when `unique_key` matched an unfinished task, which is returned instead.
+    pub existing: bool,
+}
+
+/// Claim up to `limit` due tasks of `queue` for `node`, most urgent first
+/// (priority, then run_at, then id).
+#[derive(Debug, Clone)]
+pub struct ClaimParams {
+    pub queue: String,
+    pub node: String,
+    pub limit: usize,
+    pub now: DateTime<Utc>,
+    /// Cluster-wide limits of the queue; `None` takes the fast path.
+    pub limits: Option<QueueLimits>,
+}
+
+/// Limits a queue keeps across the whole cluster (every node configures the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueLimits {
+    /// At most this many of the queue's tasks run at once, on all nodes together.
+    pub global_concurrency: Option<u32>,
+    /// At most this many tasks with the same `concurrency_key` run at once.
+    pub per_key_concurrency: Option<u32>,
+    /// At most `.0` task starts per `.1` (a fixed window).
+    pub rate: Option<(u32, Duration)>,
+}
+
+impl QueueLimits {
+    pub fn is_empty(&self) -> bool {
+        self.global_concurrency.is_none()
+            && self.per_key_concurrency.is_none()
+            && self.rate.is_none()
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Success, with the executor's output.
+    Completed { result: serde_json::Value },
+    /// The attempt failed and the task runs again at `run_at`.
+    Retry {
+        run_at: DateTime<Utc>,
+        error: String,
+    },
+    /// The task failed for good (dead-letter list).
+    Failed { error: String },
+    /// The task was cancelled while running.
+    Cancelled { error: String },
+    /// Run again at `run_at` without using up an attempt.
+    Snoozed { run_at: DateTime<Utc> },
+    /// The node gave the task back (shutdown): available again now, attempt not used up.
+    Released,
+}
+
+/// One attempt's outcome, fenced by `(id, attempt)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub id: TaskId,
+    pub attempt: i32,
+    pub at: DateTime<Utc>,
+    pub outcome: Outcome,
+}
+
+/// Filters for listing tasks, newest first. `before` is the cursor: only ids below it.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub state: Option<TaskState>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    pub before: Option<TaskId>,
+    pub limit: usize,
+}
+
+/// The reads behind the dashboard's pages, for checking their query plans
+/// (`SqliteStore::explain`, `PostgresStore::explain`).
+#[derive(Debug, Clone)]
+pub enum DashboardRead {
+    TaskList(ListParams),
+    QueueCounts,
+}
+
+/// Delete finished tasks that finished before the given instants (`None` keeps them).
+#[derive(Debug, Clone)]
+pub struct PruneParams {
+    pub completed_before: Option<DateTime<Utc>>,
+    pub failed_before: Option<DateTime<Utc>>,
+    pub cancelled_before: Option<DateTime<Utc>>,
+    /// At most this many rows per call, so a prune never holds the writer long.
+    pub limit: usize,
+}
+
+impl PruneParams {
+    /// Each finished state with the instant before which its tasks go.
+    pub fn cutoffs(&self) -> [(TaskState, Option<DateTime<Utc>>); 3] {
+        [
+            (TaskState::Completed, self.completed_before),
+            (TaskState::Failed, self.failed_before),
+            (TaskState::Cancelled, self.cancelled_before),
+        ]
+    }
+}
+
+/// A node as registered in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub workers: i32,
+    pub workers_busy: i32,
+    pub queues: Vec<String>,
+    #[serde(default)]
+    pub leader: bool,
+    /// What the node's pool did since it started (written with each heartbeat).
+    #[serde(default)]
+    pub stats: NodeStats,
+}
+
+/// Attempt outcomes a node's pool counted since it started. The dashboard
+/// sums these over the cluster's nodes and plots the differences.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    #[serde(default)]
+    pub completed: u64,
+    /// Attempts that failed for good.
+    #[serde(default)]
+    pub failed: u64,
+    /// Attempts that failed and will be retried.
+    #[serde(default)]
+    pub retried: u64,
+    #[serde(default)]
+    pub cancelled: u64,
+}
+
+/// [`Store::queue_counts`] counts at most this many tasks per queue and
+/// unfinished state, so its cost stays bounded however many tasks the store
+/// keeps; a count equal to the cap means "at least this many".
+pub const QUEUE_COUNT_CAP: i64 = 100_000;
+
+/// The same cap for the finished states (completed, failed, cancelled),
+/// which retention rather than load decides the size of.
+pub const FINISHED_COUNT_CAP: i64 = 10_000;
+
+/// The cap [`Store::queue_counts`] applies to `state`.
+pub fn count_cap(state: TaskState) -> i64 {
+    if state.is_finished() {
+        FINISHED_COUNT_CAP
+    } else {
+        QUEUE_COUNT_CAP
+    }
+}
+
+/// Rescue the running tasks of nodes whose heartbeat is older than `now - node_timeout`
+/// (and of nodes that have no row at all), or, with `node`, of that one node.
+#[derive(Debug, Clone)]
+pub struct RescueParams {
+    pub now: DateTime<Utc>,
+    pub node_timeout: Duration,
+    /// Rescue this node's running tasks whatever its heartbeat says (used by
+    /// a node at start-up: anything still running under its own name is an
+    /// orphan of an earlier process; and by a live node for tasks it holds
+    /// no record of, e.g. a claim whose answer was lost with its connection).
+    pub node: Option<String>,
+    /// With `node`: leave these tasks alone (the node holds them).
+    pub keep: Vec<TaskId>,
+    /// With `node`: only tasks started before this instant.
+    pub started_before: Option<DateTime<Utc>>,
+}
+
+/// A task that was running on a dead node and was put back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rescued {
+    pub id: TaskId,
+    pub node: Option<String>,
+    pub state: TaskState,
+}
+
+/// A cron schedule as stored: its spec (JSON of [`ScheduleSpec`](crate::cron::ScheduleSpec)),
+/// where it came from (`config` or `api`) and the last tick fired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRow {
+    pub name: String,
+    pub spec: serde_json::Value,
+    pub source: String,
+    pub last_tick: DateTime<Utc>,
+}
+
+/// Events a store publishes to the nodes that use it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A running task was asked to stop.
+    CancelRequested { id: TaskId, node: Option<String> },
+}
+
+/// Fire a schedule: if its `last_tick` is still `expected`, set it to
+/// `new_last` and insert `tasks` (unique keys honoured) in the same
+/// transaction; otherwise change nothing (another node fired it).
+#[derive(Debug, Clone)]
+pub struct ScheduleFire {
+    pub name: String,
+    pub expected: DateTime<Utc>,
+    pub new_last: DateTime<Utc>,
+    pub tasks: Vec<TaskInsert>,
+    pub now: DateTime<Utc>,
+}

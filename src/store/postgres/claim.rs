@@ -1,0 +1,106 @@
+//! Claiming due tasks from PostgreSQL: `FOR UPDATE SKIP LOCKED` batches, so
+//! claimers on any number of nodes never take the same task nor wait on
+//! each other; limited queues serialize their claims on an advisory lock.
+
+use std::time::Duration;
+
+use super::rows::rows_to_tasks;
+use super::{PostgresStore, db_err};
+use crate::store::{ClaimParams, QueueLimits, StoreError, truncate_micros};
+use crate::task::Task;
+
+impl PostgresStore {
+    /// Claim due tasks of `p.queue`, most urgent first (see [`ClaimParams`]).
+    pub(super) async fn claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
+        if let Some(limits) = p.limits.filter(|l| !l.is_empty()) {
+            return self.claim_limited(&p, limits).await;
+        }
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.claim)
+            .await
+            .map_err(db_err)?;
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &p.node,
+                    &truncate_micros(p.now),
+                    &p.queue,
+                    &(p.limit as i64),
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut tasks = rows_to_tasks(&rows)?;
+        tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
+        Ok(tasks)
+    }
+
+    /// Claim under cluster-wide limits. Claimers of one limited queue take a
+    /// transaction-scoped advisory lock first, so counting the running tasks
+    /// and claiming happen as one step across all nodes. The four statements
+    /// (BEGIN, lock, count-pick-claim, COMMIT) are pipelined: one round trip.
+    async fn claim_limited(
+        &self,
+        p: &ClaimParams,
+        limits: QueueLimits,
+    ) -> Result<Vec<Task>, StoreError> {
+        let sql = &self.inner.sql;
+        let now = truncate_micros(p.now);
+        let c = self.conn().await?;
+        let begin = c.prepare_cached("BEGIN").await.map_err(db_err)?;
+        let lock = c
+            .prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .await
+            .map_err(db_err)?;
+        let claim = c.prepare_cached(&sql.claim_limited).await.map_err(db_err)?;
+        let commit = c.prepare_cached("COMMIT").await.map_err(db_err)?;
+        let key = format!("proto_tasker_claim:{}:{}", self.inner.schema, p.queue);
+        let max = i64::MAX;
+        let global = limits.global_concurrency.map(i64::from).unwrap_or(max);
+        let per_key = limits.per_key_concurrency.map(i64::from).unwrap_or(max);
+        let (rate_max, rate_per) = match limits.rate {
+            Some((n, per)) => (i64::from(n), per),
+            None => (max, Duration::from_secs(1)),
+        };
+        let rate_per_us = i64::try_from(rate_per.as_micros()).unwrap_or(max);
+        let limit = p.limit as i64;
+        // Look a bounded way down the queue for tasks whose keys have room;
+        // without a per-key limit the first `limit` tasks are enough.
+        // (`allowed * scan_mul + scan_add` rows, computed in the statement).
+        let (scan_mul, scan_add): (i64, i64) = if limits.per_key_concurrency.is_some() {
+            (2, 16)
+        } else {
+            (1, 0)
+        };
+        let has_rate = limits.rate.is_some();
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+            &p.queue,
+            &now,
+            &limit,
+            &global,
+            &rate_max,
+            &rate_per_us,
+            &scan_mul,
+            &per_key,
+            &has_rate,
+            &p.node,
+            &scan_add,
+        ];
+        let (b, l, rows, done) = tokio::join!(
+            c.execute(&begin, &[]),
+            c.execute(&lock, &lock_params),
+            c.query(&claim, &claim_params),
+            c.execute(&commit, &[]),
+        );
+        b.map_err(db_err)?;
+        l.map_err(db_err)?;
+        let rows = rows.map_err(db_err)?;
+        done.map_err(db_err)?;
+        let mut tasks = rows_to_tasks(&rows)?;
+        tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
+        Ok(tasks)
+    }
+}

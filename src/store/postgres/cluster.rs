@@ -1,0 +1,233 @@
+//! The small tables of a PostgreSQL store: paused queues, cron schedules,
+//! nodes and the leader lease.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::insert::insert_rows;
+use super::{PostgresStore, db_err};
+use crate::store::{
+    FINISHED_COUNT_CAP, Inserted, NodeInfo, QUEUE_COUNT_CAP, ScheduleFire, ScheduleRow, StoreError,
+    parse_state, truncate_micros,
+};
+use crate::task::TaskState;
+
+impl PostgresStore {
+    pub(super) async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.queue_counts)
+            .await
+            .map_err(db_err)?;
+        let rows = c
+            .query(&st, &[&QUEUE_COUNT_CAP, &FINISHED_COUNT_CAP])
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get(1).map_err(db_err)?;
+                Ok((
+                    r.try_get(0).map_err(db_err)?,
+                    parse_state(&state)?,
+                    r.try_get(2).map_err(db_err)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub(super) async fn queue_set_paused(
+        &self,
+        queue: &str,
+        paused: bool,
+    ) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.queue_set_paused)
+            .await
+            .map_err(db_err)?;
+        c.execute(&st, &[&queue, &paused]).await.map_err(db_err)?;
+        if !paused {
+            self.announce_work();
+        }
+        Ok(())
+    }
+
+    pub(super) async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.queue_paused)
+            .await
+            .map_err(db_err)?;
+        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
+    }
+
+    pub(super) async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.schedule_upsert)
+            .await
+            .map_err(db_err)?;
+        c.execute(
+            &st,
+            &[
+                &row.name,
+                &row.spec,
+                &row.source,
+                &truncate_micros(row.last_tick),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(super) async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError> {
+        let c = self.conn().await?;
+        let n = c
+            .execute(&self.inner.sql.schedule_delete, &[&name])
+            .await
+            .map_err(db_err)?;
+        Ok(n > 0)
+    }
+
+    pub(super) async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.schedule_list)
+            .await
+            .map_err(db_err)?;
+        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ScheduleRow {
+                    name: r.try_get(0).map_err(db_err)?,
+                    spec: r.try_get(1).map_err(db_err)?,
+                    source: r.try_get(2).map_err(db_err)?,
+                    last_tick: r.try_get(3).map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn schedule_fire(
+        &self,
+        f: ScheduleFire,
+    ) -> Result<Option<Vec<Inserted>>, StoreError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let moved = tx
+            .execute(
+                &self.inner.sql.schedule_move,
+                &[
+                    &truncate_micros(f.new_last),
+                    &f.name,
+                    &truncate_micros(f.expected),
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        if moved == 0 {
+            return Ok(None);
+        }
+        let out = insert_rows(&*tx, &self.inner.sql, f.tasks, f.now).await?;
+        tx.commit().await.map_err(db_err)?;
+        if out.iter().any(|i| !i.existing) {
+            self.announce_work();
+        }
+        Ok(Some(out))
+    }
+
+    pub(super) async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
+        let queues = serde_json::to_value(&n.queues)
+            .map_err(|e| StoreError::invalid_value(e.to_string()))?;
+        let stats =
+            serde_json::to_value(n.stats).map_err(|e| StoreError::invalid_value(e.to_string()))?;
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.heartbeat)
+            .await
+            .map_err(db_err)?;
+        c.execute(
+            &st,
+            &[
+                &n.name,
+                &n.version,
+                &n.started_at,
+                &truncate_micros(n.heartbeat_at),
+                &n.workers,
+                &n.workers_busy,
+                &queues,
+                &stats,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(super) async fn node_remove(&self, name: &str) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.execute(&self.inner.sql.node_remove, &[&name])
+            .await
+            .map_err(db_err)?;
+        c.execute(&self.inner.sql.leader_remove, &[&name])
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(super) async fn node_list(&self, now: DateTime<Utc>) -> Result<Vec<NodeInfo>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.node_list)
+            .await
+            .map_err(db_err)?;
+        let rows = c.query(&st, &[&now]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let queues: serde_json::Value = r.try_get(6).map_err(db_err)?;
+                let stats: serde_json::Value = r.try_get(8).map_err(db_err)?;
+                Ok(NodeInfo {
+                    name: r.try_get(0).map_err(db_err)?,
+                    version: r.try_get(1).map_err(db_err)?,
+                    started_at: r.try_get(2).map_err(db_err)?,
+                    heartbeat_at: r.try_get(3).map_err(db_err)?,
+                    workers: r.try_get(4).map_err(db_err)?,
+                    workers_busy: r.try_get(5).map_err(db_err)?,
+                    queues: serde_json::from_value(queues).unwrap_or_default(),
+                    leader: r.try_get(7).map_err(db_err)?,
+                    stats: serde_json::from_value(stats).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn leader_try_elect(
+        &self,
+        node: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.elect)
+            .await
+            .map_err(db_err)?;
+        let row = c
+            .query_opt(&st, &[&node, &expires, &now])
+            .await
+            .map_err(db_err)?;
+        Ok(row.and_then(|r| r.try_get::<_, String>(0).ok()).as_deref() == Some(node))
+    }
+
+    pub(super) async fn leader_resign(&self, node: &str) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.execute(&self.inner.sql.leader_remove, &[&node])
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! Inserting tasks into PostgreSQL (one `unnest` statement for plain rows,
+//! one at a time for rows with a unique key or parents), also inside a
+//! caller's own transaction; and what workflows do when a parent ends.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{GenericClient, Row};
+
+use super::db_err;
+use super::notify::{WORK, channel_name};
+use super::rows::row_to_task;
+use super::sql::Sql;
+use crate::store::lifecycle;
+use crate::store::{Inserted, StoreError, TaskInsert, parse_state, truncate_micros, truncate_rows};
+use crate::task::{Task, TaskId};
+
+/// Insert `rows` through any client (the store's pool or a caller's transaction).
+pub(super) async fn insert_rows<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    rows: Vec<TaskInsert>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, StoreError> {
+    let now = truncate_micros(now);
+    let rows = truncate_rows(rows);
+    let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
+    // Tasks without a unique key: one statement for all of them.
+    let plain: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].unique_key.is_none() && rows[i].depends_on.is_empty())
+        .collect();
+    if !plain.is_empty() {
+        let kinds: Vec<&str> = plain.iter().map(|&i| rows[i].kind.as_str()).collect();
+        let queues: Vec<&str> = plain.iter().map(|&i| rows[i].queue.as_str()).collect();
+        let args: Vec<&serde_json::Value> = plain.iter().map(|&i| &rows[i].args).collect();
+        let priorities: Vec<i16> = plain.iter().map(|&i| rows[i].priority).collect();
+        let attempts: Vec<i32> = plain.iter().map(|&i| rows[i].max_attempts).collect();
+        let timeouts: Vec<Option<i64>> = plain.iter().map(|&i| rows[i].timeout_ms).collect();
+        let run_ats: Vec<DateTime<Utc>> = plain.iter().map(|&i| rows[i].run_at).collect();
+        let keys: Vec<Option<&str>> = plain
+            .iter()
+            .map(|&i| rows[i].concurrency_key.as_deref())
+            .collect();
+        let ids = c
+            .query(
+                &sql.insert_many,
+                &[
+                    &kinds,
+                    &queues,
+                    &args,
+                    &priorities,
+                    &attempts,
+                    &timeouts,
+                    &run_ats,
+                    &now,
+                    &keys,
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut ids: Vec<i64> = ids
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(db_err)?;
+        // Ids come from one sequence in insertion (ordinality) order.
+        ids.sort_unstable();
+        for (&i, id) in plain.iter().zip(ids) {
+            out[i] = Some(Inserted {
+                task: rows[i].to_task(TaskId(id), now),
+                existing: false,
+            });
+        }
+    }
+    // Tasks with a unique key or dependencies: one at a time, in order, so
+    // each learns whether it was new and finds the batch tasks it waits for.
+    for i in 0..rows.len() {
+        if out[i].is_some() {
+            continue;
+        }
+        let done: Vec<Option<TaskId>> = out.iter().map(|o| o.as_ref().map(|x| x.task.id)).collect();
+        out[i] = Some(insert_single(c, sql, &rows[i], now, &done).await?);
+    }
+    out.into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::unavailable("insert lost a row")))
+        .collect()
+}
+
+/// Rows (with the queue in column `qi` and the key in `ki`) that left
+/// `running`: give their places back in `running_keys`.
+pub(super) async fn give_back_keys<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    rows: &[Row],
+    qi: usize,
+    ki: usize,
+) -> Result<(), StoreError> {
+    let (mut queues, mut keys): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    for r in rows {
+        if let Some(k) = r.try_get::<_, Option<String>>(ki).map_err(db_err)? {
+            queues.push(r.try_get(qi).map_err(db_err)?);
+            keys.push(k);
+        }
+    }
+    if !keys.is_empty() {
+        c.execute(&sql.running_keys_sub, &[&queues, &keys])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// The task `id`, locked for update until the transaction ends.
+pub(super) async fn locked_task<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    id: TaskId,
+) -> Result<Task, StoreError> {
+    let row = c
+        .query_opt(&sql.get_for_update, &[&id.0])
+        .await
+        .map_err(db_err)?;
+    row.as_ref()
+        .map(row_to_task)
+        .transpose()?
+        .ok_or(StoreError::NotFound(id))
+}
+
+/// Cancel or fail (per their policy) the blocked tasks that wait for `parents`.
+pub(super) async fn cascade<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    parents: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    c.execute(&sql.cascade, &[&parents, &truncate_micros(now), &now_text])
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Insert one task that has a unique key or dependencies.
+async fn insert_single<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    t: &TaskInsert,
+    now: DateTime<Utc>,
+    batch: &[Option<TaskId>],
+) -> Result<Inserted, StoreError> {
+    let parents: Vec<i64> =
+        lifecycle::parent_ids(&t.depends_on, |j| batch.get(j).copied().flatten())?
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+    let mut task = t.to_task(TaskId(0), now);
+    let mut standing = lifecycle::ParentStates::default();
+    if !parents.is_empty() {
+        // Lock the parents: a parent finishing now waits for this insert, and
+        // then sees the new edge when it unblocks or cancels its children.
+        let rows = c
+            .query(&sql.parents_lock, &[&parents])
+            .await
+            .map_err(db_err)?;
+        let mut states = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id: i64 = r.try_get(0).map_err(db_err)?;
+            let state: String = r.try_get(1).map_err(db_err)?;
+            states.insert(id, parse_state(&state)?);
+        }
+        let ids: Vec<TaskId> = parents.iter().map(|p| TaskId(*p)).collect();
+        standing = lifecycle::classify_parents(&ids, |id| states.get(&id.0).copied())?;
+        task.depends_on = ids;
+        lifecycle::apply_parents(&mut task, t.on_dependency_failure, standing, now);
+    }
+    let deps = (!parents.is_empty()).then(|| serde_json::json!(parents));
+    let errors = serde_json::to_value(&task.errors).unwrap_or_else(|_| serde_json::json!([]));
+    let inserted = c
+        .query_opt(
+            &sql.insert_one,
+            &[
+                &t.kind,
+                &t.queue,
+                &t.args,
+                &t.priority,
+                &task.state.as_str(),
+                &t.max_attempts,
+                &t.timeout_ms,
+                &t.unique_key,
+                &t.run_at,
+                &now,
+                &deps,
+                &standing.pending,
+                &t.on_dependency_failure.as_str(),
+                &task.finished_at,
+                &errors,
+                &t.concurrency_key,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    let Some(row) = inserted else {
+        let row = c
+            .query_one(&sql.find_unique, &[&t.unique_key])
+            .await
+            .map_err(db_err)?;
+        return Ok(Inserted {
+            task: row_to_task(&row)?,
+            existing: true,
+        });
+    };
+    let task = row_to_task(&row)?;
+    if !parents.is_empty() {
+        c.execute(&sql.deps_insert, &[&parents, &task.id.0])
+            .await
+            .map_err(db_err)?;
+        c.execute(&sql.parents_mark, &[&parents])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(Inserted {
+        task,
+        existing: false,
+    })
+}
+
+/// Enqueue `rows` inside the caller's own transaction (or on any client):
+/// the tasks exist if and only if that transaction commits, and a NOTIFY
+/// sent in the same transaction wakes the nodes on commit.
+pub(super) async fn insert_in<C: GenericClient>(
+    c: &C,
+    schema: &str,
+    rows: Vec<TaskInsert>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, StoreError> {
+    let sql = Sql::new(schema);
+    let out = insert_rows(c, &sql, rows, now).await?;
+    c.execute("SELECT pg_notify($1, $2)", &[&channel_name(schema), &WORK])
+        .await
+        .map_err(db_err)?;
+    Ok(out)
+}

@@ -1,0 +1,551 @@
+//! The distributed store: every node of a cluster points at one PostgreSQL
+//! database.
+//!
+//! # Overview
+//!
+//! - Claims take a batch in one statement with `FOR UPDATE SKIP LOCKED`, so
+//!   concurrent claimers on any number of nodes never take the same task and
+//!   never wait on each other.
+//! - Inserts of many tasks are one `INSERT ... SELECT FROM unnest(...)`;
+//!   outcomes of many attempts are one `UPDATE ... FROM unnest(...)`.
+//!   Statements are prepared once per connection (deadpool's statement cache).
+//! - Wake-ups: after an insert commits, the store queues a NOTIFY; a notifier
+//!   task coalesces what is queued into one `pg_notify` (NOTIFY takes a
+//!   cluster-wide lock until commit, so it is never sent per row or from a
+//!   trigger). Each store keeps one dedicated LISTEN connection, reconnected
+//!   with backoff when it drops; producers also poll, so a lost notification
+//!   delays work by at most the poll interval.
+//! - Everything lives in one schema (default `proto_tasker`), so several
+//!   clusters, or parallel tests, can share a database. Every statement names
+//!   the schema, which is what lets [`PostgresStore::insert_in`] work on a
+//!   caller's own connection whatever its `search_path`.
+//! - Migrations run under a transaction-scoped advisory lock, so nodes that
+//!   start together migrate once.
+//!
+//! # Layout
+//!
+//! This file connects and maps each [`Store`] method to the file that holds
+//! it: `claim.rs`, `insert.rs`, `outcome.rs`, `cluster.rs`; `sql.rs` has
+//! every statement; `rows.rs` decodes tasks; `notify.rs` is LISTEN/NOTIFY;
+//! `migrations/` the schema, one numbered file per version.
+
+mod claim;
+mod cluster;
+mod insert;
+mod notify;
+mod outcome;
+mod rows;
+mod sql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_postgres::{GenericClient, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams, RescueParams, Rescued,
+    ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert,
+};
+use crate::task::{Task, TaskId, TaskState};
+use insert::insert_rows;
+use notify::{WORK, channel_name, listen_loop, notify_loop};
+use rows::{Param, list_sql, row_to_task, rows_to_tasks};
+use sql::Sql;
+
+/// The schema, one file per version; `{schema}` stands for the schema's
+/// name. Append; never edit a released file.
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_tasks.sql"),
+    include_str!("migrations/0002_schedules.sql"),
+    include_str!("migrations/0003_workflows.sql"),
+    include_str!("migrations/0004_limits.sql"),
+    include_str!("migrations/0005_running_keys.sql"),
+    include_str!("migrations/0006_queue_state_index.sql"),
+    include_str!("migrations/0007_kind_index.sql"),
+];
+
+fn migrations(schema: &str) -> Vec<String> {
+    MIGRATIONS
+        .iter()
+        .map(|m| m.replace("{schema}", schema))
+        .collect()
+}
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    pub url: String,
+    /// The schema that holds proto_tasker's tables.
+    pub schema: String,
+    /// Connections in the pool (the LISTEN connection is extra).
+    pub pool_size: usize,
+}
+
+impl PostgresOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresOptions {
+            url: url.into(),
+            schema: "proto_tasker".into(),
+            pool_size: 16,
+        }
+    }
+
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    sql: Sql,
+    schema: String,
+    channel: String,
+    notify: Arc<Notify>,
+    events: broadcast::Sender<StoreEvent>,
+    /// Queued NOTIFY payloads; the notifier task coalesces them.
+    outbox: mpsc::UnboundedSender<String>,
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.inner.schema)
+            .finish()
+    }
+}
+
+pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(d) => {
+            let code = d.code().code();
+            // Connection trouble (08), serialization and deadlocks (40),
+            // resources (53), shutdown and admin (57) may pass; any other
+            // class (bad data, a constraint) will fail again the same way.
+            let transient = ["08", "40", "53", "57"].iter().any(|c| code.starts_with(c));
+            StoreError::Unavailable {
+                message: format!("{code}: {}", d.message()),
+                transient,
+            }
+        }
+        None => StoreError::unavailable(e.to_string()),
+    }
+}
+
+pub(super) fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::unavailable(format!("no database connection: {e}"))
+}
+
+pub(super) fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// A schema name is spliced into SQL, so only plain identifiers are accepted.
+fn check_schema(s: &str) -> Result<(), StoreError> {
+    let ok = !s.is_empty()
+        && s.len() <= 48
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(
+            "store.schema",
+            format!(
+                "{s:?}: use lowercase letters, digits and _ (at most 48, not starting with a digit)"
+            ),
+        ))
+    }
+}
+
+impl PostgresStore {
+    /// `EXPLAIN` of one of the dashboard's reads, as the store runs it: one
+    /// line per plan line. Tests use it to check that list pages and counts
+    /// walk indexes, whatever the table holds.
+    pub async fn explain(&self, read: super::DashboardRead) -> Result<Vec<String>, StoreError> {
+        let (sql, params): (String, Vec<Param>) = match read {
+            super::DashboardRead::TaskList(p) => list_sql(&self.inner.schema, p),
+            super::DashboardRead::QueueCounts => (
+                self.inner.sql.queue_counts.clone(),
+                vec![
+                    Box::new(super::QUEUE_COUNT_CAP),
+                    Box::new(super::FINISHED_COUNT_CAP),
+                ],
+            ),
+        };
+        let c = self.conn().await?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = c
+            .query(&format!("EXPLAIN {sql}"), &refs)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(db_err))
+            .collect()
+    }
+
+    /// Connect (lazily: the pool opens connections on first use) and start
+    /// the LISTEN and NOTIFY tasks. Call [`Store::migrate`] before use.
+    pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
+        check_schema(&options.schema)?;
+        let mut pg: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::invalid("store.url", e.to_string()))?;
+        // Names our connections in pg_stat_activity (per schema, so tests can find theirs).
+        pg.application_name(format!("proto_tasker:{}", options.schema));
+        pg.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            pg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::invalid("store.url", e.to_string()))?;
+        let (events, _) = broadcast::channel(1024);
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let notify = Arc::new(Notify::new());
+        let channel = channel_name(&options.schema);
+        let store = PostgresStore {
+            inner: Arc::new(Inner {
+                pool: pool.clone(),
+                sql: Sql::new(&options.schema),
+                schema: options.schema.clone(),
+                channel: channel.clone(),
+                notify: notify.clone(),
+                events: events.clone(),
+                outbox,
+                stop: stop.clone(),
+            }),
+        };
+        tokio::spawn(listen_loop(
+            pg,
+            channel.clone(),
+            notify,
+            events,
+            stop.clone(),
+        ));
+        tokio::spawn(notify_loop(pool, channel, outbox_rx, stop));
+        Ok(store)
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// A pooled connection. Connections the server closed (restart,
+    /// `pg_terminate_backend`) are thrown away rather than handed out.
+    async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        for _ in 0..self.inner.pool.status().max_size + 1 {
+            let c = self.inner.pool.get().await.map_err(pool_err)?;
+            if !c.is_closed() {
+                return Ok(c);
+            }
+            drop(deadpool_postgres::Object::take(c));
+        }
+        Err(StoreError::unavailable(
+            "every pooled connection was closed",
+        ))
+    }
+
+    /// Enqueue `rows` inside the caller's own transaction (or on any
+    /// client): the tasks exist if and only if that transaction commits,
+    /// and the nodes are woken on commit. Normally reached through
+    /// [`Client::insert_in`](crate::Client::insert_in).
+    pub async fn insert_in<C: GenericClient>(
+        &self,
+        c: &C,
+        rows: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        insert::insert_in(c, &self.inner.schema, rows, now).await
+    }
+
+    /// Is the database there? (Fails when the server does not answer; a
+    /// schema not yet migrated is fine.)
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.simple_query("SELECT 1").await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Drop this store's schema and everything in it (benchmarks and tests
+    /// that made a schema of their own).
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.inner.schema
+        ))
+        .await
+        .map_err(db_err)
+    }
+
+    /// Migrate only up to `version` (tests of in-place upgrades).
+    #[doc(hidden)]
+    pub async fn migrate_to(&self, target: usize) -> Result<(), StoreError> {
+        let s = &self.inner.schema;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        // Nodes starting together: the first migrates, the others wait here
+        // and then find nothing to do.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("proto_tasker_migrate:{s}")],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s}; \
+             CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)"
+        ))
+        .await
+        .map_err(db_err)?;
+        let version: i32 = tx
+            .query_opt(&format!("SELECT version FROM {s}.schema_version"), &[])
+            .await
+            .map_err(db_err)?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let all = migrations(s);
+        let target = target.min(all.len());
+        if version as usize > all.len() {
+            return Err(StoreError::Schema(format!(
+                "schema {s} is at version {version}, newer than this binary knows ({}); upgrade proto_tasker",
+                all.len()
+            )));
+        }
+        for (i, m) in all.iter().enumerate().take(target).skip(version as usize) {
+            tx.batch_execute(m).await.map_err(|e| {
+                StoreError::Schema(format!("schema {s}: migration {}: {}", i + 1, db_err(e)))
+            })?;
+        }
+        tx.execute(&format!("DELETE FROM {s}.schema_version"), &[])
+            .await
+            .map_err(db_err)?;
+        tx.execute(
+            &format!("INSERT INTO {s}.schema_version VALUES ($1)"),
+            &[&(target.max(version as usize) as i32)],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Wake producers here now and on every node after the NOTIFY goes out.
+    fn announce_work(&self) {
+        self.inner.notify.notify_waiters();
+        let _ = self.inner.outbox.send(WORK.into());
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrate_to(MIGRATIONS.len()).await
+    }
+
+    async fn task_insert_many(
+        &self,
+        tasks: Vec<TaskInsert>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let out = insert_rows(&*tx, &self.inner.sql, tasks, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        if out
+            .iter()
+            .any(|i| !i.existing && i.task.state == TaskState::Available)
+        {
+            self.announce_work();
+        }
+        Ok(out)
+    }
+
+    async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.get)
+            .await
+            .map_err(db_err)?;
+        c.query_opt(&st, &[&id.0])
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(row_to_task)
+            .transpose()
+    }
+
+    async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
+        let (sql, params) = list_sql(&self.inner.schema, p);
+        let c = self.conn().await?;
+        let st = c.prepare_cached(&sql).await.map_err(db_err)?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = c.query(&st, &refs).await.map_err(db_err)?;
+        rows_to_tasks(&rows)
+    }
+
+    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.cancel_requested)
+            .await
+            .map_err(db_err)?;
+        let rows = c.query(&st, &[&node]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    TaskId(r.try_get(0).map_err(db_err)?),
+                    r.try_get(1).map_err(db_err)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
+        let c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.prune)
+            .await
+            .map_err(db_err)?;
+        let limit = p.limit.max(1) as i64;
+        let mut total = 0;
+        for (state, before) in [
+            ("completed", p.completed_before),
+            ("failed", p.failed_before),
+            ("cancelled", p.cancelled_before),
+        ] {
+            if let Some(before) = before {
+                total += c
+                    .execute(&st, &[&state, &before, &limit])
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
+        Ok(total)
+    }
+    async fn task_claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
+        self.claim(p).await
+    }
+
+    async fn task_complete_many(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.complete_many(completions).await
+    }
+
+    async fn task_cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+        self.cancel(id, now).await
+    }
+
+    async fn task_retry(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+        self.retry(id, now).await
+    }
+
+    async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
+        PostgresStore::queue_counts(self).await
+    }
+
+    async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError> {
+        PostgresStore::queue_set_paused(self, queue, paused).await
+    }
+
+    async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
+        PostgresStore::queue_paused(self).await
+    }
+
+    async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
+        PostgresStore::schedule_upsert(self, row).await
+    }
+
+    async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError> {
+        PostgresStore::schedule_delete(self, name).await
+    }
+
+    async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        PostgresStore::schedule_list(self).await
+    }
+
+    async fn schedule_fire(&self, f: ScheduleFire) -> Result<Option<Vec<Inserted>>, StoreError> {
+        PostgresStore::schedule_fire(self, f).await
+    }
+
+    async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
+        PostgresStore::node_heartbeat(self, n).await
+    }
+
+    async fn node_remove(&self, name: &str) -> Result<(), StoreError> {
+        PostgresStore::node_remove(self, name).await
+    }
+
+    async fn node_list(&self, now: DateTime<Utc>) -> Result<Vec<NodeInfo>, StoreError> {
+        PostgresStore::node_list(self, now).await
+    }
+
+    async fn node_rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        self.rescue(p).await
+    }
+
+    async fn leader_try_elect(
+        &self,
+        node: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        PostgresStore::leader_try_elect(self, node, ttl, now).await
+    }
+
+    async fn leader_resign(&self, node: &str) -> Result<(), StoreError> {
+        PostgresStore::leader_resign(self, node).await
+    }
+
+    fn work_notifier(&self) -> Arc<Notify> {
+        self.inner.notify.clone()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}

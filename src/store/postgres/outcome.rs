@@ -1,0 +1,198 @@
+//! Applying what happens to a task after its claim, in PostgreSQL:
+//! outcomes (one `UPDATE ... FROM unnest` per batch, fenced by attempt),
+//! cancel and retry by hand, and rescue of dead nodes' tasks. The rules come
+//! from [`lifecycle`]; this file only writes them as PostgreSQL statements.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+
+use super::insert::{cascade, give_back_keys, locked_task};
+use super::notify::cancel_payload;
+use super::rows::{error_value, row_to_task};
+use super::{PostgresStore, db_err, is_unique_violation};
+use crate::store::lifecycle::{self, CancelAction, Dependents};
+use crate::store::{Completion, RescueParams, Rescued, StoreError, parse_state, truncate_micros};
+use crate::task::{Task, TaskId};
+
+impl PostgresStore {
+    pub(super) async fn complete_many(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<bool>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = completions.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut finished: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut results: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
+        let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut errors: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
+        let mut deltas: Vec<i32> = Vec::with_capacity(n);
+        let wake = completions.iter().any(lifecycle::wakes_producers);
+        for c in &completions {
+            let t = lifecycle::transition(c);
+            ids.push(c.id.0);
+            attempts.push(c.attempt);
+            states.push(t.state.as_str());
+            finished.push(t.finished.then(|| truncate_micros(c.at)));
+            results.push(t.result.cloned());
+            run_ats.push(t.run_at.map(truncate_micros));
+            errors.push(t.error.as_ref().map(error_value));
+            deltas.push(t.attempt_delta);
+        }
+        let mut c = self.conn().await?;
+        let st = c
+            .prepare_cached(&self.inner.sql.complete_many)
+            .await
+            .map_err(db_err)?;
+        // One transaction: outcomes and what they do to dependent tasks land together.
+        let tx = c.transaction().await.map_err(db_err)?;
+        let rows = tx
+            .query(
+                &st,
+                &[
+                    &ids, &attempts, &states, &finished, &results, &run_ats, &errors, &deltas,
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        let (mut done, mut doomed) = (Vec::new(), Vec::new());
+        // Every applied row left `running`: keyed ones give their count back.
+        give_back_keys(&*tx, &self.inner.sql, &rows, 3, 4).await?;
+        for r in &rows {
+            if r.try_get::<_, bool>(1).unwrap_or(false) {
+                let id: i64 = r.try_get(0).map_err(db_err)?;
+                let state: String = r.try_get(2).map_err(db_err)?;
+                match Dependents::of(parse_state(&state)?) {
+                    Dependents::Unblock => done.push(id),
+                    Dependents::Cascade => doomed.push(id),
+                    Dependents::Wait => {}
+                }
+            }
+        }
+        if !done.is_empty() {
+            tx.execute(&self.inner.sql.unblock, &[&done])
+                .await
+                .map_err(db_err)?;
+        }
+        if let Some(at) = completions
+            .first()
+            .map(|c| c.at)
+            .filter(|_| !doomed.is_empty())
+        {
+            cascade(&*tx, &self.inner.sql, &doomed, at).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        if !done.is_empty() {
+            self.announce_work();
+        }
+        if wake {
+            self.announce_work();
+        }
+        Ok(completions
+            .iter()
+            .map(|c| applied.contains(&c.id.0))
+            .collect())
+    }
+
+    pub(super) async fn cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+        let sql = &self.inner.sql;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let task = locked_task(&*tx, sql, id).await?;
+        let row = if lifecycle::cancel_action(&task)? == CancelAction::RequestStop {
+            let row = tx
+                .query_one(&sql.cancel_running, &[&id.0])
+                .await
+                .map_err(db_err)?;
+            // Delivered on commit, to whichever node runs the task.
+            let payload = cancel_payload(id, task.node.as_deref());
+            tx.execute("SELECT pg_notify($1, $2)", &[&self.inner.channel, &payload])
+                .await
+                .map_err(db_err)?;
+            row
+        } else {
+            let row = tx
+                .query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
+                .await
+                .map_err(db_err)?;
+            cascade(&*tx, sql, &[id.0], now).await?;
+            row
+        };
+        let out = row_to_task(&row)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    pub(super) async fn retry(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+        let sql = &self.inner.sql;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        let task = locked_task(&*tx, sql, id).await?;
+        lifecycle::check_retry(&task)?;
+        let row = match tx
+            .query_one(&sql.retry, &[&id.0, &truncate_micros(now)])
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if is_unique_violation(&e) => return Err(lifecycle::unique_conflict(&task)),
+            Err(e) => return Err(db_err(e)),
+        };
+        let out = row_to_task(&row)?;
+        tx.commit().await.map_err(db_err)?;
+        self.announce_work();
+        Ok(out)
+    }
+
+    pub(super) async fn rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        let now = truncate_micros(p.now);
+        let now_text = p.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let sql = &self.inner.sql;
+        let mut c = self.conn().await?;
+        // One transaction: the rescue, the running counts it gives back and
+        // what it does to dependent tasks land together.
+        let tx = c.transaction().await.map_err(db_err)?;
+        let rows = match &p.node {
+            Some(n) => {
+                let keep: Vec<i64> = p.keep.iter().map(|t| t.0).collect();
+                let before = p.started_before.unwrap_or(DateTime::<Utc>::MAX_UTC);
+                tx.query(&sql.rescue_node, &[&now, &now_text, n, &keep, &before])
+                    .await
+            }
+            None => {
+                let cutoff = now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
+                tx.query(&sql.rescue_dead, &[&now, &now_text, &cutoff])
+                    .await
+            }
+        }
+        .map_err(db_err)?;
+        let rescued: Vec<Rescued> = rows
+            .iter()
+            .map(|r| {
+                let state: String = r.try_get(2).map_err(db_err)?;
+                Ok(Rescued {
+                    id: TaskId(r.try_get(0).map_err(db_err)?),
+                    node: r.try_get(1).map_err(db_err)?,
+                    state: parse_state(&state)?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        give_back_keys(&*tx, sql, &rows, 3, 4).await?;
+        let ended: Vec<i64> = rescued
+            .iter()
+            .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
+            .map(|r| r.id.0)
+            .collect();
+        cascade(&*tx, sql, &ended, p.now).await?;
+        tx.commit().await.map_err(db_err)?;
+        if !rescued.is_empty() {
+            self.announce_work();
+        }
+        Ok(rescued)
+    }
+}

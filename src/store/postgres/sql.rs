@@ -1,0 +1,256 @@
+//! Every statement of the PostgreSQL store, with the schema spliced in
+//! once per store. The rules they apply (claimable states, claim order,
+//! messages) come from [`lifecycle`].
+
+use crate::store::TASK_COLUMNS;
+use crate::store::lifecycle::{self, CLAIM_ORDER, DEPENDENCY_FAILED, RESCUED_SUFFIX};
+use crate::task::TaskState;
+
+/// Every statement, with the schema spliced in once.
+pub(super) struct Sql {
+    pub insert_many: String,
+    pub insert_one: String,
+    pub parents_lock: String,
+    pub deps_insert: String,
+    pub parents_mark: String,
+    pub unblock: String,
+    pub cascade: String,
+    pub claim_limited: String,
+    pub running_keys_sub: String,
+    pub find_unique: String,
+    pub claim: String,
+    pub complete_many: String,
+    pub get: String,
+    pub get_for_update: String,
+    pub cancel_running: String,
+    pub cancel_queued: String,
+    pub retry: String,
+    pub cancel_requested: String,
+    pub prune: String,
+    pub queue_counts: String,
+    pub queue_set_paused: String,
+    pub queue_paused: String,
+    pub heartbeat: String,
+    pub node_remove: String,
+    pub leader_remove: String,
+    pub node_list: String,
+    pub rescue_dead: String,
+    pub rescue_node: String,
+    pub elect: String,
+    pub schedule_upsert: String,
+    pub schedule_delete: String,
+    pub schedule_list: String,
+    pub schedule_move: String,
+}
+
+impl Sql {
+    pub(super) fn new(s: &str) -> Self {
+        let claimable = lifecycle::sql_states(&lifecycle::CLAIMABLE);
+        let finished = lifecycle::sql_states(&lifecycle::FINISHED);
+        let all_states = lifecycle::sql_states(&TaskState::ALL);
+        // Keeps `running_keys` in step with claims of tasks that have a key
+        // (read by per-key limits instead of counting running rows, whose
+        // index fills with dead entries between vacuums).
+        #[allow(non_snake_case)]
+        let RUNNING_KEYS_ADD = format!(
+            "INSERT INTO {s}.running_keys (queue, key, n) \
+             SELECT queue, concurrency_key, count(*) FROM claimed WHERE concurrency_key IS NOT NULL \
+             GROUP BY queue, concurrency_key \
+             ON CONFLICT (queue, key) DO UPDATE SET n = {s}.running_keys.n + excluded.n"
+        );
+        let rescue_set = format!(
+            "UPDATE {s}.tasks SET \
+               state = CASE WHEN cancel_requested THEN 'cancelled' \
+                            WHEN attempt >= max_attempts THEN 'failed' ELSE 'retryable' END, \
+               finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN $1::timestamptz ELSE NULL END, \
+               run_at = $1::timestamptz, \
+               errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempt, 'at', $2::text, \
+                 'message', 'node ' || coalesce(node, '?') || '{RESCUED_SUFFIX}'))"
+        );
+        Sql {
+            insert_many: format!(
+                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, created_at, \
+                   concurrency_key) \
+                 SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
+                        max_attempts, timeout_ms, run_at, $8, ckey \
+                 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[], \
+                             $9::text[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, ord) \
+                 ORDER BY ord RETURNING id"
+            ),
+            insert_one: format!(
+                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
+                   run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ({finished}) DO NOTHING \
+                 RETURNING {TASK_COLUMNS}"
+            ),
+            parents_lock: format!(
+                "SELECT id, state FROM {s}.tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            ),
+            deps_insert: format!(
+                "INSERT INTO {s}.task_deps (parent, child) SELECT unnest($1::int8[]), $2 ON CONFLICT DO NOTHING"
+            ),
+            parents_mark: format!("UPDATE {s}.tasks SET has_dependents = true WHERE id = ANY($1)"),
+            running_keys_sub: format!(
+                "UPDATE {s}.running_keys r SET n = greatest(0, r.n - d.c) \
+                 FROM (SELECT q, k, count(*) AS c FROM unnest($1::text[], $2::text[]) AS u(q, k) GROUP BY q, k) d \
+                 WHERE r.queue = d.q AND r.key = d.k"
+            ),
+            claim_limited: format!(
+                "WITH rl AS ( \
+                   SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                               THEN $2 ELSE q.window_start END AS ws, \
+                          CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                               THEN 0 ELSE q.started END AS st \
+                   FROM (SELECT 1) one LEFT JOIN {s}.queue_rate q ON q.queue = $1), \
+                 running AS (SELECT count(*) AS n FROM {s}.tasks WHERE queue = $1 AND state = 'running'), \
+                 allowed AS (SELECT greatest(0, least($3::bigint, $4::bigint - (SELECT n FROM running), \
+                                                      $5::bigint - (SELECT st FROM rl))) AS n), \
+                 cand AS (SELECT id, priority, run_at, concurrency_key FROM {s}.tasks \
+                   WHERE queue = $1 AND state IN ({claimable}) AND run_at <= $2 \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
+                     AND (concurrency_key IS NULL OR concurrency_key NOT IN \
+                       (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= $8::bigint)) \
+                   ORDER BY {CLAIM_ORDER} LIMIT (SELECT n * $7 + $11 FROM allowed)), \
+                 ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY {CLAIM_ORDER}) AS rk \
+                   FROM cand c), \
+                 keyrun AS (SELECT key AS k, n FROM {s}.running_keys WHERE queue = $1), \
+                 picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
+                   WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
+                   ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM allowed)), \
+                 claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $10, \
+                   started_at = $2, cancel_requested = false \
+                   WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) \
+                     AND t.state IN ({claimable}) RETURNING t.*), \
+                 counted AS ({RUNNING_KEYS_ADD}), \
+                 saved AS (INSERT INTO {s}.queue_rate (queue, window_start, started) \
+                   SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE $9 \
+                   ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started) \
+                 SELECT {TASK_COLUMNS} FROM claimed"
+            ),
+            unblock: format!(
+                "UPDATE {s}.tasks c SET deps_pending = c.deps_pending - x.n, \
+                   state = CASE WHEN c.deps_pending - x.n <= 0 THEN 'available' ELSE c.state END \
+                 FROM (SELECT child, count(*)::int AS n FROM {s}.task_deps WHERE parent = ANY($1) GROUP BY child) x \
+                 WHERE c.id = x.child AND c.state = 'blocked'"
+            ),
+            cascade: format!(
+                "WITH RECURSIVE doomed(id) AS ( \
+                   SELECT child FROM {s}.task_deps WHERE parent = ANY($1) \
+                   UNION SELECT d.child FROM {s}.task_deps d JOIN doomed ON d.parent = doomed.id) \
+                 UPDATE {s}.tasks SET state = CASE WHEN dep_failure = 'fail' THEN 'failed' ELSE 'cancelled' END, \
+                   finished_at = $2, \
+                   errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempt, 'at', $3::text, \
+                     'message', '{DEPENDENCY_FAILED}')) \
+                 WHERE id IN (SELECT id FROM doomed) AND state = 'blocked'"
+            ),
+            find_unique: format!(
+                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE unique_key = $1 AND state NOT IN ({finished})"
+            ),
+            claim: format!(
+                "WITH next AS ( \
+                   SELECT id FROM {s}.tasks \
+                   WHERE queue = $3 AND state IN ({claimable}) AND run_at <= $2 \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $3 AND paused) \
+                   ORDER BY {CLAIM_ORDER} LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 , claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $1, \
+                   started_at = $2, cancel_requested = false \
+                 FROM next WHERE t.id = next.id RETURNING t.*), \
+                 counted AS ({RUNNING_KEYS_ADD}) \
+                 SELECT {TASK_COLUMNS} FROM claimed"
+            ),
+            complete_many: format!(
+                "UPDATE {s}.tasks t SET \
+                   state = c.state, \
+                   finished_at = c.finished_at, \
+                   result = CASE WHEN c.state = 'completed' THEN c.result ELSE t.result END, \
+                   run_at = coalesce(c.run_at, t.run_at), \
+                   errors = CASE WHEN c.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(c.error) END, \
+                   attempt = t.attempt + c.delta \
+                 FROM unnest($1::int8[], $2::int4[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::timestamptz[], $7::jsonb[], $8::int4[]) \
+                   AS c(id, attempt, state, finished_at, result, run_at, error, delta) \
+                 WHERE t.id = c.id AND t.state = 'running' AND t.attempt = c.attempt \
+                 RETURNING t.id, t.has_dependents, t.state, t.queue, t.concurrency_key"
+            ),
+            get: format!("SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE id = $1"),
+            get_for_update: format!(
+                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE id = $1 FOR UPDATE"
+            ),
+            cancel_running: format!(
+                "UPDATE {s}.tasks SET cancel_requested = true WHERE id = $1 RETURNING {TASK_COLUMNS}"
+            ),
+            cancel_queued: format!(
+                "UPDATE {s}.tasks SET state = 'cancelled', finished_at = $2 WHERE id = $1 RETURNING {TASK_COLUMNS}"
+            ),
+            retry: format!(
+                "UPDATE {s}.tasks SET state = 'available', run_at = $2, finished_at = NULL, cancel_requested = false, \
+                 max_attempts = greatest(max_attempts, attempt + 1) WHERE id = $1 RETURNING {TASK_COLUMNS}"
+            ),
+            cancel_requested: format!(
+                "SELECT id, attempt FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"
+            ),
+            prune: format!(
+                "DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
+                 WHERE state = $1 AND finished_at < $2 LIMIT $3)"
+            ),
+            // The queues by a loose index scan (one probe each), then a
+            // count of each (queue, state) range that stops at the cap ($1).
+            queue_counts: format!(
+                "WITH RECURSIVE qs(q) AS ( \
+                   SELECT min(queue) FROM {s}.tasks \
+                   UNION ALL \
+                   SELECT (SELECT min(queue) FROM {s}.tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL) \
+                 SELECT qs.q, st.s, c.n FROM qs \
+                 CROSS JOIN unnest(ARRAY[{all_states}]) AS st(s) \
+                 CROSS JOIN LATERAL (SELECT count(*) AS n FROM \
+                   (SELECT 1 FROM {s}.tasks WHERE queue = qs.q AND state = st.s \
+                    LIMIT CASE WHEN st.s IN ({finished}) THEN $2::bigint ELSE $1::bigint END) x) c \
+                 WHERE qs.q IS NOT NULL AND c.n > 0"
+            ),
+            queue_set_paused: format!(
+                "INSERT INTO {s}.queues (name, paused) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"
+            ),
+            queue_paused: format!("SELECT name FROM {s}.queues WHERE paused ORDER BY name"),
+            heartbeat: format!(
+                "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET \
+                 version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
+                 workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues, \
+                 stats = excluded.stats"
+            ),
+            node_remove: format!("DELETE FROM {s}.nodes WHERE name = $1"),
+            leader_remove: format!("DELETE FROM {s}.leader WHERE node = $1"),
+            node_list: format!(
+                "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, n.queues, \
+                   (l.node IS NOT NULL), n.stats FROM {s}.nodes n \
+                 LEFT JOIN {s}.leader l ON l.node = n.name AND l.expires_at > $1 ORDER BY n.name"
+            ),
+            rescue_dead: format!(
+                "{rescue_set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
+                   (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state, queue, concurrency_key"
+            ),
+            rescue_node: format!(
+                "{rescue_set} WHERE state = 'running' AND node = $3 AND NOT (id = ANY($4)) \
+                 AND started_at < $5 RETURNING id, node, state, queue, concurrency_key"
+            ),
+            schedule_upsert: format!(
+                "INSERT INTO {s}.schedules (name, spec, source, last_tick) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, source = excluded.source"
+            ),
+            schedule_delete: format!("DELETE FROM {s}.schedules WHERE name = $1"),
+            schedule_list: format!(
+                "SELECT name, spec, source, last_tick FROM {s}.schedules ORDER BY name"
+            ),
+            schedule_move: format!(
+                "UPDATE {s}.schedules SET last_tick = $1 WHERE name = $2 AND last_tick = $3"
+            ),
+            elect: format!(
+                "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
+                 WHERE {s}.leader.node = excluded.node OR {s}.leader.expires_at <= $3 RETURNING node"
+            ),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The small tables of a SQLite store: paused queues, cron schedules,
+//! nodes and the leader lease.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::insert::insert_all;
+use super::rows::queue_counts_sql;
+use super::writer::sql_err;
+use crate::store::{
+    FINISHED_COUNT_CAP, Inserted, NodeInfo, QUEUE_COUNT_CAP, ScheduleFire, ScheduleRow, StoreError,
+    from_micros, parse_state, to_micros,
+};
+use crate::task::TaskState;
+
+pub(super) fn queue_counts(conn: &Connection) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
+    let mut st = conn.prepare_cached(&queue_counts_sql()).map_err(sql_err)?;
+    let rows = st
+        .query_map([QUEUE_COUNT_CAP, FINISHED_COUNT_CAP], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+        })
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    rows.into_iter()
+        .map(|(q, s, n)| Ok((q, parse_state(&s)?, n)))
+        .collect()
+}
+
+pub(super) fn queue_set_paused(
+    conn: &Connection,
+    queue: &str,
+    paused: bool,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO queues (name, paused) VALUES (?1, ?2) \
+         ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+    )
+    .and_then(|mut st| st.execute(params![queue, paused]))
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+pub(super) fn queue_paused(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut st = conn
+        .prepare_cached("SELECT name FROM queues WHERE paused = 1 ORDER BY name")
+        .map_err(sql_err)?;
+    st.query_map([], |r| r.get(0))
+        .map_err(sql_err)?
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(sql_err)
+}
+
+pub(super) fn schedule_upsert(
+    conn: &Connection,
+    row: &ScheduleRow,
+    spec: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO schedules (name, spec, source, last_tick) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, source = excluded.source",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            row.name,
+            spec,
+            row.source,
+            to_micros(row.last_tick)
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+pub(super) fn schedule_delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    conn.execute("DELETE FROM schedules WHERE name = ?1", [name])
+        .map(|n| n > 0)
+        .map_err(sql_err)
+}
+
+pub(super) fn schedule_list(conn: &Connection) -> Result<Vec<ScheduleRow>, StoreError> {
+    let mut st = conn
+        .prepare_cached("SELECT name, spec, source, last_tick FROM schedules ORDER BY name")
+        .map_err(sql_err)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    rows.into_iter()
+        .map(|(name, spec, source, last)| {
+            Ok(ScheduleRow {
+                name,
+                spec: serde_json::from_str(&spec)
+                    .map_err(|e| StoreError::Schema(format!("schedules.spec: {e}")))?,
+                source,
+                last_tick: from_micros(last),
+            })
+        })
+        .collect()
+}
+
+/// Fire a schedule: move its `last_tick` if nobody else did, and insert its tasks.
+pub(super) fn schedule_fire(
+    conn: &Connection,
+    f: &ScheduleFire,
+    args: &[String],
+) -> Result<Option<Vec<Inserted>>, StoreError> {
+    let moved = conn
+        .execute(
+            "UPDATE schedules SET last_tick = ?1 WHERE name = ?2 AND last_tick = ?3",
+            params![to_micros(f.new_last), f.name, to_micros(f.expected)],
+        )
+        .map_err(sql_err)?;
+    if moved == 0 {
+        return Ok(None);
+    }
+    insert_all(conn, &f.tasks, args, f.now).map(Some)
+}
+
+pub(super) fn node_heartbeat(
+    conn: &Connection,
+    n: &NodeInfo,
+    queues: &str,
+    stats: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO UPDATE SET \
+         version = excluded.version, started_at = excluded.started_at, \
+         heartbeat_at = excluded.heartbeat_at, workers = excluded.workers, \
+         workers_busy = excluded.workers_busy, queues = excluded.queues, stats = excluded.stats",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            n.name,
+            n.version,
+            to_micros(n.started_at),
+            to_micros(n.heartbeat_at),
+            n.workers,
+            n.workers_busy,
+            queues,
+            stats
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+pub(super) fn node_remove(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM nodes WHERE name = ?1", [name])
+        .map_err(sql_err)?;
+    conn.execute("DELETE FROM leader WHERE node = ?1", [name])
+        .map_err(sql_err)?;
+    Ok(())
+}
+
+pub(super) fn node_list(
+    conn: &Connection,
+    now: DateTime<Utc>,
+) -> Result<Vec<NodeInfo>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, \
+             n.queues, (l.node IS NOT NULL), n.stats FROM nodes n \
+             LEFT JOIN leader l ON l.node = n.name AND l.expires_at > ?1 ORDER BY n.name",
+        )
+        .map_err(sql_err)?;
+    st.query_map([to_micros(now)], |r| {
+        let queues: String = r.get(6)?;
+        let stats: String = r.get(8)?;
+        Ok(NodeInfo {
+            name: r.get(0)?,
+            version: r.get(1)?,
+            started_at: from_micros(r.get(2)?),
+            heartbeat_at: from_micros(r.get(3)?),
+            workers: r.get(4)?,
+            workers_busy: r.get(5)?,
+            queues: serde_json::from_str(&queues).unwrap_or_default(),
+            leader: r.get(7)?,
+            stats: serde_json::from_str(&stats).unwrap_or_default(),
+        })
+    })
+    .map_err(sql_err)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(sql_err)
+}
+
+pub(super) fn leader_try_elect(
+    conn: &Connection,
+    node: &str,
+    ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+    conn.prepare_cached(
+        "INSERT INTO leader (id, node, expires_at) VALUES (1, ?1, ?2) \
+         ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
+         WHERE leader.node = excluded.node OR leader.expires_at <= ?3 RETURNING node",
+    )
+    .and_then(|mut st| {
+        st.query_row(params![node, to_micros(expires), to_micros(now)], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()
+    })
+    .map(|r| r.as_deref() == Some(node))
+    .map_err(sql_err)
+}
+
+pub(super) fn leader_resign(conn: &Connection, node: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM leader WHERE node = ?1", [node])
+        .map_err(sql_err)?;
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Inserting tasks into SQLite, and what workflows do when a parent ends:
+//! unblock its children, or end them by cascade.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::rows::{error_json, row_to_task};
+use super::writer::sql_err;
+use crate::store::lifecycle::{self, DEPENDENCY_FAILED};
+use crate::store::{Inserted, StoreError, TASK_COLUMNS, TaskInsert, to_micros, truncate_rows};
+use crate::task::{AttemptError, TaskId};
+
+/// Rows with their times cut to store precision, and their args serialized
+/// here rather than on the writer thread, which is the bottleneck.
+pub(super) fn prepare_rows(
+    tasks: Vec<TaskInsert>,
+) -> Result<(Vec<TaskInsert>, Vec<String>), StoreError> {
+    let tasks = truncate_rows(tasks);
+    let args = tasks
+        .iter()
+        .map(|t| serde_json::to_string(&t.args))
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::invalid("args", e.to_string()))?;
+    Ok((tasks, args))
+}
+
+/// Insert rows in order; batch references point at earlier rows.
+pub(super) fn insert_all(
+    conn: &Connection,
+    tasks: &[TaskInsert],
+    args: &[String],
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, StoreError> {
+    let mut out: Vec<Inserted> = Vec::with_capacity(tasks.len());
+    for (t, a) in tasks.iter().zip(args) {
+        let i = insert_one(conn, t, a, now, &out)?;
+        out.push(i);
+    }
+    Ok(out)
+}
+
+fn insert_one(
+    conn: &Connection,
+    t: &TaskInsert,
+    args_json: &str,
+    now: DateTime<Utc>,
+    batch: &[Inserted],
+) -> Result<Inserted, StoreError> {
+    if let Some(key) = &t.unique_key {
+        let existing = conn
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE unique_key = ?1 AND state NOT IN ({})",
+                lifecycle::sql_states(&lifecycle::FINISHED)
+            ))
+            .and_then(|mut st| st.query_row([key], row_to_task).optional())
+            .map_err(sql_err)?;
+        if let Some(task) = existing {
+            return Ok(Inserted {
+                task,
+                existing: true,
+            });
+        }
+    }
+    let parents = lifecycle::parent_ids(&t.depends_on, |j| batch.get(j).map(|i| i.task.id))?;
+    let mut states = Vec::with_capacity(parents.len());
+    for p in &parents {
+        let state: Option<String> = conn
+            .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+            .and_then(|mut st| st.query_row([p.0], |r| r.get(0)).optional())
+            .map_err(sql_err)?;
+        states.push(state.map(|s| crate::store::parse_state(&s)).transpose()?);
+    }
+    let standing = lifecycle::classify_parents(&parents, |id| {
+        parents
+            .iter()
+            .position(|p| *p == id)
+            .and_then(|i| states[i])
+    })?;
+    let mut task = t.to_task(TaskId(0), now);
+    task.depends_on = parents.clone();
+    lifecycle::apply_parents(&mut task, t.on_dependency_failure, standing, now);
+    let deps_json = (!parents.is_empty())
+        .then(|| serde_json::to_string(&parents).unwrap_or_else(|_| "[]".into()));
+    let errors_json = serde_json::to_string(&task.errors).unwrap_or_else(|_| "[]".into());
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
+             unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, \
+             concurrency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )
+        .map_err(sql_err)?;
+    st.execute(params![
+        t.kind,
+        t.queue,
+        args_json,
+        t.priority,
+        task.state.as_str(),
+        t.max_attempts,
+        t.timeout_ms,
+        t.unique_key,
+        to_micros(t.run_at),
+        to_micros(now),
+        deps_json,
+        standing.pending,
+        t.on_dependency_failure.as_str(),
+        task.finished_at.map(to_micros),
+        errors_json,
+        t.concurrency_key,
+    ])
+    .map_err(sql_err)?;
+    task.id = TaskId(conn.last_insert_rowid());
+    for p in &parents {
+        conn.prepare_cached("INSERT OR IGNORE INTO task_deps (parent, child) VALUES (?1, ?2)")
+            .and_then(|mut st| st.execute(params![p.0, task.id.0]))
+            .map_err(sql_err)?;
+        conn.prepare_cached("UPDATE tasks SET has_dependents = 1 WHERE id = ?1")
+            .and_then(|mut st| st.execute([p.0]))
+            .map_err(sql_err)?;
+    }
+    Ok(Inserted {
+        task,
+        existing: false,
+    })
+}
+
+/// `parents` completed: their blocked children each wait for one parent
+/// fewer, and run once they wait for none.
+pub(super) fn unblock(conn: &Connection, parents: &[i64]) -> Result<(), StoreError> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let ids = serde_json::to_string(parents).unwrap_or_else(|_| "[]".into());
+    conn.prepare_cached(
+        "UPDATE tasks SET \
+           deps_pending = deps_pending - (SELECT count(*) FROM task_deps d \
+             WHERE d.child = tasks.id AND d.parent IN (SELECT value FROM json_each(?1))), \
+           state = CASE WHEN deps_pending - (SELECT count(*) FROM task_deps d \
+             WHERE d.child = tasks.id AND d.parent IN (SELECT value FROM json_each(?1))) <= 0 \
+             THEN 'available' ELSE state END \
+         WHERE state = 'blocked' AND id IN \
+           (SELECT child FROM task_deps WHERE parent IN (SELECT value FROM json_each(?1)))",
+    )
+    .and_then(|mut st| st.execute([ids]))
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+/// `parents` failed for good or were cancelled: every blocked task that
+/// waits for them, directly or through other blocked tasks, ends per its
+/// `on_dependency_failure`.
+pub(super) fn cascade(
+    conn: &Connection,
+    parents: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let ids = serde_json::to_string(parents).unwrap_or_else(|_| "[]".into());
+    // The entry's attempt is each task's own; `json_set` puts it in.
+    let entry = error_json(&AttemptError {
+        attempt: 0,
+        at: now,
+        message: DEPENDENCY_FAILED.to_string(),
+    });
+    conn.prepare_cached(
+        "WITH RECURSIVE doomed(id) AS ( \
+           SELECT child FROM task_deps WHERE parent IN (SELECT value FROM json_each(?1)) \
+           UNION SELECT d.child FROM task_deps d JOIN doomed ON d.parent = doomed.id) \
+         UPDATE tasks SET \
+           state = CASE WHEN dep_failure = 'fail' THEN 'failed' ELSE 'cancelled' END, \
+           finished_at = ?2, \
+           errors = json_insert(errors, '$[#]', json_set(json(?3), '$.attempt', attempt)) \
+         WHERE state = 'blocked' AND id IN (SELECT id FROM doomed)",
+    )
+    .and_then(|mut st| st.execute(params![ids, to_micros(now), entry]))
+    .map_err(sql_err)?;
+    Ok(())
+}

@@ -1,0 +1,3 @@
+-- Listing by kind.
+-- Serves listing by kind (newest first) without walking the whole table.
+CREATE INDEX tasks_kind ON tasks (kind, id);

@@ -1,0 +1,222 @@
+//! Applying what happens to a task after its claim, in SQLite: outcomes
+//! (fenced by attempt), cancel and retry by hand, rescue of dead nodes'
+//! tasks, and pruning. The rules come from [`lifecycle`]; this file only
+//! writes them as SQLite statements.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::insert::{cascade, unblock};
+use super::rows::{error_json, get_task};
+use super::writer::sql_err;
+use crate::store::lifecycle::{self, CancelAction, Dependents, RESCUED_SUFFIX};
+use crate::store::{
+    Completion, PruneParams, RescueParams, Rescued, StoreError, parse_state, to_micros,
+};
+use crate::task::{Task, TaskId};
+
+/// Write one outcome as its [`lifecycle::Transition`]. `None` when fencing
+/// refused it; otherwise whether the task has dependents.
+fn complete_one(conn: &Connection, c: &Completion) -> Result<Option<bool>, StoreError> {
+    let t = lifecycle::transition(c);
+    let result = t
+        .result
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::invalid("result", e.to_string()))?;
+    conn.prepare_cached(
+        "UPDATE tasks SET state = ?1, \
+           finished_at = CASE WHEN ?2 THEN ?3 ELSE finished_at END, \
+           result = CASE WHEN ?4 IS NULL THEN result ELSE ?4 END, \
+           run_at = coalesce(?5, run_at), \
+           errors = CASE WHEN ?6 IS NULL THEN errors ELSE json_insert(errors, '$[#]', json(?6)) END, \
+           attempt = attempt + ?7 \
+         WHERE id = ?8 AND state = 'running' AND attempt = ?9 RETURNING has_dependents",
+    )
+    .and_then(|mut st| {
+        st.query_row(
+            params![
+                t.state.as_str(),
+                t.finished,
+                to_micros(c.at),
+                result,
+                t.run_at.map(to_micros),
+                t.error.as_ref().map(error_json),
+                t.attempt_delta,
+                c.id.0,
+                c.attempt
+            ],
+            |r| r.get::<_, bool>(0),
+        )
+        .optional()
+    })
+    .map_err(sql_err)
+}
+
+/// Write outcomes and what they do to dependent tasks. Returns, per
+/// completion, whether it was applied, and whether any completed task had
+/// dependents (which may now be runnable).
+pub(super) fn complete_many(
+    conn: &Connection,
+    completions: &[Completion],
+) -> Result<(Vec<bool>, bool), StoreError> {
+    let mut applied = Vec::with_capacity(completions.len());
+    let (mut done, mut doomed) = (Vec::new(), Vec::new());
+    for c in completions {
+        let r = complete_one(conn, c)?;
+        if r == Some(true) {
+            match lifecycle::transition(c).dependents {
+                Dependents::Unblock => done.push(c.id.0),
+                Dependents::Cascade => doomed.push(c.id.0),
+                Dependents::Wait => {}
+            }
+        }
+        applied.push(r.is_some());
+    }
+    unblock(conn, &done)?;
+    if let Some(at) = completions.first().map(|c| c.at) {
+        cascade(conn, &doomed, at)?;
+    }
+    Ok((applied, !done.is_empty()))
+}
+
+/// Cancel `id` as [`lifecycle::cancel_action`] says.
+pub(super) fn cancel(
+    conn: &Connection,
+    id: TaskId,
+    now: DateTime<Utc>,
+) -> Result<Task, StoreError> {
+    let task = get_task(conn, id)?.ok_or(StoreError::NotFound(id))?;
+    match lifecycle::cancel_action(&task)? {
+        CancelAction::RequestStop => {
+            conn.execute(
+                "UPDATE tasks SET cancel_requested = 1 WHERE id = ?1",
+                [id.0],
+            )
+            .map_err(sql_err)?;
+        }
+        CancelAction::CancelNow => {
+            conn.execute(
+                "UPDATE tasks SET state = 'cancelled', finished_at = ?1 WHERE id = ?2",
+                params![to_micros(now), id.0],
+            )
+            .map_err(sql_err)?;
+            cascade(conn, &[id.0], now)?;
+        }
+    }
+    get_task(conn, id)?.ok_or(StoreError::NotFound(id))
+}
+
+/// Retry `id` by hand, as [`lifecycle::check_retry`] allows.
+pub(super) fn retry(conn: &Connection, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
+    let task = get_task(conn, id)?.ok_or(StoreError::NotFound(id))?;
+    lifecycle::check_retry(&task)?;
+    let r = conn.execute(
+        "UPDATE tasks SET state = 'available', run_at = ?1, finished_at = NULL, \
+         cancel_requested = 0, max_attempts = max(max_attempts, attempt + 1) WHERE id = ?2",
+        params![to_micros(now), id.0],
+    );
+    match r {
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            return Err(lifecycle::unique_conflict(&task));
+        }
+        Err(e) => return Err(sql_err(e)),
+    }
+    get_task(conn, id)?.ok_or(StoreError::NotFound(id))
+}
+
+/// The ids and attempts of `node`'s running tasks that were asked to stop.
+pub(super) fn cancel_requested(
+    conn: &Connection,
+    node: &str,
+) -> Result<Vec<(TaskId, i32)>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT id, attempt FROM tasks WHERE state = 'running' AND node = ?1 \
+             AND cancel_requested = 1",
+        )
+        .map_err(sql_err)?;
+    st.query_map([node], |r| Ok((TaskId(r.get(0)?), r.get(1)?)))
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)
+}
+
+/// Put back the running tasks of dead nodes (or of one node); see [`RescueParams`].
+pub(super) fn rescue(conn: &Connection, p: &RescueParams) -> Result<Vec<Rescued>, StoreError> {
+    let now = to_micros(p.now);
+    let cutoff = to_micros(p.now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default());
+    let now_text = p.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let set = "UPDATE tasks SET \
+         state = CASE WHEN cancel_requested = 1 THEN 'cancelled' \
+                      WHEN attempt >= max_attempts THEN 'failed' ELSE 'retryable' END, \
+         finished_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 ELSE NULL END, \
+         run_at = ?1, \
+         errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', ?2, \
+            'message', 'node ' || coalesce(node, '?') || ?3))";
+    let sql = match &p.node {
+        Some(_) => format!(
+            "{set} WHERE state = 'running' AND node = ?4 \
+             AND id NOT IN (SELECT value FROM json_each(?5)) AND started_at < ?6 \
+             RETURNING id, node, state"
+        ),
+        None => format!(
+            "{set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
+             (SELECT name FROM nodes WHERE heartbeat_at >= ?4)) RETURNING id, node, state"
+        ),
+    };
+    let mut st = conn.prepare_cached(&sql).map_err(sql_err)?;
+    let map = |r: &Row<'_>| -> rusqlite::Result<(i64, Option<String>, String)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    };
+    let rows = match &p.node {
+        Some(n) => {
+            let keep = serde_json::to_string(&p.keep.iter().map(|t| t.0).collect::<Vec<_>>())
+                .unwrap_or_else(|_| "[]".into());
+            let before = p.started_before.map(to_micros).unwrap_or(i64::MAX);
+            st.query_map(params![now, now_text, RESCUED_SUFFIX, n, keep, before], map)
+        }
+        None => st.query_map(params![now, now_text, RESCUED_SUFFIX, cutoff], map),
+    }
+    .map_err(sql_err)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(sql_err)?;
+    let rescued = rows
+        .into_iter()
+        .map(|(id, node, state)| {
+            Ok(Rescued {
+                id: TaskId(id),
+                node,
+                state: parse_state(&state)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let ended: Vec<i64> = rescued
+        .iter()
+        .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
+        .map(|r| r.id.0)
+        .collect();
+    cascade(conn, &ended, p.now)?;
+    Ok(rescued)
+}
+
+/// Delete old finished tasks, at most `limit` per state per call.
+pub(super) fn prune(conn: &Connection, p: &PruneParams) -> Result<u64, StoreError> {
+    let mut total = 0u64;
+    let limit = p.limit.max(1) as i64;
+    for (state, before) in p.cutoffs() {
+        let Some(before) = before else { continue };
+        let n = conn
+            .prepare_cached(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
+                 WHERE state = ?1 AND finished_at < ?2 LIMIT ?3)",
+            )
+            .and_then(|mut st| st.execute(params![state.as_str(), to_micros(before), limit]))
+            .map_err(sql_err)?;
+        total += n as u64;
+    }
+    Ok(total)
+}

@@ -1,0 +1,161 @@
+//! Reading tasks out of SQLite: the row decoder and the dashboard's reads
+//! (task lists and bounded queue counts), built so they walk indexes.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row};
+
+use super::writer::sql_err;
+use crate::store::{ListParams, StoreError, TASK_COLUMNS, col, from_micros, lifecycle};
+use crate::task::{AttemptError, Task, TaskId, TaskState};
+
+fn opt_micros(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(from_micros)
+}
+
+/// One row of [`TASK_COLUMNS`] as a task.
+pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
+    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+    let conv = |i: usize, e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+    };
+    let json = |i: usize, s: &str| -> rusqlite::Result<serde_json::Value> {
+        serde_json::from_str(s).map_err(|e| conv(i, Box::new(e)))
+    };
+    let result: Option<String> = r.get(col::RESULT)?;
+    let depends_on: Option<String> = r.get(col::DEPENDS_ON)?;
+    Ok(Task {
+        id: TaskId(r.get(col::ID)?),
+        kind: r.get(col::KIND)?,
+        queue: r.get(col::QUEUE)?,
+        args: json(col::ARGS, &text(col::ARGS)?)?,
+        priority: r.get(col::PRIORITY)?,
+        state: text(col::STATE)?
+            .parse()
+            .map_err(|e| conv(col::STATE, Box::new(e)))?,
+        attempt: r.get(col::ATTEMPT)?,
+        max_attempts: r.get(col::MAX_ATTEMPTS)?,
+        timeout_ms: r.get(col::TIMEOUT_MS)?,
+        unique_key: r.get(col::UNIQUE_KEY)?,
+        run_at: from_micros(r.get(col::RUN_AT)?),
+        created_at: from_micros(r.get(col::CREATED_AT)?),
+        started_at: opt_micros(r.get(col::STARTED_AT)?),
+        finished_at: opt_micros(r.get(col::FINISHED_AT)?),
+        node: r.get(col::NODE)?,
+        result: result.map(|s| json(col::RESULT, &s)).transpose()?,
+        errors: serde_json::from_str(&text(col::ERRORS)?)
+            .map_err(|e| conv(col::ERRORS, Box::new(e)))?,
+        depends_on: match depends_on {
+            Some(d) => serde_json::from_str(&d).map_err(|e| conv(col::DEPENDS_ON, Box::new(e)))?,
+            None => Vec::new(),
+        },
+        concurrency_key: r.get(col::CONCURRENCY_KEY)?,
+    })
+}
+
+pub(super) fn get_task(conn: &Connection, id: TaskId) -> Result<Option<Task>, StoreError> {
+    conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
+        .and_then(|mut st| st.query_row([id.0], row_to_task).optional())
+        .map_err(sql_err)
+}
+
+pub(super) fn fetch_tasks(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<Task>, StoreError> {
+    let mut st = conn.prepare_cached(sql).map_err(sql_err)?;
+    let rows = st
+        .query_map(p, row_to_task)
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    Ok(rows)
+}
+
+/// An error-list entry as the JSON text SQLite appends with `json_insert`.
+pub(super) fn error_json(e: &AttemptError) -> String {
+    serde_json::to_string(e).unwrap_or_else(|_| "{}".to_string())
+}
+
+/// The query behind `queue_counts`: the queues, one index probe each (a
+/// loose index scan), then a count of each (queue, state) range that stops at
+/// the cap (?1 unfinished, ?2 finished states).
+pub(super) fn queue_counts_sql() -> String {
+    format!(
+        "WITH RECURSIVE qs(q) AS ( \
+           SELECT (SELECT min(queue) FROM tasks) \
+           UNION ALL \
+           SELECT (SELECT min(queue) FROM tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL), \
+         st(s) AS (VALUES {}) \
+         SELECT q, s, n FROM (SELECT qs.q AS q, st.s AS s, \
+           CASE WHEN st.s IN ({finished}) \
+           THEN (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
+              WHERE queue = qs.q AND state = st.s LIMIT ?2)) \
+           ELSE (SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue_state \
+              WHERE queue = qs.q AND state = st.s LIMIT ?1)) END AS n \
+         FROM qs, st WHERE qs.q IS NOT NULL) WHERE n > 0",
+        TaskState::ALL
+            .iter()
+            .map(|s| format!("('{}')", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        finished = lifecycle::sql_states(&lifecycle::FINISHED),
+    )
+}
+
+/// The query behind `task_list`, with its arguments.
+pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) {
+    let limit = p.limit.max(1) as i64;
+    // Filters other than state and queue, shared by every arm below.
+    let mut rest = String::new();
+    let mut rest_args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(k) = &p.kind {
+        rest.push_str(" AND kind = ?");
+        rest_args.push(k.clone().into());
+    }
+    if let Some(b) = p.before {
+        rest.push_str(" AND id < ?");
+        rest_args.push(b.0.into());
+    }
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let sql = match (&p.state, &p.queue) {
+        // One queue, any state: the newest `limit` of each state's
+        // range of tasks_queue_state, merged. A plain `queue = ?
+        // ORDER BY id DESC` would either walk the whole table by id
+        // or sort every task of the queue.
+        (None, Some(q)) => {
+            let arms: Vec<String> = TaskState::ALL
+                .iter()
+                .map(|st| {
+                    args.push(q.clone().into());
+                    args.push(st.as_str().to_string().into());
+                    args.extend(rest_args.iter().cloned());
+                    args.push(limit.into());
+                    format!(
+                        "SELECT * FROM (SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_queue_state \
+                         WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
+                    )
+                })
+                .collect();
+            args.push(limit.into());
+            format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL "))
+        }
+        _ => {
+            let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+            if let Some(s) = p.state {
+                sql.push_str(" AND state = ?");
+                args.push(s.as_str().to_string().into());
+            }
+            if let Some(q) = &p.queue {
+                sql.push_str(" AND queue = ?");
+                args.push(q.clone().into());
+            }
+            sql.push_str(&rest);
+            args.extend(rest_args);
+            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            args.push(limit.into());
+            sql
+        }
+    };
+    (sql, args)
+}
