@@ -41,13 +41,16 @@
 //! | [`task`] | `Task`, `TaskId`, `TaskState`, `TaskOptions`, `NewTask` |
 //! | [`executor`] | `TaskExecutor`, `TaskContext`, `TaskError`, [`executor_fn`] |
 //! | [`registry`] | `TaskRegistry`, `KindDefaults`, `RetryPolicy` |
-//! | [`client`] | `Client` |
-//! | [`pool`] | `WorkerPool`, `Builder`, `Worker`, `LocalWorker`, `WorkerPoolSharedData`, producer, completer |
-//! | [`sentinel`] | `Sentinel`: worker health, heartbeats, rescue, leadership, retention |
-//! | [`store`] | the `Store` trait, `SqliteStore` (one machine) and `PostgresStore` (a cluster) |
+//! | [`client`] | `Client`: the front door for enqueueing and for everything the server does |
+//! | [`node`] | `Node`: the one assembly of store, pool, sentinel and server from a `Config` |
+//! | [`pool`] | `WorkerPool`, `Builder`, `PoolSettings`, `Worker`, `LocalWorker`, `WorkerPoolSharedData`, producer, completer |
+//! | [`sentinel`] | `Sentinel`: worker health, heartbeats, self-fencing, leadership |
+//! | [`maintenance`] | leader and cluster services: cron firing, retention, rescue |
+//! | [`store`] | the `Store` trait, the life cycle written once ([`store::lifecycle`]), `SqliteStore` (one machine) and `PostgresStore` (a cluster) |
 //! | [`cron`] | cron schedules, fired once per tick by the leader |
 //! | [`server`] | the HTTP API, probes and Prometheus metrics of a node |
 //! | [`config`] | `Config` and [`config_load`] for the node |
+//! | [`duration`] | `30s`-style durations |
 //! | [`executors`] | the node's built-in `shell`, `http`, `noop`, `sleep` and `fail` |
 //! | [`bench`](mod@bench) | the load tool behind `proto_tasker bench` |
 //!

@@ -267,6 +267,32 @@ mod tests {
     }
 
     #[test]
+    fn limits_of_zero_fail_the_check_with_file_and_line() {
+        // Once checked only by the Builder at start, without a line.
+        let e = load(
+            "l.yaml",
+            "queues:\n  default:\n    workers: 2\n    global_concurrency: 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.field.as_deref(),
+            Some("queues.default.global_concurrency"),
+            "{e}"
+        );
+        assert_eq!(e.line, Some(4), "{e}");
+        let e = load(
+            "l.yaml",
+            "queues:\n  q:\n    workers: 1\n    rate_limit:\n      max: 5\n      per: 0s\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("queues.q.rate_limit.per"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        // The Builder refuses the same with the same field name.
+        let e = load("p.yaml", "pool:\n  cron_interval: 0s\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("pool.cron_interval"), "{e}");
+    }
+
+    #[test]
     fn missing_file_names_it() {
         let e = config_load("/nonexistent/proto.yaml").unwrap_err();
         assert!(

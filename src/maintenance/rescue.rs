@@ -20,9 +20,7 @@ pub async fn rescue_dead(
         .node_rescue(RescueParams {
             now,
             node_timeout,
-            node: None,
-            keep: Vec::new(),
-            started_before: None,
+            ..RescueParams::default()
         })
         .await
 }

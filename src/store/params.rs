@@ -217,7 +217,7 @@ pub fn count_cap(state: TaskState) -> i64 {
 
 /// Rescue the running tasks of nodes whose heartbeat is older than `now - node_timeout`
 /// (and of nodes that have no row at all), or, with `node`, of that one node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RescueParams {
     pub now: DateTime<Utc>,
     pub node_timeout: Duration,

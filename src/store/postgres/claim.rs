@@ -15,11 +15,7 @@ impl PostgresStore {
         if let Some(limits) = p.limits.filter(|l| !l.is_empty()) {
             return self.claim_limited(&p, limits).await;
         }
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.claim)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.claim).await?;
         let rows = c
             .query(
                 &st,

@@ -15,11 +15,7 @@ use crate::task::TaskState;
 
 impl PostgresStore {
     pub(super) async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.queue_counts)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.queue_counts).await?;
         let rows = c
             .query(&st, &[&QUEUE_COUNT_CAP, &FINISHED_COUNT_CAP])
             .await
@@ -41,11 +37,7 @@ impl PostgresStore {
         queue: &str,
         paused: bool,
     ) -> Result<(), StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.queue_set_paused)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.queue_set_paused).await?;
         c.execute(&st, &[&queue, &paused]).await.map_err(db_err)?;
         if !paused {
             self.announce_work();
@@ -54,21 +46,13 @@ impl PostgresStore {
     }
 
     pub(super) async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.queue_paused)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.queue_paused).await?;
         let rows = c.query(&st, &[]).await.map_err(db_err)?;
         rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
     }
 
     pub(super) async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.schedule_upsert)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.schedule_upsert).await?;
         c.execute(
             &st,
             &[
@@ -93,11 +77,7 @@ impl PostgresStore {
     }
 
     pub(super) async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.schedule_list)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.schedule_list).await?;
         let rows = c.query(&st, &[]).await.map_err(db_err)?;
         rows.iter()
             .map(|r| {
@@ -144,11 +124,7 @@ impl PostgresStore {
             .map_err(|e| StoreError::invalid_value(e.to_string()))?;
         let stats =
             serde_json::to_value(n.stats).map_err(|e| StoreError::invalid_value(e.to_string()))?;
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.heartbeat)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.heartbeat).await?;
         c.execute(
             &st,
             &[
@@ -179,11 +155,7 @@ impl PostgresStore {
     }
 
     pub(super) async fn node_list(&self, now: DateTime<Utc>) -> Result<Vec<NodeInfo>, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.node_list)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.node_list).await?;
         let rows = c.query(&st, &[&now]).await.map_err(db_err)?;
         rows.iter()
             .map(|r| {
@@ -211,11 +183,7 @@ impl PostgresStore {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.elect)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.elect).await?;
         let row = c
             .query_opt(&st, &[&node, &expires, &now])
             .await

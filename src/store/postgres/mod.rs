@@ -362,6 +362,16 @@ impl PostgresStore {
         tx.commit().await.map_err(db_err)
     }
 
+    /// A pooled connection and `sql` prepared on it (cached per connection).
+    async fn prepared(
+        &self,
+        sql: &str,
+    ) -> Result<(deadpool_postgres::Object, tokio_postgres::Statement), StoreError> {
+        let c = self.conn().await?;
+        let st = c.prepare_cached(sql).await.map_err(db_err)?;
+        Ok((c, st))
+    }
+
     /// Wake producers here now and on every node after the NOTIFY goes out.
     fn announce_work(&self) {
         self.inner.notify.notify_waiters();
@@ -397,11 +407,7 @@ impl Store for PostgresStore {
     }
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.get)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.get).await?;
         c.query_opt(&st, &[&id.0])
             .await
             .map_err(db_err)?
@@ -423,11 +429,7 @@ impl Store for PostgresStore {
     }
 
     async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.cancel_requested)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.cancel_requested).await?;
         let rows = c.query(&st, &[&node]).await.map_err(db_err)?;
         rows.iter()
             .map(|r| {
@@ -440,11 +442,7 @@ impl Store for PostgresStore {
     }
 
     async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
-        let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.prune)
-            .await
-            .map_err(db_err)?;
+        let (c, st) = self.prepared(&self.inner.sql.prune).await?;
         let limit = p.limit.max(1) as i64;
         let mut total = 0;
         for (state, before) in [

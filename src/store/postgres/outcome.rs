@@ -44,11 +44,7 @@ impl PostgresStore {
             errors.push(t.error.as_ref().map(error_value));
             deltas.push(t.attempt_delta);
         }
-        let mut c = self.conn().await?;
-        let st = c
-            .prepare_cached(&self.inner.sql.complete_many)
-            .await
-            .map_err(db_err)?;
+        let (mut c, st) = self.prepared(&self.inner.sql.complete_many).await?;
         // One transaction: outcomes and what they do to dependent tasks land together.
         let tx = c.transaction().await.map_err(db_err)?;
         let rows = tx
