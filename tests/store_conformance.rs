@@ -1,10 +1,16 @@
 //! One conformance suite for every store: each case is a function over a
-//! `Store`, run once per backend by the `conformance!` macro below.
+//! [`Backend`] (a store, and how to open more handles onto its data), run
+//! once per store by the `conformance!` macro below. The cases of the life
+//! cycle are in `mod cases` here; cluster-wide limits across nodes and the
+//! dashboard's query plans in `conformance/`.
 
 mod fixtures;
+#[path = "conformance/limits.rs"]
+mod limits;
+#[path = "conformance/plans.rs"]
+mod plans;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,11 +18,9 @@ use proto_tasker::store::{
     ClaimParams, Completion, ListParams, NodeInfo, Outcome, PruneParams, RescueParams,
     ScheduleFire, StoreEvent,
 };
-use proto_tasker::{Store, StoreError, TaskState};
+use proto_tasker::{StoreError, TaskState};
 
-use fixtures::insert;
-
-type S = Arc<dyn Store>;
+use fixtures::{Backend, insert};
 
 fn secs(n: i64) -> chrono::Duration {
     chrono::Duration::seconds(n)
@@ -54,7 +58,8 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
 pub mod cases {
     use super::*;
 
-    pub async fn claim_orders_by_priority_then_run_at(s: S) {
+    pub async fn claim_orders_by_priority_then_run_at(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let rows = vec![
             insert("a", "q", 5, now - secs(1)),
@@ -94,7 +99,8 @@ pub mod cases {
         );
     }
 
-    pub async fn concurrent_claimers_never_share_a_task(s: S) {
+    pub async fn concurrent_claimers_never_share_a_task(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let n = 2000;
         let rows = (0..n).map(|_| insert("x", "q", 0, now)).collect();
@@ -125,7 +131,8 @@ pub mod cases {
         assert_eq!(unique.len(), n, "no task claimed twice");
     }
 
-    pub async fn delayed_tasks_are_not_claimed_early(s: S) {
+    pub async fn delayed_tasks_are_not_claimed_early(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let t = s
             .task_insert_many(vec![insert("later", "q", 0, now + secs(60))], now)
@@ -152,7 +159,8 @@ pub mod cases {
         assert_eq!(got[0].id, t[0].task.id);
     }
 
-    pub async fn retries_follow_the_backoff(s: S) {
+    pub async fn retries_follow_the_backoff(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         s.task_insert_many(vec![insert("flaky", "q", 0, now)], now)
             .await
@@ -217,7 +225,8 @@ pub mod cases {
         assert_eq!(listed.len(), 1);
     }
 
-    pub async fn unique_keys_dedupe_unfinished_tasks(s: S) {
+    pub async fn unique_keys_dedupe_unfinished_tasks(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let mut a = insert("u", "q", 0, now);
         a.unique_key = Some("k1".into());
@@ -263,7 +272,8 @@ pub mod cases {
         assert_ne!(third.task.id, first.task.id);
     }
 
-    pub async fn cancel_stops_queued_and_flags_running(s: S) {
+    pub async fn cancel_stops_queued_and_flags_running(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let ids: Vec<_> = s
             .task_insert_many(
@@ -332,7 +342,8 @@ pub mod cases {
         ));
     }
 
-    pub async fn retry_by_hand_revives_dead_tasks(s: S) {
+    pub async fn retry_by_hand_revives_dead_tasks(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let mut row = insert("x", "q", 0, now);
         row.max_attempts = 1;
@@ -358,7 +369,8 @@ pub mod cases {
         ));
     }
 
-    pub async fn completions_are_fenced_by_attempt(s: S) {
+    pub async fn completions_are_fenced_by_attempt(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let id = s
             .task_insert_many(vec![insert("x", "q", 0, now)], now)
@@ -399,7 +411,8 @@ pub mod cases {
         assert_eq!(t.result, Some(serde_json::json!({"v": 1})));
     }
 
-    pub async fn snooze_and_release_do_not_use_attempts(s: S) {
+    pub async fn snooze_and_release_do_not_use_attempts(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let ids: Vec<_> = s
             .task_insert_many(
@@ -439,7 +452,8 @@ pub mod cases {
         assert_eq!((again[0].id, again[0].attempt), (ids[1], 1));
     }
 
-    pub async fn rescue_returns_tasks_of_dead_nodes_once(s: S) {
+    pub async fn rescue_returns_tasks_of_dead_nodes_once(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         s.node_heartbeat(node("live", now)).await.unwrap();
         s.node_heartbeat(node("dead", now - secs(60)))
@@ -522,7 +536,8 @@ pub mod cases {
         assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [kept]);
     }
 
-    pub async fn retention_prunes_only_old_finished_tasks(s: S) {
+    pub async fn retention_prunes_only_old_finished_tasks(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let rows = (0..4).map(|_| insert("x", "q", 0, now)).collect();
         let ids: Vec<_> = s
@@ -600,7 +615,8 @@ pub mod cases {
         assert!(s.task_get(ids[2]).await.unwrap().is_none());
     }
 
-    pub async fn one_leader_at_a_time(s: S) {
+    pub async fn one_leader_at_a_time(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let ttl = Duration::from_secs(10);
         assert!(s.leader_try_elect("a", ttl, now).await.unwrap());
@@ -618,7 +634,8 @@ pub mod cases {
         assert!(s.leader_try_elect("a", ttl, now + secs(15)).await.unwrap());
     }
 
-    pub async fn list_filters_and_paginates(s: S) {
+    pub async fn list_filters_and_paginates(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let mut rows = Vec::new();
         for i in 0..25 {
@@ -671,7 +688,8 @@ pub mod cases {
         assert_eq!(a, 10);
     }
 
-    pub async fn paused_queues_are_not_claimed(s: S) {
+    pub async fn paused_queues_are_not_claimed(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         s.task_insert_many(
             vec![insert("x", "q", 0, now), insert("x", "other", 0, now)],
@@ -702,7 +720,8 @@ pub mod cases {
         );
     }
 
-    pub async fn schedules_fire_each_tick_once(s: S) {
+    pub async fn schedules_fire_each_tick_once(b: &Backend) {
+        let s = b.store.clone();
         use proto_tasker::store::ScheduleRow;
         let now = now();
         let row = |last| ScheduleRow {
@@ -758,7 +777,8 @@ pub mod cases {
         assert!(s.schedule_list().await.unwrap().is_empty());
     }
 
-    pub async fn workflows_unblock_and_cascade(s: S) {
+    pub async fn workflows_unblock_and_cascade(b: &Backend) {
+        let s = b.store.clone();
         use proto_tasker::task::{Dependency, OnDependencyFailure};
         let now = now();
         let complete = |id, attempt| Completion {
@@ -880,7 +900,8 @@ pub mod cases {
         );
     }
 
-    pub async fn per_key_claims_skip_keys_at_their_limit(s: S) {
+    pub async fn per_key_claims_skip_keys_at_their_limit(b: &Backend) {
+        let s = b.store.clone();
         use proto_tasker::store::QueueLimits;
         let now = now();
         let keyed = |k: &str| {
@@ -940,7 +961,8 @@ pub mod cases {
 
     /// Listing one queue merges its states in id order, pages by cursor, and
     /// queue counts match the tasks as they are.
-    pub async fn queue_listing_and_counts_span_states(s: S) {
+    pub async fn queue_listing_and_counts_span_states(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         let mut rows = Vec::new();
         for i in 0..60 {
@@ -1053,7 +1075,8 @@ pub mod cases {
         }
     }
 
-    pub async fn nodes_register_and_deregister(s: S) {
+    pub async fn nodes_register_and_deregister(b: &Backend) {
+        let s = b.store.clone();
         let now = now();
         s.node_heartbeat(node("n1", now)).await.unwrap();
         s.node_heartbeat(node("n2", now)).await.unwrap();
@@ -1078,73 +1101,84 @@ pub mod cases {
 }
 
 macro_rules! conformance {
-    ($store:path; $($case:ident),* $(,)?) => {
+    ($backend:expr; $($module:ident :: $case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let (store, _guard) = $store().await;
-                super::cases::$case(store).await;
+                let backend = $backend.await;
+                crate::$module::$case(&backend).await;
             }
         )*
     };
 }
 
 macro_rules! all_cases {
-    ($store:path) => {
-        conformance!($store;
-            claim_orders_by_priority_then_run_at,
-            concurrent_claimers_never_share_a_task,
-            delayed_tasks_are_not_claimed_early,
-            retries_follow_the_backoff,
-            unique_keys_dedupe_unfinished_tasks,
-            cancel_stops_queued_and_flags_running,
-            retry_by_hand_revives_dead_tasks,
-            completions_are_fenced_by_attempt,
-            snooze_and_release_do_not_use_attempts,
-            rescue_returns_tasks_of_dead_nodes_once,
-            retention_prunes_only_old_finished_tasks,
-            one_leader_at_a_time,
-            list_filters_and_paginates,
-            queue_listing_and_counts_span_states,
-            nodes_register_and_deregister,
-            paused_queues_are_not_claimed,
-            schedules_fire_each_tick_once,
-            workflows_unblock_and_cascade,
-            per_key_claims_skip_keys_at_their_limit,
+    ($backend:expr) => {
+        conformance!($backend;
+            cases::claim_orders_by_priority_then_run_at,
+            cases::concurrent_claimers_never_share_a_task,
+            cases::delayed_tasks_are_not_claimed_early,
+            cases::retries_follow_the_backoff,
+            cases::unique_keys_dedupe_unfinished_tasks,
+            cases::cancel_stops_queued_and_flags_running,
+            cases::retry_by_hand_revives_dead_tasks,
+            cases::completions_are_fenced_by_attempt,
+            cases::snooze_and_release_do_not_use_attempts,
+            cases::rescue_returns_tasks_of_dead_nodes_once,
+            cases::retention_prunes_only_old_finished_tasks,
+            cases::one_leader_at_a_time,
+            cases::list_filters_and_paginates,
+            cases::queue_listing_and_counts_span_states,
+            cases::nodes_register_and_deregister,
+            cases::paused_queues_are_not_claimed,
+            cases::schedules_fire_each_tick_once,
+            cases::workflows_unblock_and_cascade,
+            cases::per_key_claims_skip_keys_at_their_limit,
+            limits::limits_per_key_and_global_hold_across_nodes,
+            limits::limits_rate_holds_across_nodes,
+            limits::limits_a_saturated_key_does_not_starve_others,
+            plans::dashboard_reads_use_indexes_with_a_million_tasks,
         );
     };
 }
 
-/// A case written in `cases` but left off `all_cases!` would never run:
-/// this fails until it is listed.
+/// A case written in `cases` or `conformance/` but left off `all_cases!`
+/// would never run: this fails until it is listed.
 #[test]
 fn every_case_runs_on_every_store() {
-    let src = include_str!("store_conformance.rs");
-    let (cases, rest) = src
+    let this = include_str!("store_conformance.rs");
+    let (cases, rest) = this
         .split_once("macro_rules! conformance")
         .expect("the macros follow the cases");
     let listed = rest
         .split_once("macro_rules! all_cases")
         .map(|(_, l)| l)
         .unwrap_or_default();
-    let defined: Vec<&str> = cases
-        .split("pub async fn ")
-        .skip(1)
-        .filter_map(|f| f.split_once('(').map(|(name, _)| name))
-        .collect();
-    assert!(defined.len() > 10, "found only {defined:?}");
-    for name in defined {
-        assert!(
-            listed.contains(&format!("{name},")),
-            "case {name} is not in all_cases!"
-        );
+    let sources = [
+        ("cases", cases),
+        ("limits", include_str!("conformance/limits.rs")),
+        ("plans", include_str!("conformance/plans.rs")),
+    ];
+    let mut defined = 0;
+    for (module, src) in sources {
+        for f in src.split("pub async fn ").skip(1) {
+            let Some((name, _)) = f.split_once('(') else {
+                continue;
+            };
+            defined += 1;
+            assert!(
+                listed.contains(&format!("{module}::{name},")),
+                "case {module}::{name} is not in all_cases!"
+            );
+        }
     }
+    assert!(defined > 20, "found only {defined} cases");
 }
 
 mod sqlite {
-    all_cases!(crate::fixtures::sqlite_store);
+    all_cases!(crate::fixtures::Backend::sqlite());
 }
 
 mod postgres {
-    all_cases!(crate::fixtures::pg_store);
+    all_cases!(crate::fixtures::Backend::postgres());
 }

@@ -1,16 +1,16 @@
-//! The dashboard's reads stay index walks with a million tasks in the store:
-//! each store explains the exact queries it runs (`explain`), and every
-//! access to `tasks` must be an index search that stops at the page size or
-//! the count cap, never a scan of the table or a sort of all its rows.
-//! The timings printed are for the record (see docs/benchmarks.md), not
-//! asserted.
-
-mod fixtures;
+//! Conformance case: the dashboard's reads stay index walks with a million
+//! tasks in the store. Each store explains the exact queries it runs
+//! (`explain`), and every access to `tasks` must be an index search that
+//! stops at the page size or the count cap, never a scan of the table or a
+//! sort of all its rows. The timings printed are for the record (see
+//! docs/benchmarks.md), not asserted.
 
 use std::time::Instant;
 
 use proto_tasker::store::{DashboardRead, ListParams};
 use proto_tasker::{Store, TaskState};
+
+use crate::fixtures::{Backend, BackendKind};
 
 const ROWS: i64 = 1_000_000;
 
@@ -99,17 +99,17 @@ fn check_postgres(name: &str, plan: &[String], merges: bool) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_dashboard_reads_use_indexes_with_a_million_tasks() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("big.db");
-    let store =
-        proto_tasker::SqliteStore::open(proto_tasker::store::SqliteOptions::new(&path)).unwrap();
-    store.migrate().await.unwrap();
+async fn run(store: &dyn Store, read: DashboardRead) -> usize {
+    match read {
+        DashboardRead::TaskList(p) => store.task_list(p).await.unwrap().len(),
+        DashboardRead::QueueCounts => store.queue_counts().await.unwrap().len(),
+    }
+}
+
+pub async fn dashboard_reads_use_indexes_with_a_million_tasks(b: &Backend) {
     let t = Instant::now();
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(&format!(
+    b.execute_sql(
+        &format!(
             "BEGIN;
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
              INSERT INTO tasks (kind, queue, args, priority, state, attempt, max_attempts,
@@ -122,16 +122,32 @@ async fn sqlite_dashboard_reads_use_indexes_with_a_million_tasks() {
              FROM n;
              COMMIT;
              ANALYZE;"
-        ))
-        .unwrap();
-    }
-    eprintln!("sqlite: {ROWS} rows in {:?}", t.elapsed());
+        ),
+        &[
+            &format!(
+            "INSERT INTO {{schema}}.tasks (kind, queue, args, priority, state, attempt, max_attempts,
+                                    run_at, created_at, started_at, finished_at, node, errors)
+             SELECT 'k' || (i % 7), 'q' || (i % 4), jsonb_build_object('n', i), 0,
+                    CASE WHEN i % 100 = 0 THEN 'failed' WHEN i % 50 = 1 THEN 'available'
+                         WHEN i % 1000 = 7 THEN 'running' ELSE 'completed' END,
+                    1, 3, now(), now(), now(), now(), 'n1', '[]'
+             FROM generate_series(1, {ROWS}) AS i"
+            ),
+            "VACUUM ANALYZE {schema}.tasks",
+        ],
+    )
+    .await;
+    let store = &b.store;
+    eprintln!("{:?}: {ROWS} rows in {:?}", b.kind, t.elapsed());
     for (name, read, merges) in reads() {
-        let plan = store.explain(read.clone()).await.unwrap();
-        check_sqlite(name, &plan, merges);
+        let plan = b.explain(read.clone()).await;
+        match b.kind {
+            BackendKind::Sqlite => check_sqlite(name, &plan, merges),
+            BackendKind::Postgres => check_postgres(name, &plan, merges),
+        }
         let t = Instant::now();
-        let n = run(&store, read).await;
-        eprintln!("sqlite {name}: {n} rows in {:?}", t.elapsed());
+        let n = run(&**store, read).await;
+        eprintln!("{:?} {name}: {n} rows in {:?}", b.kind, t.elapsed());
     }
     let counts = store.queue_counts().await.unwrap();
     let completed_q0 = counts
@@ -144,46 +160,4 @@ async fn sqlite_dashboard_reads_use_indexes_with_a_million_tasks() {
         proto_tasker::store::FINISHED_COUNT_CAP,
         "capped"
     );
-}
-
-async fn run(store: &dyn Store, read: DashboardRead) -> usize {
-    match read {
-        DashboardRead::TaskList(p) => store.task_list(p).await.unwrap().len(),
-        DashboardRead::QueueCounts => store.queue_counts().await.unwrap().len(),
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_dashboard_reads_use_indexes_with_a_million_tasks() {
-    let (store, schema) = fixtures::pg_store_typed().await;
-    let s = &schema.schema;
-    let (client, conn) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let t = Instant::now();
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {s}.tasks (kind, queue, args, priority, state, attempt, max_attempts,
-                                    run_at, created_at, started_at, finished_at, node, errors)
-             SELECT 'k' || (i % 7), 'q' || (i % 4), jsonb_build_object('n', i), 0,
-                    CASE WHEN i % 100 = 0 THEN 'failed' WHEN i % 50 = 1 THEN 'available'
-                         WHEN i % 1000 = 7 THEN 'running' ELSE 'completed' END,
-                    1, 3, now(), now(), now(), now(), 'n1', '[]'
-             FROM generate_series(1, {ROWS}) AS i"
-        ))
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!("VACUUM ANALYZE {s}.tasks"))
-        .await
-        .unwrap();
-    eprintln!("postgres: {ROWS} rows in {:?}", t.elapsed());
-    for (name, read, merges) in reads() {
-        let plan = store.explain(read.clone()).await.unwrap();
-        check_postgres(name, &plan, merges);
-        let t = Instant::now();
-        let n = run(&*store, read).await;
-        eprintln!("postgres {name}: {n} rows in {:?}", t.elapsed());
-    }
 }

@@ -1,18 +1,14 @@
-//! Cluster-wide concurrency and rate limits, held across three pools (nodes)
-//! that share one store, on SQLite and on PostgreSQL.
-
-mod fixtures;
+//! Conformance cases for cluster-wide concurrency and rate limits, held
+//! across three pools (nodes) that share one store.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto_tasker::store::{
-    PostgresOptions, PostgresStore, QueueLimits, SqliteOptions, Synchronous,
-};
-use proto_tasker::{
-    Builder, NewTask, SqliteStore, Store, TaskOptions, TaskRegistry, WorkerPool, executor_fn,
-};
+use proto_tasker::store::QueueLimits;
+use proto_tasker::{Builder, NewTask, Store, TaskOptions, TaskRegistry, WorkerPool, executor_fn};
 use serde_json::json;
+
+use crate::fixtures::Backend;
 
 type Log = Arc<Mutex<Vec<(String, Instant, Instant)>>>;
 
@@ -98,7 +94,8 @@ fn task(key: &str) -> NewTask {
         .with(TaskOptions::default().queue("limited").concurrency_key(key))
 }
 
-async fn per_key_and_global_limits_hold(stores: Vec<Arc<dyn Store>>) {
+pub async fn limits_per_key_and_global_hold_across_nodes(b: &Backend) {
+    let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
         per_key_concurrency: Some(2),
@@ -141,7 +138,8 @@ async fn per_key_and_global_limits_hold(stores: Vec<Arc<dyn Store>>) {
 
 /// A key at its limit with a deep backlog must not starve the keys queued
 /// behind it.
-async fn a_saturated_key_does_not_starve_others(stores: Vec<Arc<dyn Store>>) {
+pub async fn limits_a_saturated_key_does_not_starve_others(b: &Backend) {
+    let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
         per_key_concurrency: Some(1),
@@ -174,7 +172,8 @@ async fn a_saturated_key_does_not_starve_others(stores: Vec<Arc<dyn Store>>) {
     assert_eq!(max_overlap(&l, Some("small")), 1);
 }
 
-async fn rate_limit_holds(stores: Vec<Arc<dyn Store>>) {
+pub async fn limits_rate_holds_across_nodes(b: &Backend) {
+    let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
         rate: Some((20, Duration::from_secs(1))),
@@ -192,67 +191,4 @@ async fn rate_limit_holds(stores: Vec<Arc<dyn Store>>) {
         (54..=66).contains(&in_3s),
         "20 starts/s for 3 s is 60 within 10%: {in_3s}"
     );
-}
-
-async fn sqlite_stores() -> (Vec<Arc<dyn Store>>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
-    for _ in 0..3 {
-        // Three stores on one file: three writers, as three processes would be.
-        let mut o = SqliteOptions::new(dir.path().join("limits.db"));
-        o.synchronous = Synchronous::Normal;
-        stores.push(Arc::new(SqliteStore::open(o).unwrap()));
-    }
-    stores[0].migrate().await.unwrap();
-    (stores, dir)
-}
-
-async fn pg_stores() -> (Vec<Arc<dyn Store>>, fixtures::PgSchema) {
-    let (first, guard) = fixtures::pg_store().await;
-    let mut stores = vec![first];
-    for _ in 0..2 {
-        let s = PostgresStore::connect(
-            PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
-        )
-        .await
-        .unwrap();
-        stores.push(Arc::new(s));
-    }
-    (stores, guard)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrency_limits_hold_across_nodes_on_sqlite() {
-    let (stores, _d) = sqlite_stores().await;
-    per_key_and_global_limits_hold(stores).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrency_limits_hold_across_nodes_on_postgres() {
-    let (stores, _g) = pg_stores().await;
-    per_key_and_global_limits_hold(stores).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limits_hold_across_nodes_on_sqlite() {
-    let (stores, _d) = sqlite_stores().await;
-    rate_limit_holds(stores).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limits_hold_across_nodes_on_postgres() {
-    let (stores, _g) = pg_stores().await;
-    rate_limit_holds(stores).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_saturated_key_does_not_starve_others_on_sqlite() {
-    let (stores, _d) = sqlite_stores().await;
-    a_saturated_key_does_not_starve_others(stores).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_saturated_key_does_not_starve_others_on_postgres() {
-    let (stores, _g) = pg_stores().await;
-    a_saturated_key_does_not_starve_others(stores).await;
 }
