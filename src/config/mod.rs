@@ -63,14 +63,17 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
+        // The stores' own defaults, so each is written once.
+        let sqlite = crate::store::SqliteOptions::new("proto_tasker.db");
+        let postgres = crate::store::PostgresOptions::new("");
         StoreConfig {
             kind: StoreKind::Sqlite,
-            path: PathBuf::from("proto_tasker.db"),
+            path: sqlite.path,
             url: None,
-            schema: "proto_tasker".into(),
-            pool_size: 16,
-            synchronous: Synchronous::Full,
-            busy_timeout: Duration::from_secs(5),
+            schema: postgres.schema,
+            pool_size: postgres.pool_size,
+            synchronous: sqlite.synchronous,
+            busy_timeout: sqlite.busy_timeout,
             migrate: true,
         }
     }
