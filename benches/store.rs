@@ -79,6 +79,7 @@ fn benches(c: &mut Criterion) {
                         .map(|t| Completion {
                             id: t.id,
                             attempt: t.attempt,
+                            token: t.claim_token,
                             at: Utc::now(),
                             outcome: Outcome::Completed {
                                 result: serde_json::Value::Null,

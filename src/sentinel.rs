@@ -319,9 +319,9 @@ impl Sentinel {
         }
         match self.store.task_cancel_requested(&self.shared.node).await {
             Ok(ids) => {
-                for (id, attempt) in ids {
+                for (id, token) in ids {
                     self.shared
-                        .stop_task(id, Some(attempt), StopReason::Cancelled);
+                        .stop_task(id, Some(token), StopReason::Cancelled);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading cancel requests failed"),
@@ -366,7 +366,7 @@ impl Sentinel {
             // The entry stays in `running` until the completer writes the
             // outcome below (see reconcile).
             self.shared
-                .stop_task(info.task, Some(info.attempt), StopReason::Timeout);
+                .stop_task(info.task, Some(info.claim_token), StopReason::Timeout);
             let error = format!(
                 "executor did not stop within {}ms after its timeout; worker replaced",
                 self.config.hung_grace.as_millis()
@@ -380,13 +380,14 @@ impl Sentinel {
                     .retry_policy(&info.kind)
                     .backoff(info.attempt);
                 Outcome::Retry {
-                    run_at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    run_at: crate::store::lifecycle::after(Utc::now(), delay),
                     error,
                 }
             };
             let _ = slot.ctx.completions.send(Completion {
                 id: info.task,
                 attempt: info.attempt,
+                token: info.claim_token,
                 at: Utc::now(),
                 outcome,
             });

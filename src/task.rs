@@ -146,6 +146,11 @@ pub struct Task {
     /// Tasks sharing a key count together against their queue's `per_key_concurrency`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_key: Option<String>,
+    /// The fencing token of the current (or last) run: every claim gives a
+    /// larger one, and an outcome lands only under the token it was claimed
+    /// with. Unlike `attempt`, a snooze or release never gives it back.
+    #[serde(default)]
+    pub claim_token: i64,
 }
 
 /// A task a new task waits for: one that exists, or another task of the

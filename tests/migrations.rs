@@ -34,6 +34,7 @@ async fn old_task_still_runs(store: Arc<dyn Store>, id: TaskId) {
         .task_complete_many(vec![Completion {
             id,
             attempt: 1,
+            token: 1,
             at: now,
             outcome: Outcome::Completed {
                 result: serde_json::json!("done"),

@@ -594,6 +594,53 @@ async fn bad_args_unknown_kinds_and_snoozes() {
     pool.shutdown().await;
 }
 
+/// A snooze of any size ends the run (no overflow leaves the task
+/// `running`), and a task that snoozes as its cancel arrives stays cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_snoozes_and_snoozes_under_cancel() {
+    let (store, _d) = fixtures::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    reg.register(
+        "forever",
+        executor_fn(|_ctx| async { Err(TaskError::Snooze(Duration::MAX)) }),
+    );
+    reg.register(
+        "dodger",
+        executor_fn(|ctx| async move {
+            // Wait to be cancelled, then ask to come back later.
+            ctx.cancel.cancelled().await;
+            Err(TaskError::Snooze(Duration::from_millis(10)))
+        }),
+    );
+    let pool = builder(store, reg).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let f = client.enqueue("forever", json!({})).await.unwrap().id;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let t = loop {
+        let t = client.get(f).await.unwrap().unwrap();
+        if t.state == TaskState::Scheduled || std::time::Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(t.state, TaskState::Scheduled, "{t:?}");
+    assert_eq!(t.run_at.format("%Y").to_string(), "9999");
+    let d = client.enqueue("dodger", json!({})).await.unwrap().id;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client.get(d).await.unwrap().unwrap().state != TaskState::Running {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.cancel(d).await.unwrap();
+    let t = client.wait(d, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = client.get(d).await.unwrap().unwrap();
+    assert_eq!(t.state, TaskState::Cancelled, "ran again: {t:?}");
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_leader_prunes_finished_tasks_past_retention() {
     let (store, _d) = fixtures::sqlite_store().await;

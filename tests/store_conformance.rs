@@ -175,6 +175,7 @@ pub mod cases {
             .task_complete_many(vec![Completion {
                 id: t.id,
                 attempt: 1,
+                token: 1,
                 at: now,
                 outcome: Outcome::Retry {
                     run_at: retry_at,
@@ -203,6 +204,7 @@ pub mod cases {
         s.task_complete_many(vec![Completion {
             id: t.id,
             attempt: 2,
+            token: 2,
             at: retry_at,
             outcome: Outcome::Failed {
                 error: "still broken".into(),
@@ -260,6 +262,7 @@ pub mod cases {
         s.task_complete_many(vec![Completion {
             id: first.task.id,
             attempt: 1,
+            token: 1,
             at: now,
             outcome: Outcome::Completed {
                 result: serde_json::json!(1),
@@ -320,6 +323,7 @@ pub mod cases {
         s.task_complete_many(vec![Completion {
             id: ids[0],
             attempt: 1,
+            token: 1,
             at: now,
             outcome: Outcome::Cancelled {
                 error: "cancelled".into(),
@@ -352,6 +356,7 @@ pub mod cases {
         s.task_complete_many(vec![Completion {
             id,
             attempt: 1,
+            token: 1,
             at: now,
             outcome: Outcome::Failed { error: "no".into() },
         }])
@@ -382,6 +387,7 @@ pub mod cases {
         let stale = Completion {
             id,
             attempt: 7,
+            token: 7,
             at: now,
             outcome: Outcome::Completed {
                 result: serde_json::json!("late"),
@@ -395,6 +401,7 @@ pub mod cases {
         let ok = Completion {
             id,
             attempt: 1,
+            token: 1,
             at: now,
             outcome: Outcome::Completed {
                 result: serde_json::json!({"v": 1}),
@@ -429,6 +436,7 @@ pub mod cases {
             Completion {
                 id: ids[0],
                 attempt: 1,
+                token: 1,
                 at: now,
                 outcome: Outcome::Snoozed {
                     run_at: now + secs(10),
@@ -437,6 +445,7 @@ pub mod cases {
             Completion {
                 id: ids[1],
                 attempt: 1,
+                token: 1,
                 at: now,
                 outcome: Outcome::Released,
             },
@@ -497,6 +506,7 @@ pub mod cases {
         let stale = Completion {
             id: on_dead[0].id,
             attempt: on_dead[0].attempt,
+            token: on_dead[0].claim_token,
             at: now,
             outcome: Outcome::Completed {
                 result: serde_json::Value::Null,
@@ -553,6 +563,7 @@ pub mod cases {
             Completion {
                 id: ids[0],
                 attempt: 1,
+                token: 1,
                 at: old,
                 outcome: Outcome::Completed {
                     result: serde_json::Value::Null,
@@ -561,6 +572,7 @@ pub mod cases {
             Completion {
                 id: ids[1],
                 attempt: 1,
+                token: 1,
                 at: now,
                 outcome: Outcome::Completed {
                     result: serde_json::Value::Null,
@@ -569,6 +581,7 @@ pub mod cases {
             Completion {
                 id: ids[2],
                 attempt: 1,
+                token: 1,
                 at: old,
                 outcome: Outcome::Failed { error: "x".into() },
             },
@@ -784,6 +797,7 @@ pub mod cases {
         let complete = |id, attempt| Completion {
             id,
             attempt,
+            token: attempt as i64,
             at: now,
             outcome: Outcome::Completed {
                 result: serde_json::json!(1),
@@ -843,6 +857,7 @@ pub mod cases {
         s.task_complete_many(vec![Completion {
             id: c,
             attempt: 1,
+            token: 1,
             at: now,
             outcome: Outcome::Failed { error: "no".into() },
         }])
@@ -984,6 +999,7 @@ pub mod cases {
                 .map(|(i, t)| Completion {
                     id: t.id,
                     attempt: t.attempt,
+                    token: t.claim_token,
                     at: now,
                     outcome: if i % 3 == 0 {
                         Outcome::Completed {
@@ -1075,6 +1091,196 @@ pub mod cases {
         }
     }
 
+    /// The claim token only grows: a snooze gives the attempt back, so the
+    /// next run has the same attempt number, but the late outcome of the
+    /// first run carries the old token and is refused.
+    pub async fn late_outcomes_of_an_earlier_run_are_fenced_by_the_claim_token(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let id = s
+            .task_insert_many(vec![insert("a", "q", 0, now)], now)
+            .await
+            .unwrap()[0]
+            .task
+            .id;
+        let first = s
+            .task_claim(claim("q", "n1", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
+        let snooze = Completion::of(
+            &first,
+            now,
+            Outcome::Snoozed {
+                run_at: now + secs(5),
+            },
+        );
+        assert_eq!(s.task_complete_many(vec![snooze]).await.unwrap(), [true]);
+        let later = now + secs(6);
+        let second = s
+            .task_claim(claim("q", "n2", 1, later))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            second.attempt, first.attempt,
+            "the snooze gave the attempt back"
+        );
+        assert!(second.claim_token > first.claim_token, "{second:?}");
+        let late = Completion::of(
+            &first,
+            later,
+            Outcome::Completed {
+                result: serde_json::json!("stale"),
+            },
+        );
+        assert_eq!(s.task_complete_many(vec![late]).await.unwrap(), [false]);
+        let t = s.task_get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (t.state, t.node.as_deref()),
+            (TaskState::Running, Some("n2"))
+        );
+        let done = Completion::of(
+            &second,
+            later,
+            Outcome::Completed {
+                result: serde_json::json!("ok"),
+            },
+        );
+        assert_eq!(s.task_complete_many(vec![done]).await.unwrap(), [true]);
+    }
+
+    /// Two outcomes for one run in one batch: the first queued lands, the
+    /// second is refused.
+    pub async fn a_batch_applies_one_outcome_per_task(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        s.task_insert_many(vec![insert("a", "q", 0, now)], now)
+            .await
+            .unwrap();
+        let t = s
+            .task_claim(claim("q", "n", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
+        let released = Completion::of(&t, now, Outcome::Released);
+        let own = Completion::of(
+            &t,
+            now,
+            Outcome::Completed {
+                result: serde_json::json!(1),
+            },
+        );
+        assert_eq!(
+            s.task_complete_many(vec![released, own]).await.unwrap(),
+            [true, false]
+        );
+        let got = s.task_get(t.id).await.unwrap().unwrap();
+        assert_eq!((got.state, got.result), (TaskState::Available, None));
+    }
+
+    /// Once a cancel was acknowledged, no outcome makes the task runnable:
+    /// a retry, a snooze or a release of a task asked to stop cancels it.
+    pub async fn cancel_is_final_whatever_the_attempt_reports(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let outcomes = [
+            Outcome::Retry {
+                run_at: now + secs(1),
+                error: "boom".into(),
+            },
+            Outcome::Snoozed {
+                run_at: now + secs(1),
+            },
+            Outcome::Released,
+        ];
+        for outcome in outcomes {
+            s.task_insert_many(vec![insert("a", "cq", 0, now)], now)
+                .await
+                .unwrap();
+            let t = s
+                .task_claim(claim("cq", "n", 1, now))
+                .await
+                .unwrap()
+                .remove(0);
+            let asked = s.task_cancel(t.id, now).await.unwrap();
+            assert_eq!(asked.state, TaskState::Running);
+            let c = Completion::of(&t, now, outcome.clone());
+            assert_eq!(s.task_complete_many(vec![c]).await.unwrap(), [true]);
+            let got = s.task_get(t.id).await.unwrap().unwrap();
+            assert_eq!(
+                got.state,
+                TaskState::Cancelled,
+                "{outcome:?} undid the cancel"
+            );
+            assert!(got.finished_at.is_some());
+            assert_eq!(got.attempt, 1, "{outcome:?}");
+            let last = got.errors.last().expect("an error entry");
+            assert!(last.message.contains("cancelled"), "{last:?}");
+            // And nothing claims it again.
+            assert!(
+                s.task_claim(claim("cq", "n", 1, now + secs(5)))
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    }
+
+    /// An outcome holding NUL (shell output `printf 'a\0b'`) or a huge error
+    /// is made storable the same way on every store, and never holds up the
+    /// other outcomes of its batch.
+    pub async fn outcomes_with_nul_or_huge_errors_are_stored_alike(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let rows = (0..3).map(|_| insert("a", "nq", 0, now)).collect();
+        s.task_insert_many(rows, now).await.unwrap();
+        let ts = s.task_claim(claim("nq", "n", 3, now)).await.unwrap();
+        let huge = "e".repeat(100_000);
+        let batch = vec![
+            Completion::of(
+                &ts[0],
+                now,
+                Outcome::Completed {
+                    result: serde_json::json!({"stdout": "a\u{0}b", "k\u{0}": ["\u{0}"]}),
+                },
+            ),
+            Completion::of(
+                &ts[1],
+                now,
+                Outcome::Failed {
+                    error: format!("x\u{0}y{huge}"),
+                },
+            ),
+            Completion::of(
+                &ts[2],
+                now,
+                Outcome::Completed {
+                    result: serde_json::json!(3),
+                },
+            ),
+        ];
+        assert_eq!(
+            s.task_complete_many(batch).await.unwrap(),
+            [true, true, true]
+        );
+        let r = s.task_get(ts[0].id).await.unwrap().unwrap();
+        assert_eq!(
+            r.result,
+            Some(serde_json::json!({"stdout": "a\u{FFFD}b", "k\u{FFFD}": ["\u{FFFD}"]}))
+        );
+        let f = s.task_get(ts[1].id).await.unwrap().unwrap();
+        let m = &f.errors[0].message;
+        assert!(m.starts_with("x\u{FFFD}yeee"), "{}", &m[..20]);
+        assert!(
+            m.len() < 17_000 && m.contains("bytes kept"),
+            "{} bytes",
+            m.len()
+        );
+        let c = s.task_get(ts[2].id).await.unwrap().unwrap();
+        assert_eq!(c.state, TaskState::Completed);
+    }
+
     pub async fn nodes_register_and_deregister(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1134,6 +1340,10 @@ macro_rules! all_cases {
             cases::schedules_fire_each_tick_once,
             cases::workflows_unblock_and_cascade,
             cases::per_key_claims_skip_keys_at_their_limit,
+            cases::late_outcomes_of_an_earlier_run_are_fenced_by_the_claim_token,
+            cases::a_batch_applies_one_outcome_per_task,
+            cases::cancel_is_final_whatever_the_attempt_reports,
+            cases::outcomes_with_nul_or_huge_errors_are_stored_alike,
             limits::limits_per_key_and_global_hold_across_nodes,
             limits::limits_rate_holds_across_nodes,
             limits::limits_a_saturated_key_does_not_starve_others,

@@ -265,6 +265,7 @@ impl WorkerPool {
                 let _ = run.completions.send(Completion {
                     id: busy.task,
                     attempt: busy.attempt,
+                    token: busy.claim_token,
                     at: Utc::now(),
                     outcome: Outcome::Released,
                 });

@@ -43,15 +43,16 @@ impl StopReason {
 /// A task this node is running: enough to stop it and to fence its outcome.
 #[derive(Debug)]
 pub struct RunningTask {
-    pub attempt: i32,
+    /// The claim token of this run: what its outcome is fenced by.
+    pub claim_token: i64,
     pub token: CancellationToken,
     reason: AtomicU8,
 }
 
 impl RunningTask {
-    pub fn new(attempt: i32, token: CancellationToken) -> Self {
+    pub fn new(claim_token: i64, token: CancellationToken) -> Self {
         RunningTask {
-            attempt,
+            claim_token,
             token,
             reason: AtomicU8::new(StopReason::None as u8),
         }
@@ -93,6 +94,7 @@ pub struct BusyInfo {
     pub task: TaskId,
     pub kind: String,
     pub attempt: i32,
+    pub claim_token: i64,
     pub max_attempts: i32,
     pub since: Instant,
     pub deadline: Option<Instant>,
@@ -221,11 +223,12 @@ impl WorkerPoolSharedData {
         self.leader.is_leader()
     }
 
-    /// Fire the token of a running task, if this node runs it.
-    pub fn stop_task(&self, id: TaskId, attempt: Option<i32>, reason: StopReason) -> bool {
+    /// Fire the token of a running task, if this node runs it (under
+    /// `claim_token`, when given).
+    pub fn stop_task(&self, id: TaskId, claim_token: Option<i64>, reason: StopReason) -> bool {
         let running = self.running.lock().ok().and_then(|m| m.get(&id).cloned());
         match running {
-            Some(r) if attempt.is_none_or(|a| a == r.attempt) => {
+            Some(r) if claim_token.is_none_or(|t| t == r.claim_token) => {
                 r.stop(reason);
                 true
             }

@@ -102,9 +102,13 @@ fn decide(task: &Task, ran: Ran, reason: StopReason, registry: &TaskRegistry) ->
     let now = Utc::now();
     let (message, discard) = match ran {
         Ran::Returned(Ok(result)) => return Outcome::Completed { result },
+        // Asked to stop while it snoozed: the cancel wins (cancel is final).
+        Ran::Returned(Err(TaskError::Snooze(_))) if reason == StopReason::Cancelled => {
+            ("snoozed".to_string(), false)
+        }
         Ran::Returned(Err(TaskError::Snooze(d))) => {
             return Outcome::Snoozed {
-                run_at: now + chrono::Duration::from_std(d).unwrap_or_default(),
+                run_at: crate::store::lifecycle::after(now, d),
             };
         }
         Ran::Returned(Err(TaskError::Failed(m))) => (m, false),
@@ -123,7 +127,7 @@ fn decide(task: &Task, ran: Ran, reason: StopReason, registry: &TaskRegistry) ->
             } else {
                 let delay = registry.retry_policy(&task.kind).backoff(task.attempt);
                 Outcome::Retry {
-                    run_at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    run_at: crate::store::lifecycle::after(now, delay),
                     error: message,
                 }
             }
@@ -162,17 +166,14 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
     while let Ok(Job { task, permit }) = ctx.jobs.recv().await {
         if shared.stop_claiming.is_cancelled() {
             // Claimed just before shutdown began: give it back unstarted.
-            let _ = ctx.completions.send(Completion {
-                id: task.id,
-                attempt: task.attempt,
-                at: Utc::now(),
-                outcome: Outcome::Released,
-            });
+            let _ = ctx
+                .completions
+                .send(Completion::of(&task, Utc::now(), Outcome::Released));
             drop(permit);
             continue;
         }
         let token = CancellationToken::new();
-        let running = Arc::new(RunningTask::new(task.attempt, token.clone()));
+        let running = Arc::new(RunningTask::new(task.claim_token, token.clone()));
         if let Ok(mut m) = shared.running.lock() {
             m.insert(task.id, running.clone());
         }
@@ -187,6 +188,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
                 task: task.id,
                 kind: task.kind.clone(),
                 attempt: task.attempt,
+                claim_token: task.claim_token,
                 max_attempts: task.max_attempts,
                 since: started,
                 deadline,
@@ -262,12 +264,9 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
         }
         // The task stays in `running` until the completer has written its
         // outcome, so the Sentinel's reconcile never puts it back meanwhile.
-        let _ = ctx.completions.send(Completion {
-            id: task.id,
-            attempt: task.attempt,
-            at: Utc::now(),
-            outcome,
-        });
+        let _ = ctx
+            .completions
+            .send(Completion::of(&task, Utc::now(), outcome));
         // The outcome is queued: only now is the capacity given back.
         let permit = status.lock().ok().and_then(|mut s| {
             s.busy = None;

@@ -12,6 +12,8 @@
 //!
 //! See `docs/state_machine.md` for the picture.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 
 use super::{Completion, Outcome, StoreError};
@@ -52,6 +54,63 @@ pub const RESCUED_SUFFIX: &str = " stopped while running the task; rescued";
 /// depends on failed or was cancelled (at insert or later, by cascade).
 pub const DEPENDENCY_FAILED: &str = "a task it depends on did not complete";
 
+/// The longest error message a task keeps; a longer one keeps its start
+/// and says how much was cut.
+pub const MAX_ERROR_BYTES: usize = 16 << 10;
+
+/// The character NUL becomes in anything a store keeps: PostgreSQL's text
+/// and jsonb refuse NUL, and both stores must keep the same value.
+pub const NUL_REPLACEMENT: char = '\u{FFFD}';
+
+/// `s` as every store can keep it: NUL replaced (invalid UTF-8 was already
+/// replaced when the bytes became a string), at most `max` bytes.
+pub fn storable_text(s: &str, max: usize) -> Cow<'_, str> {
+    let mut out = if s.contains('\0') {
+        Cow::Owned(s.replace('\0', &NUL_REPLACEMENT.to_string()))
+    } else {
+        Cow::Borrowed(s)
+    };
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let total = out.len();
+        out = Cow::Owned(format!(
+            "{}... ({} of {total} bytes kept)",
+            &out[..cut],
+            cut
+        ));
+    }
+    out
+}
+
+/// `v` as every store can keep it: NUL replaced in every string and key.
+pub fn storable_value(v: &serde_json::Value) -> Cow<'_, serde_json::Value> {
+    fn has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(a) => a.iter().any(has_nul),
+            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn clean(v: &serde_json::Value) -> serde_json::Value {
+        let text = |s: &str| storable_text(s, usize::MAX).into_owned();
+        match v {
+            serde_json::Value::String(s) => serde_json::Value::String(text(s)),
+            serde_json::Value::Array(a) => a.iter().map(clean).collect(),
+            serde_json::Value::Object(o) => o.iter().map(|(k, v)| (text(k), clean(v))).collect(),
+            other => other.clone(),
+        }
+    }
+    if has_nul(v) {
+        Cow::Owned(clean(v))
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
 /// What an outcome does to its task: the one place that maps outcomes to states.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition<'a> {
@@ -59,8 +118,8 @@ pub struct Transition<'a> {
     pub state: TaskState,
     /// Set `finished_at` to the outcome's time (final states).
     pub finished: bool,
-    /// The result to keep (completed tasks only).
-    pub result: Option<&'a serde_json::Value>,
+    /// The result to keep (completed tasks only), made storable.
+    pub result: Option<Cow<'a, serde_json::Value>>,
     /// The new `run_at`; `None` keeps the task's own.
     pub run_at: Option<DateTime<Utc>>,
     /// An entry to append to the task's error list.
@@ -69,6 +128,24 @@ pub struct Transition<'a> {
     pub attempt_delta: i32,
     /// What the task's dependents do now.
     pub dependents: Dependents,
+    /// Cancel is final: when the task was asked to stop, this transition is
+    /// replaced by [`Transition::cancelled`] (it would make the task runnable).
+    pub yields_to_cancel: bool,
+}
+
+impl Transition<'_> {
+    /// What an outcome that [`yields_to_cancel`](Transition::yields_to_cancel)
+    /// becomes when the task was asked to stop: cancelled, the attempt kept.
+    pub fn cancelled(c: &Completion) -> AttemptError {
+        AttemptError {
+            attempt: c.attempt,
+            at: c.at,
+            message: format!(
+                "cancelled while running (the attempt ended as {})",
+                transition(c).state
+            ),
+        }
+    }
 }
 
 /// What a task's outcome means for the tasks blocked on it.
@@ -100,11 +177,17 @@ pub fn transition(c: &Completion) -> Transition<'_> {
         Some(AttemptError {
             attempt: c.attempt,
             at: c.at,
-            message: message.to_string(),
+            message: storable_text(message, MAX_ERROR_BYTES).into_owned(),
         })
     };
     let (state, result, run_at, error, attempt_delta) = match &c.outcome {
-        Outcome::Completed { result } => (TaskState::Completed, Some(result), None, None, 0),
+        Outcome::Completed { result } => (
+            TaskState::Completed,
+            Some(storable_value(result)),
+            None,
+            None,
+            0,
+        ),
         Outcome::Retry { run_at, error: e } => {
             (TaskState::Retryable, None, Some(*run_at), error(e), 0)
         }
@@ -121,7 +204,33 @@ pub fn transition(c: &Completion) -> Transition<'_> {
         error,
         attempt_delta,
         dependents: Dependents::of(state),
+        yields_to_cancel: matches!(
+            state,
+            TaskState::Available | TaskState::Scheduled | TaskState::Retryable
+        ),
     }
+}
+
+/// One completion per task in a batch: true for the first one queued for
+/// its task. A second outcome for the same task (a slot's own outcome after
+/// shutdown already released it) is refused like a fenced one.
+pub fn first_per_task(completions: &[Completion]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::with_capacity(completions.len());
+    completions.iter().map(|c| seen.insert(c.id)).collect()
+}
+
+/// The latest instant a store keeps (the end of year 9999).
+pub fn max_instant() -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `now + d`, saturating at [`max_instant`]: a snooze or backoff of any
+/// size gives a time every store can keep, never an overflow.
+pub fn after(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .map_or_else(max_instant, |t| t.min(max_instant()))
 }
 
 /// Whether outcomes make due work appear at once (producers should look now).
@@ -266,6 +375,7 @@ mod tests {
         Completion {
             id: TaskId(1),
             attempt: 2,
+            token: 3,
             at: DateTime::<Utc>::UNIX_EPOCH,
             outcome,
         }
@@ -326,6 +436,31 @@ mod tests {
             assert_eq!(tr.finished, state.is_finished());
             assert_eq!(tr.result.is_some(), state == TaskState::Completed);
         }
+    }
+
+    #[test]
+    fn huge_delays_saturate_instead_of_overflowing() {
+        let now = Utc::now();
+        assert_eq!(after(now, std::time::Duration::MAX), max_instant());
+        assert_eq!(
+            after(now, std::time::Duration::from_secs(u64::MAX / 2)),
+            max_instant()
+        );
+        let soon = after(now, std::time::Duration::from_millis(1500));
+        assert_eq!((soon - now).num_milliseconds(), 1500);
+    }
+
+    #[test]
+    fn text_is_made_storable() {
+        assert_eq!(storable_text("a\0b", 100), "a\u{FFFD}b");
+        assert!(matches!(storable_text("plain", 100), Cow::Borrowed(_)));
+        let cut = storable_text("ééééé", 3);
+        assert_eq!(cut, "é... (2 of 10 bytes kept)");
+        let v = serde_json::json!({"k\u{0}": ["x\u{0}", 1]});
+        assert_eq!(
+            storable_value(&v).into_owned(),
+            serde_json::json!({"k\u{FFFD}": ["x\u{FFFD}", 1]})
+        );
     }
 
     #[test]

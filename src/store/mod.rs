@@ -10,11 +10,18 @@
 //! # Invariants every store keeps
 //!
 //! - An insert that returned `Ok` is committed (durable).
-//! - A task is claimed by at most one claimer per attempt: claiming moves it
-//!   to `running` and increments `attempt` in the same statement.
-//! - A completion is applied only while the task is `running` with the same
-//!   `attempt` it was claimed with (the attempt is the fencing token), so a
-//!   node that lost a task to a rescue cannot overwrite the re-run's outcome.
+//! - A task is claimed by at most one claimer at a time: claiming moves it
+//!   to `running` and increments `attempt` and `claim_token` in the same
+//!   statement.
+//! - A completion is applied only while the task is `running` under the
+//!   `claim_token` it was claimed with. The token only grows (a snooze or
+//!   release gives the attempt back, never the token), so a node that lost a
+//!   task to a rescue, or a late outcome of an earlier run, cannot land on a
+//!   later run. A batch applies at most one completion per task.
+//! - Cancel is final: once a running task was asked to stop, an outcome that
+//!   would make it runnable again (retry, snooze, release) cancels it instead.
+//! - Values are made storable the same way on every store (see
+//!   [`lifecycle::storable_value`]).
 //! - While a task with a `unique_key` is unfinished, no second unfinished task
 //!   with that key exists.
 //!
@@ -104,6 +111,18 @@ impl StoreError {
         }
     }
 
+    /// May the same call work later? (A lost connection or a busy lock may
+    /// pass; data the store refuses, a schema it does not know, will not.)
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable {
+                transient: true,
+                ..
+            }
+        )
+    }
+
     /// The field an `Invalid` error names.
     pub fn field(&self) -> Option<&str> {
         match self {
@@ -117,7 +136,7 @@ impl StoreError {
 /// read them by the positions in [`col`].
 pub(crate) const TASK_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, \
     max_attempts, timeout_ms, unique_key, run_at, created_at, started_at, finished_at, node, \
-    result, errors, depends_on, concurrency_key";
+    result, errors, depends_on, concurrency_key, claim_token";
 
 /// Positions of [`TASK_COLUMNS`].
 pub(crate) mod col {
@@ -140,6 +159,7 @@ pub(crate) mod col {
     pub const ERRORS: usize = 16;
     pub const DEPENDS_ON: usize = 17;
     pub const CONCURRENCY_KEY: usize = 18;
+    pub const CLAIM_TOKEN: usize = 19;
 }
 
 /// A state read back from a store, or a schema error naming the column.
@@ -186,8 +206,8 @@ pub trait Store: Send + Sync + 'static {
     /// attempt if it had none left. Other states are a [`StoreError::Conflict`].
     async fn task_retry(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError>;
 
-    /// The ids and attempts of `node`'s running tasks that were asked to stop.
-    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError>;
+    /// The ids and claim tokens of `node`'s running tasks that were asked to stop.
+    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i64)>, StoreError>;
 
     /// Delete old finished tasks; returns how many went.
     async fn task_prune(&self, params: PruneParams) -> Result<u64, StoreError>;

@@ -53,6 +53,7 @@ impl TaskInsert {
             unique_key: self.unique_key.clone(),
             depends_on: Vec::new(),
             concurrency_key: self.concurrency_key.clone(),
+            claim_token: 0,
         }
     }
 }
@@ -116,13 +117,30 @@ pub enum Outcome {
     Released,
 }
 
-/// One attempt's outcome, fenced by `(id, attempt)`.
+/// One run's outcome, fenced by `(id, token)`: it lands only while the task
+/// is still `running` under the claim token it was claimed with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub id: TaskId,
+    /// The attempt the run was (for the error list).
     pub attempt: i32,
+    /// The claim token of the run ([`Task::claim_token`]).
+    pub token: i64,
     pub at: DateTime<Utc>,
     pub outcome: Outcome,
+}
+
+impl Completion {
+    /// The outcome of the run of `task` as claimed.
+    pub fn of(task: &Task, at: DateTime<Utc>, outcome: Outcome) -> Self {
+        Completion {
+            id: task.id,
+            attempt: task.attempt,
+            token: task.claim_token,
+            at,
+            outcome,
+        }
+    }
 }
 
 /// Filters for listing tasks, newest first. `before` is the cursor: only ids below it.

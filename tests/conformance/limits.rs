@@ -95,6 +95,7 @@ fn task(key: &str) -> NewTask {
 }
 
 pub async fn limits_per_key_and_global_hold_across_nodes(b: &Backend) {
+    let _quiet = crate::fixtures::timing_sensitive().await;
     let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
@@ -139,6 +140,7 @@ pub async fn limits_per_key_and_global_hold_across_nodes(b: &Backend) {
 /// A key at its limit with a deep backlog must not starve the keys queued
 /// behind it.
 pub async fn limits_a_saturated_key_does_not_starve_others(b: &Backend) {
+    let _quiet = crate::fixtures::timing_sensitive().await;
     let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
@@ -173,6 +175,7 @@ pub async fn limits_a_saturated_key_does_not_starve_others(b: &Backend) {
 }
 
 pub async fn limits_rate_holds_across_nodes(b: &Backend) {
+    let _quiet = crate::fixtures::timing_sensitive().await;
     let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {

@@ -107,6 +107,7 @@ async fn run(store: &dyn Store, read: DashboardRead) -> usize {
 }
 
 pub async fn dashboard_reads_use_indexes_with_a_million_tasks(b: &Backend) {
+    let _heavy = crate::fixtures::heavy().await;
     let t = Instant::now();
     b.execute_sql(
         &format!(

@@ -67,6 +67,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_running_keys.sql"),
     include_str!("migrations/0006_queue_state_index.sql"),
     include_str!("migrations/0007_kind_index.sql"),
+    include_str!("migrations/0008_claim_token.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -428,7 +429,7 @@ impl Store for PostgresStore {
         rows_to_tasks(&rows)
     }
 
-    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError> {
+    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i64)>, StoreError> {
         let (c, st) = self.prepared(&self.inner.sql.cancel_requested).await?;
         let rows = c.query(&st, &[&node]).await.map_err(db_err)?;
         rows.iter()

@@ -11,7 +11,7 @@ use super::insert::{cascade, give_back_keys, locked_task};
 use super::notify::cancel_payload;
 use super::rows::{error_value, row_to_task};
 use super::{PostgresStore, db_err, is_unique_violation};
-use crate::store::lifecycle::{self, CancelAction, Dependents};
+use crate::store::lifecycle::{self, CancelAction, Dependents, Transition};
 use crate::store::{Completion, RescueParams, Rescued, StoreError, parse_state, truncate_micros};
 use crate::task::{Task, TaskId};
 
@@ -24,8 +24,12 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let n = completions.len();
+        let first = lifecycle::first_per_task(&completions);
         let mut ids = Vec::with_capacity(n);
-        let mut attempts = Vec::with_capacity(n);
+        let mut tokens = Vec::with_capacity(n);
+        let mut yields = Vec::with_capacity(n);
+        let mut cancel_errors = Vec::with_capacity(n);
+        let mut ats = Vec::with_capacity(n);
         let mut states = Vec::with_capacity(n);
         let mut finished: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
         let mut results: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
@@ -33,13 +37,16 @@ impl PostgresStore {
         let mut errors: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
         let mut deltas: Vec<i32> = Vec::with_capacity(n);
         let wake = completions.iter().any(lifecycle::wakes_producers);
-        for c in &completions {
+        for (c, _) in completions.iter().zip(&first).filter(|(_, first)| **first) {
             let t = lifecycle::transition(c);
             ids.push(c.id.0);
-            attempts.push(c.attempt);
+            tokens.push(c.token);
+            yields.push(t.yields_to_cancel);
+            cancel_errors.push(error_value(&Transition::cancelled(c)));
+            ats.push(truncate_micros(c.at));
             states.push(t.state.as_str());
             finished.push(t.finished.then(|| truncate_micros(c.at)));
-            results.push(t.result.cloned());
+            results.push(t.result.map(|r| r.into_owned()));
             run_ats.push(t.run_at.map(truncate_micros));
             errors.push(t.error.as_ref().map(error_value));
             deltas.push(t.attempt_delta);
@@ -51,7 +58,17 @@ impl PostgresStore {
             .query(
                 &st,
                 &[
-                    &ids, &attempts, &states, &finished, &results, &run_ats, &errors, &deltas,
+                    &ids,
+                    &tokens,
+                    &states,
+                    &finished,
+                    &results,
+                    &run_ats,
+                    &errors,
+                    &deltas,
+                    &yields,
+                    &cancel_errors,
+                    &ats,
                 ],
             )
             .await
@@ -92,7 +109,8 @@ impl PostgresStore {
         }
         Ok(completions
             .iter()
-            .map(|c| applied.contains(&c.id.0))
+            .zip(first)
+            .map(|(c, first)| first && applied.contains(&c.id.0))
             .collect())
     }
 

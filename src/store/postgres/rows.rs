@@ -94,6 +94,7 @@ pub(super) fn row_to_task(r: &Row) -> Result<Task, StoreError> {
             None => Vec::new(),
         },
         concurrency_key: r.try_get(col::CONCURRENCY_KEY).map_err(db_err)?,
+        claim_token: r.try_get(col::CLAIM_TOKEN).map_err(db_err)?,
     })
 }
 

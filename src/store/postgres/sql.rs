@@ -119,7 +119,7 @@ impl Sql {
                  picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
                    WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
                    ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM allowed)), \
-                 claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $10, \
+                 claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, claim_token = t.claim_token + 1, node = $10, \
                    started_at = $2, cancel_requested = false \
                    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) \
                      AND t.state IN ({claimable}) RETURNING t.*), \
@@ -154,23 +154,28 @@ impl Sql {
                    WHERE queue = $3 AND state IN ({claimable}) AND run_at <= $2 \
                      AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $3 AND paused) \
                    ORDER BY {CLAIM_ORDER} LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 , claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, node = $1, \
+                 , claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, claim_token = t.claim_token + 1, node = $1, \
                    started_at = $2, cancel_requested = false \
                  FROM next WHERE t.id = next.id RETURNING t.*), \
                  counted AS ({RUNNING_KEYS_ADD}) \
                  SELECT {TASK_COLUMNS} FROM claimed"
             ),
             complete_many: format!(
+                // `c.yields AND t.cancel_requested`: cancel is final (see
+                // lifecycle::Transition::yields_to_cancel).
                 "UPDATE {s}.tasks t SET \
-                   state = c.state, \
-                   finished_at = c.finished_at, \
+                   state = CASE WHEN c.yields AND t.cancel_requested THEN 'cancelled' ELSE c.state END, \
+                   finished_at = CASE WHEN c.yields AND t.cancel_requested THEN c.at ELSE c.finished_at END, \
                    result = CASE WHEN c.state = 'completed' THEN c.result ELSE t.result END, \
-                   run_at = coalesce(c.run_at, t.run_at), \
-                   errors = CASE WHEN c.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(c.error) END, \
-                   attempt = t.attempt + c.delta \
-                 FROM unnest($1::int8[], $2::int4[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::timestamptz[], $7::jsonb[], $8::int4[]) \
-                   AS c(id, attempt, state, finished_at, result, run_at, error, delta) \
-                 WHERE t.id = c.id AND t.state = 'running' AND t.attempt = c.attempt \
+                   run_at = CASE WHEN c.yields AND t.cancel_requested THEN t.run_at \
+                                 ELSE coalesce(c.run_at, t.run_at) END, \
+                   errors = CASE WHEN c.yields AND t.cancel_requested THEN t.errors || jsonb_build_array(c.cancel_error) \
+                                 WHEN c.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(c.error) END, \
+                   attempt = CASE WHEN c.yields AND t.cancel_requested THEN t.attempt ELSE t.attempt + c.delta END \
+                 FROM unnest($1::int8[], $2::int8[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::timestamptz[], \
+                             $7::jsonb[], $8::int4[], $9::bool[], $10::jsonb[], $11::timestamptz[]) \
+                   AS c(id, token, state, finished_at, result, run_at, error, delta, yields, cancel_error, at) \
+                 WHERE t.id = c.id AND t.state = 'running' AND t.claim_token = c.token \
                  RETURNING t.id, t.has_dependents, t.state, t.queue, t.concurrency_key"
             ),
             get: format!("SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE id = $1"),
@@ -188,7 +193,7 @@ impl Sql {
                  max_attempts = greatest(max_attempts, attempt + 1) WHERE id = $1 RETURNING {TASK_COLUMNS}"
             ),
             cancel_requested: format!(
-                "SELECT id, attempt FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"
+                "SELECT id, claim_token FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"
             ),
             prune: format!(
                 "DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
@@ -196,6 +201,10 @@ impl Sql {
             ),
             // The queues by a loose index scan (one probe each), then a
             // count of each (queue, state) range that stops at the cap ($1).
+            // `ORDER BY id` is the tasks_queue_state index's own order: it
+            // keeps the count an index walk even when the planner thinks a
+            // sequential scan would find `cap` rows sooner (stale visibility
+            // after a VACUUM that a long transaction held back).
             queue_counts: format!(
                 "WITH RECURSIVE qs(q) AS ( \
                    SELECT min(queue) FROM {s}.tasks \
@@ -204,7 +213,7 @@ impl Sql {
                  SELECT qs.q, st.s, c.n FROM qs \
                  CROSS JOIN unnest(ARRAY[{all_states}]) AS st(s) \
                  CROSS JOIN LATERAL (SELECT count(*) AS n FROM \
-                   (SELECT 1 FROM {s}.tasks WHERE queue = qs.q AND state = st.s \
+                   (SELECT 1 FROM {s}.tasks WHERE queue = qs.q AND state = st.s ORDER BY id \
                     LIMIT CASE WHEN st.s IN ({finished}) THEN $2::bigint ELSE $1::bigint END) x) c \
                  WHERE qs.q IS NOT NULL AND c.n > 0"
             ),

@@ -18,8 +18,8 @@ pub(super) fn claim(conn: &Connection, p: &ClaimParams) -> Result<Vec<Task>, Sto
         None => fetch_tasks(
             conn,
             &format!(
-                "UPDATE tasks SET state = 'running', attempt = attempt + 1, node = ?1, \
-                 started_at = ?2, cancel_requested = 0 \
+                "UPDATE tasks SET state = 'running', attempt = attempt + 1, \
+                 claim_token = claim_token + 1, node = ?1, started_at = ?2, cancel_requested = 0 \
                  WHERE id IN (SELECT id FROM tasks WHERE queue = ?3 \
                    AND state IN ({claimable}) AND run_at <= ?2 \
                    AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?3 AND paused = 1) \
@@ -110,7 +110,8 @@ fn claim_limited(
     let tasks = fetch_tasks(
         conn,
         &format!(
-            "UPDATE tasks SET state = 'running', attempt = attempt + 1, node = ?1, started_at = ?2, \
+            "UPDATE tasks SET state = 'running', attempt = attempt + 1, \
+             claim_token = claim_token + 1, node = ?1, started_at = ?2, \
              cancel_requested = 0 WHERE id IN (SELECT value FROM json_each(?3)) \
              AND state IN ({claimable}) RETURNING {TASK_COLUMNS}"
         ),

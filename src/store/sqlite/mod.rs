@@ -60,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_limits.sql"),
     include_str!("migrations/0005_queue_state_index.sql"),
     include_str!("migrations/0006_kind_index.sql"),
+    include_str!("migrations/0007_claim_token.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -390,7 +391,7 @@ impl Store for SqliteStore {
         Ok(task)
     }
 
-    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i32)>, StoreError> {
+    async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i64)>, StoreError> {
         let node = node.to_string();
         self.read(move |conn| outcome::cancel_requested(conn, &node))
             .await

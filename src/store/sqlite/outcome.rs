@@ -9,48 +9,62 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::insert::{cascade, unblock};
 use super::rows::{error_json, get_task};
 use super::writer::sql_err;
-use crate::store::lifecycle::{self, CancelAction, Dependents, RESCUED_SUFFIX};
+use crate::store::lifecycle::{self, CancelAction, Dependents, RESCUED_SUFFIX, Transition};
 use crate::store::{
     Completion, PruneParams, RescueParams, Rescued, StoreError, parse_state, to_micros,
 };
-use crate::task::{Task, TaskId};
+use crate::task::{Task, TaskId, TaskState};
 
 /// Write one outcome as its [`lifecycle::Transition`]. `None` when fencing
-/// refused it; otherwise whether the task has dependents.
-fn complete_one(conn: &Connection, c: &Completion) -> Result<Option<bool>, StoreError> {
+/// refused it; otherwise whether the task has dependents and the state it
+/// reached (cancelled instead, when it was asked to stop and the outcome
+/// would have made it runnable: cancel is final).
+fn complete_one(
+    conn: &Connection,
+    c: &Completion,
+) -> Result<Option<(bool, TaskState)>, StoreError> {
     let t = lifecycle::transition(c);
     let result = t
         .result
+        .as_deref()
         .map(serde_json::to_string)
         .transpose()
         .map_err(|e| StoreError::invalid("result", e.to_string()))?;
-    conn.prepare_cached(
-        "UPDATE tasks SET state = ?1, \
-           finished_at = CASE WHEN ?2 THEN ?3 ELSE finished_at END, \
-           result = CASE WHEN ?4 IS NULL THEN result ELSE ?4 END, \
-           run_at = coalesce(?5, run_at), \
-           errors = CASE WHEN ?6 IS NULL THEN errors ELSE json_insert(errors, '$[#]', json(?6)) END, \
-           attempt = attempt + ?7 \
-         WHERE id = ?8 AND state = 'running' AND attempt = ?9 RETURNING has_dependents",
-    )
-    .and_then(|mut st| {
-        st.query_row(
-            params![
-                t.state.as_str(),
-                t.finished,
-                to_micros(c.at),
-                result,
-                t.run_at.map(to_micros),
-                t.error.as_ref().map(error_json),
-                t.attempt_delta,
-                c.id.0,
-                c.attempt
-            ],
-            |r| r.get::<_, bool>(0),
+    let row: Option<(bool, String)> = conn
+        .prepare_cached(
+            "UPDATE tasks SET \
+               state = CASE WHEN ?10 AND cancel_requested = 1 THEN 'cancelled' ELSE ?1 END, \
+               finished_at = CASE WHEN ?10 AND cancel_requested = 1 THEN ?3 \
+                                  WHEN ?2 THEN ?3 ELSE finished_at END, \
+               result = CASE WHEN ?4 IS NULL THEN result ELSE ?4 END, \
+               run_at = CASE WHEN ?10 AND cancel_requested = 1 THEN run_at ELSE coalesce(?5, run_at) END, \
+               errors = CASE WHEN ?10 AND cancel_requested = 1 THEN json_insert(errors, '$[#]', json(?11)) \
+                             WHEN ?6 IS NULL THEN errors ELSE json_insert(errors, '$[#]', json(?6)) END, \
+               attempt = CASE WHEN ?10 AND cancel_requested = 1 THEN attempt ELSE attempt + ?7 END \
+             WHERE id = ?8 AND state = 'running' AND claim_token = ?9 RETURNING has_dependents, state",
         )
-        .optional()
-    })
-    .map_err(sql_err)
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    t.state.as_str(),
+                    t.finished,
+                    to_micros(c.at),
+                    result,
+                    t.run_at.map(to_micros),
+                    t.error.as_ref().map(error_json),
+                    t.attempt_delta,
+                    c.id.0,
+                    c.token,
+                    t.yields_to_cancel,
+                    error_json(&Transition::cancelled(c)),
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .map_err(sql_err)?;
+    row.map(|(deps, state)| Ok((deps, parse_state(&state)?)))
+        .transpose()
 }
 
 /// Write outcomes and what they do to dependent tasks. Returns, per
@@ -62,10 +76,11 @@ pub(super) fn complete_many(
 ) -> Result<(Vec<bool>, bool), StoreError> {
     let mut applied = Vec::with_capacity(completions.len());
     let (mut done, mut doomed) = (Vec::new(), Vec::new());
-    for c in completions {
-        let r = complete_one(conn, c)?;
-        if r == Some(true) {
-            match lifecycle::transition(c).dependents {
+    let first = lifecycle::first_per_task(completions);
+    for (c, first) in completions.iter().zip(first) {
+        let r = if first { complete_one(conn, c)? } else { None };
+        if let Some((true, state)) = r {
+            match Dependents::of(state) {
                 Dependents::Unblock => done.push(c.id.0),
                 Dependents::Cascade => doomed.push(c.id.0),
                 Dependents::Wait => {}
@@ -132,10 +147,10 @@ pub(super) fn retry(conn: &Connection, id: TaskId, now: DateTime<Utc>) -> Result
 pub(super) fn cancel_requested(
     conn: &Connection,
     node: &str,
-) -> Result<Vec<(TaskId, i32)>, StoreError> {
+) -> Result<Vec<(TaskId, i64)>, StoreError> {
     let mut st = conn
         .prepare_cached(
-            "SELECT id, attempt FROM tasks WHERE state = 'running' AND node = ?1 \
+            "SELECT id, claim_token FROM tasks WHERE state = 'running' AND node = ?1 \
              AND cancel_requested = 1",
         )
         .map_err(sql_err)?;

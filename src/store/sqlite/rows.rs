@@ -49,6 +49,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
             None => Vec::new(),
         },
         concurrency_key: r.get(col::CONCURRENCY_KEY)?,
+        claim_token: r.get(col::CLAIM_TOKEN)?,
     })
 }
 
