@@ -187,44 +187,58 @@ impl Schedule {
             .map(|d| d.with_timezone(&Utc))
     }
 
+    /// The last tick at or before `t`.
+    pub fn at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let local = t.with_timezone(&self.tz);
+        self.cron
+            .find_previous_occurrence(&local, true)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    }
+
+    /// The last tick strictly before `t`.
+    fn before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let local = t.with_timezone(&self.tz);
+        self.cron
+            .find_previous_occurrence(&local, false)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    }
+
     /// Ticks in `(last, now]` to enqueue under the catch-up policy, and the
     /// newest tick in that range (the new `last_tick`, even when skipped).
     /// `grace`: how late a tick may be found and still count as on time.
+    ///
+    /// The newest tick is found by searching back from `now`, and only the
+    /// ticks the policy keeps are walked (at most [`MAX_CATCH_UP`]), so a
+    /// per-second schedule after a month down costs no more than after a
+    /// second.
     pub fn due(
         &self,
         last: DateTime<Utc>,
         now: DateTime<Utc>,
         grace: Duration,
     ) -> (Vec<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let Some(newest) = self.at_or_before(now).filter(|t| *t > last) else {
+            return (Vec::new(), None);
+        };
+        let grace = chrono::Duration::from_std(grace).unwrap_or_default();
+        let keep = |t: DateTime<Utc>| match self.spec.catch_up {
+            CatchUp::All => true,
+            CatchUp::Last => t == newest,
+            CatchUp::None => t >= now - grace,
+        };
         let mut ticks = Vec::new();
-        let mut t = last;
-        let mut newest = None;
-        while let Some(next) = self.next_after(t) {
-            if next > now {
+        let mut t = Some(newest);
+        while let Some(tick) = t.filter(|t| *t > last && keep(*t)) {
+            ticks.push(tick);
+            if ticks.len() >= MAX_CATCH_UP || self.spec.catch_up == CatchUp::Last {
                 break;
             }
-            newest = Some(next);
-            if ticks.len() < MAX_CATCH_UP {
-                ticks.push(next);
-            } else {
-                // Keep the newest MAX_CATCH_UP.
-                ticks.remove(0);
-                ticks.push(next);
-            }
-            t = next;
-            if ticks.len() >= MAX_CATCH_UP && self.spec.catch_up != CatchUp::All {
-                // Only the newest matters: jump ahead instead of walking every tick.
-                ticks.clear();
-                ticks.push(next);
-            }
+            t = self.before(tick);
         }
-        let grace = chrono::Duration::from_std(grace).unwrap_or_default();
-        let chosen = match self.spec.catch_up {
-            CatchUp::All => ticks,
-            CatchUp::Last => ticks.last().copied().into_iter().collect(),
-            CatchUp::None => ticks.into_iter().filter(|t| *t >= now - grace).collect(),
-        };
-        (chosen, newest)
+        ticks.reverse();
+        (ticks, Some(newest))
     }
 
     /// The task of one tick.
@@ -310,6 +324,24 @@ mod tests {
             .parse("schedules[1].")
             .unwrap_err();
         assert_eq!(e.field, "schedules[1].timezone");
+    }
+
+    #[test]
+    fn a_month_of_missed_seconds_is_not_walked() {
+        let now = utc(2026, 3, 1, 0, 0, 0);
+        let month_ago = now - chrono::Duration::days(30);
+        for (catch_up, want) in [
+            (CatchUp::Last, 1),
+            (CatchUp::All, MAX_CATCH_UP),
+            (CatchUp::None, 3),
+        ] {
+            let s = spec("* * * * * *", "UTC", catch_up).parse("").unwrap();
+            let (ticks, newest) = s.due(month_ago, now, Duration::from_secs(2));
+            assert_eq!(newest, Some(now), "{catch_up:?}");
+            assert_eq!(ticks.len(), want, "{catch_up:?}");
+            assert_eq!(ticks.last(), Some(&now), "{catch_up:?}");
+            assert!(ticks.windows(2).all(|w| w[0] < w[1]), "{catch_up:?}");
+        }
     }
 
     #[test]

@@ -1281,6 +1281,71 @@ pub mod cases {
         assert_eq!(c.state, TaskState::Completed);
     }
 
+    /// A task cancelled while it waited for its parents goes back to
+    /// waiting when retried by hand, not straight to `available`.
+    pub async fn retry_of_a_cancelled_blocked_task_waits_for_its_parents(b: &Backend) {
+        use proto_tasker::task::Dependency;
+        let s = b.store.clone();
+        let now = now();
+        let parent = s
+            .task_insert_many(vec![insert("p", "rq", 0, now)], now)
+            .await
+            .unwrap()[0]
+            .task
+            .clone();
+        let mut child = insert("c", "rq", 0, now);
+        child.depends_on = vec![Dependency::Task(parent.id)];
+        let child = s.task_insert_many(vec![child], now).await.unwrap()[0]
+            .task
+            .clone();
+        assert_eq!(child.state, TaskState::Blocked);
+        s.task_cancel(child.id, now).await.unwrap();
+        let retried = s.task_retry(child.id, now).await.unwrap();
+        assert_eq!(retried.state, TaskState::Blocked, "{retried:?}");
+        let claimed = s.task_claim(claim("rq", "n", 10, now)).await.unwrap();
+        assert_eq!(claimed.len(), 1, "only the parent runs");
+        assert_eq!(claimed[0].id, parent.id);
+        let done = Completion::of(
+            &claimed[0],
+            now,
+            Outcome::Completed {
+                result: serde_json::json!(1),
+            },
+        );
+        s.task_complete_many(vec![done]).await.unwrap();
+        let c = s.task_get(child.id).await.unwrap().unwrap();
+        assert_eq!(c.state, TaskState::Available, "{c:?}");
+        // A child whose parent failed cannot be retried before the parent.
+        let p2 = s
+            .task_insert_many(vec![insert("p2", "rq2", 0, now)], now)
+            .await
+            .unwrap()[0]
+            .task
+            .clone();
+        let mut c2 = insert("c2", "rq2", 0, now);
+        c2.depends_on = vec![Dependency::Task(p2.id)];
+        let c2 = s.task_insert_many(vec![c2], now).await.unwrap()[0]
+            .task
+            .clone();
+        let t = s
+            .task_claim(claim("rq2", "n", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
+        let fail = Completion::of(&t, now, Outcome::Failed { error: "no".into() });
+        s.task_complete_many(vec![fail]).await.unwrap();
+        assert_eq!(
+            s.task_get(c2.id).await.unwrap().unwrap().state,
+            TaskState::Cancelled
+        );
+        match s.task_retry(c2.id, now).await {
+            Err(StoreError::Conflict { message, .. }) => {
+                assert!(message.contains("retry it first"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     pub async fn nodes_register_and_deregister(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1344,6 +1409,7 @@ macro_rules! all_cases {
             cases::a_batch_applies_one_outcome_per_task,
             cases::cancel_is_final_whatever_the_attempt_reports,
             cases::outcomes_with_nul_or_huge_errors_are_stored_alike,
+            cases::retry_of_a_cancelled_blocked_task_waits_for_its_parents,
             limits::limits_per_key_and_global_hold_across_nodes,
             limits::limits_rate_holds_across_nodes,
             limits::limits_a_saturated_key_does_not_starve_others,

@@ -277,6 +277,25 @@ pub fn check_retry(task: &Task) -> Result<(), StoreError> {
     }
 }
 
+/// Where a retry by hand puts a task, from its parents as they stand now
+/// (parents already pruned count as completed): `blocked` while some have
+/// not completed, `available` otherwise. A parent that failed or was
+/// cancelled is a conflict: retry that one first.
+pub fn retry_state(task: &Task, parents: ParentStates) -> Result<TaskState, StoreError> {
+    if let Some(p) = parents.broken {
+        return Err(StoreError::Conflict {
+            id: task.id,
+            state: task.state,
+            message: format!("task {p}, which it depends on, did not complete; retry it first"),
+        });
+    }
+    Ok(if parents.pending > 0 {
+        TaskState::Blocked
+    } else {
+        TaskState::Available
+    })
+}
+
 /// The refusal of a retry whose task's `unique_key` another unfinished task holds.
 pub fn unique_conflict(task: &Task) -> StoreError {
     StoreError::Conflict {

@@ -13,7 +13,7 @@ use super::rows::{error_value, row_to_task};
 use super::{PostgresStore, db_err, is_unique_violation};
 use crate::store::lifecycle::{self, CancelAction, Dependents, Transition};
 use crate::store::{Completion, RescueParams, Rescued, StoreError, parse_state, truncate_micros};
-use crate::task::{Task, TaskId};
+use crate::task::{Task, TaskId, TaskState};
 
 impl PostgresStore {
     pub(super) async fn complete_many(
@@ -149,8 +149,38 @@ impl PostgresStore {
         let tx = c.transaction().await.map_err(db_err)?;
         let task = locked_task(&*tx, sql, id).await?;
         lifecycle::check_retry(&task)?;
+        // Lock the parents: one finishing now waits, then sees this task
+        // blocked and unblocks it (see insert_single).
+        let parent_ids: Vec<i64> = task.depends_on.iter().map(|p| p.0).collect();
+        let mut states = std::collections::HashMap::new();
+        if !parent_ids.is_empty() {
+            for r in tx
+                .query(&sql.parents_lock, &[&parent_ids])
+                .await
+                .map_err(db_err)?
+            {
+                let state: String = r.try_get(1).map_err(db_err)?;
+                states.insert(
+                    r.try_get::<_, i64>(0).map_err(db_err)?,
+                    parse_state(&state)?,
+                );
+            }
+        }
+        // A parent pruned since counts as completed.
+        let parents = lifecycle::classify_parents(&task.depends_on, |p| {
+            Some(states.get(&p.0).copied().unwrap_or(TaskState::Completed))
+        })?;
+        let state = lifecycle::retry_state(&task, parents)?;
         let row = match tx
-            .query_one(&sql.retry, &[&id.0, &truncate_micros(now)])
+            .query_one(
+                &sql.retry,
+                &[
+                    &id.0,
+                    &truncate_micros(now),
+                    &state.as_str(),
+                    &parents.pending,
+                ],
+            )
             .await
         {
             Ok(r) => r,

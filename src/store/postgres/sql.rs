@@ -189,8 +189,9 @@ impl Sql {
                 "UPDATE {s}.tasks SET state = 'cancelled', finished_at = $2 WHERE id = $1 RETURNING {TASK_COLUMNS}"
             ),
             retry: format!(
-                "UPDATE {s}.tasks SET state = 'available', run_at = $2, finished_at = NULL, cancel_requested = false, \
-                 max_attempts = greatest(max_attempts, attempt + 1) WHERE id = $1 RETURNING {TASK_COLUMNS}"
+                "UPDATE {s}.tasks SET state = $3, deps_pending = $4, run_at = $2, finished_at = NULL, \
+                 cancel_requested = false, max_attempts = greatest(max_attempts, attempt + 1) \
+                 WHERE id = $1 RETURNING {TASK_COLUMNS}"
             ),
             cancel_requested: format!(
                 "SELECT id, claim_token FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"

@@ -126,10 +126,12 @@ pub(super) fn cancel(
 pub(super) fn retry(conn: &Connection, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
     let task = get_task(conn, id)?.ok_or(StoreError::NotFound(id))?;
     lifecycle::check_retry(&task)?;
+    let parents = parent_states(conn, &task)?;
+    let state = lifecycle::retry_state(&task, parents)?;
     let r = conn.execute(
-        "UPDATE tasks SET state = 'available', run_at = ?1, finished_at = NULL, \
+        "UPDATE tasks SET state = ?3, deps_pending = ?4, run_at = ?1, finished_at = NULL, \
          cancel_requested = 0, max_attempts = max(max_attempts, attempt + 1) WHERE id = ?2",
-        params![to_micros(now), id.0],
+        params![to_micros(now), id.0, state.as_str(), parents.pending],
     );
     match r {
         Ok(_) => {}
@@ -143,7 +145,28 @@ pub(super) fn retry(conn: &Connection, id: TaskId, now: DateTime<Utc>) -> Result
     get_task(conn, id)?.ok_or(StoreError::NotFound(id))
 }
 
-/// The ids and attempts of `node`'s running tasks that were asked to stop.
+/// How the parents of `task` stand now (a pruned parent counts as completed).
+fn parent_states(conn: &Connection, task: &Task) -> Result<lifecycle::ParentStates, StoreError> {
+    let mut states = Vec::with_capacity(task.depends_on.len());
+    for p in &task.depends_on {
+        let s: Option<String> = conn
+            .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+            .and_then(|mut st| st.query_row([p.0], |r| r.get(0)).optional())
+            .map_err(sql_err)?;
+        states.push(match s {
+            Some(s) => parse_state(&s)?,
+            None => TaskState::Completed,
+        });
+    }
+    lifecycle::classify_parents(&task.depends_on, |id| {
+        task.depends_on
+            .iter()
+            .position(|p| *p == id)
+            .map(|i| states[i])
+    })
+}
+
+/// The ids and claim tokens of `node`'s running tasks that were asked to stop.
 pub(super) fn cancel_requested(
     conn: &Connection,
     node: &str,
