@@ -1346,6 +1346,102 @@ pub mod cases {
         }
     }
 
+    /// Bookkeeping rows leave with what they describe: a pruned task's
+    /// workflow edges, and a concurrency key's running count once nothing
+    /// with that key runs (PostgreSQL keeps those counts in a table).
+    pub async fn pruning_and_finishing_leave_no_bookkeeping_rows(b: &Backend) {
+        use proto_tasker::task::Dependency;
+        let s = b.store.clone();
+        let now = now();
+        let parent = s
+            .task_insert_many(vec![insert("p", "bq", 0, now)], now)
+            .await
+            .unwrap()[0]
+            .task
+            .clone();
+        let mut child = insert("c", "bq", 0, now);
+        child.depends_on = vec![Dependency::Task(parent.id)];
+        child.concurrency_key = Some("k1".into());
+        s.task_insert_many(vec![child], now).await.unwrap();
+        for _ in 0..2 {
+            let claimed = s.task_claim(claim("bq", "n", 10, now)).await.unwrap();
+            let done: Vec<_> = claimed
+                .iter()
+                .map(|t| {
+                    Completion::of(
+                        t,
+                        now,
+                        Outcome::Completed {
+                            result: serde_json::json!(1),
+                        },
+                    )
+                })
+                .collect();
+            s.task_complete_many(done).await.unwrap();
+        }
+        let edges = || {
+            b.count(
+                Some("SELECT count(*) FROM task_deps"),
+                Some("SELECT count(*) FROM {schema}.task_deps"),
+            )
+        };
+        assert_eq!(edges().await, Some(1));
+        let keys = b
+            .count(None, Some("SELECT count(*) FROM {schema}.running_keys"))
+            .await;
+        assert!(
+            keys.is_none_or(|n| n == 0),
+            "{keys:?} running_keys rows left"
+        );
+        let pruned = s
+            .task_prune(PruneParams {
+                completed_before: Some(now + secs(1)),
+                failed_before: None,
+                cancelled_before: None,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        assert_eq!(pruned, 2);
+        assert_eq!(edges().await, Some(0));
+    }
+
+    /// An insert whose unique key is held by a task finishing at that very
+    /// moment either returns that task or inserts a new one; it never fails.
+    pub async fn unique_inserts_racing_a_finishing_holder_never_fail(b: &Backend) {
+        let stores = b.nodes(3).await;
+        let mut racers = Vec::new();
+        for (i, s) in stores.into_iter().enumerate() {
+            racers.push(tokio::spawn(async move {
+                for round in 0..150 {
+                    let now = now();
+                    let mut row = insert("u", "uq", 0, now);
+                    row.unique_key = Some("the-key".into());
+                    let got = s
+                        .task_insert_many(vec![row], now)
+                        .await
+                        .unwrap_or_else(|e| panic!("racer {i} round {round}: {e}"));
+                    assert_eq!(got.len(), 1);
+                    // Finish whatever holds the key, so the others race a
+                    // holder that is leaving.
+                    for t in s.task_claim(claim("uq", "n", 5, now)).await.unwrap() {
+                        let c = Completion::of(
+                            &t,
+                            now,
+                            Outcome::Completed {
+                                result: serde_json::json!(null),
+                            },
+                        );
+                        s.task_complete_many(vec![c]).await.unwrap();
+                    }
+                }
+            }));
+        }
+        for r in racers {
+            r.await.unwrap();
+        }
+    }
+
     pub async fn nodes_register_and_deregister(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1410,6 +1506,8 @@ macro_rules! all_cases {
             cases::cancel_is_final_whatever_the_attempt_reports,
             cases::outcomes_with_nul_or_huge_errors_are_stored_alike,
             cases::retry_of_a_cancelled_blocked_task_waits_for_its_parents,
+            cases::pruning_and_finishing_leave_no_bookkeeping_rows,
+            cases::unique_inserts_racing_a_finishing_holder_never_fail,
             limits::limits_per_key_and_global_hold_across_nodes,
             limits::limits_rate_holds_across_nodes,
             limits::limits_a_saturated_key_does_not_starve_others,

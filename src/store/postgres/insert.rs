@@ -104,6 +104,9 @@ pub(super) async fn give_back_keys<C: GenericClient>(
         c.execute(&sql.running_keys_sub, &[&queues, &keys])
             .await
             .map_err(db_err)?;
+        c.execute(&sql.running_keys_drop, &[&queues, &keys])
+            .await
+            .map_err(db_err)?;
     }
     Ok(())
 }
@@ -176,39 +179,55 @@ async fn insert_single<C: GenericClient>(
     }
     let deps = (!parents.is_empty()).then(|| serde_json::json!(parents));
     let errors = serde_json::to_value(&task.errors).unwrap_or_else(|_| serde_json::json!([]));
-    let inserted = c
-        .query_opt(
-            &sql.insert_one,
-            &[
-                &t.kind,
-                &t.queue,
-                &t.args,
-                &t.priority,
-                &task.state.as_str(),
-                &t.max_attempts,
-                &t.timeout_ms,
-                &t.unique_key,
-                &t.run_at,
-                &now,
-                &deps,
-                &standing.pending,
-                &t.on_dependency_failure.as_str(),
-                &task.finished_at,
-                &errors,
-                &t.concurrency_key,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
-    let Some(row) = inserted else {
-        let row = c
-            .query_one(&sql.find_unique, &[&t.unique_key])
+    // A unique key held by a task that finishes between our insert and our
+    // look-up frees the key: insert again (a few rounds at most, since each
+    // round needs another task to take and give up the key meanwhile).
+    let mut rounds = 0;
+    let row = loop {
+        let inserted = c
+            .query_opt(
+                &sql.insert_one,
+                &[
+                    &t.kind,
+                    &t.queue,
+                    &t.args,
+                    &t.priority,
+                    &task.state.as_str(),
+                    &t.max_attempts,
+                    &t.timeout_ms,
+                    &t.unique_key,
+                    &t.run_at,
+                    &now,
+                    &deps,
+                    &standing.pending,
+                    &t.on_dependency_failure.as_str(),
+                    &task.finished_at,
+                    &errors,
+                    &t.concurrency_key,
+                ],
+            )
             .await
             .map_err(db_err)?;
-        return Ok(Inserted {
-            task: row_to_task(&row)?,
-            existing: true,
-        });
+        if let Some(row) = inserted {
+            break row;
+        }
+        if let Some(row) = c
+            .query_opt(&sql.find_unique, &[&t.unique_key])
+            .await
+            .map_err(db_err)?
+        {
+            return Ok(Inserted {
+                task: row_to_task(&row)?,
+                existing: true,
+            });
+        }
+        rounds += 1;
+        if rounds >= 10 {
+            return Err(StoreError::unavailable(format!(
+                "unique_key {:?} kept changing hands; try again",
+                t.unique_key.clone().unwrap_or_default()
+            )));
+        }
     };
     let task = row_to_task(&row)?;
     if !parents.is_empty() {

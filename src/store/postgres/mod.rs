@@ -68,6 +68,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_queue_state_index.sql"),
     include_str!("migrations/0007_kind_index.sql"),
     include_str!("migrations/0008_claim_token.sql"),
+    include_str!("migrations/0009_task_deps_child.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -445,17 +446,14 @@ impl Store for PostgresStore {
     async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
         let (c, st) = self.prepared(&self.inner.sql.prune).await?;
         let limit = p.limit.max(1) as i64;
-        let mut total = 0;
-        for (state, before) in [
-            ("completed", p.completed_before),
-            ("failed", p.failed_before),
-            ("cancelled", p.cancelled_before),
-        ] {
+        let mut total = 0u64;
+        for (state, before) in p.cutoffs() {
             if let Some(before) = before {
-                total += c
-                    .execute(&st, &[&state, &before, &limit])
+                let row = c
+                    .query_one(&st, &[&state.as_str(), &before, &limit])
                     .await
                     .map_err(db_err)?;
+                total += row.try_get::<_, i64>(0).map_err(db_err)? as u64;
             }
         }
         Ok(total)

@@ -17,6 +17,7 @@ pub(super) struct Sql {
     pub cascade: String,
     pub claim_limited: String,
     pub running_keys_sub: String,
+    pub running_keys_drop: String,
     pub find_unique: String,
     pub claim: String,
     pub complete_many: String,
@@ -96,6 +97,12 @@ impl Sql {
                 "UPDATE {s}.running_keys r SET n = greatest(0, r.n - d.c) \
                  FROM (SELECT q, k, count(*) AS c FROM unnest($1::text[], $2::text[]) AS u(q, k) GROUP BY q, k) d \
                  WHERE r.queue = d.q AND r.key = d.k"
+            ),
+            // Keys with nothing running leave the table (a claim that races
+            // this re-inserts its row; the delete re-checks n on the row it locks).
+            running_keys_drop: format!(
+                "DELETE FROM {s}.running_keys WHERE n <= 0 \
+                 AND (queue, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
             ),
             claim_limited: format!(
                 "WITH rl AS ( \
@@ -196,9 +203,14 @@ impl Sql {
             cancel_requested: format!(
                 "SELECT id, claim_token FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"
             ),
+            // The pruned tasks' workflow edges go with them (an edge is
+            // only walked while its child can still be blocked).
             prune: format!(
-                "DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
-                 WHERE state = $1 AND finished_at < $2 LIMIT $3)"
+                "WITH gone AS (DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
+                   WHERE state = $1 AND finished_at < $2 LIMIT $3) RETURNING id), \
+                 edges AS (DELETE FROM {s}.task_deps WHERE parent IN (SELECT id FROM gone) \
+                   OR child IN (SELECT id FROM gone)) \
+                 SELECT count(*) FROM gone"
             ),
             // The queues by a loose index scan (one probe each), then a
             // count of each (queue, state) range that stops at the cap ($1).

@@ -61,6 +61,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_queue_state_index.sql"),
     include_str!("migrations/0006_kind_index.sql"),
     include_str!("migrations/0007_claim_token.sql"),
+    include_str!("migrations/0008_task_deps_child.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.

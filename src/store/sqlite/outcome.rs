@@ -247,14 +247,30 @@ pub(super) fn prune(conn: &Connection, p: &PruneParams) -> Result<u64, StoreErro
     let limit = p.limit.max(1) as i64;
     for (state, before) in p.cutoffs() {
         let Some(before) = before else { continue };
-        let n = conn
+        let gone: Vec<i64> = conn
             .prepare_cached(
                 "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
-                 WHERE state = ?1 AND finished_at < ?2 LIMIT ?3)",
+                 WHERE state = ?1 AND finished_at < ?2 LIMIT ?3) RETURNING id",
             )
-            .and_then(|mut st| st.execute(params![state.as_str(), to_micros(before), limit]))
+            .and_then(|mut st| {
+                st.query_map(params![state.as_str(), to_micros(before), limit], |r| {
+                    r.get(0)
+                })?
+                .collect::<Result<_, _>>()
+            })
             .map_err(sql_err)?;
-        total += n as u64;
+        // Their workflow edges go with them (an edge is only walked while
+        // its child can still be blocked).
+        if !gone.is_empty() {
+            let ids = serde_json::to_string(&gone).unwrap_or_else(|_| "[]".into());
+            conn.prepare_cached(
+                "DELETE FROM task_deps WHERE parent IN (SELECT value FROM json_each(?1)) \
+                 OR child IN (SELECT value FROM json_each(?1))",
+            )
+            .and_then(|mut st| st.execute([ids]))
+            .map_err(sql_err)?;
+        }
+        total += gone.len() as u64;
     }
     Ok(total)
 }
