@@ -487,8 +487,7 @@ impl Client {
 
     /// Does the store answer? (What `/readyz` reports.)
     pub async fn ping(&self) -> Result<(), ClientError> {
-        self.store.queue_paused().await?;
-        Ok(())
+        Ok(self.store.ready().await?)
     }
 }
 

@@ -262,6 +262,11 @@ pub trait Store: Send + Sync + 'static {
     /// Give up leadership if `node` holds it.
     async fn leader_resign(&self, node: &str) -> Result<(), StoreError>;
 
+    /// Can the store serve reads and writes now? (What `/readyz` reports.)
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.queue_paused().await.map(|_| ())
+    }
+
     /// Signalled when new due work may be waiting (after inserts, retries,
     /// releases). Producers wait on it, with polling as the fallback.
     fn work_notifier(&self) -> Arc<Notify>;

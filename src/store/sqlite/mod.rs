@@ -118,6 +118,8 @@ struct Inner {
     options: SqliteOptions,
     /// Only the writer thread receives; dropping the last sender stops it.
     writer: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The writer thread, to tell whether it still runs.
+    writer_thread: std::thread::JoinHandle<()>,
     /// Idle read connections. A std mutex: held only to push or pop.
     readers: Mutex<Vec<Connection>>,
     notify: Arc<Notify>,
@@ -167,7 +169,7 @@ impl SqliteStore {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| unavailable(&path, e))?;
         let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("proto_tasker-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| unavailable(&path, e))?;
@@ -177,6 +179,7 @@ impl SqliteStore {
                 path,
                 options,
                 writer: Mutex::new(Some(tx)),
+                writer_thread,
                 readers: Mutex::new(Vec::new()),
                 notify: Arc::new(Notify::new()),
                 events,
@@ -207,17 +210,30 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let r = f(conn);
-            let ok = r.is_ok();
-            let reply: Reply = Box::new(move |commit_err| {
-                let _ = tx.send(match commit_err {
-                    None => r,
-                    Some(e) => Err(e.clone()),
+        // The job answers through `run`'s reply, or through `fail` when its
+        // group cannot begin; whichever comes first takes the sender.
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let fail_tx = tx.clone();
+        let job = Job {
+            run: Box::new(move |conn| {
+                let r = f(conn);
+                let ok = r.is_ok();
+                let reply: Reply = Box::new(move |commit_err| {
+                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(match commit_err {
+                            None => r,
+                            Some(e) => Err(e.clone()),
+                        });
+                    }
                 });
-            });
-            (reply, ok)
-        });
+                (reply, ok)
+            }),
+            fail: Box::new(move |e| {
+                if let Some(tx) = fail_tx.lock().ok().and_then(|mut t| t.take()) {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }),
+        };
         let sender = self
             .inner
             .writer
@@ -228,8 +244,12 @@ impl SqliteStore {
         sender
             .send(job)
             .map_err(|_| unavailable(&self.inner.path, "writer thread stopped"))?;
-        rx.await
-            .map_err(|_| unavailable(&self.inner.path, "writer thread stopped"))?
+        rx.await.map_err(|_| {
+            unavailable(
+                &self.inner.path,
+                "the write was lost (it failed inside the writer, or the writer stopped)",
+            )
+        })?
     }
 
     /// Run `f` on a read connection on a blocking thread.
@@ -255,6 +275,14 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::unavailable(format!("read task failed: {e}")))?
+    }
+
+    /// A write that panics inside the writer (tests: a panic must roll back
+    /// that write alone and leave the writer running).
+    #[doc(hidden)]
+    pub async fn write_that_panics(&self) -> Result<(), StoreError> {
+        self.write(|_conn| -> Result<(), StoreError> { panic!("a write that panics") })
+            .await
     }
 
     fn wake(&self) {
@@ -495,6 +523,13 @@ impl Store for SqliteStore {
         let node = node.to_string();
         self.write(move |conn| cluster::leader_resign(conn, &node))
             .await
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.inner.writer_thread.is_finished() {
+            return Err(unavailable(&self.inner.path, "the writer thread stopped"));
+        }
+        self.queue_paused().await.map(|_| ())
     }
 
     fn work_notifier(&self) -> Arc<Notify> {

@@ -7,8 +7,12 @@
 //!   ever race and a claim may count and update in separate statements.
 //! - A job's reply is sent only after the transaction that holds it
 //!   committed (or with the error that stopped it), so `Ok` means durable.
-//! - Each job runs in its own SAVEPOINT: a job that fails rolls back alone
-//!   and the others of its group still commit.
+//! - Each job runs in its own SAVEPOINT: a job that fails (or panics) rolls
+//!   back alone and the others of its group still commit; a panic never
+//!   ends the thread.
+//! - When the group's transaction cannot begin (another process holds the
+//!   write lock past the busy timeout), every job of the group is answered
+//!   with that error without running: none waits out a timeout of its own.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -24,9 +28,15 @@ pub const MAX_GROUP: usize = 512;
 /// Answers a job's caller once its group's transaction has ended (with the
 /// commit's error, if any).
 pub(super) type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
-/// A write: runs on the writer thread, returns its reply and whether it
-/// succeeded (a failed job's savepoint is rolled back).
-pub(super) type Job = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
+
+/// A write for the writer thread.
+pub(super) struct Job {
+    /// Runs the write; returns its reply and whether it succeeded (a failed
+    /// job's savepoint is rolled back).
+    pub run: Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>,
+    /// Answers the caller without running (the group could not begin).
+    pub fail: Box<dyn FnOnce(&StoreError) + Send>,
+}
 
 pub(super) fn unavailable(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::unavailable(format!("{}: {e}", path.display()))
@@ -96,15 +106,22 @@ pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let err = sql_err(e);
             for job in batch.drain(..) {
-                // The job never ran; answer its caller with the error.
-                let (reply, _) = job_skip(job, &conn);
-                reply(Some(&err));
+                (job.fail)(&err);
             }
             continue;
         }
         for job in batch.drain(..) {
             let sp = conn.execute_batch("SAVEPOINT job");
-            let (reply, ok) = job(&conn);
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.run)(&conn)));
+            let (reply, ok) = match ran {
+                Ok(r) => r,
+                Err(panic) => {
+                    // The job's reply went with it: its caller hears that
+                    // the write was lost. The others go on.
+                    tracing::error!(panic = ?panic.downcast_ref::<&str>(), "a store write panicked; rolled back");
+                    (Box::new(|_: Option<&StoreError>| {}) as Reply, false)
+                }
+            };
             let undo = if ok {
                 "RELEASE job"
             } else {
@@ -124,14 +141,4 @@ pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
             }
         }
     }
-}
-
-/// When BEGIN failed we still need each job's reply channel; running the job
-/// outside a transaction would write without group semantics, so instead we
-/// run it inside a savepoint that is always rolled back.
-fn job_skip(job: Job, conn: &Connection) -> (Reply, bool) {
-    let _ = conn.execute_batch("SAVEPOINT skip");
-    let r = job(conn);
-    let _ = conn.execute_batch("ROLLBACK TO skip; RELEASE skip");
-    r
 }
