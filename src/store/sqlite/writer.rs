@@ -29,11 +29,13 @@ pub const MAX_GROUP: usize = 512;
 /// commit's error, if any).
 pub(super) type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
+/// Runs a write; returns its reply and whether it succeeded (a failed job's
+/// savepoint is rolled back).
+pub(super) type Run = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
+
 /// A write for the writer thread.
 pub(super) struct Job {
-    /// Runs the write; returns its reply and whether it succeeded (a failed
-    /// job's savepoint is rolled back).
-    pub run: Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>,
+    pub run: Run,
     /// Answers the caller without running (the group could not begin).
     pub fail: Box<dyn FnOnce(&StoreError) + Send>,
 }
