@@ -301,3 +301,75 @@ fn foreign_db(path: &Path) -> std::path::PathBuf {
         .unwrap();
     path.to_path_buf()
 }
+
+/// Two processes started with one `node.name` (one config on two replicas,
+/// or a restart while the old process still drains) would rescue each
+/// other's tasks: the second is refused while the first heartbeats. A
+/// restart after the first crashed takes the name at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_processes_cannot_share_a_node_name_but_a_crash_restart_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("names.db");
+    let cfg = dir.path().join("node.yaml");
+    write(
+        &cfg,
+        &format!(
+            "node:\n  name: fixed\nstore:\n  path: {}\nserver:\n  listen: 127.0.0.1:0\n\
+             sentinel:\n  heartbeat_interval: 200ms\n  node_timeout: 5s\n",
+            db.display()
+        ),
+    );
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteOptions::new(&db)).unwrap());
+    store.migrate().await.unwrap();
+    let holder = || async {
+        store
+            .node_list(chrono::Utc::now())
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|n| n.name == "fixed")
+            .map(|n| n.instance)
+    };
+    let mut first = spawn_node(&cfg, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first_instance = loop {
+        if let Some(i) = holder().await {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "the first node never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A second live process under the same name is refused, exit 1.
+    let second = Command::new(BIN)
+        .arg(format!("--config={}", cfg.display()))
+        .current_dir(dir.path())
+        .output()
+        .expect("run a second node");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("node.name") && err.contains("in use"), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first node still runs");
+    assert_eq!(holder().await.as_deref(), Some(first_instance.as_str()));
+    // After a crash, a restart under the name starts at once, well inside
+    // node_timeout (the crashed process is known to be gone).
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let restarted = Instant::now();
+    let mut again = spawn_node(&cfg, dir.path());
+    loop {
+        if holder().await.is_some_and(|i| i != first_instance) {
+            break;
+        }
+        assert!(
+            again.try_wait().unwrap().is_none(),
+            "the restarted node exited"
+        );
+        assert!(
+            restarted.elapsed() < Duration::from_secs(4),
+            "the restart waited for the dead process's heartbeat to age"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigterm(&again);
+    assert!(wait_exit(&mut again, Duration::from_secs(20)).success());
+}

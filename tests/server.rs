@@ -1043,6 +1043,7 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
             workers_busy: 0,
             queues: vec!["default".into()],
             leader: false,
+            instance: String::new(),
             stats: NodeStats {
                 completed,
                 failed,

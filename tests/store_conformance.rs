@@ -52,6 +52,7 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
         queues: vec!["default".into()],
         leader: false,
         stats: Default::default(),
+        instance: format!("test/{name}"),
     }
 }
 
@@ -1442,6 +1443,60 @@ pub mod cases {
         }
     }
 
+    /// One process holds a node's name: a second instance is refused while
+    /// the first heartbeats, may take over a dead one, and the first then
+    /// learns from its next heartbeat that the name is gone.
+    pub async fn one_instance_holds_a_node_name(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let first = node("same", now);
+        let mut second = node("same", now + secs(1));
+        second.instance = "test/same/second".into();
+        let live_since = now - secs(15);
+        assert!(
+            s.node_register(first.clone(), live_since, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(s.node_heartbeat(first.clone()).await.unwrap());
+        let holder = s
+            .node_register(second.clone(), live_since, None)
+            .await
+            .unwrap()
+            .expect("the first instance holds the name");
+        assert_eq!(holder.instance, first.instance);
+        // Its heartbeat has gone stale: the name is free.
+        let later = now + secs(30);
+        let mut second_later = second.clone();
+        second_later.heartbeat_at = later;
+        assert!(
+            s.node_register(second_later.clone(), later - secs(15), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The first, back from a pause, finds its name taken.
+        assert!(!s.node_heartbeat(first.clone()).await.unwrap());
+        assert!(s.node_heartbeat(second_later.clone()).await.unwrap());
+        // A holder known to be dead is taken over at once.
+        let mut third = node("same", later);
+        third.instance = "test/same/third".into();
+        assert!(
+            s.node_register(third.clone(), later - secs(15), None)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            s.node_register(third, later - secs(15), Some(second.instance.clone()))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!s.node_heartbeat(second_later).await.unwrap());
+    }
+
     pub async fn nodes_register_and_deregister(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1508,6 +1563,7 @@ macro_rules! all_cases {
             cases::retry_of_a_cancelled_blocked_task_waits_for_its_parents,
             cases::pruning_and_finishing_leave_no_bookkeeping_rows,
             cases::unique_inserts_racing_a_finishing_holder_never_fail,
+            cases::one_instance_holds_a_node_name,
             limits::limits_per_key_and_global_hold_across_nodes,
             limits::limits_rate_holds_across_nodes,
             limits::limits_a_saturated_key_does_not_starve_others,

@@ -158,6 +158,14 @@ pub struct WorkerPoolSharedData {
     pub stop_claiming: CancellationToken,
     /// True while the node's lease is lost: producers do not claim.
     pub fenced: AtomicBool,
+    /// Another process took this node's name: fenced for good.
+    pub name_lost: AtomicBool,
+    /// This process's instance id under the node's name.
+    pub instance: String,
+    /// When the last confirmed heartbeat was sent (the lease counts from
+    /// there). Written by the heartbeat task only; a std mutex held to read
+    /// or replace one `Instant`.
+    pub lease_sent: Mutex<Instant>,
     /// True while this node holds leadership.
     pub leader: crate::maintenance::Leadership,
     pub started: chrono::DateTime<chrono::Utc>,
@@ -189,6 +197,9 @@ impl WorkerPoolSharedData {
             counters: Counters::default(),
             stop_claiming: CancellationToken::new(),
             fenced: AtomicBool::new(false),
+            name_lost: AtomicBool::new(false),
+            instance: crate::sentinel::lease::new_instance(),
+            lease_sent: Mutex::new(Instant::now()),
             leader: Default::default(),
             started: chrono::Utc::now(),
             outcomes_written: tokio::sync::Notify::new(),

@@ -296,6 +296,21 @@ pub fn retry_state(task: &Task, parents: ParentStates) -> Result<TaskState, Stor
     })
 }
 
+/// Does `holder` keep `node`'s name from it at start? Yes while it is
+/// another instance whose heartbeat is at or after `live_since`, unless it
+/// is `take_from` (an instance known to be dead).
+pub fn name_held_by_other(
+    holder: &super::NodeInfo,
+    node: &super::NodeInfo,
+    live_since: DateTime<Utc>,
+    take_from: Option<&str>,
+) -> bool {
+    !holder.instance.is_empty()
+        && holder.instance != node.instance
+        && Some(holder.instance.as_str()) != take_from
+        && holder.heartbeat_at >= live_since
+}
+
 /// The refusal of a retry whose task's `unique_key` another unfinished task holds.
 pub fn unique_conflict(task: &Task) -> StoreError {
     StoreError::Conflict {

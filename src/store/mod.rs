@@ -237,8 +237,20 @@ pub trait Store: Send + Sync + 'static {
     /// inserted tasks, or `None` when another node fired it first.
     async fn schedule_fire(&self, fire: ScheduleFire) -> Result<Option<Vec<Inserted>>, StoreError>;
 
-    /// Register or refresh this node.
-    async fn node_heartbeat(&self, node: NodeInfo) -> Result<(), StoreError>;
+    /// Take `node.name` for `node.instance` at start, unless another
+    /// instance holds it with a heartbeat at or after `live_since` (then
+    /// nothing changes and the holder is returned). `take_from`: an instance
+    /// known to be dead, whose recent heartbeat does not count.
+    async fn node_register(
+        &self,
+        node: NodeInfo,
+        live_since: DateTime<Utc>,
+        take_from: Option<String>,
+    ) -> Result<Option<NodeInfo>, StoreError>;
+
+    /// Refresh this node's registration. False when another instance holds
+    /// the name now (this one was taken for dead and must stop).
+    async fn node_heartbeat(&self, node: NodeInfo) -> Result<bool, StoreError>;
 
     /// Remove a node that stops cleanly.
     async fn node_remove(&self, name: &str) -> Result<(), StoreError>;

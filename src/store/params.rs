@@ -197,6 +197,10 @@ pub struct NodeInfo {
     /// What the node's pool did since it started (written with each heartbeat).
     #[serde(default)]
     pub stats: NodeStats,
+    /// Which process holds the name (`host/pid/random`): two processes
+    /// configured with one `node.name` are told apart by it.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// Attempt outcomes a node's pool counted since it started. The dashboard

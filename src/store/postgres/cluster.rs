@@ -7,11 +7,30 @@ use chrono::{DateTime, Utc};
 
 use super::insert::insert_rows;
 use super::{PostgresStore, db_err};
+use crate::store::lifecycle;
 use crate::store::{
     FINISHED_COUNT_CAP, Inserted, NodeInfo, QUEUE_COUNT_CAP, ScheduleFire, ScheduleRow, StoreError,
     parse_state, truncate_micros,
 };
 use crate::task::TaskState;
+
+/// One row of the node list.
+fn node_row(r: &tokio_postgres::Row) -> Result<NodeInfo, StoreError> {
+    let queues: serde_json::Value = r.try_get(6).map_err(db_err)?;
+    let stats: serde_json::Value = r.try_get(8).map_err(db_err)?;
+    Ok(NodeInfo {
+        name: r.try_get(0).map_err(db_err)?,
+        version: r.try_get(1).map_err(db_err)?,
+        started_at: r.try_get(2).map_err(db_err)?,
+        heartbeat_at: r.try_get(3).map_err(db_err)?,
+        workers: r.try_get(4).map_err(db_err)?,
+        workers_busy: r.try_get(5).map_err(db_err)?,
+        queues: serde_json::from_value(queues).unwrap_or_default(),
+        leader: r.try_get(7).map_err(db_err)?,
+        stats: serde_json::from_value(stats).unwrap_or_default(),
+        instance: r.try_get(9).map_err(db_err)?,
+    })
+}
 
 impl PostgresStore {
     pub(super) async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
@@ -119,28 +138,87 @@ impl PostgresStore {
         Ok(Some(out))
     }
 
-    pub(super) async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
+    /// Write `n`'s row (its heartbeat in the database's time); with
+    /// `only_own`, only while the name is unheld or held by `n.instance`.
+    async fn write_node<C: tokio_postgres::GenericClient>(
+        &self,
+        c: &C,
+        n: &NodeInfo,
+        only_own: bool,
+    ) -> Result<bool, StoreError> {
         let queues = serde_json::to_value(&n.queues)
             .map_err(|e| StoreError::invalid_value(e.to_string()))?;
         let stats =
             serde_json::to_value(n.stats).map_err(|e| StoreError::invalid_value(e.to_string()))?;
-        let (c, st) = self.prepared(&self.inner.sql.heartbeat).await?;
-        c.execute(
-            &st,
-            &[
-                &n.name,
-                &n.version,
-                &n.started_at,
-                &truncate_micros(n.heartbeat_at),
-                &n.workers,
-                &n.workers_busy,
-                &queues,
-                &stats,
-            ],
+        let sql = if only_own {
+            &self.inner.sql.heartbeat
+        } else {
+            &self.inner.sql.node_take
+        };
+        let at = truncate_micros(self.db_time(n.heartbeat_at).await?);
+        let row = c
+            .query_opt(
+                sql,
+                &[
+                    &n.name,
+                    &n.version,
+                    &n.started_at,
+                    &at,
+                    &n.workers,
+                    &n.workers_busy,
+                    &queues,
+                    &stats,
+                    &n.instance,
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.is_some())
+    }
+
+    pub(super) async fn node_heartbeat(&self, n: NodeInfo) -> Result<bool, StoreError> {
+        let c = self.conn().await?;
+        self.write_node(&**c, &n, true).await
+    }
+
+    pub(super) async fn node_register(
+        &self,
+        n: NodeInfo,
+        live_since: DateTime<Utc>,
+        take_from: Option<String>,
+    ) -> Result<Option<NodeInfo>, StoreError> {
+        let live_since = self.db_time(live_since).await?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        // Nodes starting under one name at once: one at a time here.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!(
+                "proto_tasker_node:{}:{}",
+                self.inner.schema, n.name
+            )],
         )
         .await
         .map_err(db_err)?;
-        Ok(())
+        let rows = tx
+            .query(&self.inner.sql.node_list, &[&Utc::now()])
+            .await
+            .map_err(db_err)?;
+        let holder = rows
+            .iter()
+            .map(node_row)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .find(|h| h.name == n.name);
+        if let Some(mut h) = holder
+            && lifecycle::name_held_by_other(&h, &n, live_since, take_from.as_deref())
+        {
+            h.heartbeat_at -= self.clock_offset().await?;
+            return Ok(Some(h));
+        }
+        self.write_node(&*tx, &n, false).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(None)
     }
 
     pub(super) async fn node_remove(&self, name: &str) -> Result<(), StoreError> {
@@ -155,23 +233,15 @@ impl PostgresStore {
     }
 
     pub(super) async fn node_list(&self, now: DateTime<Utc>) -> Result<Vec<NodeInfo>, StoreError> {
+        // Heartbeats are kept in the database's time and shown in ours.
+        let offset = self.clock_offset().await?;
         let (c, st) = self.prepared(&self.inner.sql.node_list).await?;
-        let rows = c.query(&st, &[&now]).await.map_err(db_err)?;
+        let rows = c.query(&st, &[&(now + offset)]).await.map_err(db_err)?;
         rows.iter()
             .map(|r| {
-                let queues: serde_json::Value = r.try_get(6).map_err(db_err)?;
-                let stats: serde_json::Value = r.try_get(8).map_err(db_err)?;
-                Ok(NodeInfo {
-                    name: r.try_get(0).map_err(db_err)?,
-                    version: r.try_get(1).map_err(db_err)?,
-                    started_at: r.try_get(2).map_err(db_err)?,
-                    heartbeat_at: r.try_get(3).map_err(db_err)?,
-                    workers: r.try_get(4).map_err(db_err)?,
-                    workers_busy: r.try_get(5).map_err(db_err)?,
-                    queues: serde_json::from_value(queues).unwrap_or_default(),
-                    leader: r.try_get(7).map_err(db_err)?,
-                    stats: serde_json::from_value(stats).unwrap_or_default(),
-                })
+                let mut n = node_row(r)?;
+                n.heartbeat_at -= offset;
+                Ok(n)
             })
             .collect()
     }
@@ -182,6 +252,7 @@ impl PostgresStore {
         ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
+        let now = self.db_time(now).await?;
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
         let (c, st) = self.prepared(&self.inner.sql.elect).await?;
         let row = c

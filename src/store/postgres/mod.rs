@@ -69,6 +69,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_kind_index.sql"),
     include_str!("migrations/0008_claim_token.sql"),
     include_str!("migrations/0009_task_deps_child.sql"),
+    include_str!("migrations/0010_node_instance.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -86,6 +87,9 @@ pub struct PostgresOptions {
     pub schema: String,
     /// Connections in the pool (the LISTEN connection is extra).
     pub pool_size: usize,
+    /// How long sent data may stay unacknowledged before a connection
+    /// counts as broken (shorter than the nodes' `node_timeout`).
+    pub tcp_user_timeout: Duration,
 }
 
 impl PostgresOptions {
@@ -94,6 +98,7 @@ impl PostgresOptions {
             url: url.into(),
             schema: "proto_tasker".into(),
             pool_size: 16,
+            tcp_user_timeout: Duration::from_secs(8),
         }
     }
 
@@ -119,7 +124,13 @@ struct Inner {
     /// Queued NOTIFY payloads; the notifier task coalesces them.
     outbox: mpsc::UnboundedSender<String>,
     stop: CancellationToken,
+    /// The database's clock minus this process's, and when it was measured.
+    /// A std mutex: held only to read or replace the pair.
+    clock: std::sync::Mutex<Option<(chrono::Duration, std::time::Instant)>>,
 }
+
+/// How often the database's clock is read again (see [`PostgresStore::db_time`]).
+const CLOCK_REFRESH: Duration = Duration::from_secs(10);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -219,6 +230,14 @@ impl PostgresStore {
         // Names our connections in pg_stat_activity (per schema, so tests can find theirs).
         pg.application_name(format!("proto_tasker:{}", options.schema));
         pg.connect_timeout(Duration::from_secs(5));
+        // A silent partition (no error, no reply) must not hang a call
+        // forever: keepalives find a dead peer, and the TCP user timeout
+        // fails a connection whose sent data stays unacknowledged.
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .tcp_user_timeout(options.tcp_user_timeout);
         let manager = Manager::from_config(
             pg.clone(),
             NoTls,
@@ -248,6 +267,7 @@ impl PostgresStore {
                 events: events.clone(),
                 outbox,
                 stop: stop.clone(),
+                clock: std::sync::Mutex::new(None),
             }),
         };
         tokio::spawn(listen_loop(
@@ -362,6 +382,52 @@ impl PostgresStore {
         .await
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
+    }
+
+    /// `t` (this process's clock) in the database's time. Liveness and
+    /// leases are judged by the database's clock: every node writes its
+    /// heartbeats and leases, and compares them, in database time, so a node
+    /// whose own clock is off by any amount is neither taken for dead nor
+    /// able to hold a lease longer. The offset is read (half a round trip
+    /// corrected) at most every [`CLOCK_REFRESH`].
+    pub(super) async fn db_time(&self, t: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
+        Ok(t + self.clock_offset().await?)
+    }
+
+    /// The database's clock minus this process's (see [`Self::db_time`]).
+    pub(super) async fn clock_offset(&self) -> Result<chrono::Duration, StoreError> {
+        let cached = self
+            .inner
+            .clock
+            .lock()
+            .ok()
+            .and_then(|c| *c)
+            .filter(|(_, at)| at.elapsed() < CLOCK_REFRESH);
+        let offset = match cached {
+            Some((offset, _)) => offset,
+            None => {
+                let c = self.conn().await?;
+                let before = Utc::now();
+                let row = c
+                    .query_one("SELECT clock_timestamp()", &[])
+                    .await
+                    .map_err(db_err)?;
+                let after = Utc::now();
+                let db: DateTime<Utc> = row.try_get(0).map_err(db_err)?;
+                // Whole microseconds, the precision the store keeps, so a
+                // time written and read back comes back unchanged.
+                let offset = chrono::Duration::microseconds(
+                    (db - (before + (after - before) / 2))
+                        .num_microseconds()
+                        .unwrap_or(0),
+                );
+                if let Ok(mut c) = self.inner.clock.lock() {
+                    *c = Some((offset, std::time::Instant::now()));
+                }
+                offset
+            }
+        };
+        Ok(offset)
     }
 
     /// A pooled connection and `sql` prepared on it (cached per connection).
@@ -505,7 +571,16 @@ impl Store for PostgresStore {
         PostgresStore::schedule_fire(self, f).await
     }
 
-    async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
+    async fn node_register(
+        &self,
+        n: NodeInfo,
+        live_since: DateTime<Utc>,
+        take_from: Option<String>,
+    ) -> Result<Option<NodeInfo>, StoreError> {
+        PostgresStore::node_register(self, n, live_since, take_from).await
+    }
+
+    async fn node_heartbeat(&self, n: NodeInfo) -> Result<bool, StoreError> {
         PostgresStore::node_heartbeat(self, n).await
     }
 

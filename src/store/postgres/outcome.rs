@@ -209,7 +209,9 @@ impl PostgresStore {
                     .await
             }
             None => {
-                let cutoff = now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
+                // Heartbeats are in the database's time (see db_time).
+                let cutoff = truncate_micros(self.db_time(p.now).await?)
+                    - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
                 tx.query(&sql.rescue_dead, &[&now, &now_text, &cutoff])
                     .await
             }

@@ -32,6 +32,7 @@ pub(super) struct Sql {
     pub queue_set_paused: String,
     pub queue_paused: String,
     pub heartbeat: String,
+    pub node_take: String,
     pub node_remove: String,
     pub leader_remove: String,
     pub node_list: String,
@@ -49,6 +50,14 @@ impl Sql {
         let claimable = lifecycle::sql_states(&lifecycle::CLAIMABLE);
         let finished = lifecycle::sql_states(&lifecycle::FINISHED);
         let all_states = lifecycle::sql_states(&TaskState::ALL);
+        let node_upsert = format!(
+            "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, \
+               stats, instance) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (name) DO UPDATE SET \
+             version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
+             workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues, \
+             stats = excluded.stats, instance = excluded.instance"
+        );
         // Keeps `running_keys` in step with claims of tasks that have a key
         // (read by per-key limits instead of counting running rows, whose
         // index fills with dead entries between vacuums).
@@ -235,18 +244,17 @@ impl Sql {
                  ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"
             ),
             queue_paused: format!("SELECT name FROM {s}.queues WHERE paused ORDER BY name"),
+            // Only while the name is unheld or this instance's.
             heartbeat: format!(
-                "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET \
-                 version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
-                 workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues, \
-                 stats = excluded.stats"
+                "{node_upsert} WHERE {s}.nodes.instance = excluded.instance OR {s}.nodes.instance = '' \
+                 RETURNING name"
             ),
+            node_take: format!("{node_upsert} RETURNING name"),
             node_remove: format!("DELETE FROM {s}.nodes WHERE name = $1"),
             leader_remove: format!("DELETE FROM {s}.leader WHERE node = $1"),
             node_list: format!(
                 "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, n.queues, \
-                   (l.node IS NOT NULL), n.stats FROM {s}.nodes n \
+                   (l.node IS NOT NULL), n.stats, n.instance FROM {s}.nodes n \
                  LEFT JOIN {s}.leader l ON l.node = n.name AND l.expires_at > $1 ORDER BY n.name"
             ),
             rescue_dead: format!(

@@ -127,33 +127,69 @@ pub(super) fn schedule_fire(
     insert_all(conn, &f.tasks, args, f.now).map(Some)
 }
 
+/// Write `n`'s row; with `only_own`, only while the name is unheld or held
+/// by `n.instance`. True when the row was written.
 pub(super) fn node_heartbeat(
     conn: &Connection,
     n: &NodeInfo,
     queues: &str,
     stats: &str,
-) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO UPDATE SET \
+    only_own: bool,
+) -> Result<bool, StoreError> {
+    let sql = format!(
+        "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats, instance) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (name) DO UPDATE SET \
          version = excluded.version, started_at = excluded.started_at, \
          heartbeat_at = excluded.heartbeat_at, workers = excluded.workers, \
-         workers_busy = excluded.workers_busy, queues = excluded.queues, stats = excluded.stats",
-    )
-    .and_then(|mut st| {
-        st.execute(params![
-            n.name,
-            n.version,
-            to_micros(n.started_at),
-            to_micros(n.heartbeat_at),
-            n.workers,
-            n.workers_busy,
-            queues,
-            stats
-        ])
-    })
-    .map_err(sql_err)?;
-    Ok(())
+         workers_busy = excluded.workers_busy, queues = excluded.queues, stats = excluded.stats, \
+         instance = excluded.instance {} RETURNING name",
+        if only_own {
+            "WHERE nodes.instance = excluded.instance OR nodes.instance = ''"
+        } else {
+            ""
+        }
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    n.name,
+                    n.version,
+                    to_micros(n.started_at),
+                    to_micros(n.heartbeat_at),
+                    n.workers,
+                    n.workers_busy,
+                    queues,
+                    stats,
+                    n.instance
+                ],
+                |_| Ok(()),
+            )
+            .optional()
+        })
+        .map(|r| r.is_some())
+        .map_err(sql_err)
+}
+
+/// See [`Store::node_register`](crate::store::Store::node_register).
+pub(super) fn node_register(
+    conn: &Connection,
+    n: &NodeInfo,
+    queues: &str,
+    stats: &str,
+    live_since: DateTime<Utc>,
+    take_from: Option<&str>,
+) -> Result<Option<NodeInfo>, StoreError> {
+    let holder = node_list(conn, n.heartbeat_at)?
+        .into_iter()
+        .find(|h| h.name == n.name);
+    if let Some(h) = holder
+        && crate::store::lifecycle::name_held_by_other(&h, n, live_since, take_from)
+    {
+        return Ok(Some(h));
+    }
+    node_heartbeat(conn, n, queues, stats, false)?;
+    Ok(None)
 }
 
 pub(super) fn node_remove(conn: &Connection, name: &str) -> Result<(), StoreError> {
@@ -171,7 +207,7 @@ pub(super) fn node_list(
     let mut st = conn
         .prepare_cached(
             "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, \
-             n.queues, (l.node IS NOT NULL), n.stats FROM nodes n \
+             n.queues, (l.node IS NOT NULL), n.stats, n.instance FROM nodes n \
              LEFT JOIN leader l ON l.node = n.name AND l.expires_at > ?1 ORDER BY n.name",
         )
         .map_err(sql_err)?;
@@ -188,6 +224,7 @@ pub(super) fn node_list(
             queues: serde_json::from_str(&queues).unwrap_or_default(),
             leader: r.get(7)?,
             stats: serde_json::from_str(&stats).unwrap_or_default(),
+            instance: r.get(9)?,
         })
     })
     .map_err(sql_err)?

@@ -62,6 +62,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_kind_index.sql"),
     include_str!("migrations/0007_claim_token.sql"),
     include_str!("migrations/0008_task_deps_child.sql"),
+    include_str!("migrations/0009_node_instance.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -290,6 +291,15 @@ impl SqliteStore {
     }
 }
 
+/// A node's queues and stats as the JSON text the table keeps.
+fn node_json(n: &NodeInfo) -> Result<(String, String), StoreError> {
+    let queues = serde_json::to_string(&n.queues)
+        .map_err(|e| StoreError::invalid("queues", e.to_string()))?;
+    let stats =
+        serde_json::to_string(&n.stats).map_err(|e| StoreError::invalid("stats", e.to_string()))?;
+    Ok((queues, stats))
+}
+
 /// Apply the migrations past the file's `user_version`, up to `target`.
 fn migrate(conn: &Connection, path: &Path, target: usize) -> Result<(), StoreError> {
     let version: i64 = conn
@@ -481,12 +491,22 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn node_heartbeat(&self, n: NodeInfo) -> Result<(), StoreError> {
-        let queues = serde_json::to_string(&n.queues)
-            .map_err(|e| StoreError::invalid("queues", e.to_string()))?;
-        let stats = serde_json::to_string(&n.stats)
-            .map_err(|e| StoreError::invalid("stats", e.to_string()))?;
-        self.write(move |conn| cluster::node_heartbeat(conn, &n, &queues, &stats))
+    async fn node_register(
+        &self,
+        n: NodeInfo,
+        live_since: DateTime<Utc>,
+        take_from: Option<String>,
+    ) -> Result<Option<NodeInfo>, StoreError> {
+        let (queues, stats) = node_json(&n)?;
+        self.write(move |conn| {
+            cluster::node_register(conn, &n, &queues, &stats, live_since, take_from.as_deref())
+        })
+        .await
+    }
+
+    async fn node_heartbeat(&self, n: NodeInfo) -> Result<bool, StoreError> {
+        let (queues, stats) = node_json(&n)?;
+        self.write(move |conn| cluster::node_heartbeat(conn, &n, &queues, &stats, true))
             .await
     }
 

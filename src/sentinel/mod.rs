@@ -7,12 +7,14 @@
 //! - replaces worker slots whose executor panicked, and slots that hang
 //!   past their task's timeout (an executor that blocks its thread and never
 //!   yields), so the pool keeps its full worker count;
-//! - heartbeats the node every `heartbeat_interval`;
+//! - heartbeats the node every `heartbeat_interval`, on a task of its own
+//!   (`lease.rs`), and holds its name against a second process;
 //! - rescues the running tasks of nodes whose heartbeat is older than
 //!   `node_timeout` (they go back to `retryable`, the attempt counted);
-//! - fences itself: when its own heartbeat has failed for long enough that
-//!   other nodes may rescue its tasks, it stops claiming and stops its
-//!   running tasks, before anyone else re-runs them;
+//! - fences itself: when its last confirmed heartbeat was sent so long ago
+//!   that other nodes may soon rescue its tasks, it stops claiming and stops
+//!   its running tasks, two heartbeat intervals before anyone may re-run
+//!   them;
 //! - passes on cancel requests to the tasks running here;
 //! - competes for leadership; the leader alone prunes finished tasks.
 //!
@@ -22,7 +24,8 @@
 //! changes only tasks that are `running` on a node that is not live, in one
 //! conditional statement, so two Sentinels racing to rescue the same task
 //! rescue it once. Rescued tasks keep their attempt number; the stale node's
-//! late outcome carries the old attempt and is refused by the store's fencing.
+//! late outcome carries the old claim token and is refused by the store's
+//! fencing.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,7 +42,9 @@ use crate::duration::text as dur_serde;
 use crate::maintenance::{Retention, rescue, retention};
 use crate::pool::shared::{Counters, StopReason, WorkerPoolSharedData};
 use crate::pool::worker::{SlotCtx, run_slot};
-use crate::store::{Completion, NodeInfo, Outcome, Rescued, Store, StoreEvent};
+use crate::store::{Completion, Outcome, Rescued, Store, StoreEvent};
+
+pub(crate) mod lease;
 
 /// Timings of the Sentinel. In a config file this is the `sentinel:`
 /// section; `retention` is its own top-level section.
@@ -122,25 +127,21 @@ impl std::fmt::Debug for Sentinel {
 }
 
 impl Sentinel {
-    fn node_info(&self) -> NodeInfo {
-        let now = Utc::now();
-        NodeInfo {
-            name: self.shared.node.clone(),
+    fn heartbeat(&self) -> lease::Heartbeat {
+        lease::Heartbeat {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            config: self.config.clone(),
             version: self.version.clone(),
-            started_at: self.shared.started,
-            heartbeat_at: now,
-            workers: self.shared.workers_total() as i32,
-            workers_busy: self.shared.workers_busy() as i32,
             queues: self.queues.clone(),
-            leader: self.shared.is_leader(),
-            stats: self.shared.stats(),
         }
     }
 
-    /// Register the node and rescue what an earlier process of the same name
-    /// left running. Called before the first claim.
+    /// Take the node's name (refused while another live process holds it)
+    /// and rescue what an earlier process of the same name left running.
+    /// Called before the first claim.
     pub(crate) async fn start(&self) -> Result<(), crate::store::StoreError> {
-        self.store.node_heartbeat(self.node_info()).await?;
+        self.heartbeat().register().await?;
         let rescued = rescue::rescue_own(
             &*self.store,
             &self.shared.node,
@@ -163,28 +164,41 @@ impl Sentinel {
     /// Run until `stop` fires; returns the worker slots so the pool can wind them down.
     pub(crate) async fn run(mut self, stop: CancellationToken) -> Vec<Slot> {
         let mut events = self.store.subscribe();
-        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The heartbeat runs on its own: nothing here (a slow rescue or
+        // prune) can delay it. See lease.rs.
+        let beating = tokio::spawn(self.heartbeat().run(stop.clone()));
+        let mut upkeep = tokio::time::interval(self.config.heartbeat_interval);
+        upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut check = tokio::time::interval(self.config.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_beat = Instant::now();
         let mut last_prune: Option<Instant> = None;
         let mut last_reconcile = Instant::now();
+        // Every other store call is cut off after node_timeout, so a hung
+        // connection cannot stop the Sentinel from checking its lease.
+        let limit = self.config.node_timeout;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = heartbeat.tick() => {
+                _ = upkeep.tick() => {
                     // Independent of each other: run them at once (on PostgreSQL,
                     // on separate pooled connections).
-                    tokio::join!(
-                        self.beat(&mut last_beat),
-                        self.rescue(),
-                        self.elect_and_prune(&mut last_prune),
-                        self.poll_cancels(),
-                    );
-                    self.reconcile(&mut last_reconcile).await;
+                    let all = async {
+                        tokio::join!(
+                            self.rescue(),
+                            self.elect_and_prune(&mut last_prune),
+                            self.poll_cancels(),
+                        );
+                        self.reconcile(&mut last_reconcile).await;
+                    };
+                    if tokio::time::timeout(limit, all).await.is_err() {
+                        tracing::warn!("the Sentinel's store calls got no answer within node_timeout");
+                    }
+                    lease::check_lease(&self.shared, &self.config);
                 }
-                _ = check.tick() => self.check_slots(),
+                _ = check.tick() => {
+                    lease::check_lease(&self.shared, &self.config);
+                    self.check_slots();
+                }
                 ev = events.recv() => match ev {
                     Ok(StoreEvent::CancelRequested { id, node }) => {
                         if node.as_deref() == Some(self.shared.node.as_str()) {
@@ -198,39 +212,13 @@ impl Sentinel {
                 },
             }
         }
+        beating.abort();
         if self.shared.is_leader() {
-            let _ = self.store.leader_resign(&self.shared.node).await;
+            let _ = tokio::time::timeout(limit, self.store.leader_resign(&self.shared.node)).await;
             self.shared.leader.set(false);
         }
+        lease::instance_ended(&self.shared.instance);
         self.slots
-    }
-
-    async fn beat(&self, last_ok: &mut Instant) {
-        match self.store.node_heartbeat(self.node_info()).await {
-            Ok(()) => {
-                *last_ok = Instant::now();
-                if self.shared.fenced.swap(false, Ordering::AcqRel) {
-                    tracing::warn!("heartbeat restored; claiming again");
-                }
-            }
-            Err(e) => {
-                let silent = last_ok.elapsed();
-                // Others may rescue our tasks once node_timeout passes since
-                // our last heartbeat; stop one interval before that.
-                let lease = self
-                    .config
-                    .node_timeout
-                    .saturating_sub(self.config.heartbeat_interval);
-                tracing::warn!(error = %e, silent_ms = silent.as_millis() as u64, "heartbeat failed");
-                if silent >= lease && !self.shared.fenced.swap(true, Ordering::AcqRel) {
-                    tracing::error!(
-                        "no heartbeat for {}ms: lease lost, stopping claims and running tasks",
-                        silent.as_millis()
-                    );
-                    self.shared.stop_all(StopReason::Shutdown);
-                }
-            }
-        }
     }
 
     fn count_rescued(&self, r: &[Rescued]) {
