@@ -348,7 +348,10 @@ async fn two_live_processes_cannot_share_a_node_name_but_a_crash_restart_can() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{err}");
     assert!(err.contains("node.name") && err.contains("in use"), "{err}");
-    assert!(first.try_wait().unwrap().is_none(), "the first node still runs");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first node still runs"
+    );
     assert_eq!(holder().await.as_deref(), Some(first_instance.as_str()));
     // After a crash, a restart under the name starts at once, well inside
     // node_timeout (the crashed process is known to be gone).

@@ -11,9 +11,9 @@
 //! - This node fences itself (stops claiming, stops its running tasks) once
 //!   its last confirmed heartbeat was sent `node_timeout - 2 x
 //!   heartbeat_interval` ago: a margin of two intervals before anyone may
-//!   rescue. The check runs on the Sentinel's short check timer, not in the
-//!   heartbeat loop, so a heartbeat call that hangs cannot delay it; each
-//!   heartbeat call is also cut off after one interval.
+//!   rescue. The check runs every `check_interval` on a task of its own
+//!   (`watch`), so no store call that hangs can delay it; each heartbeat
+//!   call is also cut off after one interval.
 //! - Only the heartbeat task writes `lease_sent`; the Sentinel reads it.
 //! - One process holds a node's name at a time: an instance id
 //!   (`host/pid/random`) is written with each heartbeat, a start under a
@@ -103,9 +103,27 @@ pub(crate) fn lease(config: &SentinelConfig) -> Duration {
         .max(config.heartbeat_interval)
 }
 
+/// Check the lease every `check_interval` until `stop`, on a task of its
+/// own: nothing the Sentinel waits for (a store call that hangs in a
+/// partition) may delay it.
+pub(crate) async fn watch(
+    shared: Arc<WorkerPoolSharedData>,
+    config: SentinelConfig,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(config.check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => check_lease(&shared, &config),
+        }
+    }
+}
+
 /// Fence this node when its lease ran out: stop claiming and stop every
 /// running task (whole process groups for `shell`), before others may
-/// rescue them. Called on the Sentinel's check timer.
+/// rescue them.
 pub(crate) fn check_lease(shared: &WorkerPoolSharedData, config: &SentinelConfig) {
     let silent = shared
         .lease_sent

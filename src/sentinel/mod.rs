@@ -167,6 +167,11 @@ impl Sentinel {
         // The heartbeat runs on its own: nothing here (a slow rescue or
         // prune) can delay it. See lease.rs.
         let beating = tokio::spawn(self.heartbeat().run(stop.clone()));
+        let watching = tokio::spawn(lease::watch(
+            self.shared.clone(),
+            self.config.clone(),
+            stop.clone(),
+        ));
         let mut upkeep = tokio::time::interval(self.config.heartbeat_interval);
         upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut check = tokio::time::interval(self.config.check_interval);
@@ -193,12 +198,8 @@ impl Sentinel {
                     if tokio::time::timeout(limit, all).await.is_err() {
                         tracing::warn!("the Sentinel's store calls got no answer within node_timeout");
                     }
-                    lease::check_lease(&self.shared, &self.config);
                 }
-                _ = check.tick() => {
-                    lease::check_lease(&self.shared, &self.config);
-                    self.check_slots();
-                }
+                _ = check.tick() => self.check_slots(),
                 ev = events.recv() => match ev {
                     Ok(StoreEvent::CancelRequested { id, node }) => {
                         if node.as_deref() == Some(self.shared.node.as_str()) {
@@ -213,6 +214,7 @@ impl Sentinel {
             }
         }
         beating.abort();
+        watching.abort();
         if self.shared.is_leader() {
             let _ = tokio::time::timeout(limit, self.store.leader_resign(&self.shared.node)).await;
             self.shared.leader.set(false);
