@@ -8,6 +8,7 @@
 //! - `fail`: `{"message": "..."}` fails every attempt with that message.
 
 pub mod http;
+pub mod orphans;
 pub mod shell;
 
 use std::sync::Arc;

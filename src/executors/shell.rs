@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Stdio;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -112,9 +113,12 @@ impl TaskExecutor for ShellExecutor {
         let a = self
             .parse(&ctx.args)
             .map_err(|e| TaskError::Discard(e.to_string()))?;
+        // The program, and all it starts, dies with this process (see orphans.rs).
+        super::orphans::ensure_guardian();
         let mut cmd = tokio::process::Command::new(&a.cmd[0]);
         cmd.args(&a.cmd[1..])
             .envs(&a.env)
+            .env(super::orphans::MARK_VAR, super::orphans::process_mark())
             .stdin(if a.stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -130,7 +134,7 @@ impl TaskExecutor for ShellExecutor {
         let mut child = cmd
             .spawn()
             .map_err(|e| TaskError::Failed(format!("cannot start {:?}: {e}", a.cmd[0])))?;
-        let mut killer = GroupKiller(child.id().and_then(|p| i32::try_from(p).ok()));
+        let killer = GroupKiller(child.id().and_then(|p| i32::try_from(p).ok()));
         if let (Some(text), Some(mut stdin)) = (a.stdin, child.stdin.take()) {
             // A program that exits without reading its input is not an error.
             let _ = stdin.write_all(text.as_bytes()).await;
@@ -150,16 +154,24 @@ impl TaskExecutor for ShellExecutor {
                 return Err(TaskError::Failed(format!("{:?} killed: the task was stopped", a.cmd[0])));
             }
         };
-        killer.0 = None; // exited by itself
+        // The program ended: so does the task, and with it whatever the
+        // program left running in its group (a background child would
+        // otherwise outlive the task and hold its output open).
+        drop(killer);
         let text = |v: Vec<u8>| String::from_utf8_lossy(&v).into_owned();
-        let stdout = match out {
-            Some(h) => text(h.await.unwrap_or_default()),
-            None => String::new(),
+        // Output still in flight after the group is gone is read; a reader
+        // held open by a process that left the group is not waited for.
+        let collect = |h: Option<tokio::task::JoinHandle<Vec<u8>>>| async move {
+            match h {
+                Some(h) => match tokio::time::timeout(Duration::from_secs(1), h).await {
+                    Ok(Ok(v)) => text(v),
+                    _ => String::new(),
+                },
+                None => String::new(),
+            }
         };
-        let stderr = match err {
-            Some(h) => text(h.await.unwrap_or_default()),
-            None => String::new(),
-        };
+        let stdout = collect(out).await;
+        let stderr = collect(err).await;
         match status.code() {
             Some(0) => Ok(serde_json::json!({"exit_code": 0, "stdout": stdout, "stderr": stderr})),
             Some(code) => Err(TaskError::Failed(format!(

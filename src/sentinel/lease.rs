@@ -46,13 +46,14 @@ fn host_name() -> String {
         .unwrap_or_else(|| "node".to_string())
 }
 
-/// A new instance id: `host/pid/random`.
+/// A new instance id: this process's mark (`host/pid/random`, which the
+/// programs it starts carry) and a number for each pool of the process.
 pub(crate) fn new_instance() -> String {
+    static POOLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = format!(
-        "{}/{}/{:016x}",
-        host_name(),
-        std::process::id(),
-        rand::random::<u64>()
+        "{}/{}",
+        crate::executors::orphans::process_mark(),
+        POOLS.fetch_add(1, Ordering::Relaxed)
     );
     if let Ok(mut live) = LIVE_HERE.lock() {
         live.get_or_insert_with(HashSet::new).insert(id.clone());
@@ -172,6 +173,13 @@ impl Heartbeat {
         let live_since = info.heartbeat_at
             - chrono::Duration::from_std(self.config.node_timeout).unwrap_or_default();
         let sent = Instant::now();
+        // Who held the name before, so its programs can be stopped.
+        let previous = self
+            .store
+            .node_list(Utc::now())
+            .await?
+            .into_iter()
+            .find(|n| n.name == info.name && n.instance != info.instance);
         let mut holder = self
             .store
             .node_register(info.clone(), live_since, None)
@@ -193,6 +201,21 @@ impl Heartbeat {
                     h.name, h.instance
                 ),
             ));
+        }
+        // The name is ours. A previous process of this machine that is gone
+        // may have left programs running (its guardian normally killed
+        // them): kill them before its tasks are rescued (the caller rescues next).
+        if let Some(p) = previous.filter(|p| known_dead(&p.instance))
+            && let Some((mark, _)) = p.instance.rsplit_once('/')
+        {
+            let mark = mark.to_string();
+            let killed =
+                tokio::task::spawn_blocking(move || crate::executors::orphans::kill_marked(&mark))
+                    .await
+                    .unwrap_or(0);
+            if killed > 0 {
+                tracing::warn!(killed, previous = %p.instance, "killed programs left running by this node's previous process");
+            }
         }
         if let Ok(mut t) = self.shared.lease_sent.lock() {
             *t = sent;
