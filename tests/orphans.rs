@@ -64,7 +64,7 @@ fn lines(out: &Path) -> Vec<(String, u32, i64)> {
 fn alive(pid: u32) -> bool {
     // A zombie is dead: its state is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 
