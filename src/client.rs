@@ -112,6 +112,42 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ClientError 
     }
 }
 
+/// Longest name (kind, queue, unique key, concurrency key, ref), in bytes:
+/// PostgreSQL refuses index entries past about 2.7 KB, and no label needs more.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Most tasks one task may depend on.
+pub const MAX_DEPENDS_ON: usize = 1000;
+
+fn check_name(v: &str) -> Result<(), String> {
+    if v.len() > MAX_NAME_BYTES {
+        return Err(format!("is {} bytes; at most {MAX_NAME_BYTES}", v.len()));
+    }
+    if v.contains('\0') {
+        return Err("holds a NUL character".into());
+    }
+    Ok(())
+}
+
+/// Where `v` holds a NUL (in a string or a key): `args.a.b[2]`.
+fn nul_in(v: &serde_json::Value, path: &str) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => Some(path.to_string()),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_in(x, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(o) => o.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(path.to_string())
+            } else {
+                nul_in(x, &format!("{path}.{k}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// Longest allowed delay or distance of `run_at` into the future (about 100 years).
 const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -236,6 +272,33 @@ impl Client {
         if t.kind.trim().is_empty() {
             return Err(invalid(at("kind"), "must not be empty"));
         }
+        // Bounds, the same whatever the store (each would otherwise fail in
+        // one store and not the other, or hold the store up).
+        check_name(&t.kind).map_err(|m| invalid(at("kind"), m))?;
+        if let Some(path) = nul_in(&t.args, "args") {
+            return Err(invalid(
+                at(&path),
+                "holds a NUL character, which tasks may not carry",
+            ));
+        }
+        if t.options.depends_on.len() > MAX_DEPENDS_ON {
+            return Err(invalid(
+                at("depends_on"),
+                format!(
+                    "{} tasks; a task may depend on at most {MAX_DEPENDS_ON}",
+                    t.options.depends_on.len()
+                ),
+            ));
+        }
+        for (f, v) in [
+            ("queue", t.options.queue.as_deref()),
+            ("unique_key", t.options.unique_key.as_deref()),
+            ("concurrency_key", t.options.concurrency_key.as_deref()),
+        ] {
+            if let Some(v) = v {
+                check_name(v).map_err(|m| invalid(at(f), m))?;
+            }
+        }
         if let Some(executor) = self.registry.executor(&t.kind) {
             executor
                 .check_args(&t.args)
@@ -285,6 +348,9 @@ impl Client {
         };
         if run_at > now + chrono::Duration::from_std(MAX_DELAY).unwrap_or_default() {
             return Err(invalid(at("run_at"), "is more than 100 years away"));
+        }
+        if run_at < chrono::DateTime::<Utc>::UNIX_EPOCH {
+            return Err(invalid(at("run_at"), "is before 1970"));
         }
         let timeout = o.timeout.or(defaults.timeout);
         let timeout_ms = match timeout {

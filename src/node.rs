@@ -125,6 +125,11 @@ impl Node {
                 cfg.server.limits(),
                 cfg.server.auth_token.clone(),
             );
+            let state = state.with_browser_policy(crate::server::guard::BrowserPolicy::new(
+                addr,
+                &cfg.server.allowed_hosts,
+                &cfg.server.cors_origins,
+            ));
             #[cfg(feature = "stats")]
             let state = state.with_metrics(metrics);
             server = Some((listener, state));

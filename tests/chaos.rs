@@ -46,9 +46,10 @@ struct Pauses(HashMap<String, Vec<(i128, i128)>>);
 
 impl Pauses {
     fn explains(&self, first: &Run) -> bool {
-        self.0
-            .get(&first.node)
-            .is_some_and(|ps| ps.iter().any(|(a, b)| *a <= first.last && *b >= first.first))
+        self.0.get(&first.node).is_some_and(|ps| {
+            ps.iter()
+                .any(|(a, b)| *a <= first.last && *b >= first.first)
+        })
     }
 }
 
@@ -139,21 +140,28 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
         match fault {
             Fault::Crash => {
                 nodes[victim].crash();
-                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..1500))).await;
+                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..1500)))
+                    .await;
                 nodes[victim].restart();
             }
             Fault::Pause => {
                 let from = uptime_ms();
                 nodes[victim].signal(nix::sys::signal::Signal::SIGSTOP);
-                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(3000..4500))).await;
+                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(3000..4500)))
+                    .await;
                 nodes[victim].signal(nix::sys::signal::Signal::SIGCONT);
                 // Its programs may tick until it wakes and sees its lease gone.
                 let until = uptime_ms() + 1000;
-                pauses.0.entry(nodes[victim].name.clone()).or_default().push((from, until));
+                pauses
+                    .0
+                    .entry(nodes[victim].name.clone())
+                    .or_default()
+                    .push((from, until));
             }
             Fault::BlackHole => {
                 proxies[victim].hold(true);
-                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(3000..5000))).await;
+                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(3000..5000)))
+                    .await;
                 proxies[victim].hold(false);
             }
             Fault::KillBackends => {
@@ -185,12 +193,16 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
     let deadline = Instant::now() + Duration::from_secs(180);
     let tasks = loop {
         let all = fixtures::all_tasks(&store).await;
-        let done = all.iter().filter(|t| t.state == TaskState::Completed).count();
-        let by_id: HashMap<TaskId, &proto_tasker::Task> = all.iter().map(|t| (t.id, t)).collect();
-        if acked
+        let done = all
             .iter()
-            .all(|(_, id)| by_id.get(id).is_some_and(|t| t.state == TaskState::Completed))
-        {
+            .filter(|t| t.state == TaskState::Completed)
+            .count();
+        let by_id: HashMap<TaskId, &proto_tasker::Task> = all.iter().map(|t| (t.id, t)).collect();
+        if acked.iter().all(|(_, id)| {
+            by_id
+                .get(id)
+                .is_some_and(|t| t.state == TaskState::Completed)
+        }) {
             break all;
         }
         assert!(
@@ -198,7 +210,9 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
             "acknowledged tasks not completed: {:?} ({done} of {} tasks done)",
             acked
                 .iter()
-                .filter(|(_, id)| by_id.get(id).is_none_or(|t| t.state != TaskState::Completed))
+                .filter(|(_, id)| by_id
+                    .get(id)
+                    .is_none_or(|t| t.state != TaskState::Completed))
                 .map(|(l, id)| (l, id, by_id.get(id).map(|t| t.state)))
                 .take(10)
                 .collect::<Vec<_>>(),
@@ -212,8 +226,9 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
     let h = history(&log);
     let executions: usize = h.values().map(Vec::len).sum();
     let all_overlaps = overlaps(&h);
-    let (explained, violations): (Vec<_>, Vec<_>) =
-        all_overlaps.into_iter().partition(|(_, first, _)| pauses.explains(first));
+    let (explained, violations): (Vec<_>, Vec<_>) = all_overlaps
+        .into_iter()
+        .partition(|(_, first, _)| pauses.explains(first));
     // Nothing that completed ran again: no execution starts after the
     // task's finish (uptime and wall clock of this one machine).
     let wall_minus_up = chrono::Utc::now().timestamp_millis() as i128 - uptime_ms();
@@ -233,7 +248,11 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
     // Each cron tick once.
     let mut ticks: HashMap<&str, usize> = HashMap::new();
     for t in &tasks {
-        if let Some(k) = t.unique_key.as_deref().filter(|k| k.starts_with("cron:tick:")) {
+        if let Some(k) = t
+            .unique_key
+            .as_deref()
+            .filter(|k| k.starts_with("cron:tick:"))
+        {
             *ticks.entry(k).or_default() += 1;
         }
     }
@@ -249,10 +268,20 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
         ran_after_done.len(),
         twice.len()
     );
-    assert!(violations.is_empty(), "overlapping executions: {violations:#?}");
-    assert!(ran_after_done.is_empty(), "ran after completing: {ran_after_done:#?}");
+    assert!(
+        violations.is_empty(),
+        "overlapping executions: {violations:#?}"
+    );
+    assert!(
+        ran_after_done.is_empty(),
+        "ran after completing: {ran_after_done:#?}"
+    );
     assert!(twice.is_empty(), "cron ticks enqueued twice: {twice:?}");
-    assert!(acked.len() > 50, "the run enqueued too little: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "the run enqueued too little: {}",
+        acked.len()
+    );
     drop(nodes);
     drop(store);
     let c = cluster.clone();

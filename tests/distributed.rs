@@ -134,7 +134,7 @@ fn start_node_with(
              server:\n  listen: 127.0.0.1:0\nqueues:\n  default: {{workers: {workers}}}\n\
              pool:\n  poll_interval: 200ms\n  shutdown_timeout: 2s\n\
              sentinel:\n  heartbeat_interval: {HEARTBEAT_MS}ms\n  node_timeout: {NODE_TIMEOUT_MS}ms\n\
-             executors:\n  http:\n    allow_hosts: [\"127.0.0.1\"]\n    timeout: 60s\n{extra}"
+             executors:\n  http:\n    allow_hosts: [\"127.0.0.1:*\"]\n    timeout: 60s\n{extra}"
         ),
     )
     .unwrap();

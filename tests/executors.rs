@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto_tasker::executors::http::HttpExecutor;
-use proto_tasker::executors::shell::ShellExecutor;
+use proto_tasker::executors::shell::{ShellExecutor, ShellPolicy};
 use proto_tasker::{Builder, NewTask, TaskOptions, TaskRegistry, TaskState, WorkerPool};
 use serde_json::json;
 
@@ -24,10 +24,15 @@ fn shell(allow: &[&str], max_output: usize) -> TaskRegistry {
     let mut r = TaskRegistry::new();
     r.register(
         "shell",
-        Arc::new(ShellExecutor::new(
-            allow.iter().map(|s| s.to_string()),
-            max_output,
-        )),
+        Arc::new(
+            ShellExecutor::from_policy(ShellPolicy {
+                allow: allow.iter().map(|s| s.to_string()).collect(),
+                env_allow: vec!["GREETING".into()],
+                cwd_allow: vec![std::env::temp_dir()],
+                max_output,
+            })
+            .unwrap(),
+        ),
     );
     r
 }
@@ -181,7 +186,7 @@ async fn http_calls_allowed_hosts_caps_bodies_and_fails_on_non_2xx() {
     r.register(
         "http",
         Arc::new(
-            HttpExecutor::new(["127.0.0.1".to_string()], 1000, Duration::from_secs(5)).unwrap(),
+            HttpExecutor::new(["127.0.0.1:*".to_string()], 1000, Duration::from_secs(5)).unwrap(),
         ),
     );
     let (p, _dir) = pool(r).await;
@@ -228,5 +233,172 @@ async fn http_calls_allowed_hosts_caps_bodies_and_fails_on_non_2xx() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("args.method"), "{err}");
+    p.shutdown().await;
+}
+
+/// The allow-list holds: a task can neither run another file (a path of
+/// its own, a `PATH` of its own), nor reach the program through its
+/// environment, nor run outside the allowed directories; what the program
+/// sees is a cleared environment; big input and a background child that
+/// holds the output open do not hang the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_allow_list_cannot_be_walked_around() {
+    let (p, dir) = pool(shell(&["printf", "sh", "cat"], 1024)).await;
+    let c = p.client();
+    // A look-alike program of the task's own.
+    let up = dir.path().join("up");
+    std::fs::create_dir_all(&up).unwrap();
+    std::fs::write(up.join("printf"), "#!/bin/sh\necho pwned\n").unwrap();
+    let refused = |args: serde_json::Value, field: &'static str| {
+        let c = c.clone();
+        async move {
+            let e = c.enqueue("shell", args).await.unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+    };
+    refused(
+        json!({"cmd": [up.join("printf").display().to_string()]}),
+        "args.cmd",
+    )
+    .await;
+    refused(
+        json!({"cmd": ["printf", "x"], "env": {"PATH": up.display().to_string()}}),
+        "args.env.PATH",
+    )
+    .await;
+    for name in ["LD_PRELOAD", "BASH_ENV", "NODE_OPTIONS"] {
+        refused(
+            json!({"cmd": ["sh", "-c", "true"], "env": {name: "/tmp/x"}}),
+            "args.env",
+        )
+        .await;
+    }
+    refused(json!({"cmd": ["sh", "-c", "pwd"], "cwd": "/"}), "args.cwd").await;
+    let sneaky = format!("{}/../../etc", dir.path().display());
+    refused(
+        json!({"cmd": ["sh", "-c", "pwd"], "cwd": sneaky}),
+        "args.cwd",
+    )
+    .await;
+    // The program's environment: a fixed PATH, the mark, allowed names only.
+    let t = c
+        .enqueue(
+            "shell",
+            json!({"cmd": ["sh", "-c", "env"], "env": {"GREETING": "hi"}}),
+        )
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    let out = t.result.unwrap()["stdout"].as_str().unwrap().to_string();
+    let names: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    for n in &names {
+        assert!(
+            [
+                "PATH",
+                "PWD",
+                "GREETING",
+                "PROTO_TASKER_PROCESS",
+                "SHLVL",
+                "_",
+                "OLDPWD"
+            ]
+            .contains(n),
+            "{n} reached the program: {out}"
+        );
+    }
+    assert!(out.contains("PATH=/usr/local/bin:/usr/bin:/bin"), "{out}");
+    // A path to an allowed file is the same program.
+    let t = c
+        .enqueue("shell", json!({"cmd": ["/bin/sh", "-c", "echo via path"]}))
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.result.unwrap()["stdout"], "via path\n");
+    // A megabyte through cat: fed while its output is read.
+    let big = "x".repeat(1 << 20);
+    let t = c
+        .enqueue("shell", json!({"cmd": ["cat"], "stdin": big}))
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(t.state, TaskState::Completed, "{:?}", t.errors);
+    // A background child holding stdout: the task ends with its program.
+    let started = std::time::Instant::now();
+    let t = c
+        .enqueue(
+            "shell",
+            json!({"cmd": ["sh", "-c", "sleep 30 & echo done"]}),
+        )
+        .await
+        .unwrap();
+    let t = c.wait(t.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(t.result.unwrap()["stdout"], "done\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    p.shutdown().await;
+}
+
+/// The http allow-list holds too: an entry without a port allows only the
+/// scheme's default port, a task cannot pick another virtual host with
+/// `Host`, and a URL's credentials never show in errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_allow_list_holds_ports_hosts_and_secrets() {
+    let base = http_target().await;
+    let port = base.rsplit(':').next().unwrap().to_string();
+    let exec = |hosts: &[&str]| {
+        HttpExecutor::new(
+            hosts.iter().map(|h| h.to_string()),
+            1000,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    use proto_tasker::TaskExecutor;
+    let plain = exec(&["127.0.0.1"]);
+    let e = plain
+        .check_args(&json!({"url": format!("{base}/ok")}))
+        .unwrap_err();
+    assert_eq!(e.field, "args.url", "{e}");
+    assert!(
+        plain
+            .check_args(&json!({"url": "http://127.0.0.1/ok"}))
+            .is_ok()
+    );
+    let with_port = exec(&[&format!("127.0.0.1:{port}")]);
+    assert!(
+        with_port
+            .check_args(&json!({"url": format!("{base}/ok")}))
+            .is_ok()
+    );
+    assert!(
+        with_port
+            .check_args(&json!({"url": "http://127.0.0.1:1/ok"}))
+            .is_err()
+    );
+    let e = with_port
+        .check_args(&json!({"url": format!("{base}/ok"), "headers": {"HOST": "admin.internal"}}))
+        .unwrap_err();
+    assert_eq!(e.field, "args.headers.HOST", "{e}");
+    let mut r = TaskRegistry::new();
+    r.register("http", Arc::new(with_port));
+    let (p, _dir) = pool(r).await;
+    let c = p.client();
+    let secret_url = format!("http://user:s3cr3t@127.0.0.1:{port}/boom");
+    let opts = TaskOptions::default().max_attempts(1);
+    let t = c
+        .insert(NewTask::new("http", json!({"url": secret_url})).with(opts))
+        .await
+        .unwrap()
+        .task;
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    let msg = &t.errors[0].message;
+    assert!(msg.contains("HTTP 500") && !msg.contains("s3cr3t"), "{msg}");
     p.shutdown().await;
 }

@@ -33,15 +33,19 @@ async fn poison_does_not_block_other_outcomes(b: Backend) {
     proto_tasker::executors::register_builtin(&mut r);
     r.register(
         "shell",
-        Arc::new(ShellExecutor::new(
-            ["printf".to_string(), "sh".to_string(), "head".to_string()],
-            4096,
-        )),
+        Arc::new(
+            ShellExecutor::new(
+                ["printf".to_string(), "sh".to_string(), "head".to_string()],
+                4096,
+            )
+            .unwrap(),
+        ),
     );
     r.register(
         "http",
         Arc::new(
-            HttpExecutor::new(["127.0.0.1".to_string()], 1 << 20, Duration::from_secs(5)).unwrap(),
+            HttpExecutor::new(["127.0.0.1:*".to_string()], 1 << 20, Duration::from_secs(5))
+                .unwrap(),
         ),
     );
     let pool = Builder::new(b.store.clone(), r)

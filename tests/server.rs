@@ -274,7 +274,7 @@ async fn tasks_round_trip_through_every_route() {
 async fn bad_input_is_refused_and_the_node_keeps_working() {
     let s = start(Setup {
         limits: Limits { max_body_bytes: 64 * 1024, max_args_bytes: 1024, max_batch: 5 },
-        yaml: "executors:\n  shell:\n    allow: [echo]\n  http:\n    allow_hosts: [\"127.0.0.1\"]\n",
+        yaml: "executors:\n  shell:\n    allow: [echo]\n  http:\n    allow_hosts: [\"127.0.0.1:*\"]\n",
         ..Setup::default()
     })
     .await;
@@ -1099,4 +1099,181 @@ async fn history_follows_nodes_on_sqlite() {
 async fn history_follows_nodes_on_postgres() {
     let (store, _schema) = fixtures::pg_store().await;
     history_follows_nodes(store).await;
+}
+
+/// No drive-by requests: a page on another origin cannot create, cancel or
+/// pause anything (403), a form or `text/plain` post never reaches a handler
+/// (415), and a rebound domain name is not served (403). The node's own
+/// origin and listed `server.cors_origins` work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_on_other_origins_and_rebound_hosts_are_refused() {
+    let s = start(Setup {
+        yaml: "server:\n  cors_origins: [\"http://app.example\"]\n",
+        ..Default::default()
+    })
+    .await;
+    let url = |p: &str| format!("{}/api/v1{p}", s.base);
+    let body = r#"{"kind":"noop"}"#;
+    // A cross-site "simple" request: text/plain, no preflight.
+    let r = s
+        .http
+        .post(url("/tasks"))
+        .header("Content-Type", "text/plain")
+        .header("Origin", "http://evil.example")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "Origin", "{e}");
+    // Body-less actions are refused from other origins too.
+    for path in ["/tasks/1/cancel", "/tasks/1/retry", "/queues/default/pause"] {
+        let r = s
+            .http
+            .post(url(path))
+            .header("Origin", "http://evil.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    // Not JSON: refused before any handler, whoever sends it.
+    let r = s
+        .http
+        .post(url("/tasks"))
+        .header("Content-Type", "text/plain")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // DNS rebinding: a foreign Host is not served, not even the page.
+    for path in ["/api/v1/tasks", "/", "/metrics"] {
+        let r = s
+            .http
+            .get(format!("{}{path}", s.base))
+            .header("Host", "rebound.evil.example:8080")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    let (_, page) = s.get("/tasks").await;
+    assert_eq!(
+        page["tasks"].as_array().unwrap().len(),
+        0,
+        "nothing was created"
+    );
+    // The node's own origin (the dashboard) and a listed origin work.
+    let own = s.base.clone();
+    let r = s
+        .http
+        .post(url("/tasks"))
+        .header("Origin", &own)
+        .json(&json!({"kind": "noop"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let pre = s
+        .http
+        .request(reqwest::Method::OPTIONS, url("/tasks"))
+        .header("Origin", "http://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        pre.headers()["access-control-allow-origin"],
+        "http://app.example"
+    );
+    let r = s
+        .http
+        .post(url("/tasks"))
+        .header("Origin", "http://app.example")
+        .json(&json!({"kind": "noop"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://app.example"
+    );
+    s.stop().await;
+}
+
+/// Every input has a bound, the same on both stores, named in the 400:
+/// long names, too many parents, times out of range, NUL in args. None
+/// reaches the store (which would answer 503 on PostgreSQL) or holds it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_past_their_bounds_are_refused_by_name() {
+    let s = start(Setup::default()).await;
+    let long = "k".repeat(300);
+    let cases = [
+        (json!({"kind": long}), "kind"),
+        (json!({"kind": "noop", "queue": long}), "queue"),
+        (json!({"kind": "noop", "unique_key": long}), "unique_key"),
+        (
+            json!({"kind": "noop", "concurrency_key": long}),
+            "concurrency_key",
+        ),
+        (
+            json!({"kind": "noop", "args": {"a": ["x", "y\u{0}z"]}}),
+            "args.a[1]",
+        ),
+        (
+            json!({"kind": "noop", "run_at": "-4713-01-01T00:00:00Z"}),
+            "run_at",
+        ),
+        (
+            json!({"kind": "noop", "run_at": "1969-12-31T23:59:59Z"}),
+            "run_at",
+        ),
+    ];
+    for (body, field) in cases {
+        let got = s
+            .call(reqwest::Method::POST, "/tasks", Some(body.clone()))
+            .await;
+        assert_eq!(got.0, StatusCode::BAD_REQUEST, "{body}: {}", got.1);
+        let f = got.1["error"]["field"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(f.ends_with(field), "{body}: field {f:?}, want {field}");
+    }
+    // 200,000 parents: refused by count, at once, before the store sees them.
+    let ids: Vec<i64> = (1..=200_000).collect();
+    let started = Instant::now();
+    let got = s
+        .call(
+            reqwest::Method::POST,
+            "/tasks",
+            Some(json!({"kind": "noop", "depends_on": ids})),
+        )
+        .await;
+    assert_eq!(got.0, StatusCode::BAD_REQUEST, "{}", got.1);
+    assert_eq!(got.1["error"]["field"], "depends_on");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let long_ref = json!({"tasks": [{"kind": "noop", "ref": "r".repeat(300)}]});
+    let got = s
+        .call(reqwest::Method::POST, "/tasks/batch", Some(long_ref))
+        .await;
+    assert_eq!(got.0, StatusCode::BAD_REQUEST, "{}", got.1);
+    assert_eq!(got.1["error"]["field"], "tasks[0].ref");
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            "/tasks",
+            Some(json!({"kind": "noop"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "a normal task still goes in");
+    s.stop().await;
 }

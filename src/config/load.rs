@@ -145,7 +145,25 @@ fn find_line(text: &str, field: &str) -> Option<u64> {
         pos -= key.len();
         repeat = index.unwrap_or(0);
     }
-    Some(text[..pos].matches('\n').count() as u64 + 1)
+    let line = text[..pos].matches('\n').count() as u64 + 1;
+    // A list of plain values written as `- item` lines: the item's own line.
+    let last_index = field
+        .rsplit('.')
+        .next()
+        .and_then(|seg| seg.split_once('['))
+        .and_then(|(_, rest)| rest.trim_end_matches(']').parse::<usize>().ok());
+    if let Some(i) = last_index {
+        let items = text[pos..]
+            .lines()
+            .skip(1)
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("- "))
+            .nth(i);
+        if let Some((n, _)) = items {
+            return Some(line + n as u64 + 1);
+        }
+    }
+    Some(line)
 }
 
 fn find_key(text: &str, key: &str, from: usize) -> Option<usize> {
@@ -290,6 +308,36 @@ mod tests {
         // The Builder refuses the same with the same field name.
         let e = load("p.yaml", "pool:\n  cron_interval: 0s\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("pool.cron_interval"), "{e}");
+    }
+
+    #[test]
+    fn shell_entries_and_pool_sizes_are_checked_with_file_and_line() {
+        let e = load(
+            "s.yaml",
+            "executors:\n  shell:\n    allow:\n      - sh\n      - no-such-program-here\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("executors.shell.allow[1]"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+        let e = load(
+            "s.yaml",
+            "executors:\n  shell:\n    allow: [sh]\n    cwd_allow: [/no/such/dir]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.field.as_deref(),
+            Some("executors.shell.cwd_allow[0]"),
+            "{e}"
+        );
+        let e = load(
+            "p.yaml",
+            "store:\n  kind: postgres\n  url: postgres://x@127.0.0.1/db\n  pool_size: 1000000\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("store.pool_size"), "{e}");
+        assert_eq!(e.line, Some(4), "{e}");
+        let e = load("o.yaml", "server:\n  cors_origins: [evil]\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("server.cors_origins[0]"), "{e}");
     }
 
     #[test]

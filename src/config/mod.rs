@@ -102,6 +102,12 @@ pub struct ServerConfig {
     pub max_args_bytes: usize,
     /// Most tasks in one batch.
     pub max_batch: usize,
+    /// Origins (`https://app.example.com`) whose pages may call the API.
+    /// Any other page's requests are refused (403).
+    pub cors_origins: Vec<String>,
+    /// Host names, besides localhost and the listen address, a loopback
+    /// node answers to (a name that points here, e.g. behind a proxy).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +120,8 @@ impl Default for ServerConfig {
             max_body_bytes: limits.max_body_bytes,
             max_args_bytes: limits.max_args_bytes,
             max_batch: limits.max_batch,
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -133,8 +141,14 @@ impl ServerConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShellConfig {
-    /// Programs (`cmd[0]`, exactly as written in tasks) that may run.
+    /// Programs that may run: bare names (looked up in the node's `PATH`
+    /// when it starts) or paths. Each must exist.
     pub allow: Vec<String>,
+    /// Environment names a program gets: from the node's environment, or
+    /// set by the task in `args.env` (any other name is refused).
+    pub env_allow: Vec<String>,
+    /// Directories a task's `cwd` must lie inside (none: no task sets `cwd`).
+    pub cwd_allow: Vec<std::path::PathBuf>,
     /// Bytes of stdout and of stderr kept (the tail).
     pub max_output_bytes: usize,
 }
@@ -143,8 +157,22 @@ impl Default for ShellConfig {
     fn default() -> Self {
         ShellConfig {
             allow: Vec::new(),
+            env_allow: Vec::new(),
+            cwd_allow: Vec::new(),
             max_output_bytes: 64 << 10,
         }
+    }
+}
+
+impl ShellConfig {
+    /// The executor this section describes, its programs resolved now.
+    pub fn executor(&self) -> Result<crate::executors::shell::ShellExecutor, (String, String)> {
+        crate::executors::shell::ShellExecutor::from_policy(crate::executors::shell::ShellPolicy {
+            allow: self.allow.clone(),
+            env_allow: self.env_allow.clone(),
+            cwd_allow: self.cwd_allow.clone(),
+            max_output: self.max_output_bytes,
+        })
     }
 }
 
@@ -358,6 +386,12 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
         StoreKind::Postgres if cfg.store.pool_size < 2 => {
             return e("store.pool_size", "must be at least 2");
         }
+        StoreKind::Postgres if cfg.store.pool_size > 1000 => {
+            return e(
+                "store.pool_size",
+                "must be at most 1000 (a node needs a few; see the README on connections)",
+            );
+        }
         _ => {}
     }
     if let Some(t) = &cfg.server.auth_token
@@ -386,6 +420,16 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
             ));
         }
     }
+    cfg.executors.shell.executor()?;
+    for (i, o) in cfg.server.cors_origins.iter().enumerate() {
+        let ok = o.starts_with("http://") || o.starts_with("https://");
+        if !ok || o.trim_end_matches('/').matches('/').count() != 2 {
+            return Err((
+                format!("server.cors_origins[{i}]"),
+                format!("{o:?} is not an origin like https://app.example.com"),
+            ));
+        }
+    }
     if cfg.log.level.trim().is_empty() {
         return e("log.level", "must not be empty");
     }
@@ -398,14 +442,12 @@ impl Config {
     pub fn registry(&self) -> Result<crate::registry::TaskRegistry, String> {
         let mut r = crate::registry::TaskRegistry::new();
         crate::executors::register_builtin(&mut r);
-        let sh = &self.executors.shell;
-        r.register(
-            "shell",
-            std::sync::Arc::new(crate::executors::shell::ShellExecutor::new(
-                sh.allow.clone(),
-                sh.max_output_bytes,
-            )),
-        );
+        let shell = self
+            .executors
+            .shell
+            .executor()
+            .map_err(|(field, message)| format!("{field}: {message}"))?;
+        r.register("shell", std::sync::Arc::new(shell));
         let h = &self.executors.http;
         r.register(
             "http",

@@ -1,9 +1,12 @@
 //! The `http` executor: one HTTP request per attempt.
 //!
 //! Args: `{"url", "method"?: "GET", "headers"?: {"K": "V"}, "body"?: string or JSON}`.
-//! The URL's host (or `host:port`) must be listed in
-//! `executors.http.allow_hosts`; with an empty list the executor refuses
+//! The URL's host must be listed in `executors.http.allow_hosts`: an entry
+//! `host` allows that host on its scheme's default port only, `host:port`
+//! that port, `host:*` any port. With an empty list the executor refuses
 //! every task. Redirects are not followed (they could leave the allow-list).
+//! A task may not set `Host` (it would reach other virtual hosts behind an
+//! allowed one), and credentials in a URL never appear in errors or logs.
 //! A 2xx status is success; the result holds the status and the response
 //! body, capped at `max_response_bytes`.
 
@@ -31,7 +34,8 @@ struct HttpArgs {
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct HttpExecutor {
-    allow_hosts: HashSet<String>,
+    /// `(host, port)`: `None` for the scheme's default port only, `Some(0)` for any.
+    allow_hosts: HashSet<(String, Option<u16>)>,
     max_response: usize,
     client: reqwest::Client,
 }
@@ -47,11 +51,23 @@ impl HttpExecutor {
             .timeout(timeout)
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let mut allowed = HashSet::new();
+        for h in allow_hosts {
+            let h = h.to_ascii_lowercase();
+            let entry = match h.rsplit_once(':') {
+                Some((host, "*")) => (host.to_string(), Some(0)),
+                Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+                    let port: u16 = port.parse().map_err(|_| {
+                        format!("executors.http.allow_hosts: {h:?}: the port must be a number or *")
+                    })?;
+                    (host.trim_matches(['[', ']']).to_string(), Some(port))
+                }
+                _ => (h.trim_matches(['[', ']']).to_string(), None),
+            };
+            allowed.insert(entry);
+        }
         Ok(HttpExecutor {
-            allow_hosts: allow_hosts
-                .into_iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
+            allow_hosts: allowed,
             max_response: max_response.max(1),
             client,
         })
@@ -75,13 +91,23 @@ impl HttpExecutor {
                 "the http executor is off: list the hosts it may call in executors.http.allow_hosts",
             ));
         }
-        let with_port = url.port_or_known_default().map(|p| format!("{host}:{p}"));
-        let allowed = self.allow_hosts.contains(&host)
-            || with_port.is_some_and(|hp| self.allow_hosts.contains(&hp));
+        let host = host.trim_matches(['[', ']']).to_string();
+        // `url.port()` is None when the URL uses its scheme's default port.
+        let allowed = self.allow_hosts.contains(&(host.clone(), Some(0)))
+            || match url.port() {
+                None => self.allow_hosts.contains(&(host.clone(), None)),
+                Some(p) => self.allow_hosts.contains(&(host.clone(), Some(p))),
+            };
         if !allowed {
             return Err(ArgsError::new(
                 "args.url",
                 format!("host {host:?} is not in executors.http.allow_hosts"),
+            ));
+        }
+        if let Some(k) = a.headers.keys().find(|k| k.eq_ignore_ascii_case("host")) {
+            return Err(ArgsError::new(
+                format!("args.headers.{k}"),
+                "a task may not set Host (the URL's host is sent)",
             ));
         }
         let method = a.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
@@ -90,6 +116,14 @@ impl HttpExecutor {
         })?;
         Ok((a, url, method))
     }
+}
+
+/// `url` without user name or password, for messages and logs.
+fn shown(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
 }
 
 #[async_trait]
@@ -103,6 +137,8 @@ impl TaskExecutor for HttpExecutor {
             .parse(&ctx.args)
             .map_err(|e| TaskError::Discard(e.to_string()))?;
         let mut req = self.client.request(method, url.clone());
+        // What errors show: the URL without its credentials.
+        let url = shown(&url);
         for (k, v) in &a.headers {
             req = req.header(k, v);
         }

@@ -1,13 +1,29 @@
 //! The `shell` executor: runs a program without a shell.
 //!
 //! Args: `{"cmd": ["prog", "arg", ...], "env"?: {"K": "V"}, "cwd"?: "dir", "stdin"?: "text"}`.
-//! The program (`cmd[0]`, exactly as written) must be listed in
-//! `executors.shell.allow`; with an empty list the executor refuses every
-//! task. Exit code 0 is success; the result holds the exit code and the tails
-//! of stdout and stderr. When the attempt is cancelled or times out, the
-//! program's whole process group is killed.
+//! Exit code 0 is success; the result holds the exit code and the tails of
+//! stdout and stderr. When the attempt is cancelled or times out, or the
+//! program ends, the program's whole process group is killed.
+//!
+//! # What a task cannot do
+//!
+//! - Run a program off the allow-list: each entry of `executors.shell.allow`
+//!   is resolved once, when the node starts, to a canonical absolute path (a
+//!   bare name through the node's own `PATH`); `cmd[0]` must be an entry as
+//!   written or a path to the same file, and the resolved file is what runs,
+//!   whatever `PATH` or `cwd` the task sends.
+//! - Reach the program through its environment (`PATH`, `LD_PRELOAD`,
+//!   `BASH_ENV`, `NODE_OPTIONS`...): the program's environment is cleared
+//!   but for a fixed `PATH` and the names in `executors.shell.env_allow`
+//!   (taken from the node's environment, or set by the task); a task that
+//!   sets any other name is refused at enqueue, naming `args.env.NAME`.
+//! - Run anywhere: `cwd` must lie inside a directory of
+//!   `executors.shell.cwd_allow` once resolved (no `..` or link escapes).
+//! - Hang the node: stdin is fed while the output is read, and output still
+//!   held open by a process that left the program's group is not waited for.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,6 +32,9 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::executor::{ArgsError, TaskContext, TaskError, TaskExecutor, TaskOutput};
+
+/// The `PATH` every program gets.
+pub const FIXED_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,24 +48,141 @@ struct ShellArgs {
     stdin: Option<String>,
 }
 
+/// A program of the allow-list: as written, and the file it resolved to.
+#[derive(Debug, Clone)]
+struct Allowed {
+    written: String,
+    path: PathBuf,
+}
+
+/// What the `shell` executor may do (the config's `executors.shell`).
+#[derive(Debug, Clone, Default)]
+pub struct ShellPolicy {
+    /// Programs: bare names (looked up in the node's `PATH`) or paths.
+    pub allow: Vec<String>,
+    /// Environment names a program gets (from the node, or set by the task).
+    pub env_allow: Vec<String>,
+    /// Directories a task's `cwd` must lie inside.
+    pub cwd_allow: Vec<PathBuf>,
+    /// Bytes of each of stdout and stderr kept (the tail).
+    pub max_output: usize,
+}
+
+/// Where `program` resolves: a path is canonicalised; a bare name is looked
+/// up in `PATH` (the node's own).
+pub fn resolve_program(program: &str) -> Option<PathBuf> {
+    let found = if program.contains('/') {
+        Some(PathBuf::from(program))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    found
+        .and_then(|p| p.canonicalize().ok())
+        .filter(|p| p.is_file())
+}
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct ShellExecutor {
-    allow: HashSet<String>,
+    allow: Vec<Allowed>,
+    env_allow: HashSet<String>,
+    cwd_allow: Vec<PathBuf>,
     max_output: usize,
 }
 
 impl ShellExecutor {
     /// `allow`: programs that may run; `max_output`: bytes of each of stdout
-    /// and stderr kept (the tail).
-    pub fn new(allow: impl IntoIterator<Item = String>, max_output: usize) -> Self {
-        ShellExecutor {
+    /// and stderr kept (the tail). No environment names, no `cwd`.
+    pub fn new(
+        allow: impl IntoIterator<Item = String>,
+        max_output: usize,
+    ) -> Result<Self, (String, String)> {
+        Self::from_policy(ShellPolicy {
             allow: allow.into_iter().collect(),
-            max_output: max_output.max(1),
+            max_output,
+            ..ShellPolicy::default()
+        })
+    }
+
+    /// Resolve `policy` now; `Err((field, message))` names the entry that
+    /// resolves to nothing (`executors.shell.allow[i]`, `...cwd_allow[i]`).
+    pub fn from_policy(policy: ShellPolicy) -> Result<Self, (String, String)> {
+        let mut allow = Vec::new();
+        for (i, written) in policy.allow.iter().enumerate() {
+            let path = resolve_program(written).ok_or_else(|| {
+                (
+                    format!("executors.shell.allow[{i}]"),
+                    format!("{written:?} is not a program on this machine (looked up in PATH when a bare name)"),
+                )
+            })?;
+            allow.push(Allowed {
+                written: written.clone(),
+                path,
+            });
+        }
+        let mut cwd_allow = Vec::new();
+        for (i, d) in policy.cwd_allow.iter().enumerate() {
+            let c = d
+                .canonicalize()
+                .ok()
+                .filter(|c| c.is_dir())
+                .ok_or_else(|| {
+                    (
+                        format!("executors.shell.cwd_allow[{i}]"),
+                        format!("{} is not a directory", d.display()),
+                    )
+                })?;
+            cwd_allow.push(c);
+        }
+        Ok(ShellExecutor {
+            allow,
+            env_allow: policy.env_allow.into_iter().collect(),
+            cwd_allow,
+            max_output: policy.max_output.max(1),
+        })
+    }
+
+    /// The file `cmd[0]` runs, if it is allowed.
+    fn program(&self, cmd0: &str) -> Option<&Path> {
+        if let Some(a) = self.allow.iter().find(|a| a.written == cmd0) {
+            return Some(&a.path);
+        }
+        if !cmd0.contains('/') {
+            return None;
+        }
+        let c = Path::new(cmd0).canonicalize().ok()?;
+        self.allow
+            .iter()
+            .find(|a| a.path == c)
+            .map(|a| a.path.as_path())
+    }
+
+    /// The directory `cwd` resolves to, if it lies inside `cwd_allow`.
+    fn cwd(&self, cwd: &str) -> Result<PathBuf, ArgsError> {
+        let refuse = |why: String| ArgsError::new("args.cwd", why);
+        if self.cwd_allow.is_empty() {
+            return Err(refuse(
+                "this node lets no task choose its directory (executors.shell.cwd_allow is empty)"
+                    .into(),
+            ));
+        }
+        let c = Path::new(cwd)
+            .canonicalize()
+            .map_err(|e| refuse(format!("{cwd:?}: {e}")))?;
+        if self.cwd_allow.iter().any(|d| c.starts_with(d)) {
+            Ok(c)
+        } else {
+            Err(refuse(format!(
+                "{cwd:?} is not inside executors.shell.cwd_allow"
+            )))
         }
     }
 
-    fn parse(&self, args: &serde_json::Value) -> Result<ShellArgs, ArgsError> {
+    fn parse(&self, args: &serde_json::Value) -> Result<(ShellArgs, PathBuf), ArgsError> {
         let a: ShellArgs = serde_json::from_value(args.clone())
             .map_err(|e| ArgsError::new("args", format!("not shell args: {e}")))?;
         let Some(program) = a.cmd.first() else {
@@ -58,13 +194,19 @@ impl ShellExecutor {
                 "the shell executor is off: list the programs it may run in executors.shell.allow",
             ));
         }
-        if !self.allow.contains(program) {
+        let Some(path) = self.program(program).map(Path::to_path_buf) else {
             return Err(ArgsError::new(
                 "args.cmd",
                 format!("program {program:?} is not in executors.shell.allow"),
             ));
+        };
+        if let Some(name) = a.env.keys().find(|k| !self.env_allow.contains(*k)) {
+            return Err(ArgsError::new(
+                format!("args.env.{name}"),
+                format!("{name} is not in executors.shell.env_allow"),
+            ));
         }
-        Ok(a)
+        Ok((a, path))
     }
 }
 
@@ -106,17 +248,33 @@ async fn tail<R: AsyncRead + Unpin>(mut r: R, max: usize) -> Vec<u8> {
 #[async_trait]
 impl TaskExecutor for ShellExecutor {
     fn check_args(&self, args: &serde_json::Value) -> Result<(), ArgsError> {
-        self.parse(args).map(|_| ())
+        let (a, _) = self.parse(args)?;
+        if let Some(c) = &a.cwd {
+            self.cwd(c)?;
+        }
+        Ok(())
     }
 
     async fn execute(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError> {
-        let a = self
+        let (a, path) = self
             .parse(&ctx.args)
             .map_err(|e| TaskError::Discard(e.to_string()))?;
+        let cwd = match &a.cwd {
+            Some(c) => Some(self.cwd(c).map_err(|e| TaskError::Discard(e.to_string()))?),
+            None => None,
+        };
         // The program, and all it starts, dies with this process (see orphans.rs).
         super::orphans::ensure_guardian();
-        let mut cmd = tokio::process::Command::new(&a.cmd[0]);
-        cmd.args(&a.cmd[1..])
+        let mut cmd = tokio::process::Command::new(&path);
+        cmd.arg0(&a.cmd[0])
+            .args(&a.cmd[1..])
+            .env_clear()
+            .env("PATH", FIXED_PATH)
+            .envs(
+                self.env_allow
+                    .iter()
+                    .filter_map(|k| std::env::var_os(k).map(|v| (k.clone(), v))),
+            )
             .envs(&a.env)
             .env(super::orphans::MARK_VAR, super::orphans::process_mark())
             .stdin(if a.stdin.is_some() {
@@ -128,16 +286,20 @@ impl TaskExecutor for ShellExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(dir) = &a.cwd {
+        if let Some(dir) = &cwd {
             cmd.current_dir(dir);
         }
         let mut child = cmd
             .spawn()
             .map_err(|e| TaskError::Failed(format!("cannot start {:?}: {e}", a.cmd[0])))?;
         let killer = GroupKiller(child.id().and_then(|p| i32::try_from(p).ok()));
+        // Fed while the output is read: a program that fills its output
+        // before reading all its input must not deadlock with us.
         if let (Some(text), Some(mut stdin)) = (a.stdin, child.stdin.take()) {
-            // A program that exits without reading its input is not an error.
-            let _ = stdin.write_all(text.as_bytes()).await;
+            tokio::spawn(async move {
+                // A program that exits without reading its input is not an error.
+                let _ = stdin.write_all(text.as_bytes()).await;
+            });
         }
         let out = child
             .stdout

@@ -166,6 +166,9 @@ pub struct WorkerPoolSharedData {
     /// there). Written by the heartbeat task only; a std mutex held to read
     /// or replace one `Instant`.
     pub lease_sent: Mutex<Instant>,
+    /// Since when this node has held its lease without a break (`None`
+    /// while fenced). Written by the heartbeat task and the lease watch.
+    pub lease_since: Mutex<Option<Instant>>,
     /// True while this node holds leadership.
     pub leader: crate::maintenance::Leadership,
     pub started: chrono::DateTime<chrono::Utc>,
@@ -200,6 +203,7 @@ impl WorkerPoolSharedData {
             name_lost: AtomicBool::new(false),
             instance: crate::sentinel::lease::new_instance(),
             lease_sent: Mutex::new(Instant::now()),
+            lease_since: Mutex::new(None),
             leader: Default::default(),
             started: chrono::Utc::now(),
             outcomes_written: tokio::sync::Notify::new(),

@@ -122,6 +122,19 @@ pub(crate) async fn watch(
     }
 }
 
+/// May this node rescue other nodes' tasks? Only once it has held its own
+/// lease without a break for `node_timeout`: after an outage every node's
+/// heartbeat is stale, and the first node back must not take the others
+/// for dead before they had the time to heartbeat again.
+pub(crate) fn may_rescue(shared: &WorkerPoolSharedData, config: &SentinelConfig) -> bool {
+    shared
+        .lease_since
+        .lock()
+        .ok()
+        .and_then(|s| *s)
+        .is_some_and(|since| since.elapsed() >= config.node_timeout)
+}
+
 /// Fence this node when its lease ran out: stop claiming and stop every
 /// running task (whole process groups for `shell`), before others may
 /// rescue them.
@@ -131,6 +144,11 @@ pub(crate) fn check_lease(shared: &WorkerPoolSharedData, config: &SentinelConfig
         .lock()
         .map(|t| t.elapsed())
         .unwrap_or_default();
+    if silent >= lease(config) {
+        if let Ok(mut s) = shared.lease_since.lock() {
+            *s = None;
+        }
+    }
     if silent >= lease(config) && !shared.fenced.swap(true, Ordering::AcqRel) {
         tracing::error!(
             silent_ms = silent.as_millis() as u64,
@@ -239,6 +257,9 @@ impl Heartbeat {
                 Ok(Ok(true)) => {
                     if let Ok(mut t) = self.shared.lease_sent.lock() {
                         *t = sent;
+                    }
+                    if let Ok(mut s) = self.shared.lease_since.lock() {
+                        s.get_or_insert(sent);
                     }
                     if !self.shared.name_lost.load(Ordering::Acquire)
                         && self.shared.fenced.swap(false, Ordering::AcqRel)

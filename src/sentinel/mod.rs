@@ -231,6 +231,9 @@ impl Sentinel {
     }
 
     async fn rescue(&self) {
+        if !lease::may_rescue(&self.shared, &self.config) {
+            return;
+        }
         match rescue::rescue_dead(&*self.store, self.config.node_timeout, Utc::now()).await {
             Ok(r) if !r.is_empty() => {
                 self.count_rescued(&r);

@@ -260,6 +260,18 @@ async fn create_batch(State(state): State<AppState>, body: Body) -> Result<Respo
     let mut refs = std::collections::HashMap::new();
     for (i, t) in req.tasks.iter().enumerate() {
         if let Some(r) = &t.reference
+            && r.len() > crate::client::MAX_NAME_BYTES
+        {
+            return Err(ApiError::bad(
+                format!("tasks[{i}].ref"),
+                format!(
+                    "is {} bytes; at most {}",
+                    r.len(),
+                    crate::client::MAX_NAME_BYTES
+                ),
+            ));
+        }
+        if let Some(r) = &t.reference
             && refs.insert(r.clone(), i).is_some()
         {
             return Err(ApiError::bad(

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod dashboard;
+pub mod guard;
 #[cfg(feature = "stats")]
 pub mod metrics;
 
@@ -63,6 +64,8 @@ pub struct AppState {
     pub(crate) stopping: CancellationToken,
     /// Cluster throughput over the last minutes, for the dashboard.
     pub(crate) history: Arc<dashboard::History>,
+    /// What browsers may do (see [`guard`]).
+    pub(crate) browser: Arc<guard::BrowserPolicy>,
     #[cfg(feature = "stats")]
     pub(crate) metrics: Option<Arc<metrics::Metrics>>,
 }
@@ -88,9 +91,18 @@ impl AppState {
             token: token.map(Arc::from),
             stopping: CancellationToken::new(),
             history: Arc::default(),
+            browser: Arc::default(),
             #[cfg(feature = "stats")]
             metrics: None,
         }
+    }
+
+    /// Accept browsers' requests as `policy` says (the node sets it from
+    /// its listen address and config; without it, only `Origin` and
+    /// `Content-Type` are checked).
+    pub fn with_browser_policy(mut self, policy: guard::BrowserPolicy) -> Self {
+        self.browser = Arc::new(policy);
+        self
     }
 
     /// Whether requests need a bearer token.
@@ -243,6 +255,10 @@ pub fn router(state: AppState) -> Router {
     #[cfg(feature = "stats")]
     let app = app.route("/metrics", axum::routing::get(metrics::handler));
     app.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
         .with_state(state)
 }
 

@@ -331,6 +331,7 @@ pub fn parent_ids(
     batch: impl Fn(usize) -> Option<TaskId>,
 ) -> Result<Vec<TaskId>, StoreError> {
     let mut parents: Vec<TaskId> = Vec::with_capacity(deps.len());
+    let mut seen = std::collections::HashSet::with_capacity(deps.len());
     for d in deps {
         let id = match *d {
             Dependency::Task(id) => id,
@@ -338,7 +339,8 @@ pub fn parent_ids(
                 StoreError::invalid("depends_on", format!("batch task {j} comes later"))
             })?,
         };
-        if !parents.contains(&id) {
+        // Linear in the number of parents (a Vec::contains was quadratic).
+        if seen.insert(id) {
             parents.push(id);
         }
     }
