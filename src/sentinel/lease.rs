@@ -144,10 +144,10 @@ pub(crate) fn check_lease(shared: &WorkerPoolSharedData, config: &SentinelConfig
         .lock()
         .map(|t| t.elapsed())
         .unwrap_or_default();
-    if silent >= lease(config) {
-        if let Ok(mut s) = shared.lease_since.lock() {
-            *s = None;
-        }
+    if silent >= lease(config)
+        && let Ok(mut s) = shared.lease_since.lock()
+    {
+        *s = None;
     }
     if silent >= lease(config) && !shared.fenced.swap(true, Ordering::AcqRel) {
         tracing::error!(
