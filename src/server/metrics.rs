@@ -56,9 +56,40 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+/// Most distinct queue names, and kind names, that become label values;
+/// past them, new names are counted under [`OTHER`], so tasks with made-up
+/// names cannot grow the exposition without bound.
+pub const MAX_LABEL_VALUES: usize = 100;
+
+/// The label value of names past [`MAX_LABEL_VALUES`].
+pub const OTHER: &str = "_other";
+
+/// The label values seen so far for one label (a std mutex: held to look
+/// up or insert one name).
+#[derive(Default)]
+struct LabelCap(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl LabelCap {
+    fn value(&self, name: &str) -> String {
+        let Ok(mut seen) = self.0.lock() else {
+            return OTHER.to_string();
+        };
+        if seen.contains(name) {
+            return name.to_string();
+        }
+        if seen.len() < MAX_LABEL_VALUES {
+            seen.insert(name.to_string());
+            return name.to_string();
+        }
+        OTHER.to_string()
+    }
+}
+
 /// The node's metrics. Hand it to the pool as its observer and to the server.
 pub struct Metrics {
     registry: Registry,
+    queues: LabelCap,
+    kinds: LabelCap,
     enqueued: Family<QueueKind, Counter>,
     completed: Family<QueueKindOutcome, Counter>,
     duration: HistFamily<QueueKind>,
@@ -96,6 +127,8 @@ impl Metrics {
             rescued: Counter::default(),
             leader: Gauge::default(),
             registry: Registry::default(),
+            queues: LabelCap::default(),
+            kinds: LabelCap::default(),
         };
         // Counters get the `_total` suffix from the encoder.
         registry.register(
@@ -150,8 +183,8 @@ impl Metrics {
     pub fn enqueued(&self, queue: &str, kind: &str) {
         self.enqueued
             .get_or_create(&QueueKind {
-                queue: queue.into(),
-                kind: kind.into(),
+                queue: self.queues.value(queue),
+                kind: self.kinds.value(kind),
             })
             .inc();
     }
@@ -172,15 +205,15 @@ impl PoolObserver for Metrics {
     fn task_started(&self, task: &Task, wait: Duration) {
         self.wait
             .get_or_create(&QueueLabel {
-                queue: task.queue.clone(),
+                queue: self.queues.value(&task.queue),
             })
             .observe(wait.as_secs_f64());
     }
 
     fn task_finished(&self, task: &Task, outcome: &Outcome, run_time: Duration) {
         let qk = QueueKind {
-            queue: task.queue.clone(),
-            kind: task.kind.clone(),
+            queue: self.queues.value(&task.queue),
+            kind: self.kinds.value(&task.kind),
         };
         self.duration
             .get_or_create(&qk)
@@ -223,12 +256,11 @@ pub(crate) async fn handler(State(state): State<AppState>) -> Response {
         Ok(counts) => {
             m.depth.clear();
             for (queue, st, n) in counts {
-                m.depth
-                    .get_or_create(&QueueState {
-                        queue,
-                        state: st.to_string(),
-                    })
-                    .set(n);
+                let queue = m.queues.value(&queue);
+                let state = st.to_string();
+                // Queues past the cap add up under one label value.
+                let g = m.depth.get_or_create(&QueueState { queue, state });
+                g.set(g.get() + n);
             }
         }
         Err(e) => tracing::warn!(error = %e, "queue depth unavailable for /metrics"),
@@ -246,4 +278,29 @@ pub(crate) async fn handler(State(state): State<AppState>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_names_do_not_grow_the_labels_without_bound() {
+        let m = Metrics::new();
+        for i in 0..(MAX_LABEL_VALUES + 50) {
+            m.enqueued(&format!("q{i}"), "k");
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        let series = out
+            .lines()
+            .filter(|l| l.starts_with("proto_tasker_tasks_enqueued_total{"))
+            .count();
+        assert_eq!(series, MAX_LABEL_VALUES + 1, "{out}");
+        assert!(out.contains(&format!("queue=\"{OTHER}\"")), "{out}");
+        assert!(
+            out.contains("proto_tasker_tasks_enqueued_total{queue=\"_other\",kind=\"k\"} 50"),
+            "{out}"
+        );
+    }
 }
