@@ -162,6 +162,7 @@
     const t = document.getElementById("token").value.trim();
     if (!t) return;
     sessionStorage.setItem(TOKEN_KEY, t);
+    roleKnown = false;
     document.getElementById("token").value = "";
     login.hidden = true;
     app.hidden = false;
@@ -213,11 +214,22 @@
 
   // Each view refreshes at most once at a time; a view left behind may
   // finish its refresh, but it only writes into its own detached elements.
+  // The caller's role decides which actions show (read: none). The API
+  // checks it on every call anyway; hiding only spares a refused click.
+  let roleKnown = false;
+  async function learnRole() {
+    if (roleKnown) return;
+    const who = await api("/whoami");
+    document.body.dataset.role = who.role;
+    roleKnown = true;
+  }
+
   async function refresh() {
     const view = current;
     if (!view || view.busy || !login.hidden) return;
     view.busy = true;
     try {
+      await learnRole();
       await view.refresh();
       live.classList.remove("stale");
       live.title = "Updated " + new Date().toLocaleTimeString();
@@ -367,7 +379,7 @@
           q.counts[st] ? h("a", { href: "#/tasks?queue=" + encodeURIComponent(q.name) + "&state=" + st }, count(q, st)) : "0")),
         withButtons ? h("td", {}, h("button", {
           type: "button",
-          class: q.paused ? "resume" : "pause",
+          class: (q.paused ? "resume" : "pause") + " act",
           onclick: () => act((q.paused ? "Resumed " : "Paused ") + q.name,
             () => api("/queues/" + encodeURIComponent(q.name) + (q.paused ? "/resume" : "/pause"), { method: "POST" })),
         }, q.paused ? "Resume" : "Pause")) : null))));
@@ -390,13 +402,13 @@
     const out = [];
     if (!FINISHED.has(t.state)) {
       out.push(h("button", {
-        type: "button", class: "cancel",
+        type: "button", class: "cancel act",
         onclick: () => act("Cancelled task " + t.id, () => api("/tasks/" + t.id + "/cancel", { method: "POST" })),
       }, "Cancel"));
     }
     if (FINISHED.has(t.state)) {
       out.push(h("button", {
-        type: "button", class: "retry",
+        type: "button", class: "retry act",
         onclick: () => act("Retrying task " + t.id, () => api("/tasks/" + t.id + "/retry", { method: "POST" })),
       }, "Retry"));
     }
@@ -545,7 +557,7 @@
     const selected = new Set();
     const toolbar = h("div", { class: "toolbar" },
       h("button", {
-        type: "button", id: "retry-selected",
+        type: "button", id: "retry-selected", class: "act",
         onclick: () => {
           if (!selected.size) { flash("Select tasks first", "error"); return; }
           const ids = Array.from(selected);
@@ -558,7 +570,7 @@
         },
       }, "Retry selected"),
       h("button", {
-        type: "button", id: "retry-page",
+        type: "button", id: "retry-page", class: "act",
         onclick: () => {
           const ids = Array.from(document.querySelectorAll("#tasks-table tbody tr")).map((r) => r.dataset.id);
           if (!ids.length) return;

@@ -112,7 +112,10 @@ impl Node {
             let addr = listener
                 .local_addr()
                 .map_err(|e| NodeError::Config(e.to_string()))?;
-            if !crate::server::is_loopback(&addr) && cfg.server.auth_token.is_none() {
+            if !crate::server::is_loopback(&addr)
+                && cfg.server.auth_token.is_none()
+                && cfg.server.tokens.is_empty()
+            {
                 let warning = format!(
                     "WARNING: the API listens on {addr}, reachable from other machines, with no auth token: \
                      anyone who reaches it can enqueue tasks. Set server.auth_token (or PROTO_TASKER_TOKEN)."
@@ -120,11 +123,16 @@ impl Node {
                 eprintln!("{warning}");
                 tracing::warn!("{warning}");
             }
+            let tokens = cfg
+                .server
+                .api_tokens()
+                .map_err(|(f, m)| NodeError::Config(format!("{f}: {m}")))?;
             let state = AppState::new(
                 pool.clone(),
                 cfg.server.limits(),
                 cfg.server.auth_token.clone(),
-            );
+            )
+            .with_tokens(tokens);
             let state = state.with_browser_policy(crate::server::guard::BrowserPolicy::new(
                 addr,
                 &cfg.server.allowed_hosts,

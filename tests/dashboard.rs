@@ -603,3 +603,52 @@ async fn dashboard_asks_for_the_token_and_keeps_it_in_the_session() {
         Value::Null
     );
 }
+
+/// A `read` token sees the dashboard but no action; an `operate` token sees
+/// them and they work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_only_what_the_token_may_do() {
+    if !browser_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = "  tokens:\n    - {name: viewer, role: read, token: viewer-secret-0123456789}\n    \
+                  - {name: ops, role: operate, token: ops-secret-0123456789}\n";
+    let node = start_node(dir.path(), tokens, Some("admin-secret-0123456789"));
+    let id = node
+        .submit(json!({"kind": "sleep", "args": {"ms": 60000}}))
+        .await;
+    let b = Browser::start().await;
+    for (secret, can_act) in [
+        ("viewer-secret-0123456789", false),
+        ("ops-secret-0123456789", true),
+    ] {
+        b.goto(&format!("{}/#/tasks", node.url)).await;
+        b.wait("#login:not([hidden])").await;
+        b.type_into("#token", secret).await;
+        b.click("#login-form button").await;
+        b.wait(&format!("#tasks-table tr[data-id='{id}']")).await;
+        b.wait_text("body", |_| true).await;
+        let role = b.js("return document.body.dataset.role", json!([])).await;
+        let visible = b
+            .js(
+                "return Array.from(document.querySelectorAll('button.act')).filter(e => e.offsetParent !== null).length",
+                json!([]),
+            )
+            .await;
+        if can_act {
+            assert_eq!(role, json!("operate"));
+            assert!(visible.as_u64().unwrap_or(0) > 0, "operate sees actions");
+            b.screenshot("12-operate-token").await;
+            b.click(&format!("#tasks-table tr[data-id='{id}'] button.cancel"))
+                .await;
+            node.wait_task(id, "cancelled", |t| t["state"] == "cancelled")
+                .await;
+        } else {
+            assert_eq!(role, json!("read"));
+            assert_eq!(visible, json!(0), "read sees no actions");
+            b.screenshot("12-read-token").await;
+        }
+        b.click("#logout").await;
+    }
+}

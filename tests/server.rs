@@ -1277,3 +1277,106 @@ async fn inputs_past_their_bounds_are_refused_by_name() {
     assert_eq!(status, StatusCode::CREATED, "a normal task still goes in");
     s.stop().await;
 }
+
+/// Tokens with roles: `read` sees everything and changes nothing, `operate`
+/// works tasks and queues, `admin` also schedules; a 403 names the role
+/// needed and the token (never its secret). `server.auth_token` is admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_have_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("op.token");
+    std::fs::write(&file, "operate-secret-0123456789\n").unwrap();
+    let yaml: &'static str = Box::leak(
+        format!(
+            "server:\n  tokens:\n\
+             \x20   - {{name: viewer, role: read, token: read-secret-0123456789}}\n\
+             \x20   - {{name: ops, role: operate, token_file: {}}}\n",
+            file.display()
+        )
+        .into_boxed_str(),
+    );
+    let s = start(Setup {
+        yaml,
+        token: Some("admin-secret-0123456789".into()),
+        ..Default::default()
+    })
+    .await;
+    let call = |secret: &'static str, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = s
+            .http
+            .request(method, format!("{}/api/v1{path}", s.base))
+            .bearer_auth(secret);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            let st = resp.status();
+            (st, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let read = "read-secret-0123456789";
+    let ops = "operate-secret-0123456789";
+    let admin = "admin-secret-0123456789";
+    let (st, who) = call(read, reqwest::Method::GET, "/whoami", None).await;
+    assert_eq!((st, who["role"].as_str()), (StatusCode::OK, Some("read")));
+    assert_eq!(
+        call(read, reqwest::Method::GET, "/tasks", None).await.0,
+        StatusCode::OK
+    );
+    let (st, e) = call(
+        read,
+        reqwest::Method::POST,
+        "/tasks",
+        Some(json!({"kind": "noop"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("operate") && msg.contains("viewer") && !msg.contains(read),
+        "{msg}"
+    );
+    let (st, t) = call(
+        ops,
+        reqwest::Method::POST,
+        "/tasks",
+        Some(json!({"kind": "noop"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    assert_eq!(
+        call(ops, reqwest::Method::POST, "/queues/default/pause", None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let sched = json!({"name": "n", "cron": "0 * * * *", "kind": "noop"});
+    let (st, e) = call(
+        ops,
+        reqwest::Method::POST,
+        "/schedules",
+        Some(sched.clone()),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("admin"));
+    assert_eq!(
+        call(admin, reqwest::Method::POST, "/schedules", Some(sched))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(
+            "wrong-secret-0123456789",
+            reqwest::Method::GET,
+            "/tasks",
+            None
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    s.stop().await;
+}

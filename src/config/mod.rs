@@ -108,6 +108,62 @@ pub struct ServerConfig {
     /// Host names, besides localhost and the listen address, a loopback
     /// node answers to (a name that points here, e.g. behind a proxy).
     pub allowed_hosts: Vec<String>,
+    /// API tokens with roles (`read`, `operate`, `admin`); see the README.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One API token: a name (what logs show), a role, and the secret itself,
+/// the file that holds it, or the environment variable that does.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: crate::server::auth::Role,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+impl TokenConfig {
+    /// The secret, read from wherever it is kept.
+    pub fn secret(&self) -> Result<String, String> {
+        let s = match (&self.token, &self.token_file, &self.token_env) {
+            (Some(t), None, None) => t.clone(),
+            (None, Some(f), None) => std::fs::read_to_string(f)
+                .map_err(|e| format!("token_file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+            (None, None, Some(v)) => {
+                std::env::var(v).map_err(|_| format!("token_env {v}: the variable is not set"))?
+            }
+            _ => return Err("give exactly one of token, token_file or token_env".into()),
+        };
+        if s.trim().len() < 16 {
+            return Err("the secret must be at least 16 characters".into());
+        }
+        Ok(s)
+    }
+}
+
+impl ServerConfig {
+    /// The tokens this section defines, secrets read.
+    pub fn api_tokens(&self) -> Result<Vec<crate::server::auth::ApiToken>, (String, String)> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let secret = t.secret().map_err(|m| (format!("server.tokens[{i}]"), m))?;
+                Ok(crate::server::auth::ApiToken {
+                    name: t.name.clone(),
+                    secret: std::sync::Arc::from(secret),
+                    role: t.role,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Default for ServerConfig {
@@ -122,6 +178,7 @@ impl Default for ServerConfig {
             max_batch: limits.max_batch,
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -421,6 +478,16 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
         }
     }
     cfg.executors.shell.executor()?;
+    let tokens = cfg.server.api_tokens()?;
+    let mut names = std::collections::HashSet::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.name.trim().is_empty() || !names.insert(t.name.clone()) {
+            return Err((
+                format!("server.tokens[{i}].name"),
+                format!("{:?} is empty or used twice", t.name),
+            ));
+        }
+    }
     for (i, o) in cfg.server.cors_origins.iter().enumerate() {
         let ok = o.starts_with("http://") || o.starts_with("https://");
         if !ok || o.trim_end_matches('/').matches('/').count() != 2 {

@@ -39,6 +39,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/queues/{queue}/pause", post(pause_queue))
         .route("/queues/{queue}/resume", post(resume_queue))
         .route("/nodes", get(list_nodes))
+        .route("/whoami", get(whoami))
         .route("/schedules", get(list_schedules).post(put_schedule))
         .route("/schedules/{name}", axum::routing::delete(delete_schedule))
 }
@@ -570,6 +571,11 @@ async fn delete_schedule(
         )
         .field("name"))
     }
+}
+
+/// The caller's token name and role (the dashboard shows only what it may do).
+async fn whoami(axum::Extension(caller): axum::Extension<super::auth::Caller>) -> Json<Value> {
+    Json(json!({"token": caller.token, "role": caller.role}))
 }
 
 pub(crate) async fn healthz() -> Json<Value> {

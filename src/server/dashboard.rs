@@ -256,7 +256,7 @@ pub(crate) async fn page(State(state): State<AppState>) -> Response {
     let page = Page {
         node: state.pool.node_name(),
         version: env!("CARGO_PKG_VERSION"),
-        auth: state.token.is_some(),
+        auth: state.has_token(),
     };
     match page.render() {
         Ok(html) => secure(html.into_response(), "text/html; charset=utf-8", "no-store"),

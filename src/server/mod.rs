@@ -12,6 +12,7 @@
 //! the token and sends it to the API).
 
 pub mod api;
+pub mod auth;
 pub mod dashboard;
 pub mod guard;
 #[cfg(feature = "stats")]
@@ -21,9 +22,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
+
+use axum::http::StatusCode;
+
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -59,7 +60,8 @@ pub struct AppState {
     pub(crate) registry: Arc<TaskRegistry>,
     pub(crate) pool: Arc<WorkerPool>,
     pub(crate) limits: Limits,
-    pub(crate) token: Option<Arc<str>>,
+    /// The tokens the API accepts (none: every caller is admin).
+    pub(crate) tokens: Arc<Vec<auth::ApiToken>>,
     /// Fires when the server stops: long-polls return early.
     pub(crate) stopping: CancellationToken,
     /// Cluster throughput over the last minutes, for the dashboard.
@@ -75,7 +77,7 @@ impl std::fmt::Debug for AppState {
         f.debug_struct("AppState")
             .field("node", &self.pool.node_name())
             .field("limits", &self.limits)
-            .field("auth", &self.token.is_some())
+            .field("tokens", &self.tokens)
             .finish()
     }
 }
@@ -88,7 +90,16 @@ impl AppState {
             registry: pool.registry().clone(),
             pool,
             limits,
-            token: token.map(Arc::from),
+            tokens: Arc::new(
+                token
+                    .map(|t| auth::ApiToken {
+                        name: "default".into(),
+                        secret: Arc::from(t),
+                        role: auth::Role::Admin,
+                    })
+                    .into_iter()
+                    .collect(),
+            ),
             stopping: CancellationToken::new(),
             history: Arc::default(),
             browser: Arc::default(),
@@ -105,9 +116,17 @@ impl AppState {
         self
     }
 
+    /// Accept these tokens too (each with its role).
+    pub fn with_tokens(mut self, tokens: Vec<auth::ApiToken>) -> Self {
+        let mut all = (*self.tokens).clone();
+        all.extend(tokens);
+        self.tokens = Arc::new(all);
+        self
+    }
+
     /// Whether requests need a bearer token.
     pub fn has_token(&self) -> bool {
-        self.token.is_some()
+        !self.tokens.is_empty()
     }
 
     /// Export metrics at /metrics (build the pool with [`metrics::Metrics`] as its observer).
@@ -201,43 +220,11 @@ impl From<ClientError> for ApiError {
     }
 }
 
-/// Constant-time comparison: the time taken does not depend on where the
-/// inputs differ (the length may show, which a token's length does anyway).
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        return next.run(req).await;
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if same_secret(g.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "wrong bearer token",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing Authorization: Bearer <token> header",
-        )
-        .into_response(),
-    }
-}
-
 /// The whole app: API (behind the token), probes and metrics.
 pub fn router(state: AppState) -> Router {
     let api = api::routes().layer(axum::middleware::from_fn_with_state(
         state.clone(),
-        require_token,
+        auth::require_token,
     ));
     let app = Router::new()
         .nest("/api/v1", api)
@@ -283,17 +270,4 @@ pub async fn serve(
 /// True for addresses only this machine can reach.
 pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
     addr.ip().is_loopback()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_secret;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"ab"));
-        assert!(!same_secret(b"", b"a"));
-    }
 }
