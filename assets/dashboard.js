@@ -205,7 +205,7 @@
     for (const a of document.querySelectorAll("#nav a")) {
       a.classList.toggle("active", a.dataset.nav === name || (name === "task" && a.dataset.nav === "tasks"));
     }
-    const views = { overview, queues, tasks, task, dead, nodes, schedules };
+    const views = { overview, queues, tasks, task, dead, nodes, schedules, audit };
     const view = views[name] || notFound;
     replace(app);
     current = view(parts.slice(1), params) || null;
@@ -604,6 +604,27 @@
             h("td", {}, (n.queues || []).join(", ")),
             h("td", { class: "num" }, fmtNum(n.stats && n.stats.completed)),
             h("td", { class: "num" }, fmtNum(n.stats && n.stats.failed)))))));
+      },
+    };
+  }
+
+  function audit() {
+    const box = h("div");
+    append(app, h("h2", {}, "Audit trail"),
+      h("p", { class: "hint" }, "Operator actions on the cluster, newest first: who, from where, and how it went."),
+      box);
+    return {
+      async refresh() {
+        const r = await api("/audit?limit=100");
+        replace(box, r.entries.length ? h("table", { class: "data", id: "audit-table" },
+          h("thead", {}, h("tr", {}, ["When", "Token", "From", "Action", "Target", "Outcome"].map((t) => h("th", {}, t)))),
+          h("tbody", {}, r.entries.map((e) => h("tr", { dataset: { id: String(e.id) } },
+            h("td", { title: fmtTime(e.at) }, ago(e.at)),
+            h("td", {}, e.token),
+            h("td", {}, e.remote),
+            h("td", {}, e.action),
+            h("td", {}, e.target),
+            h("td", { class: e.status >= 400 ? "err" : "" }, e.status + " " + e.outcome))))) : h("p", {}, "No operator actions yet."));
       },
     };
   }

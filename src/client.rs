@@ -551,6 +551,20 @@ impl Client {
         Ok(self.store.schedule_delete(name).await?)
     }
 
+    /// Record an operator action in the audit trail.
+    pub async fn audit_append(&self, entry: crate::store::AuditEntry) -> Result<(), ClientError> {
+        Ok(self.store.audit_append(entry).await?)
+    }
+
+    /// The audit trail, newest first, ids below `before`.
+    pub async fn audit(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::AuditEntry>, ClientError> {
+        Ok(self.store.audit_list(before, limit).await?)
+    }
+
     /// Does the store answer? (What `/readyz` reports.)
     pub async fn ping(&self) -> Result<(), ClientError> {
         Ok(self.store.ready().await?)

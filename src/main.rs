@@ -92,6 +92,13 @@ enum Command {
     Nodes,
     /// Cron schedules with their next run.
     Schedules,
+    /// The audit trail of operator actions, newest first (admin token).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -392,6 +399,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Pause { queue } => queue_action(&remote()?, &queue, "pause", json).await,
         Command::Resume { queue } => queue_action(&remote()?, &queue, "resume", json).await,
+        Command::Audit { limit, cursor } => {
+            let mut path = format!("/audit?limit={limit}");
+            if let Some(c) = cursor {
+                path.push_str(&format!("&cursor={}", cli::query_escape(&c)));
+            }
+            let (_, page) = remote()?.call(Method::GET, &path, None).await?;
+            if json {
+                show(&page);
+            } else {
+                for e in page["entries"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
+                    println!(
+                        "{}  {:<10} {:<22} {:<28} {:<24} {} {}",
+                        e["at"].as_str().unwrap_or_default(),
+                        e["token"].as_str().unwrap_or_default(),
+                        e["remote"].as_str().unwrap_or_default(),
+                        e["action"].as_str().unwrap_or_default(),
+                        e["target"].as_str().unwrap_or_default(),
+                        e["status"],
+                        e["outcome"].as_str().unwrap_or_default(),
+                    );
+                }
+                if let Some(c) = page["next_cursor"].as_str() {
+                    println!("(more: --cursor {c})");
+                }
+            }
+            Ok(())
+        }
         Command::Schedules => {
             let (_, v) = remote()?.call(Method::GET, "/schedules", None).await?;
             if json {

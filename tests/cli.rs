@@ -224,3 +224,33 @@ fn binding_beyond_loopback_without_a_token_warns_loudly() {
     );
     assert!(first.contains("no auth token"), "{first}");
 }
+
+#[test]
+fn audit_lists_operator_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "");
+    assert!(cli(&node, &["pause", "default"]).status.success());
+    assert!(cli(&node, &["resume", "default"]).status.success());
+    let out = cli(&node, &["audit"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("POST /queues/{queue}/resume")
+            && lines[0].contains("/queues/default/resume"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("anonymous") && lines[1].contains("200 ok"),
+        "{text}"
+    );
+    let json = cli(&node, &["audit", "--json", "--limit", "1"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1);
+    assert!(v["next_cursor"].is_string());
+}

@@ -638,6 +638,13 @@ async fn the_dashboard_shows_only_what_the_token_may_do() {
             .await;
         if can_act {
             assert_eq!(role, json!("operate"));
+            let audit_link = b
+                .js(
+                    "return document.querySelector('#nav a[data-nav=audit]').offsetParent === null",
+                    json!([]),
+                )
+                .await;
+            assert_eq!(audit_link, json!(true), "the audit page is for admins");
             assert!(visible.as_u64().unwrap_or(0) > 0, "operate sees actions");
             b.screenshot("12-operate-token").await;
             b.click(&format!("#tasks-table tr[data-id='{id}'] button.cancel"))
@@ -651,4 +658,14 @@ async fn the_dashboard_shows_only_what_the_token_may_do() {
         }
         b.click("#logout").await;
     }
+    // The admin sees the trail on its page.
+    b.goto(&format!("{}/#/audit", node.url)).await;
+    b.wait("#login:not([hidden])").await;
+    b.type_into("#token", "admin-secret-0123456789").await;
+    b.click("#login-form button").await;
+    let row = b
+        .wait_text("#audit-table tbody tr", |t| t.contains("ops"))
+        .await;
+    assert!(row.contains("/cancel"), "{row}");
+    b.screenshot("13-audit").await;
 }

@@ -650,6 +650,7 @@ async fn the_leader_prunes_finished_tasks_past_retention() {
         completed: Some(Duration::ZERO),
         failed: None,
         cancelled: None,
+        audit: None,
         interval: Duration::from_millis(100),
     };
     let pool = builder(store, reg).retention(retention).build().unwrap();

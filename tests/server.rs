@@ -1380,3 +1380,81 @@ async fn tokens_have_roles() {
     );
     s.stop().await;
 }
+
+/// The audit trail records each operator action with the token's name, the
+/// caller's address and the outcome; only admins read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_are_audited() {
+    let s = start(Setup {
+        token: Some("admin-secret-0123456789".into()),
+        yaml: "server:\n  tokens:\n    - {name: viewer, role: read, token: read-secret-0123456789}\n",
+        ..Default::default()
+    })
+    .await;
+    let (_, t) = s
+        .call(
+            reqwest::Method::POST,
+            "/tasks",
+            Some(json!({"kind": "sleep", "args": {"ms": 60000}, "delay_ms": 60000})),
+        )
+        .await;
+    let id = t["id"].as_i64().unwrap();
+    s.call(reqwest::Method::POST, &format!("/tasks/{id}/cancel"), None)
+        .await;
+    s.call(reqwest::Method::POST, &format!("/tasks/{id}/cancel"), None)
+        .await; // 409
+    s.call(reqwest::Method::POST, "/queues/default/pause", None)
+        .await;
+    s.call(reqwest::Method::POST, "/queues/default/resume", None)
+        .await;
+    let sched = json!({"name": "nightly", "cron": "0 3 * * *", "kind": "noop"});
+    s.call(reqwest::Method::POST, "/schedules", Some(sched))
+        .await;
+    s.call(reqwest::Method::DELETE, "/schedules/nightly", None)
+        .await;
+    let (st, page) = s.get("/audit").await;
+    assert_eq!(st, StatusCode::OK, "{page}");
+    let entries = page["entries"].as_array().unwrap();
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "DELETE /schedules/{name}",
+            "POST /schedules",
+            "POST /queues/{queue}/resume",
+            "POST /queues/{queue}/pause",
+            "POST /tasks/{id}/cancel",
+            "POST /tasks/{id}/cancel",
+        ],
+        "newest first, task creation not recorded"
+    );
+    let cancel = &entries[4];
+    assert_eq!(cancel["target"], format!("/tasks/{id}/cancel"));
+    assert_eq!(cancel["token"], "default");
+    assert_eq!(cancel["status"], 409);
+    assert_eq!(entries[5]["outcome"], "ok");
+    assert!(
+        cancel["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{cancel}"
+    );
+    let (st, page) = s.get("/audit?limit=2").await;
+    assert_eq!(
+        (st, page["entries"].as_array().unwrap().len()),
+        (StatusCode::OK, 2)
+    );
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, more) = s.get(&format!("/audit?limit=10&cursor={cursor}")).await;
+    assert_eq!(more["entries"].as_array().unwrap().len(), 4);
+    let r = s
+        .http
+        .get(format!("{}/api/v1/audit", s.base))
+        .bearer_auth("read-secret-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    s.stop().await;
+}

@@ -595,6 +595,7 @@ pub mod cases {
                 completed_before: cutoff,
                 failed_before: None,
                 cancelled_before: cutoff,
+                audit_before: None,
                 limit: 100,
             })
             .await
@@ -621,6 +622,7 @@ pub mod cases {
                 completed_before: cutoff,
                 failed_before: cutoff,
                 cancelled_before: cutoff,
+                audit_before: None,
                 limit: 100,
             })
             .await
@@ -1399,6 +1401,7 @@ pub mod cases {
                 completed_before: Some(now + secs(1)),
                 failed_before: None,
                 cancelled_before: None,
+                audit_before: None,
                 limit: 100,
             })
             .await
@@ -1497,6 +1500,44 @@ pub mod cases {
         assert!(!s.node_heartbeat(second_later).await.unwrap());
     }
 
+    /// The audit trail keeps entries in order, pages by cursor, and the
+    /// prune of its retention removes old ones.
+    pub async fn the_audit_trail_appends_pages_and_prunes(b: &Backend) {
+        use proto_tasker::store::AuditEntry;
+        let s = b.store.clone();
+        let now = now();
+        for i in 0..5 {
+            s.audit_append(AuditEntry {
+                id: 0,
+                at: now - secs(100 - i),
+                token: format!("t{i}"),
+                remote: "127.0.0.1:1".into(),
+                action: "POST /tasks/{id}/cancel".into(),
+                target: format!("/tasks/{i}/cancel"),
+                status: 200,
+                outcome: "ok".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let page = s.audit_list(None, 3).await.unwrap();
+        let tokens: Vec<_> = page.iter().map(|e| e.token.as_str()).collect();
+        assert_eq!(tokens, ["t4", "t3", "t2"]);
+        assert_eq!(page[0].at, now - secs(96));
+        let rest = s.audit_list(Some(page[2].id), 10).await.unwrap();
+        assert_eq!(rest.len(), 2);
+        s.task_prune(PruneParams {
+            completed_before: None,
+            failed_before: None,
+            cancelled_before: None,
+            audit_before: Some(now - secs(97)),
+            limit: 100,
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.audit_list(None, 10).await.unwrap().len(), 2);
+    }
+
     pub async fn nodes_register_and_deregister(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1564,6 +1605,7 @@ macro_rules! all_cases {
             cases::pruning_and_finishing_leave_no_bookkeeping_rows,
             cases::unique_inserts_racing_a_finishing_holder_never_fail,
             cases::one_instance_holds_a_node_name,
+            cases::the_audit_trail_appends_pages_and_prunes,
             limits::limits_per_key_and_global_hold_across_nodes,
             limits::limits_rate_holds_across_nodes,
             limits::limits_a_saturated_key_does_not_starve_others,

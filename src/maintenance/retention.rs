@@ -19,6 +19,9 @@ pub struct Retention {
     pub failed: Option<Duration>,
     #[serde(with = "opt_serde")]
     pub cancelled: Option<Duration>,
+    /// Audit entries of operator actions.
+    #[serde(with = "opt_serde")]
+    pub audit: Option<Duration>,
     /// How often the leader prunes.
     #[serde(with = "dur_serde")]
     pub interval: Duration,
@@ -31,6 +34,7 @@ impl Default for Retention {
             completed: week,
             failed: week,
             cancelled: week,
+            audit: Some(Duration::from_secs(90 * 24 * 3600)),
             interval: Duration::from_secs(60),
         }
     }
@@ -52,6 +56,7 @@ pub async fn prune(
             completed_before: before(retention.completed),
             failed_before: before(retention.failed),
             cancelled_before: before(retention.cancelled),
+            audit_before: before(retention.audit),
             limit: PRUNE_BATCH,
         })
         .await

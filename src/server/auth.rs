@@ -70,10 +70,16 @@ pub struct Caller {
 /// The role a request needs.
 pub fn needed(method: &Method, path: &str) -> Role {
     let path = path.trim_end_matches('/');
+    if path.ends_with("/audit") {
+        return Role::Admin;
+    }
     if method == Method::GET || method == Method::HEAD || method == Method::OPTIONS {
         return Role::Read;
     }
     if path.ends_with("/schedules") || path.contains("/schedules/") {
+        return Role::Admin;
+    }
+    if path.ends_with("/audit") {
         return Role::Admin;
     }
     Role::Operate

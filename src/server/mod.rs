@@ -12,6 +12,7 @@
 //! the token and sends it to the API).
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod dashboard;
 pub mod guard;
@@ -222,10 +223,17 @@ impl From<ClientError> for ApiError {
 
 /// The whole app: API (behind the token), probes and metrics.
 pub fn router(state: AppState) -> Router {
-    let api = api::routes().layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        auth::require_token,
-    ));
+    // The token is checked first (outer), then actions are recorded with
+    // the caller it found.
+    let api = api::routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
     let app = Router::new()
         .nest("/api/v1", api)
         .route("/healthz", axum::routing::get(api::healthz))
@@ -259,12 +267,15 @@ pub async fn serve(
     let stopping = state.stopping.clone();
     tokio::spawn(dashboard::run_sampler(state.clone()));
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping.cancel();
-        })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        stopping.cancel();
+    })
+    .await
 }
 
 /// True for addresses only this machine can reach.

@@ -212,6 +212,16 @@ pub trait Store: Send + Sync + 'static {
     /// Delete old finished tasks; returns how many went.
     async fn task_prune(&self, params: PruneParams) -> Result<u64, StoreError>;
 
+    /// Append an operator action to the audit trail.
+    async fn audit_append(&self, entry: AuditEntry) -> Result<(), StoreError>;
+
+    /// Audit entries, newest first, with ids below `before` (the cursor).
+    async fn audit_list(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+
     /// Count tasks by queue and state.
     ///
     /// Each count stops at [`count_cap`] of its state. Implementations walk an index

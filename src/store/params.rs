@@ -169,6 +169,8 @@ pub struct PruneParams {
     pub cancelled_before: Option<DateTime<Utc>>,
     /// At most this many rows per call, so a prune never holds the writer long.
     pub limit: usize,
+    /// Audit entries recorded before this go too.
+    pub audit_before: Option<DateTime<Utc>>,
 }
 
 impl PruneParams {
@@ -289,4 +291,23 @@ pub struct ScheduleFire {
     pub new_last: DateTime<Utc>,
     pub tasks: Vec<TaskInsert>,
     pub now: DateTime<Utc>,
+}
+
+/// One operator action, as the audit trail keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Assigned by the store (0 before).
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// The token's name (never its secret).
+    pub token: String,
+    /// The caller's address.
+    pub remote: String,
+    /// What was asked, e.g. `POST /tasks/{id}/cancel`.
+    pub action: String,
+    /// What it was asked of, e.g. the path `/tasks/42/cancel`.
+    pub target: String,
+    /// The HTTP status it got, and the error code when it failed.
+    pub status: i32,
+    pub outcome: String,
 }

@@ -48,8 +48,8 @@ use tokio_postgres::{GenericClient, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams, RescueParams, Rescued,
-    ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert,
+    AuditEntry, ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams, RescueParams,
+    Rescued, ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert,
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
@@ -70,6 +70,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0008_claim_token.sql"),
     include_str!("migrations/0009_task_deps_child.sql"),
     include_str!("migrations/0010_node_instance.sql"),
+    include_str!("migrations/0011_audit.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -522,10 +523,77 @@ impl Store for PostgresStore {
                 total += row.try_get::<_, i64>(0).map_err(db_err)? as u64;
             }
         }
+        if let Some(before) = p.audit_before {
+            c.execute(
+                &format!(
+                    "DELETE FROM {s}.audit WHERE id IN (SELECT id FROM {s}.audit WHERE at < $1 LIMIT $2)",
+                    s = self.inner.schema
+                ),
+                &[&before, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        }
         Ok(total)
     }
     async fn task_claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
         self.claim(p).await
+    }
+
+    async fn audit_append(&self, e: AuditEntry) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.execute(
+            &format!(
+                "INSERT INTO {}.audit (at, token, remote, action, target, status, outcome) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                self.inner.schema
+            ),
+            &[
+                &super::truncate_micros(e.at),
+                &e.token,
+                &e.remote,
+                &e.action,
+                &e.target,
+                &e.status,
+                &e.outcome,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn audit_list(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT id, at, token, remote, action, target, status, outcome FROM {}.audit \
+                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                    self.inner.schema
+                ),
+                &[&before.unwrap_or(i64::MAX), &(limit.max(1) as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get(0).map_err(db_err)?,
+                    at: r.try_get(1).map_err(db_err)?,
+                    token: r.try_get(2).map_err(db_err)?,
+                    remote: r.try_get(3).map_err(db_err)?,
+                    action: r.try_get(4).map_err(db_err)?,
+                    target: r.try_get(5).map_err(db_err)?,
+                    status: r.try_get(6).map_err(db_err)?,
+                    outcome: r.try_get(7).map_err(db_err)?,
+                })
+            })
+            .collect()
     }
 
     async fn task_complete_many(

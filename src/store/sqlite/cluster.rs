@@ -259,3 +259,57 @@ pub(super) fn leader_resign(conn: &Connection, node: &str) -> Result<(), StoreEr
         .map_err(sql_err)?;
     Ok(())
 }
+
+pub(super) fn audit_append(
+    conn: &Connection,
+    e: &crate::store::AuditEntry,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO audit (at, token, remote, action, target, status, outcome) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            to_micros(e.at),
+            e.token,
+            e.remote,
+            e.action,
+            e.target,
+            e.status,
+            e.outcome
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+pub(super) fn audit_list(
+    conn: &Connection,
+    before: Option<i64>,
+    limit: usize,
+) -> Result<Vec<crate::store::AuditEntry>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT id, at, token, remote, action, target, status, outcome FROM audit \
+             WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(sql_err)?;
+    st.query_map(
+        params![before.unwrap_or(i64::MAX), limit.max(1) as i64],
+        |r| {
+            Ok(crate::store::AuditEntry {
+                id: r.get(0)?,
+                at: from_micros(r.get(1)?),
+                token: r.get(2)?,
+                remote: r.get(3)?,
+                action: r.get(4)?,
+                target: r.get(5)?,
+                status: r.get(6)?,
+                outcome: r.get(7)?,
+            })
+        },
+    )
+    .map_err(sql_err)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(sql_err)
+}

@@ -45,9 +45,9 @@ use rusqlite::Connection;
 use tokio::sync::{Notify, broadcast, oneshot};
 
 use super::{
-    ClaimParams, Completion, DashboardRead, FINISHED_COUNT_CAP, Inserted, ListParams, NodeInfo,
-    PruneParams, QUEUE_COUNT_CAP, RescueParams, Rescued, ScheduleFire, ScheduleRow, Store,
-    StoreError, StoreEvent, TaskInsert, lifecycle, truncate_micros,
+    AuditEntry, ClaimParams, Completion, DashboardRead, FINISHED_COUNT_CAP, Inserted, ListParams,
+    NodeInfo, PruneParams, QUEUE_COUNT_CAP, RescueParams, Rescued, ScheduleFire, ScheduleRow,
+    Store, StoreError, StoreEvent, TaskInsert, lifecycle, truncate_micros,
 };
 use crate::task::{Task, TaskId, TaskState};
 use writer::{Job, Reply, open_conn, sql_err, unavailable, writer_loop};
@@ -63,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_claim_token.sql"),
     include_str!("migrations/0008_task_deps_child.sql"),
     include_str!("migrations/0009_node_instance.sql"),
+    include_str!("migrations/0010_audit.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -438,6 +439,20 @@ impl Store for SqliteStore {
 
     async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
         self.write(move |conn| outcome::prune(conn, &p)).await
+    }
+
+    async fn audit_append(&self, e: AuditEntry) -> Result<(), StoreError> {
+        self.write(move |conn| cluster::audit_append(conn, &e))
+            .await
+    }
+
+    async fn audit_list(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |conn| cluster::audit_list(conn, before, limit))
+            .await
     }
 
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {

@@ -272,5 +272,12 @@ pub(super) fn prune(conn: &Connection, p: &PruneParams) -> Result<u64, StoreErro
         }
         total += gone.len() as u64;
     }
+    if let Some(before) = p.audit_before {
+        conn.prepare_cached(
+            "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ?1 LIMIT ?2)",
+        )
+        .and_then(|mut st| st.execute(params![to_micros(before), limit]))
+        .map_err(sql_err)?;
+    }
     Ok(total)
 }
