@@ -102,7 +102,16 @@ fn request() -> impl Strategy<Value = Req> {
 }
 
 #[test]
-fn generated_requests_never_break_the_node() {
+fn generated_requests_never_break_a_node_on_sqlite() {
+    fuzz(false);
+}
+
+#[test]
+fn generated_requests_never_break_a_node_on_postgres() {
+    fuzz(true);
+}
+
+fn fuzz(postgres: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -114,6 +123,17 @@ fn generated_requests_never_break_the_node() {
     cfg.store.synchronous = proto_tasker::store::Synchronous::Normal;
     cfg.server.listen = "127.0.0.1:0".into();
     cfg.pool.poll_interval = Duration::from_millis(50);
+    let _pg = postgres.then(|| {
+        let pg = fixtures::PgSchema {
+            url: fixtures::pg_url(),
+            schema: fixtures::fresh_schema(),
+        };
+        cfg.store.kind = proto_tasker::config::StoreKind::Postgres;
+        cfg.store.url = Some(pg.url.clone());
+        cfg.store.schema = pg.schema.clone();
+        cfg.store.pool_size = 4;
+        pg
+    });
     let (base, stop) = rt.block_on(async {
         let node = proto_tasker::Node::from_config(&cfg).await.unwrap();
         let base = format!("http://{}", node.local_addr().unwrap());

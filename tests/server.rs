@@ -21,6 +21,7 @@ struct TestServer {
     stop: tokio_util::sync::CancellationToken,
     db: std::path::PathBuf,
     _dir: tempfile::TempDir,
+    _pg: Option<fixtures::PgSchema>,
 }
 
 #[derive(Default)]
@@ -28,6 +29,8 @@ struct Setup {
     token: Option<String>,
     limits: Limits,
     yaml: &'static str,
+    /// Run on PostgreSQL (a schema of the test's own) instead of SQLite.
+    postgres: bool,
 }
 
 /// A node as `proto_tasker serve` assembles it ([`Node::from_config`]),
@@ -39,6 +42,16 @@ async fn start(setup: Setup) -> TestServer {
     std::fs::write(&cfg_path, setup.yaml).unwrap();
     let mut cfg: Config = proto_tasker::config_load(&cfg_path).unwrap();
     cfg.store.path = db.clone();
+    let pg = setup.postgres.then(|| fixtures::PgSchema {
+        url: fixtures::pg_url(),
+        schema: fixtures::fresh_schema(),
+    });
+    if let Some(pg) = &pg {
+        cfg.store.kind = proto_tasker::config::StoreKind::Postgres;
+        cfg.store.url = Some(pg.url.clone());
+        cfg.store.schema = pg.schema.clone();
+        cfg.store.pool_size = 4;
+    }
     cfg.store.synchronous = Synchronous::Normal;
     cfg.store.busy_timeout = Duration::from_millis(200);
     cfg.pool.poll_interval = Duration::from_millis(50);
@@ -83,6 +96,7 @@ async fn start(setup: Setup) -> TestServer {
         stop,
         db,
         _dir: dir,
+        _pg: pg,
     }
 }
 
@@ -1107,8 +1121,15 @@ async fn history_follows_nodes_on_postgres() {
 /// origin and listed `server.cors_origins` work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_on_other_origins_and_rebound_hosts_are_refused() {
+    for postgres in [false, true] {
+        browsers_are_refused(postgres).await;
+    }
+}
+
+async fn browsers_are_refused(postgres: bool) {
     let s = start(Setup {
         yaml: "server:\n  cors_origins: [\"http://app.example\"]\n",
+        postgres,
         ..Default::default()
     })
     .await;
@@ -1210,7 +1231,17 @@ async fn browsers_on_other_origins_and_rebound_hosts_are_refused() {
 /// reaches the store (which would answer 503 on PostgreSQL) or holds it up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_past_their_bounds_are_refused_by_name() {
-    let s = start(Setup::default()).await;
+    for postgres in [false, true] {
+        bounds_hold(postgres).await;
+    }
+}
+
+async fn bounds_hold(postgres: bool) {
+    let s = start(Setup {
+        postgres,
+        ..Default::default()
+    })
+    .await;
     let long = "k".repeat(300);
     let cases = [
         (json!({"kind": long}), "kind"),
