@@ -16,6 +16,20 @@ async fn states(store: &Arc<dyn Store>) -> Vec<proto_tasker::Task> {
     fixtures::all_tasks(store).await
 }
 
+async fn all_complete(store: &Arc<dyn Store>) {
+    wait_until(
+        "every task completes",
+        Duration::from_secs(60),
+        async || {
+            states(store)
+                .await
+                .iter()
+                .all(|t| t.state == TaskState::Completed)
+        },
+    )
+    .await;
+}
+
 /// A node that reaches PostgreSQL through a proxy that starts holding
 /// packets (no error, no reply) must stop its tasks before the other node,
 /// which sees it go silent, runs them again; after the partition heals,
@@ -72,17 +86,7 @@ async fn a_silently_partitioned_node_stops_its_tasks_before_they_run_elsewhere()
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.hold(false);
-    wait_until(
-        "every task completes",
-        Duration::from_secs(60),
-        async || {
-            states(&store)
-                .await
-                .iter()
-                .all(|t| t.state == TaskState::Completed)
-        },
-    )
-    .await;
+    all_complete(&store).await;
     let h = history(&log);
     let bad = overlaps(&h);
     if !bad.is_empty() {
@@ -173,17 +177,7 @@ async fn skewed_clocks_neither_kill_live_nodes_nor_make_two_leaders() {
         assert_eq!(nodes.len(), 3, "a node was dropped: {nodes:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_until(
-        "every task completes",
-        Duration::from_secs(60),
-        async || {
-            states(&store)
-                .await
-                .iter()
-                .all(|t| t.state == TaskState::Completed)
-        },
-    )
-    .await;
+    all_complete(&store).await;
     let all = states(&store).await;
     let ran_on: std::collections::BTreeSet<_> = all.iter().filter_map(|t| t.node.clone()).collect();
     assert!(ran_on.len() >= 2, "tasks ran on {ran_on:?}");
