@@ -39,8 +39,8 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/queues/{queue}/pause", post(pause_queue))
         .route("/queues/{queue}/resume", post(resume_queue))
         .route("/nodes", get(list_nodes))
-        .route("/whoami", get(whoami))
-        .route("/audit", get(list_audit))
+        .route("/whoami", get(super::auth::whoami))
+        .route("/audit", get(super::audit::list))
         .route("/schedules", get(list_schedules).post(put_schedule))
         .route("/schedules/{name}", axum::routing::delete(delete_schedule))
 }
@@ -572,38 +572,6 @@ async fn delete_schedule(
         )
         .field("name"))
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditQuery {
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
-
-/// The audit trail, newest first, 50 a page (`?limit=` up to 500, `?cursor=`).
-async fn list_audit(
-    State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let before = match q.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| ApiError::bad("cursor", format!("{c:?} is not a cursor")))?,
-        ),
-    };
-    let entries = state.client.audit(before, limit).await?;
-    let next = (entries.len() == limit)
-        .then(|| entries.last().map(|e| e.id.to_string()))
-        .flatten();
-    Ok(Json(json!({ "entries": entries, "next_cursor": next })))
-}
-
-/// The caller's token name and role (the dashboard shows only what it may do).
-async fn whoami(axum::Extension(caller): axum::Extension<super::auth::Caller>) -> Json<Value> {
-    Json(json!({"token": caller.token, "role": caller.role}))
 }
 
 pub(crate) async fn healthz() -> Json<Value> {

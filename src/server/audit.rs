@@ -13,8 +13,12 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::AppState;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
 use super::auth::Caller;
+use super::{ApiError, AppState};
 use crate::store::AuditEntry;
 
 /// Is `METHOD path-template` an operator action the trail records?
@@ -73,4 +77,31 @@ pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Ne
         tracing::warn!(error = %e, "could not record an operator action in the audit trail");
     }
     resp
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// The audit trail, newest first, 50 a page (`?limit=` up to 500, `?cursor=`).
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| ApiError::bad("cursor", format!("{c:?} is not a cursor")))?,
+        ),
+    };
+    let entries = state.client.audit(before, limit).await?;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(Json(json!({ "entries": entries, "next_cursor": next })))
 }

@@ -21,6 +21,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use axum::Json;
+use serde_json::{Value, json};
+
 use super::{ApiError, AppState};
 
 /// What a token may do; each role may do all the ones before it.
@@ -154,6 +157,11 @@ pub(crate) async fn require_token(
     tracing::debug!(token = %caller.token, role = caller.role.as_str(), method = %req.method(), path = %req.uri().path(), "api call");
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// The caller's token name and role (the dashboard shows only what it may do).
+pub(crate) async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Value> {
+    Json(json!({"token": caller.token, "role": caller.role}))
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use super::insert::insert_rows;
 use super::{PostgresStore, db_err};
 use crate::store::lifecycle;
 use crate::store::{
-    FINISHED_COUNT_CAP, Inserted, NodeInfo, QUEUE_COUNT_CAP, ScheduleFire, ScheduleRow, StoreError,
-    parse_state, truncate_micros,
+    AuditEntry, FINISHED_COUNT_CAP, Inserted, NodeInfo, QUEUE_COUNT_CAP, ScheduleFire, ScheduleRow,
+    StoreError, parse_state, truncate_micros,
 };
 use crate::task::TaskState;
 
@@ -268,5 +268,61 @@ impl PostgresStore {
             .await
             .map_err(db_err)?;
         Ok(())
+    }
+
+    pub(super) async fn audit_append(&self, e: AuditEntry) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        c.execute(
+            &format!(
+                "INSERT INTO {}.audit (at, token, remote, action, target, status, outcome) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                self.inner.schema
+            ),
+            &[
+                &truncate_micros(e.at),
+                &e.token,
+                &e.remote,
+                &e.action,
+                &e.target,
+                &e.status,
+                &e.outcome,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub(super) async fn audit_list(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT id, at, token, remote, action, target, status, outcome FROM {}.audit \
+                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                    self.inner.schema
+                ),
+                &[&before.unwrap_or(i64::MAX), &(limit.max(1) as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get(0).map_err(db_err)?,
+                    at: r.try_get(1).map_err(db_err)?,
+                    token: r.try_get(2).map_err(db_err)?,
+                    remote: r.try_get(3).map_err(db_err)?,
+                    action: r.try_get(4).map_err(db_err)?,
+                    target: r.try_get(5).map_err(db_err)?,
+                    status: r.try_get(6).map_err(db_err)?,
+                    outcome: r.try_get(7).map_err(db_err)?,
+                })
+            })
+            .collect()
     }
 }

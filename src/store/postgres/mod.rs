@@ -30,6 +30,7 @@
 //! `migrations/` the schema, one numbered file per version.
 
 mod claim;
+mod clock;
 mod cluster;
 mod insert;
 mod notify;
@@ -129,9 +130,6 @@ struct Inner {
     /// A std mutex: held only to read or replace the pair.
     clock: std::sync::Mutex<Option<(chrono::Duration, std::time::Instant)>>,
 }
-
-/// How often the database's clock is read again (see [`PostgresStore::db_time`]).
-const CLOCK_REFRESH: Duration = Duration::from_secs(10);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -385,52 +383,6 @@ impl PostgresStore {
         tx.commit().await.map_err(db_err)
     }
 
-    /// `t` (this process's clock) in the database's time. Liveness and
-    /// leases are judged by the database's clock: every node writes its
-    /// heartbeats and leases, and compares them, in database time, so a node
-    /// whose own clock is off by any amount is neither taken for dead nor
-    /// able to hold a lease longer. The offset is read (half a round trip
-    /// corrected) at most every [`CLOCK_REFRESH`].
-    pub(super) async fn db_time(&self, t: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
-        Ok(t + self.clock_offset().await?)
-    }
-
-    /// The database's clock minus this process's (see [`Self::db_time`]).
-    pub(super) async fn clock_offset(&self) -> Result<chrono::Duration, StoreError> {
-        let cached = self
-            .inner
-            .clock
-            .lock()
-            .ok()
-            .and_then(|c| *c)
-            .filter(|(_, at)| at.elapsed() < CLOCK_REFRESH);
-        let offset = match cached {
-            Some((offset, _)) => offset,
-            None => {
-                let c = self.conn().await?;
-                let before = Utc::now();
-                let row = c
-                    .query_one("SELECT clock_timestamp()", &[])
-                    .await
-                    .map_err(db_err)?;
-                let after = Utc::now();
-                let db: DateTime<Utc> = row.try_get(0).map_err(db_err)?;
-                // Whole microseconds, the precision the store keeps, so a
-                // time written and read back comes back unchanged.
-                let offset = chrono::Duration::microseconds(
-                    (db - (before + (after - before) / 2))
-                        .num_microseconds()
-                        .unwrap_or(0),
-                );
-                if let Ok(mut c) = self.inner.clock.lock() {
-                    *c = Some((offset, std::time::Instant::now()));
-                }
-                offset
-            }
-        };
-        Ok(offset)
-    }
-
     /// A pooled connection and `sql` prepared on it (cached per connection).
     async fn prepared(
         &self,
@@ -541,26 +493,7 @@ impl Store for PostgresStore {
     }
 
     async fn audit_append(&self, e: AuditEntry) -> Result<(), StoreError> {
-        let c = self.conn().await?;
-        c.execute(
-            &format!(
-                "INSERT INTO {}.audit (at, token, remote, action, target, status, outcome) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                self.inner.schema
-            ),
-            &[
-                &super::truncate_micros(e.at),
-                &e.token,
-                &e.remote,
-                &e.action,
-                &e.target,
-                &e.status,
-                &e.outcome,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
-        Ok(())
+        PostgresStore::audit_append(self, e).await
     }
 
     async fn audit_list(
@@ -568,32 +501,7 @@ impl Store for PostgresStore {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let c = self.conn().await?;
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT id, at, token, remote, action, target, status, outcome FROM {}.audit \
-                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
-                    self.inner.schema
-                ),
-                &[&before.unwrap_or(i64::MAX), &(limit.max(1) as i64)],
-            )
-            .await
-            .map_err(db_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditEntry {
-                    id: r.try_get(0).map_err(db_err)?,
-                    at: r.try_get(1).map_err(db_err)?,
-                    token: r.try_get(2).map_err(db_err)?,
-                    remote: r.try_get(3).map_err(db_err)?,
-                    action: r.try_get(4).map_err(db_err)?,
-                    target: r.try_get(5).map_err(db_err)?,
-                    status: r.try_get(6).map_err(db_err)?,
-                    outcome: r.try_get(7).map_err(db_err)?,
-                })
-            })
-            .collect()
+        PostgresStore::audit_list(self, before, limit).await
     }
 
     async fn task_complete_many(

@@ -1,21 +1,21 @@
-//! The front door: enqueue, inspect and steer tasks.
+//! The front door: enqueue, inspect and steer tasks. The operator's side
+//! (queues, nodes, schedules, the audit trail) is in `operator.rs`.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::cron::{ScheduleSpec, ScheduleView};
+mod operator;
+
+pub use operator::QueueInfo;
+
 use crate::registry::TaskRegistry;
-use crate::store::{
-    Inserted, ListParams, NodeInfo, PostgresStore, ScheduleRow, Store, StoreError, TaskInsert,
-    count_cap,
-};
+use crate::store::{Inserted, ListParams, PostgresStore, Store, StoreError, TaskInsert};
 use crate::task::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task,
-    TaskId, TaskState,
+    TaskId,
 };
 
 /// Why a client call failed.
@@ -452,122 +452,6 @@ impl Client {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
-    }
-}
-
-/// A queue as the operator sees it: counts by state (each stopped at
-/// [`count_cap`]; `capped` names the states that reached it, i.e. "at
-/// least"), and whether it is paused.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct QueueInfo {
-    pub name: String,
-    pub paused: bool,
-    /// Every state, zero included.
-    pub counts: BTreeMap<TaskState, i64>,
-    pub capped: Vec<TaskState>,
-}
-
-/// The operator's side of the front door: queues, nodes, schedules.
-impl Client {
-    /// Every queue anyone knows of: named in `also` (e.g. the queues this
-    /// node serves), served by a registered node, paused, or holding tasks.
-    pub async fn queues(
-        &self,
-        also: impl IntoIterator<Item = String>,
-    ) -> Result<Vec<QueueInfo>, ClientError> {
-        let mut counts: BTreeMap<String, BTreeMap<TaskState, i64>> =
-            also.into_iter().map(|q| (q, BTreeMap::new())).collect();
-        for n in self.store.node_list(Utc::now()).await? {
-            for q in n.queues {
-                counts.entry(q).or_default();
-            }
-        }
-        for (q, st, n) in self.store.queue_counts().await? {
-            counts.entry(q).or_default().insert(st, n);
-        }
-        let paused: BTreeSet<String> = self.store.queue_paused().await?.into_iter().collect();
-        Ok(counts
-            .into_iter()
-            .map(|(name, found)| {
-                let counts: BTreeMap<TaskState, i64> = TaskState::ALL
-                    .iter()
-                    .map(|s| (*s, found.get(s).copied().unwrap_or(0)))
-                    .collect();
-                QueueInfo {
-                    paused: paused.contains(&name),
-                    capped: TaskState::ALL
-                        .into_iter()
-                        .filter(|s| counts[s] >= count_cap(*s))
-                        .collect(),
-                    counts,
-                    name,
-                }
-            })
-            .collect())
-    }
-
-    /// Counts of tasks by queue and state, each stopped at [`count_cap`].
-    pub async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, ClientError> {
-        Ok(self.store.queue_counts().await?)
-    }
-
-    /// Pause (no node claims its tasks) or resume a queue.
-    pub async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), ClientError> {
-        Ok(self.store.queue_set_paused(queue, paused).await?)
-    }
-
-    /// The nodes of the cluster; `leader` marks the one holding the lease now.
-    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
-        Ok(self.store.node_list(Utc::now()).await?)
-    }
-
-    /// The schedules with their next run.
-    pub async fn schedules(&self) -> Result<Vec<ScheduleView>, ClientError> {
-        let rows = self.store.schedule_list().await?;
-        Ok(rows.iter().map(ScheduleView::from_row).collect())
-    }
-
-    /// Add a schedule from the API, or replace the one of the same name.
-    /// The spec and the task it enqueues are checked as an enqueue would be.
-    pub async fn schedule_put(&self, spec: ScheduleSpec) -> Result<ScheduleView, ClientError> {
-        let schedule = spec.parse("").map_err(|e| invalid(e.field, e.message))?;
-        self.check(schedule.task(Utc::now()))?;
-        let row = ScheduleRow {
-            name: spec.name.clone(),
-            spec: serde_json::to_value(&spec).map_err(|e| invalid("body", e.to_string()))?,
-            source: "api".into(),
-            last_tick: Utc::now(),
-        };
-        self.store.schedule_upsert(row).await?;
-        self.schedules()
-            .await?
-            .into_iter()
-            .find(|v| v.spec["name"] == spec.name.as_str())
-            .ok_or_else(|| ClientError::Store(StoreError::unavailable("schedule vanished")))
-    }
-
-    /// Remove a schedule; false when there was none of that name.
-    pub async fn schedule_delete(&self, name: &str) -> Result<bool, ClientError> {
-        Ok(self.store.schedule_delete(name).await?)
-    }
-
-    /// Record an operator action in the audit trail.
-    pub async fn audit_append(&self, entry: crate::store::AuditEntry) -> Result<(), ClientError> {
-        Ok(self.store.audit_append(entry).await?)
-    }
-
-    /// The audit trail, newest first, ids below `before`.
-    pub async fn audit(
-        &self,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<crate::store::AuditEntry>, ClientError> {
-        Ok(self.store.audit_list(before, limit).await?)
-    }
-
-    /// Does the store answer? (What `/readyz` reports.)
-    pub async fn ping(&self) -> Result<(), ClientError> {
-        Ok(self.store.ready().await?)
     }
 }
 
