@@ -44,14 +44,14 @@
 //! | [`client`] | `Client`: the front door for enqueueing and for everything the server does |
 //! | [`node`] | `Node`: the one assembly of store, pool, sentinel and server from a `Config` |
 //! | [`pool`] | `WorkerPool`, `Builder`, `PoolSettings`, `Worker`, `LocalWorker`, `WorkerPoolSharedData`, producer, completer |
-//! | [`sentinel`] | `Sentinel`: worker health, heartbeats, self-fencing, leadership |
+//! | [`sentinel`] | `Sentinel`: worker health, heartbeats and the lease (self-fencing), leadership, one process per node name |
 //! | [`maintenance`] | leader and cluster services: cron firing, retention, rescue |
 //! | [`store`] | the `Store` trait, the life cycle written once ([`store::lifecycle`]), `SqliteStore` (one machine) and `PostgresStore` (a cluster) |
 //! | [`cron`] | cron schedules, fired once per tick by the leader |
-//! | [`server`] | the HTTP API, probes and Prometheus metrics of a node |
+//! | [`server`] | the HTTP API (browser guard, tokens with roles, audit trail), probes and Prometheus metrics of a node |
 //! | [`config`] | `Config` and [`config_load`] for the node |
 //! | [`duration`] | `30s`-style durations |
-//! | [`executors`] | the node's built-in `shell`, `http`, `noop`, `sleep` and `fail` |
+//! | [`executors`] | the node's built-in `shell`, `http`, `noop`, `sleep` and `fail`; programs die with their node |
 //! | [`bench`](mod@bench) | the load tool behind `proto_tasker bench` |
 //!
 //! ## Example

@@ -381,7 +381,7 @@ impl Client {
     /// Enqueue tasks inside the caller's own PostgreSQL transaction: they
     /// exist if and only if that transaction commits, and nodes are woken
     /// when it does. The client's store must be a
-    /// [`PostgresStore`](crate::store::PostgresStore) on the same database.
+    /// [`PostgresStore`] on the same database.
     ///
     /// ```no_run
     /// # async fn f(client: proto_tasker::Client, pg: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {

@@ -221,7 +221,7 @@ pub struct NodeStats {
     pub cancelled: u64,
 }
 
-/// [`Store::queue_counts`] counts at most this many tasks per queue and
+/// [`Store::queue_counts`](super::Store::queue_counts) counts at most this many tasks per queue and
 /// unfinished state, so its cost stays bounded however many tasks the store
 /// keeps; a count equal to the cap means "at least this many".
 pub const QUEUE_COUNT_CAP: i64 = 100_000;
@@ -230,7 +230,7 @@ pub const QUEUE_COUNT_CAP: i64 = 100_000;
 /// which retention rather than load decides the size of.
 pub const FINISHED_COUNT_CAP: i64 = 10_000;
 
-/// The cap [`Store::queue_counts`] applies to `state`.
+/// The cap [`Store::queue_counts`](super::Store::queue_counts) applies to `state`.
 pub fn count_cap(state: TaskState) -> i64 {
     if state.is_finished() {
         FINISHED_COUNT_CAP
