@@ -100,6 +100,7 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
         proxies.push(proxy);
     }
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    let nodes_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
 
     // Enqueue a steady stream; only enqueues that returned Ok count.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -204,6 +205,28 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
                 .is_some_and(|t| t.state == TaskState::Completed)
         }) {
             break all;
+        }
+        if Instant::now() >= deadline {
+            // What the stuck tasks look like, and what their nodes said.
+            for (_, id) in &acked {
+                if let Some(t) = by_id.get(id).filter(|t| t.state != TaskState::Completed) {
+                    eprintln!("stuck: {}", serde_json::to_string(t).unwrap_or_default());
+                }
+            }
+            let nodes = store
+                .node_list(chrono::Utc::now())
+                .await
+                .unwrap_or_default();
+            eprintln!("nodes: {nodes:#?}");
+            for n in &nodes_names {
+                let text = std::fs::read_to_string(dir.path().join(format!("{n}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!(
+                    "--- {n}.log (last lines, newest first)\n{}",
+                    tail.join("\n")
+                );
+            }
         }
         assert!(
             Instant::now() < deadline,

@@ -164,8 +164,11 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
         return;
     };
     while let Ok(Job { task, permit }) = ctx.jobs.recv().await {
-        if shared.stop_claiming.is_cancelled() {
-            // Claimed just before shutdown began: give it back unstarted.
+        if shared.stop_claiming.is_cancelled()
+            || shared.fenced.load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Claimed just before shutdown began, or before this node lost
+            // its lease (others may run it now): give it back unstarted.
             let _ = ctx
                 .completions
                 .send(Completion::of(&task, Utc::now(), Outcome::Released));
