@@ -42,7 +42,10 @@ impl PostgresStore {
             ids.push(c.id.0);
             tokens.push(c.token);
             yields.push(t.yields_to_cancel);
-            cancel_errors.push(error_value(&Transition::cancelled(c)));
+            cancel_errors.push(
+                t.yields_to_cancel
+                    .then(|| error_value(&Transition::cancelled(c))),
+            );
             ats.push(truncate_micros(c.at));
             states.push(t.state.as_str());
             finished.push(t.finished.then(|| truncate_micros(c.at)));

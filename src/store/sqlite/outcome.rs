@@ -56,7 +56,10 @@ fn complete_one(
                     c.id.0,
                     c.token,
                     t.yields_to_cancel,
-                    error_json(&Transition::cancelled(c)),
+                    // Only an outcome that yields to a cancel needs its entry
+                    // (built on the writer thread, the store's bottleneck).
+                    t.yields_to_cancel
+                        .then(|| error_json(&Transition::cancelled(c))),
                 ],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
