@@ -101,6 +101,23 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
     }
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
     let nodes_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    // The harness's own pulse: when a run fails, it tells "the cluster
+    // stalled" from "the test process (and the proxies it runs) stalled".
+    let pulse = Arc::new(std::sync::Mutex::new(Vec::<(i128, i128)>::new()));
+    {
+        let pulse = pulse.clone();
+        tokio::spawn(async move {
+            let mut last = uptime_ms();
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = uptime_ms();
+                if now - last > 1000 {
+                    pulse.lock().unwrap().push((last, now));
+                }
+                last = now;
+            }
+        });
+    }
 
     // Enqueue a steady stream; only enqueues that returned Ok count.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -218,6 +235,11 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
                 .await
                 .unwrap_or_default();
             eprintln!("nodes: {nodes:#?}");
+            eprintln!(
+                "the test process stalled (uptime ms from, to): {:?}; now {}",
+                pulse.lock().unwrap(),
+                uptime_ms()
+            );
             for n in &nodes_names {
                 let text = std::fs::read_to_string(dir.path().join(format!("{n}.log")))
                     .unwrap_or_default();
