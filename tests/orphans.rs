@@ -92,24 +92,25 @@ async fn crash_and_check(name_line: &str, second_node: bool) {
     store.migrate().await.unwrap();
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
     let first_cfg = cfg("first");
-    let mut first = spawn(&first_cfg);
+    // Killed with their groups when dropped, even if an assertion fails.
+    let mut first = fixtures::GroupProcess(spawn(&first_cfg));
     let id = client.insert(task(&out)).await.unwrap().task.id;
     let deadline = Instant::now() + Duration::from_secs(20);
     while lines(&out).iter().filter(|l| l.0 == "main").count() < 8 {
         assert!(Instant::now() < deadline, "the task never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut second = second_node.then(|| spawn(&cfg("second")));
+    let second = second_node.then(|| fixtures::GroupProcess(spawn(&cfg("second"))));
     if second.is_some() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let before = lines(&out);
     let main_pid = before.iter().find(|l| l.0 == "main").unwrap().1;
     let bg_pid = before.iter().find(|l| l.0 == "bg").unwrap().1;
-    first.kill().unwrap(); // SIGKILL: a crash
+    first.0.kill().unwrap(); // SIGKILL of the node alone: a crash
     let killed_at = uptime_ms();
-    first.wait().unwrap();
-    let mut restarted = (!second_node).then(|| spawn(&first_cfg));
+    first.0.wait().unwrap();
+    let restarted = (!second_node).then(|| fixtures::GroupProcess(spawn(&first_cfg)));
     // The task runs again (at once after the restart, after node_timeout
     // on the other node) and completes.
     let t = client.wait(id, Duration::from_secs(30)).await.unwrap();
@@ -137,13 +138,7 @@ async fn crash_and_check(name_line: &str, second_node: bool) {
         .filter(|l| l.0 == "main" && l.1 != main_pid)
         .collect();
     assert!(!rerun.is_empty(), "the re-run ran");
-    for c in [second.as_mut(), restarted.as_mut()].into_iter().flatten() {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = c.wait();
-    }
+    drop((second, restarted));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
