@@ -275,7 +275,11 @@ impl Client {
         // Bounds, the same whatever the store (each would otherwise fail in
         // one store and not the other, or hold the store up).
         check_name(&t.kind).map_err(|m| invalid(at("kind"), m))?;
-        if let Some(path) = nul_in(&t.args, "args") {
+        // The cheap walk first: paths are built only for args that hold a NUL.
+        if let Some(path) = crate::store::lifecycle::has_nul(&t.args)
+            .then(|| nul_in(&t.args, "args"))
+            .flatten()
+        {
             return Err(invalid(
                 at(&path),
                 "holds a NUL character, which tasks may not carry",

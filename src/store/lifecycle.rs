@@ -85,16 +85,18 @@ pub fn storable_text(s: &str, max: usize) -> Cow<'_, str> {
     out
 }
 
+/// Whether any string or key of `v` holds a NUL (no allocation).
+pub fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
 /// `v` as every store can keep it: NUL replaced in every string and key.
 pub fn storable_value(v: &serde_json::Value) -> Cow<'_, serde_json::Value> {
-    fn has_nul(v: &serde_json::Value) -> bool {
-        match v {
-            serde_json::Value::String(s) => s.contains('\0'),
-            serde_json::Value::Array(a) => a.iter().any(has_nul),
-            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-            _ => false,
-        }
-    }
     fn clean(v: &serde_json::Value) -> serde_json::Value {
         let text = |s: &str| storable_text(s, usize::MAX).into_owned();
         match v {
