@@ -31,6 +31,9 @@ pub struct BenchParams {
     pub limits: crate::store::QueueLimits,
     /// Spread tasks over this many concurrency keys (0: none).
     pub keys: usize,
+    /// Clients waiting (`Client::wait`, what a long-poll does) on tasks
+    /// due in an hour while the drain and latency phases run.
+    pub waiters: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +55,7 @@ pub struct BenchReport {
     pub drain_per_sec: f64,
     pub latency_offered_per_sec: u64,
     pub latency: Option<Percentiles>,
+    pub waiters: usize,
 }
 
 fn percentiles(h: &Histogram<u64>) -> Percentiles {
@@ -137,6 +141,37 @@ pub async fn run(
     }
     let enqueue_secs = start.elapsed().as_secs_f64();
 
+    // Waiters on tasks due later, open through phases 2 and 3.
+    let mut waiting = tokio::task::JoinSet::new();
+    if p.waiters > 0 {
+        let later = Utc::now() + chrono::Duration::hours(1);
+        let mut ids = Vec::with_capacity(p.waiters);
+        for chunk in (0..p.waiters).collect::<Vec<_>>().chunks(p.batch.max(1)) {
+            let batch = chunk
+                .iter()
+                .map(|_| {
+                    let mut o = crate::task::TaskOptions::default().queue("bench");
+                    o.run_at = Some(later);
+                    NewTask::new("noop", serde_json::Value::Null).with(o)
+                })
+                .collect();
+            ids.extend(
+                client
+                    .insert_many(batch)
+                    .await?
+                    .into_iter()
+                    .map(|i| i.task.id),
+            );
+        }
+        for id in ids {
+            let c = client.clone();
+            waiting.spawn(async move { c.wait(id, Duration::from_secs(7200)).await });
+        }
+        while client.waiting() < p.waiters {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     // Phase 2: drain.
     let start = Instant::now();
     for pl in &pools {
@@ -183,6 +218,7 @@ pub async fn run(
         }
         lat = latency.lock().ok().map(|h| percentiles(&h));
     }
+    waiting.abort_all();
     for pl in &pools {
         pl.shutdown().await;
     }
@@ -195,6 +231,7 @@ pub async fn run(
         drain_per_sec: p.tasks as f64 / drain_secs.max(1e-9),
         latency_offered_per_sec: p.rate,
         latency: lat,
+        waiters: p.waiters,
     })
 }
 
@@ -211,8 +248,15 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "drain:   {} tasks in {:.3}s = {:.0} tasks/s",
-            self.tasks, self.drain_secs, self.drain_per_sec
+            "drain:   {} tasks in {:.3}s = {:.0} tasks/s{}",
+            self.tasks,
+            self.drain_secs,
+            self.drain_per_sec,
+            if self.waiters > 0 {
+                format!(" (with {} waiters open)", self.waiters)
+            } else {
+                String::new()
+            }
         )?;
         if let Some(l) = &self.latency {
             writeln!(

@@ -172,6 +172,10 @@ struct BenchArgs {
     /// Limit the bench queue to N task starts per second.
     #[arg(long)]
     rate_limit: Option<u32>,
+    /// Keep N clients waiting on tasks due in an hour (as long-polls do)
+    /// while draining: what waiters cost the drain.
+    #[arg(long, default_value_t = 0)]
+    waiters: usize,
     /// SQLite durability.
     #[arg(long, value_enum, default_value_t = Synchronous::Full)]
     synchronous: Synchronous,
@@ -534,6 +538,7 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
             rate: a.rate_limit.map(|n| (n, Duration::from_secs(1))),
         },
         keys: a.keys,
+        waiters: a.waiters,
     };
     let nodes = a.nodes.max(1);
     let stores = BenchStores::open(a.store.as_deref(), nodes, a.synchronous).await?;

@@ -308,10 +308,17 @@ pub mod cases {
         // Running task: stays running, its node hears about it.
         let c = s.task_cancel(ids[0], now).await.unwrap();
         assert_eq!(c.state, TaskState::Running);
-        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        // The queued task's cancel announced its finish first.
+        let ev = loop {
+            let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            match ev {
+                StoreEvent::Finished { ids: f } => assert_eq!(&*f, [ids[1]]),
+                ev => break ev,
+            }
+        };
         assert_eq!(
             ev,
             StoreEvent::CancelRequested {
@@ -1538,6 +1545,110 @@ pub mod cases {
         assert_eq!(s.audit_list(None, 10).await.unwrap().len(), 2);
     }
 
+    /// Every write that finishes tasks announces them (outcomes, a cancel,
+    /// a rescue with no attempt left, and the dependents they end); on
+    /// PostgreSQL other nodes hear it too. `task_unfinished` lists, in one
+    /// read, which ids still wait.
+    pub async fn finishes_are_announced(b: &Backend) {
+        use proto_tasker::task::Dependency;
+        let s = b.store.clone();
+        let other = b.another().await;
+        let now = now();
+        let mut parent = insert("parent", "q", 0, now);
+        parent.max_attempts = 1;
+        let ids: Vec<_> = s
+            .task_insert_many(
+                vec![
+                    parent,
+                    insert("queued", "q2", 0, now),
+                    insert("later", "q", 0, now + secs(3600)),
+                ],
+                now,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.task.id)
+            .collect();
+        let mut child = insert("child", "q", 0, now);
+        child.depends_on = vec![Dependency::Task(ids[0])];
+        let child = s.task_insert_many(vec![child], now).await.unwrap()[0]
+            .task
+            .id;
+        let mut mine = s.subscribe();
+        let mut theirs = other.subscribe();
+        // Give the other handle's listener time to be listening.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while theirs.try_recv().is_ok() {}
+
+        async fn finished(
+            rx: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+        ) -> HashSet<proto_tasker::TaskId> {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                    Ok(Ok(StoreEvent::Finished { ids })) => return ids.iter().copied().collect(),
+                    Ok(Ok(_)) => continue,
+                    other => panic!("no finish announced: {other:?}"),
+                }
+            }
+        }
+
+        let run = s
+            .task_claim(claim("q", "n1", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(run.id, ids[0]);
+        s.task_complete_many(vec![Completion::of(
+            &run,
+            now,
+            Outcome::Failed {
+                error: "boom".into(),
+            },
+        )])
+        .await
+        .unwrap();
+        let expect: HashSet<_> = [ids[0], child].into();
+        assert_eq!(
+            finished(&mut mine).await,
+            expect,
+            "the failure and its dependent"
+        );
+        if b.kind == fixtures::BackendKind::Postgres {
+            assert_eq!(finished(&mut theirs).await, expect, "heard on another node");
+        }
+
+        s.task_cancel(ids[1], now).await.unwrap();
+        assert_eq!(finished(&mut mine).await, [ids[1]].into());
+
+        let mut last = insert("last", "q3", 0, now);
+        last.max_attempts = 1;
+        let last = s.task_insert_many(vec![last], now).await.unwrap()[0]
+            .task
+            .id;
+        s.task_claim(claim("q3", "dead", 1, now)).await.unwrap();
+        s.node_rescue(RescueParams {
+            node: Some("dead".into()),
+            now,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            finished(&mut mine).await,
+            [last].into(),
+            "rescued with no attempt left"
+        );
+
+        let gone = proto_tasker::TaskId(i64::MAX - 7);
+        let open = s
+            .task_unfinished(vec![ids[0], ids[1], ids[2], child, last, gone])
+            .await
+            .unwrap();
+        assert_eq!(open, [ids[2]], "only the delayed task is unfinished");
+        assert!(s.task_unfinished(Vec::new()).await.unwrap().is_empty());
+    }
+
     pub async fn nodes_register_and_deregister(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1606,6 +1717,7 @@ macro_rules! all_cases {
             cases::unique_inserts_racing_a_finishing_holder_never_fail,
             cases::one_instance_holds_a_node_name,
             cases::the_audit_trail_appends_pages_and_prunes,
+            cases::finishes_are_announced,
             limits::limits_per_key_and_global_hold_across_nodes,
             limits::limits_rate_holds_across_nodes,
             limits::limits_a_saturated_key_does_not_starve_others,

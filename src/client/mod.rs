@@ -8,8 +8,10 @@ use chrono::Utc;
 use serde::Serialize;
 
 mod operator;
+mod waiters;
 
 pub use operator::QueueInfo;
+pub use waiters::FALLBACK_POLL;
 
 use crate::registry::TaskRegistry;
 use crate::store::{Inserted, ListParams, PostgresStore, Store, StoreError, TaskInsert};
@@ -156,6 +158,8 @@ const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub struct Client {
     store: Arc<dyn Store>,
     registry: Arc<TaskRegistry>,
+    /// Shared by clones: one dispatcher and one fallback poll for all.
+    waiters: Arc<waiters::Waiters>,
 }
 
 impl std::fmt::Debug for Client {
@@ -170,7 +174,11 @@ impl Client {
     /// A client over `store`. Kinds registered in `registry` get their defaults
     /// (queue, attempts, timeout) applied to tasks that leave them unset.
     pub fn new(store: Arc<dyn Store>, registry: Arc<TaskRegistry>) -> Self {
-        Client { store, registry }
+        Client {
+            waiters: waiters::Waiters::new(store.clone()),
+            store,
+            registry,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -436,26 +444,60 @@ impl Client {
         Ok(self.store.task_retry(id, Utc::now()).await?)
     }
 
-    /// Wait until the task reaches a final state, up to `timeout`.
+    /// Wait until the task reaches a final state, up to `timeout`
+    /// ([`ClientError::WaitTimeout`] when it does not). See [`Client::wait_for`].
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<Task, ClientError> {
+        let task = self.wait_for(id, timeout).await?;
+        if task.state.is_finished() {
+            Ok(task)
+        } else {
+            Err(ClientError::WaitTimeout(id))
+        }
+    }
+
+    /// Wait up to `timeout` for the task to reach a final state, and return
+    /// it as it is then (finished or not): what a long-poll answers.
+    ///
+    /// The task is read when the wait starts and at the deadline; nothing is
+    /// read in between. Its finish is announced by the node that wrote it (at
+    /// once on this node, through a notification from another), and the
+    /// finished task is read once for all who wait for it at that moment.
+    /// A missed announcement is covered by one read for all waiters every
+    /// [`FALLBACK_POLL`].
+    pub async fn wait_for(&self, id: TaskId, timeout: Duration) -> Result<Task, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(5);
+        let mut reg = self.waiters.register(id);
         loop {
             let task = self
                 .store
                 .task_get(id)
                 .await?
                 .ok_or(StoreError::NotFound(id))?;
-            if task.state.is_finished() {
+            if task.state.is_finished() || tokio::time::Instant::now() >= deadline {
                 return Ok(task);
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(ClientError::WaitTimeout(id));
+            tokio::select! {
+                r = reg.woken.changed() => match r {
+                    Ok(()) => {
+                        let handed = reg.woken.borrow_and_update().clone();
+                        // Handed over by one read shared with other waiters;
+                        // `None`: read it here.
+                        if let Some(task) = handed {
+                            return Ok((*task).clone());
+                        }
+                    }
+                    // The sender lives while `reg` does, so this does not
+                    // happen; if it did, the deadline read ends the wait.
+                    Err(_) => tokio::time::sleep_until(deadline).await,
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
         }
+    }
+
+    /// How many tasks this client (and its clones) wait for now.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
     }
 }
 

@@ -61,6 +61,8 @@ struct Running {
 pub struct WorkerPool {
     store: Arc<dyn Store>,
     registry: Arc<TaskRegistry>,
+    /// Handed out by [`WorkerPool::client`]: its clones share one set of waiters.
+    client: Client,
     shared: Arc<WorkerPoolSharedData>,
     config: PoolSetup,
     /// `None` before `start` and after `shutdown`. A tokio mutex: start and
@@ -90,6 +92,7 @@ impl WorkerPool {
         shared.observer = observer;
         WorkerPool {
             shared: Arc::new(shared),
+            client: Client::new(store.clone(), registry.clone()),
             store,
             registry,
             config,
@@ -98,9 +101,11 @@ impl WorkerPool {
         }
     }
 
-    /// A client over the same store, with this pool's kind defaults.
+    /// A client over the same store, with this pool's kind defaults. Every
+    /// call hands out a clone of one client, so all of them share one set of
+    /// waiters (one fallback poll for the node).
     pub fn client(&self) -> Client {
-        Client::new(self.store.clone(), self.registry.clone())
+        self.client.clone()
     }
 
     pub fn registry(&self) -> &Arc<TaskRegistry> {

@@ -206,6 +206,7 @@ impl Sentinel {
                             self.shared.stop_task(id, None, StopReason::Cancelled);
                         }
                     }
+                    Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.poll_cancels().await,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         events = self.store.subscribe();

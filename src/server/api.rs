@@ -16,7 +16,6 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
-use crate::client::ClientError;
 use crate::duration;
 use crate::store::{Inserted, ListParams};
 use crate::task::{NewTask, Task, TaskId, TaskOptions, TaskState};
@@ -334,24 +333,14 @@ async fn get_task(
             )
         });
     }
-    let waited = tokio::select! {
-        r = state.client.wait(id, wait) => r,
-        _ = state.stopping.cancelled() => Err(ClientError::WaitTimeout(id)),
+    // Not finished in time (or the node stops): the task as it is then.
+    let task = tokio::select! {
+        r = state.client.wait_for(id, wait) => r?,
+        _ = state.stopping.cancelled() => state.client.get(id).await?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("task {id} not found"))
+        })?,
     };
-    match waited {
-        Ok(t) => Ok(Json(t)),
-        // Not finished in time: answer with where it is now.
-        Err(ClientError::WaitTimeout(_)) => {
-            state.client.get(id).await?.map(Json).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("task {id} not found"),
-                )
-            })
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(Json(task))
 }
 
 #[derive(Debug, Deserialize)]

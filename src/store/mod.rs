@@ -195,6 +195,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
 
+    /// The tasks of `ids` that exist, in one read (in no particular order).
+    async fn task_get_many(&self, ids: Vec<TaskId>) -> Result<Vec<Task>, StoreError>;
+
+    /// Which of `ids` exist and are not finished: one read however many
+    /// ids (the waiters' fallback when a finish event may have been missed).
+    async fn task_unfinished(&self, ids: Vec<TaskId>) -> Result<Vec<TaskId>, StoreError>;
+
     async fn task_list(&self, params: ListParams) -> Result<Vec<Task>, StoreError>;
 
     /// Cancel a task. An unstarted task becomes `cancelled` at once; a running
@@ -293,7 +300,7 @@ pub trait Store: Send + Sync + 'static {
     /// releases). Producers wait on it, with polling as the fallback.
     fn work_notifier(&self) -> Arc<Notify>;
 
-    /// Store events (cancel requests) for the nodes of this process.
+    /// Store events (cancel requests, finished tasks) for this process.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
 
     /// The concrete store, for features only one store has (enqueueing

@@ -1,5 +1,6 @@
 //! The structs the [`Store`](super::Store) methods take and return.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -279,6 +280,13 @@ pub struct ScheduleRow {
 pub enum StoreEvent {
     /// A running task was asked to stop.
     CancelRequested { id: TaskId, node: Option<String> },
+    /// These tasks reached a final state (an outcome, a cancel, a rescue
+    /// that failed them, or a dependency's failure). Sent once per write
+    /// that finished any, from this process or (on PostgreSQL) another node.
+    Finished { ids: Arc<[TaskId]> },
+    /// Events may have been lost (a listener reconnected): whoever waits
+    /// on one should look at the store once.
+    Missed,
 }
 
 /// Fire a schedule: if its `last_tick` is still `expected`, set it to

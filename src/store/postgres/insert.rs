@@ -133,15 +133,17 @@ pub(super) async fn cascade<C: GenericClient>(
     sql: &Sql,
     parents: &[i64],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<TaskId>, StoreError> {
     if parents.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    c.execute(&sql.cascade, &[&parents, &truncate_micros(now), &now_text])
+    c.query(&sql.cascade, &[&parents, &truncate_micros(now), &now_text])
         .await
-        .map_err(db_err)?;
-    Ok(())
+        .map_err(db_err)?
+        .iter()
+        .map(|r| r.try_get(0).map(TaskId).map_err(db_err))
+        .collect()
 }
 
 /// Insert one task that has a unique key or dependencies.

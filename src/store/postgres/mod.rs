@@ -54,7 +54,7 @@ use super::{
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
-use notify::{WORK, channel_name, listen_loop, notify_loop};
+use notify::{WORK, channel_name, done_payloads, listen_loop, notify_loop};
 use rows::{Param, list_sql, row_to_task, rows_to_tasks};
 use sql::Sql;
 
@@ -129,6 +129,8 @@ struct Inner {
     /// The database's clock minus this process's, and when it was measured.
     /// A std mutex: held only to read or replace the pair.
     clock: std::sync::Mutex<Option<(chrono::Duration, std::time::Instant)>>,
+    /// This handle's mark on the finishes it announces (see `done_payloads`).
+    origin: String,
 }
 
 impl Drop for Inner {
@@ -256,6 +258,7 @@ impl PostgresStore {
         let stop = CancellationToken::new();
         let notify = Arc::new(Notify::new());
         let channel = channel_name(&options.schema);
+        let origin = format!("{:016x}", rand::random::<u64>());
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool: pool.clone(),
@@ -267,11 +270,13 @@ impl PostgresStore {
                 outbox,
                 stop: stop.clone(),
                 clock: std::sync::Mutex::new(None),
+                origin: origin.clone(),
             }),
         };
         tokio::spawn(listen_loop(
             pg,
             channel.clone(),
+            origin,
             notify,
             events,
             stop.clone(),
@@ -398,6 +403,21 @@ impl PostgresStore {
         self.inner.notify.notify_waiters();
         let _ = self.inner.outbox.send(WORK.into());
     }
+
+    /// Tell waiters here now, and on every node through the next NOTIFY,
+    /// that `ids` finished (called after the commit that finished them).
+    fn announce_finished(&self, ids: Vec<TaskId>) {
+        if ids.is_empty() {
+            return;
+        }
+        for p in done_payloads(&self.inner.origin, &ids) {
+            let _ = self.inner.outbox.send(p);
+        }
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::Finished { ids: ids.into() });
+    }
 }
 
 #[async_trait]
@@ -425,6 +445,29 @@ impl Store for PostgresStore {
             self.announce_work();
         }
         Ok(out)
+    }
+
+    async fn task_get_many(&self, ids: Vec<TaskId>) -> Result<Vec<Task>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
+        let (c, st) = self.prepared(&self.inner.sql.get_many).await?;
+        rows_to_tasks(&c.query(&st, &[&ids]).await.map_err(db_err)?)
+    }
+
+    async fn task_unfinished(&self, ids: Vec<TaskId>) -> Result<Vec<TaskId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
+        let (c, st) = self.prepared(&self.inner.sql.unfinished).await?;
+        c.query(&st, &[&ids])
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| r.try_get(0).map(TaskId).map_err(db_err))
+            .collect()
     }
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {

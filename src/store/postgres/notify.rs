@@ -28,6 +28,36 @@ pub(super) fn cancel_payload(id: TaskId, node: Option<&str>) -> String {
     format!("cancel:{}:{}", id.0, node.unwrap_or_default())
 }
 
+/// The prefix of a payload that lists finished tasks: `done:1,2,3`.
+const DONE: &str = "done:";
+
+/// Longest payload sent: PostgreSQL refuses one of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7900;
+
+/// `ids` as `done:<origin>:1,2,3` payloads, each under [`MAX_PAYLOAD`]
+/// bytes (a batch of 2000 outcomes with 8-digit ids takes three). `origin`
+/// names the sending store, whose own listener skips it: its process heard
+/// of these finishes at commit.
+pub(super) fn done_payloads(origin: &str, ids: &[TaskId]) -> Vec<String> {
+    let head = format!("{DONE}{origin}:");
+    let mut out = Vec::new();
+    let mut p = head.clone();
+    for id in ids {
+        let s = id.0.to_string();
+        if p.len() + s.len() + 1 > MAX_PAYLOAD {
+            out.push(std::mem::replace(&mut p, head.clone()));
+        }
+        if p.len() > head.len() {
+            p.push(',');
+        }
+        p.push_str(&s);
+    }
+    if p.len() > head.len() {
+        out.push(p);
+    }
+    out
+}
+
 pub(super) fn channel_name(schema: &str) -> String {
     format!("{schema}_events")
 }
@@ -46,14 +76,17 @@ pub(super) async fn notify_loop(
             n = rx.recv_many(&mut batch, 1024) => if n == 0 { return },
             _ = stop.cancelled() => return,
         }
-        let payloads: HashSet<String> = batch.drain(..).collect();
+        let mut seen = HashSet::new();
+        let payloads: Vec<String> = batch.drain(..).filter(|p| seen.insert(p.clone())).collect();
+        // One statement, so one transaction, for everything queued.
         let sent = async {
             let c = pool.get().await.map_err(pool_err)?;
-            for p in &payloads {
-                c.execute("SELECT pg_notify($1, $2)", &[&channel, p])
-                    .await
-                    .map_err(db_err)?;
-            }
+            c.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                &[&channel, &payloads],
+            )
+            .await
+            .map_err(db_err)?;
             Ok::<_, StoreError>(())
         }
         .await;
@@ -70,6 +103,7 @@ pub(super) async fn notify_loop(
 pub(super) async fn listen_loop(
     cfg: tokio_postgres::Config,
     channel: String,
+    origin: String,
     notify: Arc<Notify>,
     events: broadcast::Sender<StoreEvent>,
     stop: CancellationToken,
@@ -101,11 +135,12 @@ pub(super) async fn listen_loop(
                     backoff = Duration::from_millis(100);
                     // Anything sent while we were not listening is lost: look now.
                     notify.notify_waiters();
+                    let _ = events.send(StoreEvent::Missed);
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => { driver.abort(); return; }
                             p = rx.recv() => match p {
-                                Some(p) => handle_payload(&p, &notify, &events),
+                                Some(p) => handle_payload(&p, &origin, &notify, &events),
                                 None => break,
                             },
                         }
@@ -126,9 +161,21 @@ pub(super) async fn listen_loop(
     }
 }
 
-fn handle_payload(p: &str, notify: &Notify, events: &broadcast::Sender<StoreEvent>) {
+fn handle_payload(p: &str, origin: &str, notify: &Notify, events: &broadcast::Sender<StoreEvent>) {
     if p == WORK {
         notify.notify_waiters();
+    } else if let Some(rest) = p.strip_prefix(DONE) {
+        let (from, list) = rest.split_once(':').unwrap_or(("", rest));
+        if from == origin {
+            return;
+        }
+        let ids: Arc<[TaskId]> = list
+            .split(',')
+            .filter_map(|s| s.parse().ok().map(TaskId))
+            .collect();
+        if !ids.is_empty() {
+            let _ = events.send(StoreEvent::Finished { ids });
+        }
     } else if let Some(rest) = p.strip_prefix("cancel:") {
         let (id, node) = rest.split_once(':').unwrap_or((rest, ""));
         if let Ok(id) = id.parse::<i64>() {
@@ -137,5 +184,25 @@ fn handle_payload(p: &str, notify: &Notify, events: &broadcast::Sender<StoreEven
                 node: (!node.is_empty()).then(|| node.to_string()),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_payloads_stay_under_the_limit_and_keep_every_id() {
+        let ids: Vec<TaskId> = (10_000_000..10_002_000).map(TaskId).collect();
+        let payloads = done_payloads("a1b2", &ids);
+        assert_eq!(payloads.len(), 3, "2000 8-digit ids fit three payloads");
+        let mut back = Vec::new();
+        for p in &payloads {
+            assert!(p.len() < 8000, "{} bytes", p.len());
+            let list = p.strip_prefix("done:a1b2:").expect("prefix");
+            back.extend(list.split(',').map(|s| TaskId(s.parse().expect("id"))));
+        }
+        assert_eq!(back, ids);
+        assert!(done_payloads("a1b2", &[]).is_empty());
     }
 }

@@ -77,14 +77,17 @@ impl PostgresStore {
             .await
             .map_err(db_err)?;
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
-        let (mut done, mut doomed) = (Vec::new(), Vec::new());
+        let (mut done, mut doomed, mut ended) = (Vec::new(), Vec::new(), Vec::new());
         // Every applied row left `running`: keyed ones give their count back.
         give_back_keys(&*tx, &self.inner.sql, &rows, 3, 4).await?;
         for r in &rows {
+            let id: i64 = r.try_get(0).map_err(db_err)?;
+            let state = parse_state(&r.try_get::<_, String>(2).map_err(db_err)?)?;
+            if state.is_finished() {
+                ended.push(TaskId(id));
+            }
             if r.try_get::<_, bool>(1).unwrap_or(false) {
-                let id: i64 = r.try_get(0).map_err(db_err)?;
-                let state: String = r.try_get(2).map_err(db_err)?;
-                match Dependents::of(parse_state(&state)?) {
+                match Dependents::of(state) {
                     Dependents::Unblock => done.push(id),
                     Dependents::Cascade => doomed.push(id),
                     Dependents::Wait => {}
@@ -101,9 +104,10 @@ impl PostgresStore {
             .map(|c| c.at)
             .filter(|_| !doomed.is_empty())
         {
-            cascade(&*tx, &self.inner.sql, &doomed, at).await?;
+            ended.extend(cascade(&*tx, &self.inner.sql, &doomed, at).await?);
         }
         tx.commit().await.map_err(db_err)?;
+        self.announce_finished(ended);
         if !done.is_empty() {
             self.announce_work();
         }
@@ -122,6 +126,7 @@ impl PostgresStore {
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         let task = locked_task(&*tx, sql, id).await?;
+        let mut ended = Vec::new();
         let row = if lifecycle::cancel_action(&task)? == CancelAction::RequestStop {
             let row = tx
                 .query_one(&sql.cancel_running, &[&id.0])
@@ -138,11 +143,13 @@ impl PostgresStore {
                 .query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
                 .await
                 .map_err(db_err)?;
-            cascade(&*tx, sql, &[id.0], now).await?;
+            ended.push(id);
+            ended.extend(cascade(&*tx, sql, &[id.0], now).await?);
             row
         };
         let out = row_to_task(&row)?;
         tx.commit().await.map_err(db_err)?;
+        self.announce_finished(ended);
         Ok(out)
     }
 
@@ -237,8 +244,14 @@ impl PostgresStore {
             .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
             .map(|r| r.id.0)
             .collect();
-        cascade(&*tx, sql, &ended, p.now).await?;
+        let mut finished: Vec<TaskId> = rescued
+            .iter()
+            .filter(|r| r.state.is_finished())
+            .map(|r| r.id)
+            .collect();
+        finished.extend(cascade(&*tx, sql, &ended, p.now).await?);
         tx.commit().await.map_err(db_err)?;
+        self.announce_finished(finished);
         if !rescued.is_empty() {
             self.announce_work();
         }

@@ -37,6 +37,8 @@ pub(super) struct Sql {
     pub leader_remove: String,
     pub node_list: String,
     pub rescue_dead: String,
+    pub unfinished: String,
+    pub get_many: String,
     pub rescue_node: String,
     pub elect: String,
     pub schedule_upsert: String,
@@ -159,7 +161,7 @@ impl Sql {
                    finished_at = $2, \
                    errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempt, 'at', $3::text, \
                      'message', '{DEPENDENCY_FAILED}')) \
-                 WHERE id IN (SELECT id FROM doomed) AND state = 'blocked'"
+                 WHERE id IN (SELECT id FROM doomed) AND state = 'blocked' RETURNING id"
             ),
             find_unique: format!(
                 "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE unique_key = $1 AND state NOT IN ({finished})"
@@ -195,6 +197,10 @@ impl Sql {
                  RETURNING t.id, t.has_dependents, t.state, t.queue, t.concurrency_key"
             ),
             get: format!("SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE id = $1"),
+            get_many: format!("SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE id = ANY($1)"),
+            unfinished: format!(
+                "SELECT id FROM {s}.tasks WHERE id = ANY($1) AND state NOT IN ({finished})"
+            ),
             get_for_update: format!(
                 "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE id = $1 FOR UPDATE"
             ),

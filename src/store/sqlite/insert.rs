@@ -153,9 +153,9 @@ pub(super) fn cascade(
     conn: &Connection,
     parents: &[i64],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<TaskId>, StoreError> {
     if parents.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids = serde_json::to_string(parents).unwrap_or_else(|_| "[]".into());
     // The entry's attempt is each task's own; `json_set` puts it in.
@@ -172,9 +172,13 @@ pub(super) fn cascade(
            state = CASE WHEN dep_failure = 'fail' THEN 'failed' ELSE 'cancelled' END, \
            finished_at = ?2, \
            errors = json_insert(errors, '$[#]', json_set(json(?3), '$.attempt', attempt)) \
-         WHERE state = 'blocked' AND id IN (SELECT id FROM doomed)",
+         WHERE state = 'blocked' AND id IN (SELECT id FROM doomed) RETURNING id",
     )
-    .and_then(|mut st| st.execute(params![ids, to_micros(now), entry]))
-    .map_err(sql_err)?;
-    Ok(())
+    .and_then(|mut st| {
+        st.query_map(params![ids, to_micros(now), entry], |r| {
+            r.get::<_, i64>(0).map(TaskId)
+        })?
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(sql_err)
 }

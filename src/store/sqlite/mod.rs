@@ -126,6 +126,8 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     notify: Arc<Notify>,
     events: broadcast::Sender<StoreEvent>,
+    /// Reads run so far (see [`SqliteStore::reads`]).
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -185,6 +187,7 @@ impl SqliteStore {
                 readers: Mutex::new(Vec::new()),
                 notify: Arc::new(Notify::new()),
                 events,
+                reads: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -261,6 +264,9 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
+        inner
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().ok().and_then(|mut v| v.pop());
             let conn = match pooled {
@@ -289,6 +295,24 @@ impl SqliteStore {
 
     fn wake(&self) {
         self.inner.notify.notify_waiters();
+    }
+
+    /// Tell this process's waiters that `ids` finished. Every write goes
+    /// through this process's writer thread, so no other process's finish
+    /// is announced; waiters in another process fall back to polling.
+    fn finished(&self, ids: Vec<TaskId>) {
+        if !ids.is_empty() {
+            let _ = self
+                .inner
+                .events
+                .send(StoreEvent::Finished { ids: ids.into() });
+        }
+    }
+
+    /// How many reads this store ran (each a statement or a few on a read
+    /// connection): what a waiter costs is measured with it.
+    pub fn reads(&self) -> u64 {
+        self.inner.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -389,17 +413,32 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let wake = completions.iter().any(lifecycle::wakes_producers);
-        let (out, unblocked) = self
+        let w = self
             .write(move |conn| outcome::complete_many(conn, &completions))
             .await?;
-        if wake || unblocked {
+        if wake || w.unblocked {
             self.wake();
         }
-        Ok(out)
+        self.finished(w.finished);
+        Ok(w.applied)
     }
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
         self.read(move |conn| rows::get_task(conn, id)).await
+    }
+
+    async fn task_get_many(&self, ids: Vec<TaskId>) -> Result<Vec<Task>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| rows::get_many(conn, &ids)).await
+    }
+
+    async fn task_unfinished(&self, ids: Vec<TaskId>) -> Result<Vec<TaskId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| rows::unfinished(conn, &ids)).await
     }
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
@@ -411,9 +450,10 @@ impl Store for SqliteStore {
     }
 
     async fn task_cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
-        let task = self
+        let (task, finished) = self
             .write(move |conn| outcome::cancel(conn, id, now))
             .await?;
+        self.finished(finished);
         if task.state == TaskState::Running {
             let _ = self.inner.events.send(StoreEvent::CancelRequested {
                 id,
@@ -536,7 +576,8 @@ impl Store for SqliteStore {
     }
 
     async fn node_rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
-        let rescued = self.write(move |conn| outcome::rescue(conn, &p)).await?;
+        let (rescued, finished) = self.write(move |conn| outcome::rescue(conn, &p)).await?;
+        self.finished(finished);
         if !rescued.is_empty() {
             self.wake();
         }

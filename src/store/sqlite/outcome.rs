@@ -70,40 +70,61 @@ fn complete_one(
         .transpose()
 }
 
-/// Write outcomes and what they do to dependent tasks. Returns, per
-/// completion, whether it was applied, and whether any completed task had
-/// dependents (which may now be runnable).
+/// What a batch of outcomes did.
+pub(super) struct Written {
+    /// Per completion, whether it was applied.
+    pub applied: Vec<bool>,
+    /// Whether any completed task had dependents (which may now be runnable).
+    pub unblocked: bool,
+    /// The tasks that reached a final state: by their outcome, or by the
+    /// failure of a task they depended on.
+    pub finished: Vec<TaskId>,
+}
+
+/// Write outcomes and what they do to dependent tasks.
 pub(super) fn complete_many(
     conn: &Connection,
     completions: &[Completion],
-) -> Result<(Vec<bool>, bool), StoreError> {
+) -> Result<Written, StoreError> {
     let mut applied = Vec::with_capacity(completions.len());
+    let mut finished = Vec::new();
     let (mut done, mut doomed) = (Vec::new(), Vec::new());
     let first = lifecycle::first_per_task(completions);
     for (c, first) in completions.iter().zip(first) {
         let r = if first { complete_one(conn, c)? } else { None };
-        if let Some((true, state)) = r {
-            match Dependents::of(state) {
-                Dependents::Unblock => done.push(c.id.0),
-                Dependents::Cascade => doomed.push(c.id.0),
-                Dependents::Wait => {}
+        if let Some((deps, state)) = r {
+            if state.is_finished() {
+                finished.push(c.id);
+            }
+            if deps {
+                match Dependents::of(state) {
+                    Dependents::Unblock => done.push(c.id.0),
+                    Dependents::Cascade => doomed.push(c.id.0),
+                    Dependents::Wait => {}
+                }
             }
         }
         applied.push(r.is_some());
     }
     unblock(conn, &done)?;
     if let Some(at) = completions.first().map(|c| c.at) {
-        cascade(conn, &doomed, at)?;
+        finished.extend(cascade(conn, &doomed, at)?);
     }
-    Ok((applied, !done.is_empty()))
+    Ok(Written {
+        applied,
+        unblocked: !done.is_empty(),
+        finished,
+    })
 }
 
-/// Cancel `id` as [`lifecycle::cancel_action`] says.
+/// Cancel `id` as [`lifecycle::cancel_action`] says. Returns the task and
+/// the tasks that this finished (it and its dependents, when it had not started).
 pub(super) fn cancel(
     conn: &Connection,
     id: TaskId,
     now: DateTime<Utc>,
-) -> Result<Task, StoreError> {
+) -> Result<(Task, Vec<TaskId>), StoreError> {
+    let mut finished = Vec::new();
     let task = get_task(conn, id)?.ok_or(StoreError::NotFound(id))?;
     match lifecycle::cancel_action(&task)? {
         CancelAction::RequestStop => {
@@ -119,10 +140,14 @@ pub(super) fn cancel(
                 params![to_micros(now), id.0],
             )
             .map_err(sql_err)?;
-            cascade(conn, &[id.0], now)?;
+            finished.push(id);
+            finished.extend(cascade(conn, &[id.0], now)?);
         }
     }
-    get_task(conn, id)?.ok_or(StoreError::NotFound(id))
+    Ok((
+        get_task(conn, id)?.ok_or(StoreError::NotFound(id))?,
+        finished,
+    ))
 }
 
 /// Retry `id` by hand, as [`lifecycle::check_retry`] allows.
@@ -186,8 +211,13 @@ pub(super) fn cancel_requested(
         .map_err(sql_err)
 }
 
-/// Put back the running tasks of dead nodes (or of one node); see [`RescueParams`].
-pub(super) fn rescue(conn: &Connection, p: &RescueParams) -> Result<Vec<Rescued>, StoreError> {
+/// Put back the running tasks of dead nodes (or of one node); see
+/// [`RescueParams`]. Also returns the tasks this finished (rescued tasks
+/// with no attempt left, and their dependents).
+pub(super) fn rescue(
+    conn: &Connection,
+    p: &RescueParams,
+) -> Result<(Vec<Rescued>, Vec<TaskId>), StoreError> {
     let now = to_micros(p.now);
     let cutoff = to_micros(p.now - chrono::Duration::from_std(p.node_timeout).unwrap_or_default());
     let now_text = p.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -240,8 +270,13 @@ pub(super) fn rescue(conn: &Connection, p: &RescueParams) -> Result<Vec<Rescued>
         .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
         .map(|r| r.id.0)
         .collect();
-    cascade(conn, &ended, p.now)?;
-    Ok(rescued)
+    let mut finished: Vec<TaskId> = rescued
+        .iter()
+        .filter(|r| r.state.is_finished())
+        .map(|r| r.id)
+        .collect();
+    finished.extend(cascade(conn, &ended, p.now)?);
+    Ok((rescued, finished))
 }
 
 /// Delete old finished tasks, at most `limit` per state per call.

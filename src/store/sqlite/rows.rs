@@ -59,6 +59,33 @@ pub(super) fn get_task(conn: &Connection, id: TaskId) -> Result<Option<Task>, St
         .map_err(sql_err)
 }
 
+/// The tasks of `ids` that exist (one statement for all).
+pub(super) fn get_many(conn: &Connection, ids: &[TaskId]) -> Result<Vec<Task>, StoreError> {
+    let list = serde_json::to_string(&ids.iter().map(|t| t.0).collect::<Vec<_>>())
+        .map_err(|e| StoreError::invalid("ids", e.to_string()))?;
+    fetch_tasks(
+        conn,
+        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?1))"),
+        [list],
+    )
+}
+
+/// Which of `ids` exist and are not finished (one statement for all).
+pub(super) fn unfinished(conn: &Connection, ids: &[TaskId]) -> Result<Vec<TaskId>, StoreError> {
+    let list = serde_json::to_string(&ids.iter().map(|t| t.0).collect::<Vec<_>>())
+        .map_err(|e| StoreError::invalid("ids", e.to_string()))?;
+    conn.prepare_cached(&format!(
+        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?1)) \
+         AND state NOT IN ({})",
+        lifecycle::sql_states(&lifecycle::FINISHED)
+    ))
+    .and_then(|mut st| {
+        st.query_map([list], |r| r.get::<_, i64>(0).map(TaskId))?
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(sql_err)
+}
+
 pub(super) fn fetch_tasks(
     conn: &Connection,
     sql: &str,
