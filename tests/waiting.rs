@@ -371,3 +371,59 @@ async fn a_finish_nobody_announced_is_found_by_one_shared_poll() {
         ids.len()
     );
 }
+
+/// When the LISTEN connection is lost and comes back, finishes announced in
+/// between were missed: the store says so, and waiters look at once (the
+/// shared poll) instead of at their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_reconnects_says_announcements_were_missed() {
+    let (store, pg) = fixtures::pg_store().await;
+    let mut events = store.subscribe();
+    let listening = format!("LISTEN {}_events", pg.schema);
+    let (admin, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let missed =
+        |events: &mut tokio::sync::broadcast::Receiver<proto_tasker::store::StoreEvent>| {
+            std::iter::from_fn(|| events.try_recv().ok())
+                .any(|e| e == proto_tasker::store::StoreEvent::Missed)
+        };
+    let t0 = Instant::now();
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1",
+                &[&listening],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if n == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the store never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    missed(&mut events);
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = $1",
+            &[&listening],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(killed, 1, "the store's listener");
+    let t0 = Instant::now();
+    while !missed(&mut events) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the listener came back without saying announcements were missed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
