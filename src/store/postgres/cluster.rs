@@ -130,7 +130,7 @@ impl PostgresStore {
         if moved == 0 {
             return Ok(None);
         }
-        let out = insert_rows(&*tx, &self.inner.sql, f.tasks, f.now).await?;
+        let out = insert_rows(&*tx, &self.inner.sql, f.tasks, f.now, None).await?;
         tx.commit().await.map_err(db_err)?;
         if out.iter().any(|i| !i.existing) {
             self.announce_work();

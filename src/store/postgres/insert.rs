@@ -13,12 +13,22 @@ use crate::store::lifecycle;
 use crate::store::{Inserted, StoreError, TaskInsert, parse_state, truncate_micros, truncate_rows};
 use crate::task::{Task, TaskId};
 
-/// Insert `rows` through any client (the store's pool or a caller's transaction).
+/// Are all `rows` plain (no unique key, no parents)? Then one `unnest`
+/// statement inserts them all, atomically without a transaction around it.
+pub(super) fn all_plain(rows: &[TaskInsert]) -> bool {
+    rows.iter()
+        .all(|r| r.unique_key.is_none() && r.depends_on.is_empty())
+}
+
+/// Insert `rows` through any client (the store's pool or a caller's
+/// transaction). `insert_many`: that statement prepared on `c`, when the
+/// caller has it (saves a round trip).
 pub(super) async fn insert_rows<C: GenericClient>(
     c: &C,
     sql: &Sql,
     rows: Vec<TaskInsert>,
     now: DateTime<Utc>,
+    insert_many: Option<&tokio_postgres::Statement>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let now = truncate_micros(now);
     let rows = truncate_rows(rows);
@@ -39,23 +49,22 @@ pub(super) async fn insert_rows<C: GenericClient>(
             .iter()
             .map(|&i| rows[i].concurrency_key.as_deref())
             .collect();
-        let ids = c
-            .query(
-                &sql.insert_many,
-                &[
-                    &kinds,
-                    &queues,
-                    &args,
-                    &priorities,
-                    &attempts,
-                    &timeouts,
-                    &run_ats,
-                    &now,
-                    &keys,
-                ],
-            )
-            .await
-            .map_err(db_err)?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &kinds,
+            &queues,
+            &args,
+            &priorities,
+            &attempts,
+            &timeouts,
+            &run_ats,
+            &now,
+            &keys,
+        ];
+        let ids = match insert_many {
+            Some(st) => c.query(st, &params).await,
+            None => c.query(&sql.insert_many, &params).await,
+        }
+        .map_err(db_err)?;
         let mut ids: Vec<i64> = ids
             .iter()
             .map(|r| r.try_get(0))
@@ -256,7 +265,7 @@ pub(super) async fn insert_in<C: GenericClient>(
     now: DateTime<Utc>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let sql = Sql::new(schema);
-    let out = insert_rows(c, &sql, rows, now).await?;
+    let out = insert_rows(c, &sql, rows, now, None).await?;
     c.execute("SELECT pg_notify($1, $2)", &[&channel_name(schema), &WORK])
         .await
         .map_err(db_err)?;

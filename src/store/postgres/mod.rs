@@ -54,7 +54,7 @@ use super::{
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
-use notify::{WORK, channel_name, done_payloads, listen_loop, notify_loop};
+use notify::{channel_name, done_payloads, listen_loop, notify_loop, work_payload};
 use rows::{Param, list_sql, row_to_task, rows_to_tasks};
 use sql::Sql;
 
@@ -401,7 +401,7 @@ impl PostgresStore {
     /// Wake producers here now and on every node after the NOTIFY goes out.
     fn announce_work(&self) {
         self.inner.notify.notify_waiters();
-        let _ = self.inner.outbox.send(WORK.into());
+        let _ = self.inner.outbox.send(work_payload(&self.inner.origin));
     }
 
     /// Tell waiters here now, and on every node through the next NOTIFY,
@@ -434,10 +434,16 @@ impl Store for PostgresStore {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.conn().await?;
-        let tx = c.transaction().await.map_err(db_err)?;
-        let out = insert_rows(&*tx, &self.inner.sql, tasks, now).await?;
-        tx.commit().await.map_err(db_err)?;
+        let (mut c, st) = self.prepared(&self.inner.sql.insert_many).await?;
+        let out = if insert::all_plain(&tasks) {
+            // One statement: atomic and durable on its own, in one round trip.
+            insert_rows(&**c, &self.inner.sql, tasks, now, Some(&st)).await?
+        } else {
+            let tx = c.transaction().await.map_err(db_err)?;
+            let out = insert_rows(&*tx, &self.inner.sql, tasks, now, Some(&st)).await?;
+            tx.commit().await.map_err(db_err)?;
+            out
+        };
         if out
             .iter()
             .any(|i| !i.existing && i.task.state == TaskState::Available)

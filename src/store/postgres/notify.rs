@@ -20,8 +20,15 @@ use super::{db_err, pool_err};
 use crate::store::{StoreError, StoreEvent};
 use crate::task::TaskId;
 
-/// The payload that says "new due work".
+/// The payload that says "new due work", from a caller's own transaction
+/// (`insert_in`): every listener wakes.
 pub(super) const WORK: &str = "work";
+
+/// "New due work" from a store, which woke its own producers at once: its
+/// own listener skips it (`work:<origin>`), every other wakes.
+pub(super) fn work_payload(origin: &str) -> String {
+    format!("{WORK}:{origin}")
+}
 
 /// The payload that asks the node running `id` to stop it.
 pub(super) fn cancel_payload(id: TaskId, node: Option<&str>) -> String {
@@ -164,6 +171,10 @@ pub(super) async fn listen_loop(
 fn handle_payload(p: &str, origin: &str, notify: &Notify, events: &broadcast::Sender<StoreEvent>) {
     if p == WORK {
         notify.notify_waiters();
+    } else if let Some(from) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
+        if from != origin {
+            notify.notify_waiters();
+        }
     } else if let Some(rest) = p.strip_prefix(DONE) {
         let (from, list) = rest.split_once(':').unwrap_or(("", rest));
         if from == origin {
