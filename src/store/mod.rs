@@ -35,6 +35,7 @@
 //! cycle, written once; `sqlite/` and `postgres/` one wing per store, each
 //! with its SQL and numbered migrations.
 
+mod due;
 pub mod lifecycle;
 mod params;
 pub mod postgres;
@@ -306,6 +307,27 @@ pub trait Store: Send + Sync + 'static {
     /// The concrete store, for features only one store has (enqueueing
     /// inside a caller's PostgreSQL transaction).
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// The future instants at which `completions` make their tasks due again
+/// (retries' backoff, snoozes): what a store hands its [`due::DueTimer`].
+pub(crate) fn due_again(completions: &[Completion]) -> Vec<DateTime<Utc>> {
+    completions
+        .iter()
+        .filter_map(|c| match c.outcome {
+            Outcome::Retry { run_at, .. } | Outcome::Snoozed { run_at } => Some(run_at),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The `run_at` of the newly inserted tasks that wait for it.
+pub(crate) fn due_later(inserted: &[Inserted]) -> Vec<DateTime<Utc>> {
+    inserted
+        .iter()
+        .filter(|i| !i.existing && i.task.state == TaskState::Scheduled)
+        .map(|i| i.task.run_at)
+        .collect()
 }
 
 /// `t` cut to whole microseconds: the precision every store keeps.

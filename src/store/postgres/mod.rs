@@ -50,11 +50,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AuditEntry, ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams, RescueParams,
-    Rescued, ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert,
+    Rescued, ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, due::DueTimer,
+    due_again, due_later,
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
-use notify::{channel_name, done_payloads, listen_loop, notify_loop, work_payload};
+use notify::{channel_name, done_payloads, due_payload, listen_loop, notify_loop, work_payload};
 use rows::{Param, list_sql, row_to_task, rows_to_tasks};
 use sql::Sql;
 
@@ -131,6 +132,8 @@ struct Inner {
     clock: std::sync::Mutex<Option<(chrono::Duration, std::time::Instant)>>,
     /// This handle's mark on the finishes it announces (see `done_payloads`).
     origin: String,
+    /// Wakes producers when delayed, retried or snoozed tasks fall due.
+    due: DueTimer,
 }
 
 impl Drop for Inner {
@@ -259,6 +262,7 @@ impl PostgresStore {
         let notify = Arc::new(Notify::new());
         let channel = channel_name(&options.schema);
         let origin = format!("{:016x}", rand::random::<u64>());
+        let due = DueTimer::new(notify.clone());
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool: pool.clone(),
@@ -271,12 +275,14 @@ impl PostgresStore {
                 stop: stop.clone(),
                 clock: std::sync::Mutex::new(None),
                 origin: origin.clone(),
+                due: due.clone(),
             }),
         };
         tokio::spawn(listen_loop(
             pg,
             channel.clone(),
             origin,
+            due,
             notify,
             events,
             stop.clone(),
@@ -404,6 +410,18 @@ impl PostgresStore {
         let _ = self.inner.outbox.send(work_payload(&self.inner.origin));
     }
 
+    /// Wake producers here, and on every node through the next NOTIFY, when
+    /// tasks just inserted for later fall due (the earliest few instants).
+    fn announce_due(&self, times: Vec<DateTime<Utc>>) {
+        if times.is_empty() {
+            return;
+        }
+        if let Some(p) = due_payload(&self.inner.origin, &times) {
+            let _ = self.inner.outbox.send(p);
+        }
+        self.inner.due.at(times);
+    }
+
     /// Tell waiters here now, and on every node through the next NOTIFY,
     /// that `ids` finished (called after the commit that finished them).
     fn announce_finished(&self, ids: Vec<TaskId>) {
@@ -450,6 +468,7 @@ impl Store for PostgresStore {
         {
             self.announce_work();
         }
+        self.announce_due(due_later(&out));
         Ok(out)
     }
 
@@ -557,7 +576,12 @@ impl Store for PostgresStore {
         &self,
         completions: Vec<Completion>,
     ) -> Result<Vec<bool>, StoreError> {
-        self.complete_many(completions).await
+        // Retries and snoozes fall due here first: this node's producers
+        // wake for them; other nodes find them when they next poll.
+        let again = due_again(&completions);
+        let out = self.complete_many(completions).await?;
+        self.inner.due.at(again);
+        Ok(out)
     }
 
     async fn task_cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {
@@ -593,7 +617,11 @@ impl Store for PostgresStore {
     }
 
     async fn schedule_fire(&self, f: ScheduleFire) -> Result<Option<Vec<Inserted>>, StoreError> {
-        PostgresStore::schedule_fire(self, f).await
+        let out = PostgresStore::schedule_fire(self, f).await?;
+        if let Some(v) = &out {
+            self.announce_due(due_later(v));
+        }
+        Ok(out)
     }
 
     async fn node_register(

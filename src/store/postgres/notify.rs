@@ -6,7 +6,7 @@
 //! goes out as one. Producers also poll, so a lost notification delays work
 //! by at most the poll interval.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{db_err, pool_err};
+use chrono::{DateTime, Utc};
+
+use crate::store::due::DueTimer;
 use crate::store::{StoreError, StoreEvent};
 use crate::task::TaskId;
 
@@ -65,6 +68,25 @@ pub(super) fn done_payloads(origin: &str, ids: &[TaskId]) -> Vec<String> {
     out
 }
 
+/// The prefix of a payload that lists instants (ms since the epoch) at
+/// which tasks inserted for later fall due: `due:<origin>:1764...,1764...`.
+const DUE: &str = "due:";
+
+/// Most instants one `due:` payload carries: the earliest of a batch.
+/// Tasks due at others start when a producer next polls, or when an
+/// earlier wake-up finds them due.
+const MAX_DUE: usize = 100;
+
+/// The earliest distinct instants of `times` as one `due:` payload.
+pub(super) fn due_payload(origin: &str, times: &[DateTime<Utc>]) -> Option<String> {
+    let ms: BTreeSet<i64> = times.iter().map(|t| t.timestamp_millis()).collect();
+    if ms.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = ms.iter().take(MAX_DUE).map(|m| m.to_string()).collect();
+    Some(format!("{DUE}{origin}:{}", list.join(",")))
+}
+
 pub(super) fn channel_name(schema: &str) -> String {
     format!("{schema}_events")
 }
@@ -111,6 +133,7 @@ pub(super) async fn listen_loop(
     cfg: tokio_postgres::Config,
     channel: String,
     origin: String,
+    due: DueTimer,
     notify: Arc<Notify>,
     events: broadcast::Sender<StoreEvent>,
     stop: CancellationToken,
@@ -147,7 +170,7 @@ pub(super) async fn listen_loop(
                         tokio::select! {
                             _ = stop.cancelled() => { driver.abort(); return; }
                             p = rx.recv() => match p {
-                                Some(p) => handle_payload(&p, &origin, &notify, &events),
+                                Some(p) => handle_payload(&p, &origin, &due, &notify, &events),
                                 None => break,
                             },
                         }
@@ -168,12 +191,28 @@ pub(super) async fn listen_loop(
     }
 }
 
-fn handle_payload(p: &str, origin: &str, notify: &Notify, events: &broadcast::Sender<StoreEvent>) {
+fn handle_payload(
+    p: &str,
+    origin: &str,
+    due: &DueTimer,
+    notify: &Notify,
+    events: &broadcast::Sender<StoreEvent>,
+) {
     if p == WORK {
         notify.notify_waiters();
     } else if let Some(from) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
         if from != origin {
             notify.notify_waiters();
+        }
+    } else if let Some(rest) = p.strip_prefix(DUE) {
+        let (from, list) = rest.split_once(':').unwrap_or(("", rest));
+        if from != origin {
+            // Rounded down to the ms by the sender: wake a ms later.
+            due.at(list.split(',').filter_map(|s| {
+                s.parse::<i64>()
+                    .ok()
+                    .and_then(|ms| DateTime::from_timestamp_millis(ms + 1))
+            }));
         }
     } else if let Some(rest) = p.strip_prefix(DONE) {
         let (from, list) = rest.split_once(':').unwrap_or(("", rest));

@@ -47,7 +47,8 @@ use tokio::sync::{Notify, broadcast, oneshot};
 use super::{
     AuditEntry, ClaimParams, Completion, DashboardRead, FINISHED_COUNT_CAP, Inserted, ListParams,
     NodeInfo, PruneParams, QUEUE_COUNT_CAP, RescueParams, Rescued, ScheduleFire, ScheduleRow,
-    Store, StoreError, StoreEvent, TaskInsert, lifecycle, truncate_micros,
+    Store, StoreError, StoreEvent, TaskInsert, due::DueTimer, due_again, due_later, lifecycle,
+    truncate_micros,
 };
 use crate::task::{Task, TaskId, TaskState};
 use writer::{Job, Reply, open_conn, sql_err, unavailable, writer_loop};
@@ -128,6 +129,8 @@ struct Inner {
     events: broadcast::Sender<StoreEvent>,
     /// Reads run so far (see [`SqliteStore::reads`]).
     reads: std::sync::atomic::AtomicU64,
+    /// Wakes producers when delayed, retried or snoozed tasks fall due.
+    due: DueTimer,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -178,6 +181,7 @@ impl SqliteStore {
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| unavailable(&path, e))?;
         let (events, _) = broadcast::channel(1024);
+        let notify = Arc::new(Notify::new());
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path,
@@ -185,7 +189,8 @@ impl SqliteStore {
                 writer: Mutex::new(Some(tx)),
                 writer_thread,
                 readers: Mutex::new(Vec::new()),
-                notify: Arc::new(Notify::new()),
+                due: DueTimer::new(notify.clone()),
+                notify,
                 events,
                 reads: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -387,6 +392,7 @@ impl Store for SqliteStore {
         let out = self
             .write(move |conn| insert::insert_all(conn, &tasks, &args, now))
             .await?;
+        self.inner.due.at(due_later(&out));
         if out
             .iter()
             .any(|i| !i.existing && i.task.state == TaskState::Available)
@@ -413,6 +419,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let wake = completions.iter().any(lifecycle::wakes_producers);
+        let again = due_again(&completions);
         let w = self
             .write(move |conn| outcome::complete_many(conn, &completions))
             .await?;
@@ -420,6 +427,7 @@ impl Store for SqliteStore {
             self.wake();
         }
         self.finished(w.finished);
+        self.inner.due.at(again);
         Ok(w.applied)
     }
 
@@ -540,6 +548,9 @@ impl Store for SqliteStore {
         let out = self
             .write(move |conn| cluster::schedule_fire(conn, &f, &args))
             .await?;
+        if let Some(v) = &out {
+            self.inner.due.at(due_later(v));
+        }
         if out.as_ref().is_some_and(|v| v.iter().any(|i| !i.existing)) {
             self.wake();
         }
