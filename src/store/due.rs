@@ -30,13 +30,16 @@ fn ms_ceil(t: DateTime<Utc>) -> i64 {
     us.div_euclid(1000) + i64::from(us.rem_euclid(1000) != 0)
 }
 
+/// The timer task's inputs, until it starts.
+type Unstarted = Option<(mpsc::UnboundedReceiver<i64>, Arc<Notify>)>;
+
 /// Wakes a store's producers at the due times handed to it. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct DueTimer {
     tx: mpsc::UnboundedSender<i64>,
     /// The receiver, until the timer task takes it (on first use inside a
     /// Tokio runtime: stores may be opened outside one).
-    rx: Arc<Mutex<Option<(mpsc::UnboundedReceiver<i64>, Arc<Notify>)>>>,
+    rx: Arc<Mutex<Unstarted>>,
 }
 
 impl DueTimer {
