@@ -106,6 +106,7 @@ pub mod task;
 
 pub use client::{Client, ClientError};
 pub use config::{Config, ConfigError, config_load};
+pub use cron::ScheduleSpec;
 pub use executor::{ArgsError, TaskContext, TaskError, TaskExecutor, TaskOutput, executor_fn};
 pub use maintenance::Retention;
 pub use node::{Node, NodeError};
@@ -113,5 +114,8 @@ pub use pool::PoolSettings;
 pub use pool::{Builder, LocalWorker, Worker, WorkerPool, WorkerPoolSharedData};
 pub use registry::{KindDefaults, RetryPolicy, TaskRegistry};
 pub use sentinel::{Sentinel, SentinelConfig};
-pub use store::{PostgresStore, SqliteStore, Store, StoreError};
-pub use task::{NewTask, Task, TaskId, TaskOptions, TaskState};
+pub use store::{
+    Inserted, ListParams, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store,
+    StoreError,
+};
+pub use task::{Dependency, NewTask, OnDependencyFailure, Task, TaskId, TaskOptions, TaskState};

@@ -759,3 +759,38 @@ async fn results_are_kept_up_to_their_size_cap() {
     );
     pool.shutdown().await;
 }
+
+/// A kind whose default queue the pool does not serve is named at build
+/// (its tasks would wait for another node), and nothing is named when the
+/// pool serves it.
+#[tokio::test]
+async fn kinds_whose_default_queue_has_no_workers_are_named() {
+    let (store, _dir) = fixtures::sqlite_store().await;
+    let registry = || {
+        let mut r = TaskRegistry::new();
+        r.register_with(
+            "send_email",
+            proto_tasker::executor_fn(|_ctx| async { Ok(serde_json::Value::Null) }),
+            KindDefaults {
+                queue: Some("emails".into()),
+                ..Default::default()
+            },
+        );
+        r.register(
+            "plain",
+            proto_tasker::executor_fn(|_ctx| async { Ok(serde_json::Value::Null) }),
+        );
+        r
+    };
+    let b = Builder::new(store.clone(), registry()).queue("default", 2);
+    assert_eq!(
+        b.unserved_kinds(),
+        [("send_email".to_string(), "emails".to_string())]
+    );
+    b.build()
+        .expect("an unserved kind is a warning, not an error");
+    let b = Builder::new(store, registry())
+        .queue("default", 2)
+        .queue("emails", 1);
+    assert!(b.unserved_kinds().is_empty());
+}

@@ -191,6 +191,23 @@ impl Builder {
 
     /// Check the settings (the same checks `config check` makes, with the
     /// same field names) and build the pool.
+    /// Registered kinds whose default queue this pool does not serve, with
+    /// that queue.
+    pub fn unserved_kinds(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .registry
+            .kinds()
+            .filter_map(|k| {
+                let q = self.registry.defaults(k)?.queue.clone()?;
+                let served = self.config.queues.iter().any(|(name, _)| *name == q)
+                    || (self.config.queues.is_empty() && q == crate::task::DEFAULT_QUEUE);
+                (!served).then(|| (k.to_string(), q))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn build(mut self) -> Result<WorkerPool, BuildError> {
         let err = |(field, message): (String, String)| BuildError { field, message };
         if self.config.node.trim().is_empty() {
@@ -213,6 +230,14 @@ impl Builder {
         for (i, spec) in self.config.schedules.iter().enumerate() {
             spec.parse(&format!("schedules[{i}]."))
                 .map_err(|e| err((e.field, e.message)))?;
+        }
+        for (kind, queue) in self.unserved_kinds() {
+            // Another node may serve it; said once at build, not an error.
+            tracing::warn!(
+                kind,
+                queue,
+                "this pool has no workers for the default queue of a kind it registers;                  its tasks wait for a node that serves that queue"
+            );
         }
         Ok(WorkerPool::new(
             self.store,
