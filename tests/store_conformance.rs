@@ -274,6 +274,24 @@ pub mod cases {
         let third = s.task_insert_many(vec![a], now).await.unwrap().remove(0);
         assert!(!third.existing);
         assert_ne!(third.task.id, first.task.id);
+        // A key is held per kind: another kind with the same key is another
+        // task, and the two kinds keep deduplicating apart.
+        let mut other = insert("v", "q", 0, now);
+        other.unique_key = Some("k1".into());
+        let v = s
+            .task_insert_many(vec![other.clone()], now)
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(!v.existing, "kind v does not share kind u's key");
+        assert_eq!(v.task.kind, "v");
+        let again = s
+            .task_insert_many(vec![other], now)
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(again.existing);
+        assert_eq!(again.task.id, v.task.id);
     }
 
     pub async fn cancel_stops_queued_and_flags_running(b: &Backend) {

@@ -319,7 +319,8 @@ pub fn unique_conflict(task: &Task) -> StoreError {
         id: task.id,
         state: task.state,
         message: format!(
-            "another unfinished task holds unique_key {:?}",
+            "another unfinished task of kind {:?} holds unique_key {:?}",
+            task.kind,
             task.unique_key.clone().unwrap_or_default()
         ),
     }

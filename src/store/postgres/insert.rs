@@ -223,7 +223,7 @@ async fn insert_single<C: GenericClient>(
             break row;
         }
         if let Some(row) = c
-            .query_opt(&sql.find_unique, &[&t.unique_key])
+            .query_opt(&sql.find_unique, &[&t.kind, &t.unique_key])
             .await
             .map_err(db_err)?
         {

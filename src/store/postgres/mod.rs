@@ -73,6 +73,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_task_deps_child.sql"),
     include_str!("migrations/0010_node_instance.sql"),
     include_str!("migrations/0011_audit.sql"),
+    include_str!("migrations/0012_unique_by_kind.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {

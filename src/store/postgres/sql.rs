@@ -94,7 +94,7 @@ impl Sql {
                 "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
                    run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ({finished}) DO NOTHING \
+                 ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ({finished}) DO NOTHING \
                  RETURNING {TASK_COLUMNS}"
             ),
             parents_lock: format!(
@@ -164,7 +164,7 @@ impl Sql {
                  WHERE id IN (SELECT id FROM doomed) AND state = 'blocked' RETURNING id"
             ),
             find_unique: format!(
-                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE unique_key = $1 AND state NOT IN ({finished})"
+                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE kind = $1 AND unique_key = $2 AND state NOT IN ({finished})"
             ),
             claim: format!(
                 "WITH next AS ( \

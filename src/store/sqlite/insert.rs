@@ -49,10 +49,11 @@ fn insert_one(
     if let Some(key) = &t.unique_key {
         let existing = conn
             .prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE unique_key = ?1 AND state NOT IN ({})",
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE kind = ?1 AND unique_key = ?2 \
+                 AND state NOT IN ({})",
                 lifecycle::sql_states(&lifecycle::FINISHED)
             ))
-            .and_then(|mut st| st.query_row([key], row_to_task).optional())
+            .and_then(|mut st| st.query_row([&t.kind, key], row_to_task).optional())
             .map_err(sql_err)?;
         if let Some(task) = existing {
             return Ok(Inserted {

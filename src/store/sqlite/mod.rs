@@ -65,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0008_task_deps_child.sql"),
     include_str!("migrations/0009_node_instance.sql"),
     include_str!("migrations/0010_audit.sql"),
+    include_str!("migrations/0011_unique_by_kind.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
