@@ -54,17 +54,44 @@ impl TaskContext {
 }
 
 /// Why an attempt did not succeed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+///
+/// Any error converts into it with `?` (as [`TaskError::Failed`], its
+/// message the error's chain of causes), so an executor can write
+/// `let v: Order = serde_json::from_value(raw)?;` or `file.read_to_string(&mut s)?`.
+/// For that, `TaskError` is not itself a [`std::error::Error`] (as
+/// `anyhow::Error` is not); it displays as its message.
+#[derive(Debug, Clone, PartialEq)]
 pub enum TaskError {
     /// Fails this attempt; the task is retried with backoff while attempts remain.
-    #[error("{0}")]
     Failed(String),
     /// Fails the task for good, whatever attempts remain (e.g. bad args).
-    #[error("{0}")]
     Discard(String),
     /// Not a failure: run the task again after this delay without using up an attempt.
-    #[error("snoozed for {0:?}")]
     Snooze(Duration),
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskError::Failed(m) | TaskError::Discard(m) => f.write_str(m),
+            TaskError::Snooze(d) => write!(f, "snoozed for {d:?}"),
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for TaskError {
+    /// A failed attempt (retried while attempts remain) whose message is
+    /// `e` and its causes, `outer: inner: innermost`.
+    fn from(e: E) -> Self {
+        let mut msg = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            msg.push_str(": ");
+            msg.push_str(&c.to_string());
+            cause = c.source();
+        }
+        TaskError::Failed(msg)
+    }
 }
 
 impl TaskError {
@@ -146,4 +173,48 @@ where
     Fut: Future<Output = Result<TaskOutput, TaskError>> + Send + 'static,
 {
     Arc::new(FnExecutor(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("reading the order")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn parse(raw: &str) -> Result<i64, TaskError> {
+        Ok(serde_json::from_str::<i64>(raw)?)
+    }
+
+    fn read() -> Result<(), TaskError> {
+        Err(Outer(std::io::Error::other("disk on fire")))?
+    }
+
+    #[test]
+    fn any_error_becomes_a_failed_attempt_with_its_causes() {
+        assert_eq!(parse("42"), Ok(42));
+        match parse("forty-two") {
+            Err(TaskError::Failed(m)) => assert!(m.contains("line 1 column"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            read(),
+            Err(TaskError::Failed("reading the order: disk on fire".into()))
+        );
+        assert_eq!(
+            TaskError::Snooze(Duration::from_secs(1)).to_string(),
+            "snoozed for 1s"
+        );
+        assert_eq!(TaskError::discard("bad args").to_string(), "bad args");
+    }
 }
