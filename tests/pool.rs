@@ -794,3 +794,69 @@ async fn kinds_whose_default_queue_has_no_workers_are_named() {
         .queue("emails", 1);
     assert!(b.unserved_kinds().is_empty());
 }
+
+/// A schedule declared in code lives while a node declares it: a pool
+/// started without it on the same store leaves it alone while the declaring
+/// node runs, and removes it (it no longer fires) once that node has
+/// stopped. Schedules added through the API are never removed this way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn config_schedules_go_when_no_node_declares_them() {
+    let (store, _d) = fixtures::sqlite_store().await;
+    let noop = || {
+        let mut r = TaskRegistry::new();
+        r.register(
+            "noop",
+            proto_tasker::executor_fn(|_ctx| async { Ok(json!(null)) }),
+        );
+        r
+    };
+    let spec = |name: &str| -> proto_tasker::ScheduleSpec {
+        serde_json::from_value(json!({
+            "name": name, "cron": "* * * * * *", "kind": "noop", "queue": "default"
+        }))
+        .unwrap()
+    };
+    let declaring = builder(store.clone(), noop())
+        .node_name("declares")
+        .schedule(spec("from-code"))
+        .cron_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    declaring.start().await.unwrap();
+    let client = declaring.client();
+    client.schedule_put(spec("from-api")).await.unwrap();
+    let other = builder(store.clone(), noop())
+        .node_name("declares-nothing")
+        .cron_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    other.start().await.unwrap();
+    let names = |c: proto_tasker::Client| async move {
+        let mut v: Vec<String> = c
+            .schedules()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.spec["name"].as_str().map(String::from))
+            .collect();
+        v.sort();
+        v
+    };
+    // Both nodes run: whoever leads keeps what the other declares.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(names(client.clone()).await, ["from-api", "from-code"]);
+    declaring.shutdown().await;
+    let t0 = Instant::now();
+    while names(other.client())
+        .await
+        .contains(&"from-code".to_string())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the schedule no node declares was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(names(other.client()).await, ["from-api"]);
+    other.shutdown().await;
+}

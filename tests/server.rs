@@ -1058,6 +1058,7 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
             queues: vec!["default".into()],
             leader: false,
             instance: String::new(),
+            schedules: None,
             stats: NodeStats {
                 completed,
                 failed,

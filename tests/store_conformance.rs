@@ -53,6 +53,7 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
         leader: false,
         stats: Default::default(),
         instance: format!("test/{name}"),
+        schedules: None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The leader's service that fires due cron schedules (see [`crate::cron`]
 //! for what a schedule is and why a tick is enqueued once cluster-wide).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,12 @@ use crate::client::Client;
 use crate::cron::ScheduleSpec;
 use crate::store::{ScheduleFire, Store};
 
-/// The leader-only service that fires due schedules.
+/// The `source` of schedules declared in a node's config or in code
+/// (`Builder::schedule`), as opposed to `api`.
+pub(crate) const CONFIG: &str = "config";
+
+/// The leader-only service that fires due schedules, and removes config
+/// schedules that no registered node declares any more.
 pub(crate) struct CronFirer {
     pub store: Arc<dyn Store>,
     pub client: Client,
@@ -41,9 +47,44 @@ impl CronFirer {
         }
     }
 
+    /// The config schedules some registered node declares; `None` when a
+    /// node does not say (an older version), so nothing is removed.
+    ///
+    /// Every registered node counts, live or not: a node that stopped
+    /// cleanly has removed its row, so its declarations go with it, while a
+    /// node that is only slow or partitioned keeps its schedules (it would
+    /// not put them back until it restarts). A crashed node that never comes
+    /// back keeps its schedules until its row is removed.
+    async fn declared(&self) -> Result<Option<HashSet<String>>, crate::store::StoreError> {
+        let mut all = HashSet::new();
+        for n in self.store.node_list(Utc::now()).await? {
+            match n.schedules {
+                Some(names) => all.extend(names),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(all))
+    }
+
     async fn fire_due(&self) -> Result<(), crate::store::StoreError> {
         let now = Utc::now();
-        for row in self.store.schedule_list().await? {
+        let rows = self.store.schedule_list().await?;
+        let declared = if rows.iter().any(|r| r.source == CONFIG) {
+            self.declared().await?
+        } else {
+            None
+        };
+        for row in rows {
+            if row.source == CONFIG
+                && let Some(d) = &declared
+                && !d.contains(&row.name)
+            {
+                // Declared in a config or in code that no node runs any more.
+                if self.store.schedule_delete(&row.name).await? {
+                    tracing::info!(schedule = %row.name, "removed a config schedule that no node declares any more");
+                }
+                continue;
+            }
             let schedule = match serde_json::from_value::<ScheduleSpec>(row.spec.clone())
                 .map_err(|e| e.to_string())
                 .and_then(|s| s.parse("").map_err(|e| e.to_string()))

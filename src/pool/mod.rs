@@ -143,6 +143,12 @@ impl WorkerPool {
             config: self.config.sentinel.clone(),
             slots: Vec::new(),
             queues: self.config.queues.iter().map(|(q, _)| q.clone()).collect(),
+            schedules: self
+                .config
+                .schedules
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         sentinel.start().await?;
@@ -151,7 +157,7 @@ impl WorkerPool {
                 name: spec.name.clone(),
                 spec: serde_json::to_value(spec)
                     .map_err(|e| StoreError::invalid("schedules", e.to_string()))?,
-                source: "config".into(),
+                source: crate::maintenance::cron_firer::CONFIG.into(),
                 last_tick: Utc::now(),
             };
             self.store.schedule_upsert(row).await?;

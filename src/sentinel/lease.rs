@@ -166,6 +166,8 @@ pub(crate) struct Heartbeat {
     pub config: SentinelConfig,
     pub version: String,
     pub queues: Vec<String>,
+    /// The config (or code) schedules this node declares.
+    pub schedules: Vec<String>,
 }
 
 impl Heartbeat {
@@ -181,6 +183,7 @@ impl Heartbeat {
             leader: self.shared.is_leader(),
             stats: self.shared.stats(),
             instance: self.shared.instance.clone(),
+            schedules: Some(self.schedules.clone()),
         }
     }
 

@@ -113,6 +113,8 @@ pub struct Sentinel {
     pub(crate) config: SentinelConfig,
     pub(crate) slots: Vec<Slot>,
     pub(crate) queues: Vec<String>,
+    /// The config (or code) schedules this node declares (see `NodeInfo::schedules`).
+    pub(crate) schedules: Vec<String>,
     pub(crate) version: String,
 }
 
@@ -134,6 +136,7 @@ impl Sentinel {
             config: self.config.clone(),
             version: self.version.clone(),
             queues: self.queues.clone(),
+            schedules: self.schedules.clone(),
         }
     }
 

@@ -204,6 +204,11 @@ pub struct NodeInfo {
     /// configured with one `node.name` are told apart by it.
     #[serde(default)]
     pub instance: String,
+    /// The config (or code) schedules this node declares; `None` from a
+    /// node too old to say. A config schedule that no node declares is
+    /// removed by the leader (see `maintenance::cron_firer`).
+    #[serde(default)]
+    pub schedules: Option<Vec<String>>,
 }
 
 /// Attempt outcomes a node's pool counted since it started. The dashboard

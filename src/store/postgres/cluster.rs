@@ -29,6 +29,10 @@ fn node_row(r: &tokio_postgres::Row) -> Result<NodeInfo, StoreError> {
         leader: r.try_get(7).map_err(db_err)?,
         stats: serde_json::from_value(stats).unwrap_or_default(),
         instance: r.try_get(9).map_err(db_err)?,
+        schedules: r
+            .try_get::<_, Option<serde_json::Value>>(10)
+            .map_err(db_err)?
+            .and_then(|v| serde_json::from_value(v).ok()),
     })
 }
 
@@ -150,6 +154,10 @@ impl PostgresStore {
             .map_err(|e| StoreError::invalid_value(e.to_string()))?;
         let stats =
             serde_json::to_value(n.stats).map_err(|e| StoreError::invalid_value(e.to_string()))?;
+        let schedules: Option<serde_json::Value> = n
+            .schedules
+            .as_ref()
+            .and_then(|v| serde_json::to_value(v).ok());
         let sql = if only_own {
             &self.inner.sql.heartbeat
         } else {
@@ -169,6 +177,7 @@ impl PostgresStore {
                     &queues,
                     &stats,
                     &n.instance,
+                    &schedules,
                 ],
             )
             .await

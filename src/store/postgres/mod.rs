@@ -74,6 +74,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0010_node_instance.sql"),
     include_str!("migrations/0011_audit.sql"),
     include_str!("migrations/0012_unique_by_kind.sql"),
+    include_str!("migrations/0013_node_schedules.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
