@@ -57,6 +57,20 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
     }
 }
 
+/// Insert `rows` and return their ids, in order.
+async fn insert_ids(
+    s: &std::sync::Arc<dyn proto_tasker::Store>,
+    rows: Vec<proto_tasker::store::TaskInsert>,
+    now: DateTime<Utc>,
+) -> Vec<proto_tasker::TaskId> {
+    s.task_insert_many(rows, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.task.id)
+        .collect()
+}
+
 pub mod cases {
     use super::*;
 
@@ -232,19 +246,15 @@ pub mod cases {
     pub async fn unique_keys_dedupe_unfinished_tasks(b: &Backend) {
         let s = b.store.clone();
         let now = now();
+        let one = |t: proto_tasker::store::TaskInsert| {
+            let s = s.clone();
+            async move { s.task_insert_many(vec![t], now).await.unwrap().remove(0) }
+        };
         let mut a = insert("u", "q", 0, now);
         a.unique_key = Some("k1".into());
-        let first = s
-            .task_insert_many(vec![a.clone()], now)
-            .await
-            .unwrap()
-            .remove(0);
+        let first = one(a.clone()).await;
         assert!(!first.existing);
-        let second = s
-            .task_insert_many(vec![a.clone()], now)
-            .await
-            .unwrap()
-            .remove(0);
+        let second = one(a.clone()).await;
         assert!(second.existing);
         assert_eq!(second.task.id, first.task.id);
         // Duplicates inside one batch collapse too.
@@ -279,18 +289,10 @@ pub mod cases {
         // task, and the two kinds keep deduplicating apart.
         let mut other = insert("v", "q", 0, now);
         other.unique_key = Some("k1".into());
-        let v = s
-            .task_insert_many(vec![other.clone()], now)
-            .await
-            .unwrap()
-            .remove(0);
+        let v = one(other.clone()).await;
         assert!(!v.existing, "kind v does not share kind u's key");
         assert_eq!(v.task.kind, "v");
-        let again = s
-            .task_insert_many(vec![other], now)
-            .await
-            .unwrap()
-            .remove(0);
+        let again = one(other).await;
         assert!(again.existing);
         assert_eq!(again.task.id, v.task.id);
     }
@@ -298,16 +300,12 @@ pub mod cases {
     pub async fn cancel_stops_queued_and_flags_running(b: &Backend) {
         let s = b.store.clone();
         let now = now();
-        let ids: Vec<_> = s
-            .task_insert_many(
-                vec![insert("a", "q", 0, now), insert("b", "q", 1, now)],
-                now,
-            )
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.task.id)
-            .collect();
+        let ids = insert_ids(
+            &s,
+            vec![insert("a", "q", 0, now), insert("b", "q", 1, now)],
+            now,
+        )
+        .await;
         let mut events = s.subscribe();
         let running = s
             .task_claim(claim("q", "n1", 1, now))
@@ -1575,20 +1573,16 @@ pub mod cases {
         let now = now();
         let mut parent = insert("parent", "q", 0, now);
         parent.max_attempts = 1;
-        let ids: Vec<_> = s
-            .task_insert_many(
-                vec![
-                    parent,
-                    insert("queued", "q2", 0, now),
-                    insert("later", "q", 0, now + secs(3600)),
-                ],
-                now,
-            )
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.task.id)
-            .collect();
+        let ids = insert_ids(
+            &s,
+            vec![
+                parent,
+                insert("queued", "q2", 0, now),
+                insert("later", "q", 0, now + secs(3600)),
+            ],
+            now,
+        )
+        .await;
         let mut child = insert("child", "q", 0, now);
         child.depends_on = vec![Dependency::Task(ids[0])];
         let child = s.task_insert_many(vec![child], now).await.unwrap()[0]
