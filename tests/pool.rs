@@ -860,3 +860,20 @@ async fn config_schedules_go_when_no_node_declares_them() {
     assert_eq!(names(other.client()).await, ["from-api"]);
     other.shutdown().await;
 }
+
+/// A pool that was shut down does not start again, and says so.
+#[tokio::test]
+async fn start_after_shutdown_is_an_error() {
+    let (store, _d) = fixtures::sqlite_store().await;
+    let pool = builder(store, TaskRegistry::new()).build().unwrap();
+    pool.start().await.unwrap();
+    pool.start()
+        .await
+        .expect("starting a started pool does nothing");
+    pool.shutdown().await;
+    let e = pool
+        .start()
+        .await
+        .expect_err("a shut-down pool does not start");
+    assert_eq!(e.field(), Some("pool"), "{e}");
+}

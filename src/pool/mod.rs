@@ -130,10 +130,18 @@ impl WorkerPool {
     }
 
     /// Register the node, rescue what an earlier process of this node left
-    /// running, and start claiming. Calling it on a started pool does nothing.
+    /// running, and start claiming. Calling it on a started pool does
+    /// nothing; on a pool that was shut down it is an error (field `pool`):
+    /// build a new one.
     pub async fn start(&self) -> Result<(), StoreError> {
         let mut running = self.running.lock().await;
-        if running.is_some() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::invalid(
+                "pool",
+                "this pool was shut down and does not start again; build a new one",
+            ));
+        }
+        if running.is_some() {
             return Ok(());
         }
         let (ctx_tx, rx) = mpsc::unbounded_channel();
