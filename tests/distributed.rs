@@ -841,3 +841,54 @@ async fn a_schedule_fires_each_tick_once_across_nodes_while_the_leader_dies() {
     );
     drop(nodes);
 }
+
+/// When PostgreSQL refuses a connection, the error says what PostgreSQL
+/// said (here: too many connections for a role limited to one, held
+/// elsewhere), not the driver's bare "db error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_say_why() {
+    let admin_url = fixtures::pg_url();
+    let role = format!("pt_limited_{}", std::process::id());
+    let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN CONNECTION LIMIT 1"
+        ))
+        .await
+        .unwrap();
+    let cfg: tokio_postgres::Config = admin_url.parse().unwrap();
+    let url = format!(
+        "postgres://{role}@{}:{}/{}",
+        match &cfg.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            _ => "127.0.0.1".into(),
+        },
+        cfg.get_ports().first().copied().unwrap_or(5432),
+        cfg.get_dbname().unwrap_or("postgres"),
+    );
+    // Take the role's one connection first, so the store's cannot open.
+    let (held, held_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("the role's one connection");
+    tokio::spawn(held_conn);
+    let store = PostgresStore::connect(PostgresOptions::new(url).schema("pt_never_made"))
+        .await
+        .expect("connecting makes no connection yet");
+    let e = store
+        .ping()
+        .await
+        .expect_err("no second connection for the role");
+    let msg = e.to_string();
+    drop(store);
+    drop(held);
+    let _ = admin
+        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .await;
+    assert!(
+        msg.contains("53300") && msg.contains("too many connections"),
+        "the error names PostgreSQL's reason: {msg}"
+    );
+}

@@ -170,7 +170,20 @@ pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
 }
 
 pub(super) fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::unavailable(format!("no database connection: {e}"))
+    use deadpool_postgres::PoolError;
+    let why = match e {
+        // PostgreSQL's own words ("53300: sorry, too many clients already"),
+        // not the driver's "db error".
+        PoolError::Backend(e) => match db_err(e) {
+            StoreError::Unavailable { message, .. } => message,
+            other => other.to_string(),
+        },
+        PoolError::Timeout(_) => {
+            "every pooled connection stayed busy past the wait (raise store.pool_size?)".into()
+        }
+        e => e.to_string(),
+    };
+    StoreError::unavailable(format!("no database connection: {why}"))
 }
 
 pub(super) fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
