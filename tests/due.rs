@@ -64,6 +64,19 @@ fn pool(store: Arc<dyn Store>, name: &str) -> WorkerPool {
         .expect("pool")
 }
 
+/// Enqueue a `probe` in queue `q`, due after `delay`.
+async fn probe_in(client: &Client, delay: Duration) -> proto_tasker::Task {
+    client
+        .insert(NewTask::new("probe", Value::Null).with(TaskOptions {
+            queue: Some("q".into()),
+            delay: Some(delay),
+            ..Default::default()
+        }))
+        .await
+        .expect("enqueue")
+        .task
+}
+
 /// When `id` started (its latest attempt), waiting for it to finish.
 async fn finished(client: &Client, id: proto_tasker::TaskId) -> proto_tasker::Task {
     let t = client
@@ -108,15 +121,8 @@ async fn due_tasks_start_on_time(store: Arc<dyn Store>, label: &str) {
 
     let mut delayed = Vec::new();
     for i in 0..10u64 {
-        let t = client
-            .insert(NewTask::new("probe", Value::Null).with(TaskOptions {
-                queue: Some("q".into()),
-                delay: Some(Duration::from_millis(200 + 37 * i)),
-                ..Default::default()
-            }))
-            .await
-            .expect("enqueue");
-        delayed.push((t.task.id, t.task.run_at));
+        let t = probe_in(&client, Duration::from_millis(200 + 37 * i)).await;
+        delayed.push((t.id, t.run_at));
     }
     let mut late = Vec::new();
     for (id, due) in delayed {
@@ -224,17 +230,10 @@ async fn a_delayed_task_starts_on_time_on_another_node() {
     let client = Client::new(a, Arc::new(registry()));
     let mut late = Vec::new();
     for i in 0..5u64 {
-        let t = client
-            .insert(NewTask::new("probe", Value::Null).with(TaskOptions {
-                queue: Some("q".into()),
-                delay: Some(Duration::from_millis(250 + 50 * i)),
-                ..Default::default()
-            }))
-            .await
-            .expect("enqueue");
-        let done = finished(&client, t.task.id).await;
+        let t = probe_in(&client, Duration::from_millis(250 + 50 * i)).await;
+        let done = finished(&client, t.id).await;
         assert_eq!(done.node.as_deref(), Some("due-b"));
-        late.push(late_ms(done.started_at, t.task.run_at));
+        late.push(late_ms(done.started_at, t.run_at));
     }
     check("PostgreSQL, delayed through another node", late);
     runner.shutdown().await;

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 
-use super::{Completion, Outcome, StoreError};
+use super::{Completion, Outcome, Rescued, StoreError};
 use crate::task::{AttemptError, Dependency, OnDependencyFailure, Task, TaskId, TaskState};
 
 /// The states a claim takes tasks from (when their `run_at` is due).
@@ -311,6 +311,16 @@ pub fn name_held_by_other(
         && holder.instance != node.instance
         && Some(holder.instance.as_str()) != take_from
         && holder.heartbeat_at >= live_since
+}
+
+/// The rescued tasks that ended (no attempt left, or asked to stop): their
+/// dependents cascade, and they are announced as finished.
+pub fn rescue_ended(rescued: &[Rescued]) -> Vec<i64> {
+    rescued
+        .iter()
+        .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
+        .map(|r| r.id.0)
+        .collect()
 }
 
 /// The refusal of a retry whose task's `unique_key` another unfinished task holds.

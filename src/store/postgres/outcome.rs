@@ -239,16 +239,8 @@ impl PostgresStore {
             })
             .collect::<Result<_, StoreError>>()?;
         give_back_keys(&*tx, sql, &rows, 3, 4).await?;
-        let ended: Vec<i64> = rescued
-            .iter()
-            .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
-            .map(|r| r.id.0)
-            .collect();
-        let mut finished: Vec<TaskId> = rescued
-            .iter()
-            .filter(|r| r.state.is_finished())
-            .map(|r| r.id)
-            .collect();
+        let ended = lifecycle::rescue_ended(&rescued);
+        let mut finished: Vec<TaskId> = ended.iter().copied().map(TaskId).collect();
         finished.extend(cascade(&*tx, sql, &ended, p.now).await?);
         tx.commit().await.map_err(db_err)?;
         self.announce_finished(finished);

@@ -265,16 +265,8 @@ pub(super) fn rescue(
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let ended: Vec<i64> = rescued
-        .iter()
-        .filter(|r| Dependents::of(r.state) == Dependents::Cascade)
-        .map(|r| r.id.0)
-        .collect();
-    let mut finished: Vec<TaskId> = rescued
-        .iter()
-        .filter(|r| r.state.is_finished())
-        .map(|r| r.id)
-        .collect();
+    let ended = lifecycle::rescue_ended(&rescued);
+    let mut finished: Vec<TaskId> = ended.iter().copied().map(TaskId).collect();
     finished.extend(cascade(conn, &ended, p.now)?);
     Ok((rescued, finished))
 }
