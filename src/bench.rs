@@ -387,6 +387,16 @@ pub async fn run_http(p: HttpBenchParams) -> Result<HttpBenchReport, Box<dyn std
     })
 }
 
+/// How the bench's stores connect (the node's `store.*` settings).
+#[derive(Debug, Clone, Default)]
+pub struct BenchStoreOptions {
+    pub synchronous: crate::store::Synchronous,
+    /// PostgreSQL connections per store (default: the node's default).
+    pub pool_size: Option<usize>,
+    pub pool_mode: crate::store::PoolMode,
+    pub listen_url: Option<String>,
+}
+
 /// The stores a bench drains through: `nodes` stores over one SQLite file
 /// (a fresh temp file when `target` is `None`), or over one fresh schema of
 /// the PostgreSQL database `target` names. Dropping it removes what it made.
@@ -410,13 +420,19 @@ impl BenchStores {
     pub async fn open(
         target: Option<&str>,
         nodes: usize,
-        synchronous: crate::store::Synchronous,
+        o: BenchStoreOptions,
     ) -> Result<Self, crate::NodeError> {
         use crate::config::{StoreConfig, StoreKind};
+        let synchronous = o.synchronous;
         let mut cfg = StoreConfig {
             synchronous,
+            pool_mode: o.pool_mode,
+            listen_url: o.listen_url,
             ..StoreConfig::default()
         };
+        if let Some(n) = o.pool_size {
+            cfg.pool_size = n;
+        }
         let (label, temp_dir) = match target {
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 cfg.kind = StoreKind::Postgres;

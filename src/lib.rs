@@ -115,7 +115,7 @@ pub use pool::{Builder, LocalWorker, Worker, WorkerPool, WorkerPoolSharedData};
 pub use registry::{KindDefaults, RetryPolicy, TaskRegistry};
 pub use sentinel::{Sentinel, SentinelConfig};
 pub use store::{
-    Inserted, ListParams, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store,
-    StoreError,
+    Inserted, ListParams, PoolMode, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore,
+    Store, StoreError,
 };
 pub use task::{Dependency, NewTask, OnDependencyFailure, Task, TaskId, TaskOptions, TaskState};

@@ -179,6 +179,16 @@ struct BenchArgs {
     /// SQLite durability.
     #[arg(long, value_enum, default_value_t = Synchronous::Full)]
     synchronous: Synchronous,
+    /// PostgreSQL connections per simulated node (default: a node's
+    /// default, `store.pool_size`).
+    #[arg(long)]
+    pool_size: Option<usize>,
+    /// `transaction` when --store is PgBouncer in transaction mode.
+    #[arg(long, value_enum, default_value_t = proto_tasker::store::PoolMode::Session)]
+    pool_mode: proto_tasker::store::PoolMode,
+    /// A direct PostgreSQL URL for LISTEN (with --pool-mode transaction).
+    #[arg(long)]
+    listen_url: Option<String>,
     /// Instead of a store, measure task creation through this node's API
     /// (e.g. http://127.0.0.1:8080): --tasks through the batch route in
     /// batches of --batch, then --singles single creates.
@@ -541,7 +551,13 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
         waiters: a.waiters,
     };
     let nodes = a.nodes.max(1);
-    let stores = BenchStores::open(a.store.as_deref(), nodes, a.synchronous).await?;
+    let options = bench::BenchStoreOptions {
+        synchronous: a.synchronous,
+        pool_size: a.pool_size,
+        pool_mode: a.pool_mode,
+        listen_url: a.listen_url.clone(),
+    };
+    let stores = BenchStores::open(a.store.as_deref(), nodes, options).await?;
     let label = stores.label.clone();
     stores.stores[0]
         .migrate()

@@ -53,6 +53,8 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, NodeError> 
             let url = cfg.url.clone().unwrap_or_default();
             let mut o = PostgresOptions::new(url).schema(cfg.schema.clone());
             o.pool_size = cfg.pool_size;
+            o.pool_mode = cfg.pool_mode;
+            o.listen_url = cfg.listen_url.clone();
             let store = PostgresStore::connect(o).await?;
             store
                 .ping()

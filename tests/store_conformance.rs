@@ -1779,3 +1779,9 @@ mod sqlite {
 mod postgres {
     all_cases!(crate::fixtures::Backend::postgres());
 }
+
+/// The PostgreSQL store through PgBouncer in transaction pooling mode:
+/// nothing the store does may outlive a transaction.
+mod pgbouncer {
+    all_cases!(crate::fixtures::Backend::pgbouncer());
+}

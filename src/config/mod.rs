@@ -49,8 +49,15 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// The PostgreSQL schema holding the tables; clusters sharing a database use different ones.
     pub schema: String,
-    /// PostgreSQL connections per node (plus one for LISTEN).
+    /// PostgreSQL connections per node (plus one for LISTEN): a node holds
+    /// at most `pool_size + 1` server connections.
     pub pool_size: usize,
+    /// `session` (a direct connection, the default) or `transaction` (`url`
+    /// is PgBouncer or another pooler in transaction mode).
+    pub pool_mode: crate::store::PoolMode,
+    /// A direct PostgreSQL URL for LISTEN/NOTIFY wake-ups when `url` goes
+    /// through a transaction pooler; without it such a node polls.
+    pub listen_url: Option<String>,
     /// SQLite durability: `full` (default) or `normal`.
     pub synchronous: Synchronous,
     /// How long a SQLite connection waits for another process's write lock
@@ -72,6 +79,8 @@ impl Default for StoreConfig {
             url: None,
             schema: postgres.schema,
             pool_size: postgres.pool_size,
+            pool_mode: postgres.pool_mode,
+            listen_url: postgres.listen_url,
             synchronous: sqlite.synchronous,
             busy_timeout: sqlite.busy_timeout,
             migrate: true,
@@ -413,6 +422,11 @@ pub(crate) fn apply_env(cfg: &mut Config) {
         cfg.store.kind = StoreKind::Postgres;
         cfg.store.url = Some(u);
     }
+    if let Ok(u) = std::env::var("PROTO_TASKER_STORE_LISTEN_URL")
+        && !u.is_empty()
+    {
+        cfg.store.listen_url = Some(u);
+    }
 }
 
 /// Check what types alone cannot. Returns `(field, message)`.
@@ -439,6 +453,15 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
         }
         StoreKind::Postgres if cfg.store.url.as_deref().is_none_or(str::is_empty) => {
             return e("store.url", "is required when store.kind is postgres");
+        }
+        StoreKind::Postgres
+            if cfg
+                .store
+                .listen_url
+                .as_deref()
+                .is_some_and(|u| u.parse::<tokio_postgres::Config>().is_err()) =>
+        {
+            return e("store.listen_url", "is not a PostgreSQL URL");
         }
         StoreKind::Postgres if cfg.store.pool_size < 2 => {
             return e("store.pool_size", "must be at least 2");

@@ -48,7 +48,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, broadcast};
 
-pub use postgres::{PostgresOptions, PostgresStore};
+pub use postgres::{PoolMode, PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 use crate::task::{Task, TaskId, TaskState};

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use super::rows::rows_to_tasks;
-use super::{PostgresStore, db_err};
+use super::statements::On;
+use super::{ADVISORY_XACT_LOCK, PostgresStore};
 use crate::store::{ClaimParams, QueueLimits, StoreError, truncate_micros};
 use crate::task::Task;
 
@@ -15,10 +16,11 @@ impl PostgresStore {
         if let Some(limits) = p.limits.filter(|l| !l.is_empty()) {
             return self.claim_limited(&p, limits).await;
         }
-        let (c, st) = self.prepared(&self.inner.sql.claim).await?;
-        let rows = c
+        let c = self.conn().await?;
+        let rows = self
             .query(
-                &st,
+                &c,
+                &self.inner.sql.claim,
                 &[
                     &p.node,
                     &truncate_micros(p.now),
@@ -26,8 +28,7 @@ impl PostgresStore {
                     &(p.limit as i64),
                 ],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         let mut tasks = rows_to_tasks(&rows)?;
         tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
         Ok(tasks)
@@ -45,13 +46,12 @@ impl PostgresStore {
         let sql = &self.inner.sql;
         let now = truncate_micros(p.now);
         let c = self.conn().await?;
-        let begin = c.prepare_cached("BEGIN").await.map_err(db_err)?;
-        let lock = c
-            .prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .await
-            .map_err(db_err)?;
-        let claim = c.prepare_cached(&sql.claim_limited).await.map_err(db_err)?;
-        let commit = c.prepare_cached("COMMIT").await.map_err(db_err)?;
+        let on: On = (&c).into();
+        let stmts = &self.inner.stmts;
+        let begin = stmts.ready(on, "BEGIN").await?;
+        let lock = stmts.ready(on, ADVISORY_XACT_LOCK).await?;
+        let claim = stmts.ready(on, &sql.claim_limited).await?;
+        let commit = stmts.ready(on, "COMMIT").await?;
         let key = format!("proto_tasker_claim:{}:{}", self.inner.schema, p.queue);
         let max = i64::MAX;
         let global = limits.global_concurrency.map(i64::from).unwrap_or(max);
@@ -85,16 +85,18 @@ impl PostgresStore {
             &p.node,
             &scan_add,
         ];
+        // Behind a transaction pooler the BEGIN pins one server connection
+        // until the COMMIT, so the four still run together there.
         let (b, l, rows, done) = tokio::join!(
-            c.execute(&begin, &[]),
-            c.execute(&lock, &lock_params),
-            c.query(&claim, &claim_params),
-            c.execute(&commit, &[]),
+            begin.execute(on, &[]),
+            lock.execute(on, &lock_params),
+            claim.query(on, &claim_params),
+            commit.execute(on, &[]),
         );
-        b.map_err(db_err)?;
-        l.map_err(db_err)?;
-        let rows = rows.map_err(db_err)?;
-        done.map_err(db_err)?;
+        b?;
+        l?;
+        let rows = rows?;
+        done?;
         let mut tasks = rows_to_tasks(&rows)?;
         tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
         Ok(tasks)

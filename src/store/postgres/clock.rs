@@ -38,10 +38,7 @@ impl PostgresStore {
             None => {
                 let c = self.conn().await?;
                 let before = Utc::now();
-                let row = c
-                    .query_one("SELECT clock_timestamp()", &[])
-                    .await
-                    .map_err(db_err)?;
+                let row = self.query_one(&c, "SELECT clock_timestamp()", &[]).await?;
                 let after = Utc::now();
                 let db: DateTime<Utc> = row.try_get(0).map_err(db_err)?;
                 // Whole microseconds, the precision the store keeps, so a

@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::insert::insert_rows;
-use super::{PostgresStore, db_err};
+use super::statements::On;
+use super::{ADVISORY_XACT_LOCK, PostgresStore, db_err};
 use crate::store::lifecycle;
 use crate::store::{
     AuditEntry, FINISHED_COUNT_CAP, Inserted, NodeInfo, QUEUE_COUNT_CAP, ScheduleFire, ScheduleRow,
@@ -38,11 +39,14 @@ fn node_row(r: &tokio_postgres::Row) -> Result<NodeInfo, StoreError> {
 
 impl PostgresStore {
     pub(super) async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.queue_counts).await?;
-        let rows = c
-            .query(&st, &[&QUEUE_COUNT_CAP, &FINISHED_COUNT_CAP])
-            .await
-            .map_err(db_err)?;
+        let (_permit, c) = self.read_conn().await?;
+        let rows = self
+            .query(
+                &c,
+                &self.inner.sql.queue_counts,
+                &[&QUEUE_COUNT_CAP, &FINISHED_COUNT_CAP],
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 let state: String = r.try_get(1).map_err(db_err)?;
@@ -60,8 +64,9 @@ impl PostgresStore {
         queue: &str,
         paused: bool,
     ) -> Result<(), StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.queue_set_paused).await?;
-        c.execute(&st, &[&queue, &paused]).await.map_err(db_err)?;
+        let c = self.conn().await?;
+        self.execute(&c, &self.inner.sql.queue_set_paused, &[&queue, &paused])
+            .await?;
         if !paused {
             self.announce_work();
         }
@@ -69,15 +74,16 @@ impl PostgresStore {
     }
 
     pub(super) async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.queue_paused).await?;
-        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        let c = self.conn().await?;
+        let rows = self.query(&c, &self.inner.sql.queue_paused, &[]).await?;
         rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
     }
 
     pub(super) async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.schedule_upsert).await?;
-        c.execute(
-            &st,
+        let c = self.conn().await?;
+        self.execute(
+            &c,
+            &self.inner.sql.schedule_upsert,
             &[
                 &row.name,
                 &row.spec,
@@ -85,23 +91,21 @@ impl PostgresStore {
                 &truncate_micros(row.last_tick),
             ],
         )
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(())
     }
 
     pub(super) async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError> {
         let c = self.conn().await?;
-        let n = c
-            .execute(&self.inner.sql.schedule_delete, &[&name])
-            .await
-            .map_err(db_err)?;
+        let n = self
+            .execute(&c, &self.inner.sql.schedule_delete, &[&name])
+            .await?;
         Ok(n > 0)
     }
 
     pub(super) async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.schedule_list).await?;
-        let rows = c.query(&st, &[]).await.map_err(db_err)?;
+        let c = self.conn().await?;
+        let rows = self.query(&c, &self.inner.sql.schedule_list, &[]).await?;
         rows.iter()
             .map(|r| {
                 Ok(ScheduleRow {
@@ -120,8 +124,9 @@ impl PostgresStore {
     ) -> Result<Option<Vec<Inserted>>, StoreError> {
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let moved = tx
+        let moved = self
             .execute(
+                &tx,
                 &self.inner.sql.schedule_move,
                 &[
                     &truncate_micros(f.new_last),
@@ -129,12 +134,23 @@ impl PostgresStore {
                     &truncate_micros(f.expected),
                 ],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         if moved == 0 {
             return Ok(None);
         }
-        let out = insert_rows(&*tx, &self.inner.sql, f.tasks, f.now, None).await?;
+        let st = self
+            .inner
+            .stmts
+            .ready((&tx).into(), &self.inner.sql.insert_many)
+            .await?;
+        let out = insert_rows(
+            &*tx,
+            &self.inner.sql,
+            f.tasks,
+            f.now,
+            Some(((&tx).into(), &st)),
+        )
+        .await?;
         tx.commit().await.map_err(db_err)?;
         if out.iter().any(|i| !i.existing) {
             self.announce_work();
@@ -142,12 +158,15 @@ impl PostgresStore {
         Ok(Some(out))
     }
 
-    /// Write `n`'s row (its heartbeat in the database's time); with
-    /// `only_own`, only while the name is unheld or held by `n.instance`.
-    async fn write_node<C: tokio_postgres::GenericClient>(
+    /// Write `n`'s row (its heartbeat in the database's time: `offset` is
+    /// the database's clock minus ours, read before taking `on`, so one call
+    /// never holds two connections); with `only_own`, only while the name is
+    /// unheld or held by `n.instance`.
+    async fn write_node(
         &self,
-        c: &C,
+        on: On<'_>,
         n: &NodeInfo,
+        offset: chrono::Duration,
         only_own: bool,
     ) -> Result<bool, StoreError> {
         let queues = serde_json::to_value(&n.queues)
@@ -163,9 +182,10 @@ impl PostgresStore {
         } else {
             &self.inner.sql.node_take
         };
-        let at = truncate_micros(self.db_time(n.heartbeat_at).await?);
-        let row = c
+        let at = truncate_micros(n.heartbeat_at + offset);
+        let row = self
             .query_opt(
+                on,
                 sql,
                 &[
                     &n.name,
@@ -180,14 +200,14 @@ impl PostgresStore {
                     &schedules,
                 ],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(row.is_some())
     }
 
     pub(super) async fn node_heartbeat(&self, n: NodeInfo) -> Result<bool, StoreError> {
+        let offset = self.clock_offset().await?;
         let c = self.conn().await?;
-        self.write_node(&**c, &n, true).await
+        self.write_node((&c).into(), &n, offset, true).await
     }
 
     pub(super) async fn node_register(
@@ -196,23 +216,23 @@ impl PostgresStore {
         live_since: DateTime<Utc>,
         take_from: Option<String>,
     ) -> Result<Option<NodeInfo>, StoreError> {
-        let live_since = self.db_time(live_since).await?;
+        let offset = self.clock_offset().await?;
+        let live_since = live_since + offset;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         // Nodes starting under one name at once: one at a time here.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
+        self.execute(
+            &tx,
+            ADVISORY_XACT_LOCK,
             &[&format!(
                 "proto_tasker_node:{}:{}",
                 self.inner.schema, n.name
             )],
         )
-        .await
-        .map_err(db_err)?;
-        let rows = tx
-            .query(&self.inner.sql.node_list, &[&Utc::now()])
-            .await
-            .map_err(db_err)?;
+        .await?;
+        let rows = self
+            .query(&tx, &self.inner.sql.node_list, &[&Utc::now()])
+            .await?;
         let holder = rows
             .iter()
             .map(node_row)
@@ -222,30 +242,30 @@ impl PostgresStore {
         if let Some(mut h) = holder
             && lifecycle::name_held_by_other(&h, &n, live_since, take_from.as_deref())
         {
-            h.heartbeat_at -= self.clock_offset().await?;
+            h.heartbeat_at -= offset;
             return Ok(Some(h));
         }
-        self.write_node(&*tx, &n, false).await?;
+        self.write_node((&tx).into(), &n, offset, false).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(None)
     }
 
     pub(super) async fn node_remove(&self, name: &str) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        c.execute(&self.inner.sql.node_remove, &[&name])
-            .await
-            .map_err(db_err)?;
-        c.execute(&self.inner.sql.leader_remove, &[&name])
-            .await
-            .map_err(db_err)?;
+        self.execute(&c, &self.inner.sql.node_remove, &[&name])
+            .await?;
+        self.execute(&c, &self.inner.sql.leader_remove, &[&name])
+            .await?;
         Ok(())
     }
 
     pub(super) async fn node_list(&self, now: DateTime<Utc>) -> Result<Vec<NodeInfo>, StoreError> {
         // Heartbeats are kept in the database's time and shown in ours.
         let offset = self.clock_offset().await?;
-        let (c, st) = self.prepared(&self.inner.sql.node_list).await?;
-        let rows = c.query(&st, &[&(now + offset)]).await.map_err(db_err)?;
+        let c = self.conn().await?;
+        let rows = self
+            .query(&c, &self.inner.sql.node_list, &[&(now + offset)])
+            .await?;
         rows.iter()
             .map(|r| {
                 let mut n = node_row(r)?;
@@ -263,30 +283,25 @@ impl PostgresStore {
     ) -> Result<bool, StoreError> {
         let now = self.db_time(now).await?;
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or_default();
-        let (c, st) = self.prepared(&self.inner.sql.elect).await?;
-        let row = c
-            .query_opt(&st, &[&node, &expires, &now])
-            .await
-            .map_err(db_err)?;
+        let c = self.conn().await?;
+        let row = self
+            .query_opt(&c, &self.inner.sql.elect, &[&node, &expires, &now])
+            .await?;
         Ok(row.and_then(|r| r.try_get::<_, String>(0).ok()).as_deref() == Some(node))
     }
 
     pub(super) async fn leader_resign(&self, node: &str) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        c.execute(&self.inner.sql.leader_remove, &[&node])
-            .await
-            .map_err(db_err)?;
+        self.execute(&c, &self.inner.sql.leader_remove, &[&node])
+            .await?;
         Ok(())
     }
 
     pub(super) async fn audit_append(&self, e: AuditEntry) -> Result<(), StoreError> {
         let c = self.conn().await?;
-        c.execute(
-            &format!(
-                "INSERT INTO {}.audit (at, token, remote, action, target, status, outcome) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                self.inner.schema
-            ),
+        self.execute(
+            &c,
+            &self.inner.sql.audit_append,
             &[
                 &truncate_micros(e.at),
                 &e.token,
@@ -297,8 +312,7 @@ impl PostgresStore {
                 &e.outcome,
             ],
         )
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(())
     }
 
@@ -307,18 +321,14 @@ impl PostgresStore {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let c = self.conn().await?;
-        let rows = c
+        let (_permit, c) = self.read_conn().await?;
+        let rows = self
             .query(
-                &format!(
-                    "SELECT id, at, token, remote, action, target, status, outcome FROM {}.audit \
-                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
-                    self.inner.schema
-                ),
+                &c,
+                &self.inner.sql.audit_list,
                 &[&before.unwrap_or(i64::MAX), &(limit.max(1) as i64)],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(AuditEntry {

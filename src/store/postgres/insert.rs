@@ -9,6 +9,7 @@ use super::db_err;
 use super::notify::{WORK, channel_name};
 use super::rows::row_to_task;
 use super::sql::Sql;
+use super::statements::{On, Ready};
 use crate::store::lifecycle;
 use crate::store::{Inserted, StoreError, TaskInsert, parse_state, truncate_micros, truncate_rows};
 use crate::task::{Task, TaskId};
@@ -21,14 +22,15 @@ pub(super) fn all_plain(rows: &[TaskInsert]) -> bool {
 }
 
 /// Insert `rows` through any client (the store's pool or a caller's
-/// transaction). `insert_many`: that statement prepared on `c`, when the
-/// caller has it (saves a round trip).
+/// transaction). `insert_many`: that statement readied on `c` (the store's
+/// own connections, see `statements.rs`); without it, as any client runs a
+/// statement given as text.
 pub(super) async fn insert_rows<C: GenericClient>(
     c: &C,
     sql: &Sql,
     rows: Vec<TaskInsert>,
     now: DateTime<Utc>,
-    insert_many: Option<&tokio_postgres::Statement>,
+    insert_many: Option<(On<'_>, &Ready<'_>)>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let now = truncate_micros(now);
     let rows = truncate_rows(rows);
@@ -61,10 +63,9 @@ pub(super) async fn insert_rows<C: GenericClient>(
             &keys,
         ];
         let ids = match insert_many {
-            Some(st) => c.query(st, &params).await,
-            None => c.query(&sql.insert_many, &params).await,
-        }
-        .map_err(db_err)?;
+            Some((on, st)) => st.query(on, &params).await?,
+            None => c.query(&sql.insert_many, &params).await.map_err(db_err)?,
+        };
         let mut ids: Vec<i64> = ids
             .iter()
             .map(|r| r.try_get(0))

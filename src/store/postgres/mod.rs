@@ -37,6 +37,7 @@ mod notify;
 mod outcome;
 mod rows;
 mod sql;
+mod statements;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,7 @@ use insert::insert_rows;
 use notify::{channel_name, done_payloads, due_payload, listen_loop, notify_loop, work_payload};
 use rows::{Param, list_sql, row_to_task, rows_to_tasks};
 use sql::Sql;
+use statements::{On, Params, Statements};
 
 /// The schema, one file per version; `{schema}` stands for the schema's
 /// name. Append; never edit a released file.
@@ -90,8 +92,17 @@ pub struct PostgresOptions {
     pub url: String,
     /// The schema that holds proto_tasker's tables.
     pub schema: String,
-    /// Connections in the pool (the LISTEN connection is extra).
+    /// Connections in the pool (the LISTEN connection is extra). Dashboard
+    /// and list reads use at most all but one of them, so heartbeats,
+    /// claims and outcomes always have a connection.
     pub pool_size: usize,
+    /// `Transaction` when `url` points at a transaction-mode pooler such as
+    /// PgBouncer (see [`PoolMode`]).
+    pub pool_mode: PoolMode,
+    /// A direct connection to PostgreSQL for LISTEN (needed when `url` is a
+    /// transaction-mode pooler, where LISTEN cannot work). Default: `url`
+    /// in `Session` mode; no listener (polling only) in `Transaction` mode.
+    pub listen_url: Option<String>,
     /// How long sent data may stay unacknowledged before a connection
     /// counts as broken (shorter than the nodes' `node_timeout`).
     pub tcp_user_timeout: Duration,
@@ -102,7 +113,9 @@ impl PostgresOptions {
         PostgresOptions {
             url: url.into(),
             schema: "proto_tasker".into(),
-            pool_size: 16,
+            pool_size: 2,
+            pool_mode: PoolMode::Session,
+            listen_url: None,
             tcp_user_timeout: Duration::from_secs(8),
         }
     }
@@ -111,6 +124,34 @@ impl PostgresOptions {
         self.schema = schema.into();
         self
     }
+}
+
+/// Takes a transaction-scoped advisory lock on `hashtext($1)` (released at
+/// commit or rollback, so it works through a transaction pooler).
+pub(super) const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
+
+/// What sits between the store and PostgreSQL.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A direct connection (or a pooler in session mode): statements are
+    /// prepared once per connection.
+    #[default]
+    Session,
+    /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`):
+    /// nothing outlives a transaction, statements go unnamed, and LISTEN
+    /// needs `listen_url`.
+    Transaction,
 }
 
 /// The PostgreSQL store. Cheap to clone.
@@ -122,6 +163,11 @@ pub struct PostgresStore {
 struct Inner {
     pool: Pool,
     sql: Sql,
+    stmts: Statements,
+    /// Permits for dashboard and list reads: one fewer than the pool's
+    /// connections, so a slow page never holds every connection while a
+    /// heartbeat, claim or outcome waits.
+    reads: tokio::sync::Semaphore,
     schema: String,
     channel: String,
     notify: Arc<Notify>,
@@ -209,6 +255,30 @@ fn check_schema(s: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The driver's settings for `url` (`field` names it in errors; the URL
+/// itself, which may hold a password, is never echoed).
+fn connect_config(
+    options: &PostgresOptions,
+    url: &str,
+    field: &str,
+) -> Result<tokio_postgres::Config, StoreError> {
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        StoreError::invalid(field, format!("not a PostgreSQL URL: {e}"))
+    })?;
+    // Names our connections in pg_stat_activity (per schema, so tests can find theirs).
+    pg.application_name(format!("proto_tasker:{}", options.schema));
+    pg.connect_timeout(Duration::from_secs(5));
+    // A silent partition (no error, no reply) must not hang a call
+    // forever: keepalives find a dead peer, and the TCP user timeout
+    // fails a connection whose sent data stays unacknowledged.
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3)
+        .tcp_user_timeout(options.tcp_user_timeout);
+    Ok(pg)
+}
+
 impl PostgresStore {
     /// `EXPLAIN` of one of the dashboard's reads, as the store runs it: one
     /// line per plan line. Tests use it to check that list pages and counts
@@ -224,15 +294,12 @@ impl PostgresStore {
                 ],
             ),
         };
-        let c = self.conn().await?;
+        let (_permit, c) = self.read_conn().await?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
             .iter()
             .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let rows = c
-            .query(&format!("EXPLAIN {sql}"), &refs)
-            .await
-            .map_err(db_err)?;
+        let rows = self.query(&c, &format!("EXPLAIN {sql}"), &refs).await?;
         rows.iter()
             .map(|r| r.try_get::<_, String>(0).map_err(db_err))
             .collect()
@@ -242,30 +309,30 @@ impl PostgresStore {
     /// the LISTEN and NOTIFY tasks. Call [`Store::migrate`] before use.
     pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
         check_schema(&options.schema)?;
-        let mut pg: tokio_postgres::Config = options
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::invalid("store.url", e.to_string()))?;
-        // Names our connections in pg_stat_activity (per schema, so tests can find theirs).
-        pg.application_name(format!("proto_tasker:{}", options.schema));
-        pg.connect_timeout(Duration::from_secs(5));
-        // A silent partition (no error, no reply) must not hang a call
-        // forever: keepalives find a dead peer, and the TCP user timeout
-        // fails a connection whose sent data stays unacknowledged.
-        pg.keepalives(true)
-            .keepalives_idle(Duration::from_secs(5))
-            .keepalives_interval(Duration::from_secs(1))
-            .keepalives_retries(3)
-            .tcp_user_timeout(options.tcp_user_timeout);
+        let pg = connect_config(&options, &options.url, "store.url")?;
+        let listen = match (&options.listen_url, options.pool_mode) {
+            (Some(url), _) => Some(connect_config(&options, url, "store.listen_url")?),
+            (None, PoolMode::Session) => Some(pg.clone()),
+            (None, PoolMode::Transaction) => {
+                tracing::warn!(
+                    schema = %options.schema,
+                    "store.pool_mode is transaction and no store.listen_url is set: \
+                     LISTEN cannot work through a transaction pooler, so this node finds \
+                     new work by polling only (set store.listen_url to a direct connection)"
+                );
+                None
+            }
+        };
         let manager = Manager::from_config(
-            pg.clone(),
+            pg,
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let size = options.pool_size.max(2);
         let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(2))
+            .max_size(size)
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -282,6 +349,8 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 pool: pool.clone(),
                 sql: Sql::new(&options.schema),
+                stmts: Statements::new(options.pool_mode == PoolMode::Transaction),
+                reads: tokio::sync::Semaphore::new(size - 1),
                 schema: options.schema.clone(),
                 channel: channel.clone(),
                 notify: notify.clone(),
@@ -293,15 +362,17 @@ impl PostgresStore {
                 due: due.clone(),
             }),
         };
-        tokio::spawn(listen_loop(
-            pg,
-            channel.clone(),
-            origin,
-            due,
-            notify,
-            events,
-            stop.clone(),
-        ));
+        if let Some(listen) = listen {
+            tokio::spawn(listen_loop(
+                listen,
+                channel.clone(),
+                origin,
+                due,
+                notify,
+                events,
+                stop.clone(),
+            ));
+        }
         tokio::spawn(notify_loop(pool, channel, outbox_rx, stop));
         Ok(store)
     }
@@ -366,23 +437,24 @@ impl PostgresStore {
         let tx = c.transaction().await.map_err(db_err)?;
         // Nodes starting together: the first migrates, the others wait here
         // and then find nothing to do.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
+        self.execute(
+            &tx,
+            ADVISORY_XACT_LOCK,
             &[&format!("proto_tasker_migrate:{s}")],
         )
-        .await
-        .map_err(db_err)?;
+        .await?;
         tx.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {s}; \
              CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)"
         ))
         .await
         .map_err(db_err)?;
-        let version: i32 = tx
-            .query_opt(&format!("SELECT version FROM {s}.schema_version"), &[])
-            .await
+        let version: i32 = self
+            .query_opt(&tx, &format!("SELECT version FROM {s}.schema_version"), &[])
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()
             .map_err(db_err)?
-            .map(|r| r.get(0))
             .unwrap_or(0);
         let all = migrations(s);
         let target = target.min(all.len());
@@ -397,26 +469,69 @@ impl PostgresStore {
                 StoreError::Schema(format!("schema {s}: migration {}: {}", i + 1, db_err(e)))
             })?;
         }
-        tx.execute(&format!("DELETE FROM {s}.schema_version"), &[])
-            .await
-            .map_err(db_err)?;
-        tx.execute(
+        self.execute(&tx, &format!("DELETE FROM {s}.schema_version"), &[])
+            .await?;
+        self.execute(
+            &tx,
             &format!("INSERT INTO {s}.schema_version VALUES ($1)"),
             &[&(target.max(version as usize) as i32)],
         )
-        .await
-        .map_err(db_err)?;
+        .await?;
         tx.commit().await.map_err(db_err)
     }
 
-    /// A pooled connection and `sql` prepared on it (cached per connection).
-    async fn prepared(
+    /// Run `sql` on a connection or transaction (see `statements.rs`).
+    async fn query<'a>(
         &self,
+        on: impl Into<On<'a>>,
         sql: &str,
-    ) -> Result<(deadpool_postgres::Object, tokio_postgres::Statement), StoreError> {
-        let c = self.conn().await?;
-        let st = c.prepare_cached(sql).await.map_err(db_err)?;
-        Ok((c, st))
+        params: Params<'_>,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.inner.stmts.query(on.into(), sql, params).await
+    }
+
+    async fn query_opt<'a>(
+        &self,
+        on: impl Into<On<'a>>,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        self.inner.stmts.query_opt(on.into(), sql, params).await
+    }
+
+    async fn query_one<'a>(
+        &self,
+        on: impl Into<On<'a>>,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<tokio_postgres::Row, StoreError> {
+        self.inner.stmts.query_one(on.into(), sql, params).await
+    }
+
+    async fn execute<'a>(
+        &self,
+        on: impl Into<On<'a>>,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<u64, StoreError> {
+        self.inner.stmts.execute(on.into(), sql, params).await
+    }
+
+    /// A connection for a dashboard or list read: waits for one of the
+    /// read permits first (see `Inner::reads`), held as long as the
+    /// connection is.
+    async fn read_conn(
+        &self,
+    ) -> Result<(tokio::sync::SemaphorePermit<'_>, deadpool_postgres::Object), StoreError> {
+        let permit = tokio::time::timeout(Duration::from_secs(10), self.inner.reads.acquire())
+            .await
+            .map_err(|_| {
+                StoreError::unavailable(
+                    "no database connection: every read connection stayed busy past the wait (raise store.pool_size?)",
+                )
+            })?
+            .map_err(|_| StoreError::unavailable("store closed"))?;
+        Ok((permit, self.conn().await?))
     }
 
     /// Wake producers here now and on every node after the NOTIFY goes out.
@@ -467,13 +582,24 @@ impl Store for PostgresStore {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let (mut c, st) = self.prepared(&self.inner.sql.insert_many).await?;
+        let mut c = self.conn().await?;
         let out = if insert::all_plain(&tasks) {
             // One statement: atomic and durable on its own, in one round trip.
-            insert_rows(&**c, &self.inner.sql, tasks, now, Some(&st)).await?
+            let st = self
+                .inner
+                .stmts
+                .ready((&c).into(), &self.inner.sql.insert_many)
+                .await?;
+            insert_rows(&**c, &self.inner.sql, tasks, now, Some(((&c).into(), &st))).await?
         } else {
             let tx = c.transaction().await.map_err(db_err)?;
-            let out = insert_rows(&*tx, &self.inner.sql, tasks, now, Some(&st)).await?;
+            let st = self
+                .inner
+                .stmts
+                .ready((&tx).into(), &self.inner.sql.insert_many)
+                .await?;
+            let out =
+                insert_rows(&*tx, &self.inner.sql, tasks, now, Some(((&tx).into(), &st))).await?;
             tx.commit().await.map_err(db_err)?;
             out
         };
@@ -492,8 +618,8 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
-        let (c, st) = self.prepared(&self.inner.sql.get_many).await?;
-        rows_to_tasks(&c.query(&st, &[&ids]).await.map_err(db_err)?)
+        let c = self.conn().await?;
+        rows_to_tasks(&self.query(&c, &self.inner.sql.get_many, &[&ids]).await?)
     }
 
     async fn task_unfinished(&self, ids: Vec<TaskId>) -> Result<Vec<TaskId>, StoreError> {
@@ -501,20 +627,18 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
-        let (c, st) = self.prepared(&self.inner.sql.unfinished).await?;
-        c.query(&st, &[&ids])
-            .await
-            .map_err(db_err)?
+        let c = self.conn().await?;
+        self.query(&c, &self.inner.sql.unfinished, &[&ids])
+            .await?
             .iter()
             .map(|r| r.try_get(0).map(TaskId).map_err(db_err))
             .collect()
     }
 
     async fn task_get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.get).await?;
-        c.query_opt(&st, &[&id.0])
-            .await
-            .map_err(db_err)?
+        let c = self.conn().await?;
+        self.query_opt(&c, &self.inner.sql.get, &[&id.0])
+            .await?
             .as_ref()
             .map(row_to_task)
             .transpose()
@@ -522,19 +646,19 @@ impl Store for PostgresStore {
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
         let (sql, params) = list_sql(&self.inner.schema, p);
-        let c = self.conn().await?;
-        let st = c.prepare_cached(&sql).await.map_err(db_err)?;
+        let (_permit, c) = self.read_conn().await?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
             .iter()
             .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let rows = c.query(&st, &refs).await.map_err(db_err)?;
-        rows_to_tasks(&rows)
+        rows_to_tasks(&self.query(&c, &sql, &refs).await?)
     }
 
     async fn task_cancel_requested(&self, node: &str) -> Result<Vec<(TaskId, i64)>, StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.cancel_requested).await?;
-        let rows = c.query(&st, &[&node]).await.map_err(db_err)?;
+        let c = self.conn().await?;
+        let rows = self
+            .query(&c, &self.inner.sql.cancel_requested, &[&node])
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -546,28 +670,24 @@ impl Store for PostgresStore {
     }
 
     async fn task_prune(&self, p: PruneParams) -> Result<u64, StoreError> {
-        let (c, st) = self.prepared(&self.inner.sql.prune).await?;
+        let c = self.conn().await?;
         let limit = p.limit.max(1) as i64;
         let mut total = 0u64;
         for (state, before) in p.cutoffs() {
             if let Some(before) = before {
-                let row = c
-                    .query_one(&st, &[&state.as_str(), &before, &limit])
-                    .await
-                    .map_err(db_err)?;
+                let row = self
+                    .query_one(
+                        &c,
+                        &self.inner.sql.prune,
+                        &[&state.as_str(), &before, &limit],
+                    )
+                    .await?;
                 total += row.try_get::<_, i64>(0).map_err(db_err)? as u64;
             }
         }
         if let Some(before) = p.audit_before {
-            c.execute(
-                &format!(
-                    "DELETE FROM {s}.audit WHERE id IN (SELECT id FROM {s}.audit WHERE at < $1 LIMIT $2)",
-                    s = self.inner.schema
-                ),
-                &[&before, &limit],
-            )
-            .await
-            .map_err(db_err)?;
+            self.execute(&c, &self.inner.sql.audit_prune, &[&before, &limit])
+                .await?;
         }
         Ok(total)
     }

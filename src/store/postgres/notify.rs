@@ -13,6 +13,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
@@ -110,9 +111,11 @@ pub(super) async fn notify_loop(
         // One statement, so one transaction, for everything queued.
         let sent = async {
             let c = pool.get().await.map_err(pool_err)?;
-            c.execute(
+            // Typed and unnamed: one round trip, and nothing left on the
+            // server connection (safe behind a transaction pooler).
+            c.execute_typed(
                 "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                &[&channel, &payloads],
+                &[(&channel, Type::TEXT), (&payloads, Type::TEXT_ARRAY)],
             )
             .await
             .map_err(db_err)?;

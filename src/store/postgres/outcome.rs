@@ -54,12 +54,13 @@ impl PostgresStore {
             errors.push(t.error.as_ref().map(error_value));
             deltas.push(t.attempt_delta);
         }
-        let (mut c, st) = self.prepared(&self.inner.sql.complete_many).await?;
+        let mut c = self.conn().await?;
         // One transaction: outcomes and what they do to dependent tasks land together.
         let tx = c.transaction().await.map_err(db_err)?;
-        let rows = tx
+        let rows = self
             .query(
-                &st,
+                &tx,
+                &self.inner.sql.complete_many,
                 &[
                     &ids,
                     &tokens,
@@ -74,8 +75,7 @@ impl PostgresStore {
                     &ats,
                 ],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         let (mut done, mut doomed, mut ended) = (Vec::new(), Vec::new(), Vec::new());
         // Every applied row left `running`: keyed ones give their count back.
@@ -95,9 +95,7 @@ impl PostgresStore {
             }
         }
         if !done.is_empty() {
-            tx.execute(&self.inner.sql.unblock, &[&done])
-                .await
-                .map_err(db_err)?;
+            self.execute(&tx, &self.inner.sql.unblock, &[&done]).await?;
         }
         if let Some(at) = completions
             .first()
@@ -207,6 +205,10 @@ impl PostgresStore {
         let now = truncate_micros(p.now);
         let now_text = p.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let sql = &self.inner.sql;
+        // Heartbeats are in the database's time (see db_time); read before
+        // taking a connection, so this call never holds two.
+        let cutoff = truncate_micros(self.db_time(p.now).await?)
+            - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
         let mut c = self.conn().await?;
         // One transaction: the rescue, the running counts it gives back and
         // what it does to dependent tasks land together.
@@ -219,9 +221,6 @@ impl PostgresStore {
                     .await
             }
             None => {
-                // Heartbeats are in the database's time (see db_time).
-                let cutoff = truncate_micros(self.db_time(p.now).await?)
-                    - chrono::Duration::from_std(p.node_timeout).unwrap_or_default();
                 tx.query(&sql.rescue_dead, &[&now, &now_text, &cutoff])
                     .await
             }

@@ -45,6 +45,9 @@ pub(super) struct Sql {
     pub schedule_delete: String,
     pub schedule_list: String,
     pub schedule_move: String,
+    pub audit_append: String,
+    pub audit_list: String,
+    pub audit_prune: String,
 }
 
 impl Sql {
@@ -286,6 +289,17 @@ impl Sql {
                 "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
                  ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
                  WHERE {s}.leader.node = excluded.node OR {s}.leader.expires_at <= $3 RETURNING node"
+            ),
+            audit_append: format!(
+                "INSERT INTO {s}.audit (at, token, remote, action, target, status, outcome) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ),
+            audit_list: format!(
+                "SELECT id, at, token, remote, action, target, status, outcome FROM {s}.audit \
+                 WHERE id < $1 ORDER BY id DESC LIMIT $2"
+            ),
+            audit_prune: format!(
+                "DELETE FROM {s}.audit WHERE id IN (SELECT id FROM {s}.audit WHERE at < $1 LIMIT $2)"
             ),
         }
     }
