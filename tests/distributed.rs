@@ -126,11 +126,23 @@ fn start_node_with(
     workers: usize,
     extra: &str,
 ) -> NodeProc {
+    start_node_on(
+        dir,
+        name,
+        &format!("url: {url}\n  schema: {schema}"),
+        workers,
+        extra,
+    )
+}
+
+/// A node whose `store:` section holds `store` (its lines after `kind`,
+/// indented by two) and the default pool size.
+fn start_node_on(dir: &Path, name: &str, store: &str, workers: usize, extra: &str) -> NodeProc {
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &cfg,
         format!(
-            "node:\n  name: {name}\nstore:\n  kind: postgres\n  url: {url}\n  schema: {schema}\n  pool_size: 8\n\
+            "node:\n  name: {name}\nstore:\n  kind: postgres\n  {store}\n\
              server:\n  listen: 127.0.0.1:0\nqueues:\n  default: {{workers: {workers}}}\n\
              pool:\n  poll_interval: 200ms\n  shutdown_timeout: 2s\n\
              sentinel:\n  heartbeat_interval: {HEARTBEAT_MS}ms\n  node_timeout: {NODE_TIMEOUT_MS}ms\n\
@@ -192,6 +204,27 @@ async fn enqueue_http(client: &Client, url: &str, n: usize) -> HashMap<i64, i64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_killed_every_task_completes() {
     let (store, guard) = fixtures::pg_store().await;
+    let on = format!("url: {}\n  schema: {}", guard.url, guard.schema);
+    three_nodes_one_killed(store, &on).await;
+}
+
+/// The same through PgBouncer in transaction pooling mode, LISTEN going
+/// straight to PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_killed_through_pgbouncer() {
+    let (store, guard) = fixtures::pg_store().await;
+    let b = fixtures::pgbouncer::pgbouncer();
+    let on = format!(
+        "url: {}\n  schema: {}\n  pool_mode: transaction\n  listen_url: {}",
+        b.url, guard.schema, b.direct
+    );
+    three_nodes_one_killed(store, &on).await;
+}
+
+/// Three nodes (`store`: their `store:` lines) drain 10,000 tasks; one is
+/// SIGKILLed mid-run; every task completes, and only the rescued ones ran
+/// twice.
+async fn three_nodes_one_killed(store: Arc<dyn Store>, on: &str) {
     let log = ExecLog::default();
     *log.hold.lock().unwrap() = Duration::from_millis(15);
     *log.hold_first.lock().unwrap() = Duration::from_millis(15);
@@ -199,7 +232,7 @@ async fn three_nodes_one_killed_every_task_completes() {
     let dir = tempfile::tempdir().unwrap();
     let nodes: Vec<NodeProc> = ["node-a", "node-b", "node-c"]
         .iter()
-        .map(|n| start_node(dir.path(), n, &guard.url, &guard.schema, 12))
+        .map(|n| start_node_on(dir.path(), n, on, 12, ""))
         .collect();
     wait_for("three nodes", Duration::from_secs(20), async || {
         store.node_list(chrono::Utc::now()).await.unwrap().len() == 3
