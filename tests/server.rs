@@ -677,6 +677,49 @@ async fn metrics_parse_and_counters_move() {
             + value(&after, "proto_tasker_workers", &[("state", "busy")]),
         10.0
     );
+    // A queue no node serves: its task waits, and the lag says how long.
+    let (_, waiting) = s
+        .post("/tasks", json!({"kind": "noop", "queue": "backlog"}))
+        .await;
+    assert_eq!(waiting["state"], "available", "{waiting}");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let lagging = scrape().await;
+    let lag = value(
+        &lagging,
+        "proto_tasker_queue_lag_seconds",
+        &[("queue", "backlog")],
+    );
+    assert!((1.0..30.0).contains(&lag), "backlog lag {lag}");
+    assert!(
+        lagging
+            .samples
+            .iter()
+            .any(|x| x.metric == "proto_tasker_queue_lag_seconds"
+                && x.labels.get("queue") == Some("default")),
+        "a drained queue reports a lag of 0 rather than no series"
+    );
+    assert_eq!(
+        value(
+            &lagging,
+            "proto_tasker_queue_lag_seconds",
+            &[("queue", "default")]
+        ),
+        0.0
+    );
+    let (_, queues) = s.get("/queues").await;
+    let by_name = |n: &str| {
+        queues["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("{n} missing in {queues}"))
+    };
+    let backlog = by_name("backlog");
+    assert!(backlog["lag_seconds"].as_f64().unwrap() >= 1.0, "{backlog}");
+    assert_eq!(backlog["counts"]["available"], 1, "{backlog}");
+    assert_eq!(by_name("default")["lag_seconds"], 0.0);
     let names: std::collections::HashSet<_> =
         after.samples.iter().map(|s| s.metric.as_str()).collect();
     for name in [

@@ -1003,6 +1003,39 @@ pub mod cases {
 
     /// Listing one queue merges its states in id order, pages by cursor, and
     /// queue counts match the tasks as they are.
+    pub async fn queue_lag_is_the_wait_of_the_oldest_due_task(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let rows = vec![
+            // Queue a: the oldest due task is the low-priority one.
+            insert("k", "a", 0, now - secs(10)),
+            insert("k", "a", 5, now - secs(30)),
+            insert("k", "a", 9, now + secs(60)),
+            // Queue b: nothing due yet.
+            insert("k", "b", 0, now + secs(60)),
+            // Queue c: its oldest task is running, so it no longer waits.
+            insert("k", "c", 0, now - secs(50)),
+            insert("k", "c", 0, now - secs(5)),
+        ];
+        s.task_insert_many(rows, now - secs(60)).await.unwrap();
+        let running = s.task_claim(claim("c", "n", 1, now)).await.unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].run_at, now - secs(50));
+        let lag = s.queue_oldest_due(now).await.unwrap();
+        assert_eq!(
+            lag,
+            vec![
+                ("a".to_string(), now - secs(30)),
+                ("c".to_string(), now - secs(5))
+            ]
+        );
+        // Later, queue b's task is due too.
+        let later = now + secs(61);
+        let lag = s.queue_oldest_due(later).await.unwrap();
+        assert_eq!(lag.len(), 3, "{lag:?}");
+        assert_eq!(lag[1], ("b".to_string(), now + secs(60)));
+    }
+
     pub async fn queue_listing_and_counts_span_states(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1716,6 +1749,7 @@ macro_rules! all_cases {
             cases::one_leader_at_a_time,
             cases::list_filters_and_paginates,
             cases::queue_listing_and_counts_span_states,
+            cases::queue_lag_is_the_wait_of_the_oldest_due_task,
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,
             cases::schedules_fire_each_tick_once,

@@ -22,6 +22,9 @@ pub struct QueueInfo {
     /// Every state, zero included.
     pub counts: BTreeMap<TaskState, i64>,
     pub capped: Vec<TaskState>,
+    /// How long the oldest task that is due has waited to start, in
+    /// seconds (0 when none waits): what an autoscaler scales on.
+    pub lag_seconds: f64,
 }
 
 /// The operator's side of the front door: queues, nodes, schedules.
@@ -43,6 +46,7 @@ impl Client {
             counts.entry(q).or_default().insert(st, n);
         }
         let paused: BTreeSet<String> = self.store.queue_paused().await?.into_iter().collect();
+        let lag: BTreeMap<String, f64> = self.queue_lag().await?.into_iter().collect();
         Ok(counts
             .into_iter()
             .map(|(name, found)| {
@@ -52,6 +56,7 @@ impl Client {
                     .collect();
                 QueueInfo {
                     paused: paused.contains(&name),
+                    lag_seconds: lag.get(&name).copied().unwrap_or(0.0),
                     capped: TaskState::ALL
                         .into_iter()
                         .filter(|s| counts[s] >= count_cap(*s))
@@ -66,6 +71,22 @@ impl Client {
     /// Counts of tasks by queue and state, each stopped at [`count_cap`].
     pub async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, ClientError> {
         Ok(self.store.queue_counts().await?)
+    }
+
+    /// Per queue with a task due now: how long the oldest due task has
+    /// waited to start, in seconds.
+    pub async fn queue_lag(&self) -> Result<Vec<(String, f64)>, ClientError> {
+        let now = Utc::now();
+        Ok(self
+            .store
+            .queue_oldest_due(now)
+            .await?
+            .into_iter()
+            .map(|(q, at)| {
+                let waited = (now - at).num_microseconds().unwrap_or(i64::MAX);
+                (q, waited.max(0) as f64 / 1e6)
+            })
+            .collect())
     }
 
     /// Pause (no node claims its tasks) or resume a queue.

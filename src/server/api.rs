@@ -475,6 +475,7 @@ async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
                 "concurrency": local.get(&q.name),
                 "counts": q.counts,
                 "capped": q.capped,
+                "lag_seconds": q.lag_seconds,
             })
         })
         .collect();

@@ -83,6 +83,14 @@ impl LabelCap {
         }
         OTHER.to_string()
     }
+
+    /// Every name given a label of its own so far.
+    fn seen(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The node's metrics. Hand it to the pool as its observer and to the server.
@@ -96,6 +104,7 @@ pub struct Metrics {
     wait: HistFamily<QueueLabel>,
     workers: Family<StateLabel, Gauge>,
     depth: Family<QueueState, Gauge>,
+    lag: Family<QueueLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     panics: Counter,
     rescued: Counter,
     leader: Gauge,
@@ -123,6 +132,7 @@ impl Metrics {
             wait: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
             workers: Family::default(),
             depth: Family::default(),
+            lag: Family::default(),
             panics: Counter::default(),
             rescued: Counter::default(),
             leader: Gauge::default(),
@@ -160,6 +170,11 @@ impl Metrics {
             "proto_tasker_queue_depth",
             "Tasks in the store by queue and state",
             m.depth.clone(),
+        );
+        registry.register(
+            "proto_tasker_queue_lag_seconds",
+            "Age of the oldest due task waiting to start, by queue (0 when none waits): scale on this",
+            m.lag.clone(),
         );
         registry.register(
             "proto_tasker_worker_panics",
@@ -264,6 +279,27 @@ pub(crate) async fn handler(State(state): State<AppState>) -> Response {
             }
         }
         Err(e) => tracing::warn!(error = %e, "queue depth unavailable for /metrics"),
+    }
+    match state.client.queue_lag().await {
+        Ok(lags) => {
+            // Queues that had lag keep their series, at 0, once drained
+            // (an autoscaler then scales in rather than seeing no data).
+            let mut fresh: std::collections::HashMap<String, f64> = Default::default();
+            for (queue, secs) in lags {
+                let q = m.queues.value(&queue);
+                let e = fresh.entry(q).or_default();
+                *e = e.max(secs);
+            }
+            m.lag.clear();
+            for q in m.queues.seen() {
+                let secs = fresh.remove(&q).unwrap_or(0.0);
+                m.lag.get_or_create(&QueueLabel { queue: q }).set(secs);
+            }
+            for (queue, secs) in fresh {
+                m.lag.get_or_create(&QueueLabel { queue }).set(secs);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "queue lag unavailable for /metrics"),
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &m.registry) {

@@ -236,6 +236,15 @@ pub trait Store: Send + Sync + 'static {
     /// on `(queue, state)` so the cost does not grow with the table.
     async fn queue_counts(&self) -> Result<Vec<(String, TaskState, i64)>, StoreError>;
 
+    /// Per queue with a task due by `now` (claimable, `run_at <= now`): the
+    /// earliest such `run_at`. `now` minus it is the queue's lag, what an
+    /// autoscaler watches. Walks the claim index, one probe per (queue,
+    /// priority), so the cost does not grow with the table.
+    async fn queue_oldest_due(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError>;
+
     /// Pause (no task of `queue` is claimed by any node) or resume a queue.
     async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError>;
 

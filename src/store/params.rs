@@ -160,6 +160,8 @@ pub struct ListParams {
 pub enum DashboardRead {
     TaskList(ListParams),
     QueueCounts,
+    /// [`Store::queue_oldest_due`](super::Store::queue_oldest_due) at this instant.
+    QueueLag(DateTime<Utc>),
 }
 
 /// Delete finished tasks that finished before the given instants (`None` keeps them).

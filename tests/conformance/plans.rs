@@ -59,6 +59,11 @@ fn reads() -> Vec<(&'static str, DashboardRead, bool)> {
             false,
         ),
         ("queue counts", DashboardRead::QueueCounts, false),
+        (
+            "queue lag",
+            DashboardRead::QueueLag(chrono::Utc::now()),
+            false,
+        ),
     ]
 }
 
@@ -103,6 +108,7 @@ async fn run(store: &dyn Store, read: DashboardRead) -> usize {
     match read {
         DashboardRead::TaskList(p) => store.task_list(p).await.unwrap().len(),
         DashboardRead::QueueCounts => store.queue_counts().await.unwrap().len(),
+        DashboardRead::QueueLag(now) => store.queue_oldest_due(now).await.unwrap().len(),
     }
 }
 

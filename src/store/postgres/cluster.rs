@@ -59,6 +59,26 @@ impl PostgresStore {
             .collect()
     }
 
+    pub(super) async fn queue_oldest_due(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        let (_permit, c) = self.read_conn().await?;
+        let rows = self
+            .query(&c, &self.inner.sql.queue_oldest_due, &[&now])
+            .await?;
+        let mut out: Vec<(String, DateTime<Utc>)> = Vec::new();
+        for r in &rows {
+            let (q, at): (String, DateTime<Utc>) =
+                (r.try_get(0).map_err(db_err)?, r.try_get(1).map_err(db_err)?);
+            match out.last_mut() {
+                Some((lq, lat)) if *lq == q => *lat = (*lat).min(at),
+                _ => out.push((q, at)),
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn queue_set_paused(
         &self,
         queue: &str,

@@ -293,6 +293,9 @@ impl PostgresStore {
                     Box::new(super::FINISHED_COUNT_CAP),
                 ],
             ),
+            super::DashboardRead::QueueLag(now) => {
+                (self.inner.sql.queue_oldest_due.clone(), vec![Box::new(now)])
+            }
         };
         let (_permit, c) = self.read_conn().await?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
@@ -737,6 +740,13 @@ impl Store for PostgresStore {
 
     async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
         PostgresStore::queue_paused(self).await
+    }
+
+    async fn queue_oldest_due(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        PostgresStore::queue_oldest_due(self, now).await
     }
 
     async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {

@@ -29,6 +29,7 @@ pub(super) struct Sql {
     pub cancel_requested: String,
     pub prune: String,
     pub queue_counts: String,
+    pub queue_oldest_due: String,
     pub queue_set_paused: String,
     pub queue_paused: String,
     pub heartbeat: String,
@@ -247,6 +248,23 @@ impl Sql {
                    (SELECT 1 FROM {s}.tasks WHERE queue = qs.q AND state = st.s ORDER BY id \
                     LIMIT CASE WHEN st.s IN ({finished}) THEN $2::bigint ELSE $1::bigint END) x) c \
                  WHERE qs.q IS NOT NULL AND c.n > 0"
+            ),
+            // A skip scan of the claim index over (queue, priority), then
+            // the earliest run_at of each pair: one index probe per pair.
+            // Rows come in (queue, priority) order; the store folds them per
+            // queue (a GROUP BY here would sort).
+            queue_oldest_due: format!(
+                "WITH RECURSIVE qp(q, p) AS ( \
+                   (SELECT queue, priority FROM {s}.tasks WHERE state IN ({claimable}) \
+                    ORDER BY queue, priority LIMIT 1) \
+                   UNION ALL \
+                   SELECT n.queue, n.priority FROM qp CROSS JOIN LATERAL ( \
+                     SELECT queue, priority FROM {s}.tasks WHERE state IN ({claimable}) \
+                     AND (queue, priority) > (qp.q, qp.p) ORDER BY queue, priority LIMIT 1) n) \
+                 SELECT qp.q, o.run_at FROM qp CROSS JOIN LATERAL ( \
+                   SELECT run_at FROM {s}.tasks WHERE state IN ({claimable}) \
+                   AND queue = qp.q AND priority = qp.p ORDER BY run_at LIMIT 1) o \
+                 WHERE o.run_at <= $1"
             ),
             queue_set_paused: format!(
                 "INSERT INTO {s}.queues (name, paused) VALUES ($1, $2) \

@@ -29,6 +29,57 @@ pub(super) fn queue_counts(conn: &Connection) -> Result<Vec<(String, TaskState, 
         .collect()
 }
 
+/// The two statements of [`queue_oldest_due`]: the next (queue, priority)
+/// pair with claimable tasks after `(?1, ?2)`, and the earliest `run_at`
+/// of the pair `(?1, ?2)`.
+pub(super) fn oldest_due_sql() -> [String; 2] {
+    let claimable = crate::store::lifecycle::sql_states(&crate::store::lifecycle::CLAIMABLE);
+    [
+        format!(
+            "SELECT queue, priority FROM tasks WHERE state IN ({claimable}) \
+             AND (queue, priority) > (?1, ?2) ORDER BY queue, priority LIMIT 1"
+        ),
+        format!(
+            "SELECT run_at FROM tasks WHERE state IN ({claimable}) \
+             AND queue = ?1 AND priority = ?2 ORDER BY run_at LIMIT 1"
+        ),
+    ]
+}
+
+/// See [`Store::queue_oldest_due`](crate::store::Store::queue_oldest_due):
+/// a skip scan of the claim index over (queue, priority), then the earliest
+/// `run_at` of each pair, one index probe each.
+pub(super) fn queue_oldest_due(
+    conn: &Connection,
+    now: i64,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let [next, earliest] = oldest_due_sql();
+    let mut next = conn.prepare_cached(&next).map_err(sql_err)?;
+    let mut earliest = conn.prepare_cached(&earliest).map_err(sql_err)?;
+    let mut out: Vec<(String, i64)> = Vec::new();
+    // Below every real (queue, priority): the empty name sorts first and
+    // priorities are i16.
+    let (mut q, mut p) = (String::new(), i64::from(i16::MIN) - 1);
+    loop {
+        let pair: Option<(String, i64)> = next
+            .query_row(params![q, p], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(sql_err)?;
+        let Some((nq, np)) = pair else { break };
+        let at: i64 = earliest
+            .query_row(params![nq, np], |r| r.get(0))
+            .map_err(sql_err)?;
+        if at <= now {
+            match out.last_mut() {
+                Some((lq, lat)) if *lq == nq => *lat = (*lat).min(at),
+                _ => out.push((nq.clone(), at)),
+            }
+        }
+        (q, p) = (nq, np);
+    }
+    Ok(out)
+}
+
 pub(super) fn queue_set_paused(
     conn: &Connection,
     queue: &str,

@@ -149,20 +149,30 @@ impl SqliteStore {
     /// pages and counts walk indexes, whatever the table holds.
     pub async fn explain(&self, read: DashboardRead) -> Result<Vec<String>, StoreError> {
         self.read(move |conn| {
-            let (sql, args) = match read {
-                DashboardRead::TaskList(p) => rows::list_sql(&p),
-                DashboardRead::QueueCounts => (
+            let statements = match read {
+                DashboardRead::TaskList(p) => vec![rows::list_sql(&p)],
+                DashboardRead::QueueCounts => vec![(
                     rows::queue_counts_sql(),
                     vec![QUEUE_COUNT_CAP.into(), FINISHED_COUNT_CAP.into()],
-                ),
+                )],
+                DashboardRead::QueueLag(_) => cluster::oldest_due_sql()
+                    .into_iter()
+                    .map(|sql| (sql, vec![String::from("q").into(), 0.into()]))
+                    .collect(),
             };
-            let mut st = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .map_err(sql_err)?;
-            st.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
-                .map_err(sql_err)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(sql_err)
+            let mut lines = Vec::new();
+            for (sql, args) in statements {
+                let mut st = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .map_err(sql_err)?;
+                let plan = st
+                    .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                    .map_err(sql_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(sql_err)?;
+                lines.extend(plan);
+            }
+            Ok(lines)
         })
         .await
     }
@@ -521,6 +531,20 @@ impl Store for SqliteStore {
 
     async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
         self.read(cluster::queue_paused).await
+    }
+
+    async fn queue_oldest_due(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        let now = crate::store::to_micros(now);
+        let rows = self
+            .read(move |conn| cluster::queue_oldest_due(conn, now))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(q, at)| (q, crate::store::from_micros(at)))
+            .collect())
     }
 
     async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {
