@@ -96,3 +96,71 @@ async fn a_slow_dashboard_read_never_holds_every_connection() {
     }
     assert!(connections_of(&guard.url, &guard.schema).await <= 3);
 }
+
+/// Twenty stores on one schema, each registered as a node serving `q` with
+/// ten free workers and heartbeating: how many of them a NOTIFY of `tasks`
+/// new tasks in `q` (from a store that is no node) wakes.
+async fn woken_by(tasks: usize) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (producer, guard) = fixtures::pg_store().await;
+    let mut nodes = Vec::new();
+    for i in 0..20 {
+        let s = Arc::new(
+            PostgresStore::connect(
+                PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
+            )
+            .await
+            .unwrap(),
+        );
+        let mut n = node(&format!("n-{i:02}"));
+        n.workers = 10;
+        n.queues = vec!["q".into()];
+        assert!(
+            s.node_register(n.clone(), chrono::Utc::now(), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        nodes.push((s, n));
+    }
+    for (s, n) in &nodes {
+        assert!(s.node_heartbeat(n.clone()).await.unwrap());
+    }
+    // Every listener is connected (and has had its wake-up on connecting).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let woken = Arc::new(AtomicUsize::new(0));
+    let waiting: Vec<_> = nodes
+        .iter()
+        .map(|(s, _)| {
+            let notify = s.work_notifier();
+            let woken = woken.clone();
+            tokio::spawn(async move {
+                notify.notified().await;
+                woken.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rows = (0..tasks)
+        .map(|_| fixtures::insert("k", "q", 0, chrono::Utc::now()))
+        .collect();
+    producer
+        .task_insert_many(rows, chrono::Utc::now())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for w in waiting {
+        w.abort();
+    }
+    woken.load(Ordering::SeqCst)
+}
+
+/// One new task wakes one node and a spare, not all twenty listening; a
+/// batch that needs every node's free workers wakes every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_work_wakes_a_few_nodes_not_every_node() {
+    let one = woken_by(1).await;
+    assert!((1..=2).contains(&one), "one task woke {one} of 20 nodes");
+    let many = woken_by(500).await;
+    assert_eq!(many, 20, "500 tasks need every node's 10 free workers");
+}

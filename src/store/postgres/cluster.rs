@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::insert::insert_rows;
 use super::statements::On;
+use super::wake::Member;
 use super::{ADVISORY_XACT_LOCK, PostgresStore, db_err};
 use crate::store::lifecycle;
 use crate::store::{
@@ -172,9 +173,8 @@ impl PostgresStore {
         )
         .await?;
         tx.commit().await.map_err(db_err)?;
-        if out.iter().any(|i| !i.existing) {
-            self.announce_work();
-        }
+        self.announce_new(&out);
+        self.announce_due(crate::store::due_later(&out));
         Ok(Some(out))
     }
 
@@ -227,7 +227,30 @@ impl PostgresStore {
     pub(super) async fn node_heartbeat(&self, n: NodeInfo) -> Result<bool, StoreError> {
         let offset = self.clock_offset().await?;
         let c = self.conn().await?;
-        self.write_node((&c).into(), &n, offset, true).await
+        let own = self.write_node((&c).into(), &n, offset, true).await?;
+        self.inner.members.beat(&n.name);
+        if own && self.inner.members.stale() {
+            // Whom new work wakes (see wake.rs): the nodes whose heartbeat
+            // is recent, read at most every few seconds.
+            let since = n.heartbeat_at + offset
+                - chrono::Duration::from_std(self.inner.members.live_window()).unwrap_or_default();
+            let rows = self
+                .query(&c, &self.inner.sql.node_list, &[&(Utc::now() + offset)])
+                .await?;
+            let members = rows
+                .iter()
+                .map(node_row)
+                .filter_map(Result::ok)
+                .filter(|m| m.heartbeat_at >= since)
+                .map(|m| Member {
+                    free: i64::from(m.workers) - i64::from(m.workers_busy),
+                    name: m.name,
+                    queues: m.queues,
+                })
+                .collect();
+            self.inner.members.replace(members);
+        }
+        Ok(own)
     }
 
     pub(super) async fn node_register(

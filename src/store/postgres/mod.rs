@@ -38,6 +38,7 @@ mod outcome;
 mod rows;
 mod sql;
 mod statements;
+mod wake;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +57,10 @@ use super::{
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
-use notify::{channel_name, done_payloads, due_payload, listen_loop, notify_loop, work_payload};
+use notify::{
+    channel_name, counted_work_payloads, done_payloads, due_payload, listen_loop, notify_loop,
+    work_payload,
+};
 use rows::{Param, list_sql, row_to_task, rows_to_tasks};
 use sql::Sql;
 use statements::{On, Params, Statements};
@@ -182,6 +186,8 @@ struct Inner {
     origin: String,
     /// Wakes producers when delayed, retried or snoozed tasks fall due.
     due: DueTimer,
+    /// The live nodes, for choosing whom a NOTIFY of new work wakes.
+    members: Arc<wake::Membership>,
 }
 
 impl Drop for Inner {
@@ -348,6 +354,7 @@ impl PostgresStore {
         let channel = channel_name(&options.schema);
         let origin = format!("{:016x}", rand::random::<u64>());
         let due = DueTimer::new(notify.clone());
+        let members = Arc::new(wake::Membership::default());
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool: pool.clone(),
@@ -363,6 +370,7 @@ impl PostgresStore {
                 clock: std::sync::Mutex::new(None),
                 origin: origin.clone(),
                 due: due.clone(),
+                members: members.clone(),
             }),
         };
         if let Some(listen) = listen {
@@ -370,6 +378,7 @@ impl PostgresStore {
                 listen,
                 channel.clone(),
                 origin,
+                members,
                 due,
                 notify,
                 events,
@@ -543,6 +552,32 @@ impl PostgresStore {
         let _ = self.inner.outbox.send(work_payload(&self.inner.origin));
     }
 
+    /// New due tasks were inserted: wake producers here now, and after the
+    /// NOTIFY goes out the few nodes chosen to take them (see `wake.rs`).
+    fn announce_new(&self, inserted: &[Inserted]) {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for i in inserted
+            .iter()
+            .filter(|i| !i.existing && i.task.state == TaskState::Available)
+        {
+            *counts.entry(i.task.queue.clone()).or_default() += 1;
+        }
+        if counts.is_empty() {
+            return;
+        }
+        self.inner.notify.notify_waiters();
+        match counted_work_payloads(&self.inner.origin, &counts) {
+            Some(payloads) => {
+                for p in payloads {
+                    let _ = self.inner.outbox.send(p);
+                }
+            }
+            None => {
+                let _ = self.inner.outbox.send(work_payload(&self.inner.origin));
+            }
+        }
+    }
+
     /// Wake producers here, and on every node through the next NOTIFY, when
     /// tasks just inserted for later fall due (the earliest few instants).
     fn announce_due(&self, times: Vec<DateTime<Utc>>) {
@@ -606,12 +641,7 @@ impl Store for PostgresStore {
             tx.commit().await.map_err(db_err)?;
             out
         };
-        if out
-            .iter()
-            .any(|i| !i.existing && i.task.state == TaskState::Available)
-        {
-            self.announce_work();
-        }
+        self.announce_new(&out);
         self.announce_due(due_later(&out));
         Ok(out)
     }

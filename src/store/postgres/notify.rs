@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{db_err, pool_err};
 use chrono::{DateTime, Utc};
 
+use super::wake::Membership;
 use crate::store::due::DueTimer;
 use crate::store::{StoreError, StoreEvent};
 use crate::task::TaskId;
@@ -32,6 +33,31 @@ pub(super) const WORK: &str = "work";
 /// own listener skips it (`work:<origin>`), every other wakes.
 pub(super) fn work_payload(origin: &str) -> String {
     format!("{WORK}:{origin}")
+}
+
+/// Most queues one insert announces with counts; past it the insert wakes
+/// every node instead.
+const MAX_COUNTED_QUEUES: usize = 16;
+
+/// "`n` new due tasks of `queue`" from a store: `work:<origin>:<nonce>:<n>:<queue>`
+/// (the queue last, so any name fits). Each listener wakes only if chosen
+/// (see `wake.rs`); `nonce` spreads the choice. `None`: too many queues, or a
+/// name too long for a payload; then [`work_payload`] wakes every node.
+pub(super) fn counted_work_payloads(
+    origin: &str,
+    counts: &std::collections::BTreeMap<String, usize>,
+) -> Option<Vec<String>> {
+    if counts.len() > MAX_COUNTED_QUEUES {
+        return None;
+    }
+    let nonce = rand::random::<u32>();
+    counts
+        .iter()
+        .map(|(q, n)| {
+            let p = format!("{WORK}:{origin}:{nonce}:{n}:{q}");
+            (p.len() <= MAX_PAYLOAD).then_some(p)
+        })
+        .collect()
 }
 
 /// The payload that asks the node running `id` to stop it.
@@ -136,6 +162,7 @@ pub(super) async fn listen_loop(
     cfg: tokio_postgres::Config,
     channel: String,
     origin: String,
+    members: Arc<Membership>,
     due: DueTimer,
     notify: Arc<Notify>,
     events: broadcast::Sender<StoreEvent>,
@@ -173,7 +200,7 @@ pub(super) async fn listen_loop(
                         tokio::select! {
                             _ = stop.cancelled() => { driver.abort(); return; }
                             p = rx.recv() => match p {
-                                Some(p) => handle_payload(&p, &origin, &due, &notify, &events),
+                                Some(p) => handle_payload(&p, &origin, &members, &due, &notify, &events),
                                 None => break,
                             },
                         }
@@ -197,14 +224,32 @@ pub(super) async fn listen_loop(
 fn handle_payload(
     p: &str,
     origin: &str,
+    members: &Membership,
     due: &DueTimer,
     notify: &Notify,
     events: &broadcast::Sender<StoreEvent>,
 ) {
     if p == WORK {
         notify.notify_waiters();
-    } else if let Some(from) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
-        if from != origin {
+    } else if let Some(rest) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
+        let mut parts = rest.splitn(4, ':');
+        let from = parts.next().unwrap_or_default();
+        if from == origin {
+            return;
+        }
+        let counted = match (parts.next(), parts.next(), parts.next()) {
+            (Some(nonce), Some(n), Some(queue)) => nonce
+                .parse::<u64>()
+                .ok()
+                .zip(n.parse::<usize>().ok())
+                .map(|(nonce, n)| (queue, n, nonce)),
+            _ => None,
+        };
+        let wake = match counted {
+            Some((queue, n, nonce)) => members.should_wake(queue, n, nonce),
+            None => true,
+        };
+        if wake {
             notify.notify_waiters();
         }
     } else if let Some(rest) = p.strip_prefix(DUE) {
