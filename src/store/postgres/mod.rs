@@ -374,16 +374,14 @@ impl PostgresStore {
             }),
         };
         if let Some(listen) = listen {
-            tokio::spawn(listen_loop(
-                listen,
-                channel.clone(),
+            let hearer = notify::Hearer {
                 origin,
                 members,
                 due,
                 notify,
                 events,
-                stop.clone(),
-            ));
+            };
+            tokio::spawn(listen_loop(listen, channel.clone(), hearer, stop.clone()));
         }
         tokio::spawn(notify_loop(pool, channel, outbox_rx, stop));
         Ok(store)

@@ -156,16 +156,22 @@ pub(super) async fn notify_loop(
     }
 }
 
+/// What a store does with what its listener hears.
+pub(super) struct Hearer {
+    /// This store's mark: its own payloads are skipped.
+    pub origin: String,
+    pub members: Arc<Membership>,
+    pub due: DueTimer,
+    pub notify: Arc<Notify>,
+    pub events: broadcast::Sender<StoreEvent>,
+}
+
 /// Keeps one LISTEN connection open, reconnecting with backoff; turns
 /// notifications into local wake-ups and events.
 pub(super) async fn listen_loop(
     cfg: tokio_postgres::Config,
     channel: String,
-    origin: String,
-    members: Arc<Membership>,
-    due: DueTimer,
-    notify: Arc<Notify>,
-    events: broadcast::Sender<StoreEvent>,
+    hearer: Hearer,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -194,13 +200,13 @@ pub(super) async fn listen_loop(
                 } else {
                     backoff = Duration::from_millis(100);
                     // Anything sent while we were not listening is lost: look now.
-                    notify.notify_waiters();
-                    let _ = events.send(StoreEvent::Missed);
+                    hearer.notify.notify_waiters();
+                    let _ = hearer.events.send(StoreEvent::Missed);
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => { driver.abort(); return; }
                             p = rx.recv() => match p {
-                                Some(p) => handle_payload(&p, &origin, &members, &due, &notify, &events),
+                                Some(p) => handle_payload(&p, &hearer),
                                 None => break,
                             },
                         }
@@ -221,14 +227,14 @@ pub(super) async fn listen_loop(
     }
 }
 
-fn handle_payload(
-    p: &str,
-    origin: &str,
-    members: &Membership,
-    due: &DueTimer,
-    notify: &Notify,
-    events: &broadcast::Sender<StoreEvent>,
-) {
+fn handle_payload(p: &str, h: &Hearer) {
+    let Hearer {
+        origin,
+        members,
+        due,
+        notify,
+        events,
+    } = h;
     if p == WORK {
         notify.notify_waiters();
     } else if let Some(rest) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
