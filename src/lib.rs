@@ -103,7 +103,11 @@ pub mod sentinel;
 pub mod server;
 pub mod store;
 pub mod task;
+pub mod typed;
 
+/// Implement [`TaskExecutor`] on your own type with it: `#[proto_tasker::async_trait]`
+/// on the `impl` block (no need to depend on the `async-trait` crate).
+pub use async_trait::async_trait;
 pub use client::{Client, ClientError};
 pub use config::{Config, ConfigError, config_load};
 pub use cron::ScheduleSpec;
@@ -119,3 +123,4 @@ pub use store::{
     Store, StoreError,
 };
 pub use task::{Dependency, NewTask, OnDependencyFailure, Task, TaskId, TaskOptions, TaskState};
+pub use typed::TaskArgs;

@@ -55,6 +55,33 @@ pub struct KindDefaults {
     pub retry: Option<RetryPolicy>,
 }
 
+impl KindDefaults {
+    /// The part of these defaults an enqueuing client applies.
+    pub fn declared(&self) -> crate::store::DeclaredKind {
+        crate::store::DeclaredKind {
+            queue: self.queue.clone(),
+            max_attempts: self.max_attempts,
+            timeout_ms: self
+                .timeout
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        }
+    }
+
+    /// Defaults a node declared in the store (no retry policy: that is
+    /// the running node's business).
+    pub fn from_declared(d: &crate::store::DeclaredKind) -> Self {
+        KindDefaults {
+            queue: d.queue.clone(),
+            max_attempts: d.max_attempts,
+            timeout: d
+                .timeout_ms
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(Duration::from_millis),
+            retry: None,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Entry {
     executor: Arc<dyn TaskExecutor>,
@@ -124,6 +151,15 @@ impl TaskRegistry {
 
     pub fn contains(&self, kind: &str) -> bool {
         self.kinds.contains_key(kind)
+    }
+
+    /// What a node running this registry declares in the store about its
+    /// kinds (see [`NodeInfo::kinds`](crate::store::NodeInfo::kinds)).
+    pub fn declared(&self) -> std::collections::BTreeMap<String, crate::store::DeclaredKind> {
+        self.kinds
+            .iter()
+            .map(|(k, e)| (k.clone(), e.defaults.declared()))
+            .collect()
     }
 }
 

@@ -267,6 +267,9 @@ pub struct NewTask {
     pub kind: String,
     pub args: serde_json::Value,
     pub options: TaskOptions,
+    /// The kind's defaults, used when the enqueuing client's registry does
+    /// not register the kind (set by [`NewTask::typed`]).
+    pub defaults: Option<crate::registry::KindDefaults>,
 }
 
 impl NewTask {
@@ -275,6 +278,7 @@ impl NewTask {
             kind: kind.into(),
             args,
             options: TaskOptions::default(),
+            defaults: None,
         }
     }
     pub fn with(mut self, options: TaskOptions) -> Self {

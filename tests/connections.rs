@@ -23,6 +23,7 @@ fn node(name: &str) -> NodeInfo {
         stats: Default::default(),
         instance: format!("test/{name}"),
         schedules: None,
+        kinds: None,
     }
 }
 

@@ -570,9 +570,19 @@ async fn bad_args_unknown_kinds_and_snoozes() {
         "{:?}",
         t.errors
     );
-    // A kind nobody registered: the attempt fails with a message saying so.
+    // A kind nobody registered is refused at enqueue...
+    let refused = client.enqueue("nobody", json!(null)).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("kind: no executor runs kind \"nobody\""),
+        "{refused}"
+    );
+    // ...and when let in anyway, the attempt fails with a message saying so.
     let opts = TaskOptions::default().max_attempts(1);
     let unknown = client
+        .clone()
+        .accept_unknown_kinds()
         .insert(NewTask::new("nobody", json!(null)).with(opts))
         .await
         .unwrap()

@@ -1102,6 +1102,7 @@ async fn history_follows_nodes(store: Arc<dyn Store>) {
             leader: false,
             instance: String::new(),
             schedules: None,
+            kinds: None,
             stats: NodeStats {
                 completed,
                 failed,

@@ -54,6 +54,7 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
         stats: Default::default(),
         instance: format!("test/{name}"),
         schedules: None,
+        kinds: None,
     }
 }
 

@@ -7,13 +7,14 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::Serialize;
 
+mod kinds;
 mod operator;
 mod waiters;
 
 pub use operator::QueueInfo;
 pub use waiters::FALLBACK_POLL;
 
-use crate::registry::TaskRegistry;
+use crate::registry::{KindDefaults, TaskRegistry};
 use crate::store::{Inserted, ListParams, PostgresStore, Store, StoreError, TaskInsert};
 use crate::task::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task,
@@ -160,6 +161,10 @@ pub struct Client {
     registry: Arc<TaskRegistry>,
     /// Shared by clones: one dispatcher and one fallback poll for all.
     waiters: Arc<waiters::Waiters>,
+    /// The kinds live nodes run (see `kinds.rs`), shared by clones.
+    known: Arc<kinds::KnownKinds>,
+    /// Refuse kinds nobody runs (see [`Client::accept_unknown_kinds`]).
+    check_kinds: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -178,6 +183,53 @@ impl Client {
             waiters: waiters::Waiters::new(store.clone()),
             store,
             registry,
+            known: Arc::default(),
+            check_kinds: true,
+        }
+    }
+
+    /// Accept tasks of kinds that neither this client's registry nor any
+    /// live node runs (for workers deployed later). By default such a kind
+    /// is refused at enqueue, naming the kinds that are known, when this
+    /// client has a registry of its own or when live nodes declare theirs.
+    pub fn accept_unknown_kinds(mut self) -> Self {
+        self.check_kinds = false;
+        self
+    }
+
+    /// Defaults of the kinds of `tasks` this client's registry lacks, as
+    /// the live nodes declare them; or the error for a kind nobody runs.
+    async fn kind_defaults<'a>(
+        &self,
+        tasks: impl Iterator<Item = &'a NewTask>,
+    ) -> Result<std::collections::BTreeMap<String, KindDefaults>, ClientError> {
+        let kinds: std::collections::BTreeSet<&str> = tasks
+            .map(|t| t.kind.as_str())
+            .filter(|k| !self.registry.contains(k))
+            .collect();
+        if kinds.is_empty() {
+            return Ok(Default::default());
+        }
+        match self
+            .known
+            .resolve(&self.store, &self.registry, kinds)
+            .await?
+        {
+            Ok(d) => Ok(d),
+            Err(_) if !self.check_kinds => Ok(Default::default()),
+            Err(u) => Err(invalid(
+                "kind",
+                format!(
+                    "no executor runs kind {:?} here or on any live node (known kinds: {}); \
+                     check the spelling, or start the workers first",
+                    u.kind,
+                    if u.known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        u.known.join(", ")
+                    }
+                ),
+            )),
         }
     }
 
@@ -191,11 +243,20 @@ impl Client {
         Ok(self.insert(NewTask::new(kind, args)).await?.task)
     }
 
+    /// Enqueue one typed task (see [`TaskArgs`](crate::TaskArgs)): its
+    /// kind and defaults come from the type. For options, insert
+    /// `NewTask::typed(&args)?.with(options)`.
+    pub async fn enqueue_typed<A: crate::TaskArgs>(&self, args: A) -> Result<Task, ClientError> {
+        let task = NewTask::typed(&args).map_err(|e| invalid("args", e.to_string()))?;
+        Ok(self.insert(task).await?.task)
+    }
+
     /// Enqueue one task. When its `unique_key` matches an unfinished task,
     /// that task is returned with `existing = true` and nothing is inserted.
     pub async fn insert(&self, task: NewTask) -> Result<Inserted, ClientError> {
         let now = Utc::now();
-        let row = self.resolve(task, now, None)?;
+        let declared = self.kind_defaults(std::iter::once(&task)).await?;
+        let row = self.resolve(task, now, None, &declared)?;
         if row
             .depends_on
             .iter()
@@ -211,14 +272,16 @@ impl Client {
     /// Enqueue many tasks in one transaction: all are inserted or none.
     pub async fn insert_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>, ClientError> {
         let now = Utc::now();
-        let (rows, order) = self.resolve_all(tasks, now)?;
+        let declared = self.kind_defaults(tasks.iter()).await?;
+        let (rows, order) = self.resolve_all(tasks, now, &declared)?;
         let out = self.store.task_insert_many(rows, now).await?;
         Ok(unpermute(out, &order))
     }
 
     /// Check a task as `insert` would, without inserting it.
     pub fn check(&self, task: NewTask) -> Result<(), ClientError> {
-        self.resolve(task, Utc::now(), None).map(|_| ())
+        self.resolve(task, Utc::now(), None, &Default::default())
+            .map(|_| ())
     }
 
     /// Apply defaults and check tasks without inserting them (no batch
@@ -228,7 +291,7 @@ impl Client {
         tasks
             .into_iter()
             .enumerate()
-            .map(|(i, t)| self.resolve(t, now, Some(i)))
+            .map(|(i, t)| self.resolve(t, now, Some(i), &Default::default()))
             .collect()
     }
 
@@ -239,11 +302,12 @@ impl Client {
         &self,
         tasks: Vec<NewTask>,
         now: chrono::DateTime<Utc>,
+        declared: &std::collections::BTreeMap<String, KindDefaults>,
     ) -> Result<(Vec<TaskInsert>, Vec<usize>), ClientError> {
         let rows = tasks
             .into_iter()
             .enumerate()
-            .map(|(i, t)| self.resolve(t, now, Some(i)))
+            .map(|(i, t)| self.resolve(t, now, Some(i), declared))
             .collect::<Result<Vec<_>, _>>()?;
         let order = dependency_order(&rows)?;
         let mut position = vec![0; rows.len()];
@@ -266,12 +330,16 @@ impl Client {
         Ok((sorted, order))
     }
 
-    /// Apply defaults and check one task. `index` names it in errors of a batch.
+    /// Apply defaults and check one task. `index` names it in errors of a
+    /// batch. A kind's defaults come from this client's registry, else the
+    /// task's own (typed tasks carry theirs), else what live nodes declare
+    /// (`declared`), else the built-in ones.
     fn resolve(
         &self,
         t: NewTask,
         now: chrono::DateTime<Utc>,
         index: Option<usize>,
+        declared: &std::collections::BTreeMap<String, KindDefaults>,
     ) -> Result<TaskInsert, ClientError> {
         let at = |f: &str| match index {
             None => f.to_string(),
@@ -316,7 +384,13 @@ impl Client {
                 .check_args(&t.args)
                 .map_err(|e| invalid(at(&e.field), e.message))?;
         }
-        let defaults = self.registry.defaults(&t.kind).cloned().unwrap_or_default();
+        let defaults = self
+            .registry
+            .defaults(&t.kind)
+            .or(t.defaults.as_ref())
+            .or_else(|| declared.get(&t.kind))
+            .cloned()
+            .unwrap_or_default();
         let o = t.options;
         let queue = o
             .queue
@@ -420,7 +494,8 @@ impl Client {
                 )
             })?;
         let now = Utc::now();
-        let (rows, order) = self.resolve_all(tasks, now)?;
+        let declared = self.kind_defaults(tasks.iter()).await?;
+        let (rows, order) = self.resolve_all(tasks, now, &declared)?;
         let out = pg.insert_in(tx, rows, now).await?;
         Ok(unpermute(out, &order))
     }

@@ -157,6 +157,7 @@ impl WorkerPool {
                 .iter()
                 .map(|s| s.name.clone())
                 .collect(),
+            kinds: self.registry.declared(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         sentinel.start().await?;

@@ -168,6 +168,8 @@ pub(crate) struct Heartbeat {
     pub queues: Vec<String>,
     /// The config (or code) schedules this node declares.
     pub schedules: Vec<String>,
+    /// The kinds this node runs, with their defaults.
+    pub kinds: std::collections::BTreeMap<String, crate::store::DeclaredKind>,
 }
 
 impl Heartbeat {
@@ -184,6 +186,7 @@ impl Heartbeat {
             stats: self.shared.stats(),
             instance: self.shared.instance.clone(),
             schedules: Some(self.schedules.clone()),
+            kinds: Some(self.kinds.clone()),
         }
     }
 

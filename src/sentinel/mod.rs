@@ -115,6 +115,8 @@ pub struct Sentinel {
     pub(crate) queues: Vec<String>,
     /// The config (or code) schedules this node declares (see `NodeInfo::schedules`).
     pub(crate) schedules: Vec<String>,
+    /// The kinds this node runs, with their defaults (see `NodeInfo::kinds`).
+    pub(crate) kinds: std::collections::BTreeMap<String, crate::store::DeclaredKind>,
     pub(crate) version: String,
 }
 
@@ -137,6 +139,7 @@ impl Sentinel {
             version: self.version.clone(),
             queues: self.queues.clone(),
             schedules: self.schedules.clone(),
+            kinds: self.kinds.clone(),
         }
     }
 

@@ -211,6 +211,24 @@ pub struct NodeInfo {
     /// removed by the leader (see `maintenance::cron_firer`).
     #[serde(default)]
     pub schedules: Option<Vec<String>>,
+    /// The kinds this node runs, with the defaults each declares; `None`
+    /// from a node too old to say. Clients that do not register a kind
+    /// themselves take its defaults from here, and refuse a kind that no
+    /// live node runs.
+    #[serde(default)]
+    pub kinds: Option<std::collections::BTreeMap<String, DeclaredKind>>,
+}
+
+/// What a node declares about a kind it runs: the defaults an enqueuing
+/// client applies when the caller leaves them unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredKind {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<i64>,
 }
 
 /// Attempt outcomes a node's pool counted since it started. The dashboard

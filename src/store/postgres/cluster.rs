@@ -35,6 +35,10 @@ fn node_row(r: &tokio_postgres::Row) -> Result<NodeInfo, StoreError> {
             .try_get::<_, Option<serde_json::Value>>(10)
             .map_err(db_err)?
             .and_then(|v| serde_json::from_value(v).ok()),
+        kinds: r
+            .try_get::<_, Option<serde_json::Value>>(11)
+            .map_err(db_err)?
+            .and_then(|v| serde_json::from_value(v).ok()),
     })
 }
 
@@ -197,6 +201,8 @@ impl PostgresStore {
             .schedules
             .as_ref()
             .and_then(|v| serde_json::to_value(v).ok());
+        let kinds: Option<serde_json::Value> =
+            n.kinds.as_ref().and_then(|v| serde_json::to_value(v).ok());
         let sql = if only_own {
             &self.inner.sql.heartbeat
         } else {
@@ -218,6 +224,7 @@ impl PostgresStore {
                     &stats,
                     &n.instance,
                     &schedules,
+                    &kinds,
                 ],
             )
             .await?;

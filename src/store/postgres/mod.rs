@@ -81,6 +81,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0011_audit.sql"),
     include_str!("migrations/0012_unique_by_kind.sql"),
     include_str!("migrations/0013_node_schedules.sql"),
+    include_str!("migrations/0014_node_kinds.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {

@@ -58,11 +58,12 @@ impl Sql {
         let all_states = lifecycle::sql_states(&TaskState::ALL);
         let node_upsert = format!(
             "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, \
-               stats, instance, schedules) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO UPDATE SET \
+               stats, instance, schedules, kinds) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO UPDATE SET \
              version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
              workers = excluded.workers, workers_busy = excluded.workers_busy, queues = excluded.queues, \
-             stats = excluded.stats, instance = excluded.instance, schedules = excluded.schedules"
+             stats = excluded.stats, instance = excluded.instance, schedules = excluded.schedules, \
+             kinds = excluded.kinds"
         );
         // Keeps `running_keys` in step with claims of tasks that have a key
         // (read by per-key limits instead of counting running rows, whose
@@ -281,7 +282,7 @@ impl Sql {
             leader_remove: format!("DELETE FROM {s}.leader WHERE node = $1"),
             node_list: format!(
                 "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, n.queues, \
-                   (l.node IS NOT NULL), n.stats, n.instance, n.schedules FROM {s}.nodes n \
+                   (l.node IS NOT NULL), n.stats, n.instance, n.schedules, n.kinds FROM {s}.nodes n \
                  LEFT JOIN {s}.leader l ON l.node = n.name AND l.expires_at > $1 ORDER BY n.name"
             ),
             rescue_dead: format!(

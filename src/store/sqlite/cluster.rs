@@ -189,12 +189,13 @@ pub(super) fn node_heartbeat(
 ) -> Result<bool, StoreError> {
     let sql = format!(
         "INSERT INTO nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, stats, instance, \
-           schedules) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (name) DO UPDATE SET \
+           schedules, kinds) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (name) DO UPDATE SET \
          version = excluded.version, started_at = excluded.started_at, \
          heartbeat_at = excluded.heartbeat_at, workers = excluded.workers, \
          workers_busy = excluded.workers_busy, queues = excluded.queues, stats = excluded.stats, \
-         instance = excluded.instance, schedules = excluded.schedules {} RETURNING name",
+         instance = excluded.instance, schedules = excluded.schedules, kinds = excluded.kinds \
+         {} RETURNING name",
         if only_own {
             "WHERE nodes.instance = excluded.instance OR nodes.instance = ''"
         } else {
@@ -216,7 +217,8 @@ pub(super) fn node_heartbeat(
                     n.instance,
                     n.schedules
                         .as_ref()
-                        .and_then(|v| serde_json::to_string(v).ok())
+                        .and_then(|v| serde_json::to_string(v).ok()),
+                    n.kinds.as_ref().and_then(|v| serde_json::to_string(v).ok())
                 ],
                 |_| Ok(()),
             )
@@ -262,7 +264,7 @@ pub(super) fn node_list(
     let mut st = conn
         .prepare_cached(
             "SELECT n.name, n.version, n.started_at, n.heartbeat_at, n.workers, n.workers_busy, \
-             n.queues, (l.node IS NOT NULL), n.stats, n.instance, n.schedules FROM nodes n \
+             n.queues, (l.node IS NOT NULL), n.stats, n.instance, n.schedules, n.kinds FROM nodes n \
              LEFT JOIN leader l ON l.node = n.name AND l.expires_at > ?1 ORDER BY n.name",
         )
         .map_err(sql_err)?;
@@ -282,6 +284,9 @@ pub(super) fn node_list(
             instance: r.get(9)?,
             schedules: r
                 .get::<_, Option<String>>(10)?
+                .and_then(|s| serde_json::from_str(&s).ok()),
+            kinds: r
+                .get::<_, Option<String>>(11)?
                 .and_then(|s| serde_json::from_str(&s).ok()),
         })
     })

@@ -1,0 +1,205 @@
+//! The Rust library as its users meet it: typed tasks, kinds checked at
+//! enqueue, kind defaults known to insert-only clients, executors written
+//! without depending on `async-trait`.
+
+mod fixtures;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto_tasker::{
+    Builder, Client, ClientError, KindDefaults, NewTask, TaskArgs, TaskContext, TaskError,
+    TaskExecutor, TaskOutput, TaskRegistry, TaskState,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SendEmail {
+    to: String,
+}
+
+impl TaskArgs for SendEmail {
+    const KIND: &'static str = "send_email";
+    fn defaults() -> KindDefaults {
+        KindDefaults {
+            queue: Some("emails".into()),
+            max_attempts: Some(5),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Sent {
+    to: String,
+    attempt: i32,
+}
+
+/// An executor struct, written with the crate's re-export of `async_trait`.
+struct Resize;
+
+#[proto_tasker::async_trait]
+impl TaskExecutor for Resize {
+    async fn execute(&self, ctx: TaskContext) -> Result<TaskOutput, TaskError> {
+        let width: u32 = ctx.args()?;
+        Ok(json!({ "width": width / 2 }))
+    }
+}
+
+fn registry() -> TaskRegistry {
+    let mut r = TaskRegistry::new();
+    r.register_typed(|email: SendEmail, ctx: TaskContext| async move {
+        Ok::<_, TaskError>(Sent {
+            to: email.to,
+            attempt: ctx.attempt,
+        })
+    });
+    r.register_with(
+        "resize",
+        Arc::new(Resize),
+        KindDefaults {
+            queue: Some("images".into()),
+            max_attempts: Some(3),
+            timeout: Some(Duration::from_secs(7)),
+            ..Default::default()
+        },
+    );
+    r
+}
+
+fn invalid_field(e: ClientError) -> (String, String) {
+    match e {
+        ClientError::Invalid { field, message } => (field, message),
+        other => panic!("expected an invalid request, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn typed_tasks_run_with_their_kind_and_defaults() {
+    let (store, _dir) = fixtures::sqlite_store().await;
+    let pool = Builder::new(store.clone(), registry())
+        .queue("emails", 2)
+        .queue("images", 2)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    pool.start().await.unwrap();
+    let client = pool.client();
+    let task = client
+        .enqueue_typed(SendEmail {
+            to: "a@example.com".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(task.kind, "send_email");
+    assert_eq!(task.queue, "emails");
+    assert_eq!(task.max_attempts, 5);
+    let done = client.wait(task.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(done.state, TaskState::Completed, "{done:?}");
+    let sent: Sent = serde_json::from_value(done.result.unwrap()).unwrap();
+    assert_eq!(
+        sent,
+        Sent {
+            to: "a@example.com".into(),
+            attempt: 1
+        }
+    );
+    // Args that do not decode are refused at the door, not discarded later.
+    let (field, message) = invalid_field(
+        client
+            .insert(NewTask::new("send_email", json!({"too": "b@example.com"})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(field, "args");
+    assert!(message.contains("missing field `to`"), "{message}");
+    // An executor struct without the async-trait crate in user code.
+    let t = client.enqueue("resize", 640).await.unwrap();
+    assert_eq!(t.queue, "images");
+    let done = client.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(done.result, Some(json!({"width": 320})));
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_kind_nobody_runs_is_refused_at_enqueue() {
+    let (store, _dir) = fixtures::sqlite_store().await;
+    // A client with a registry of its own, and no node running.
+    let client = Client::new(store.clone(), Arc::new(registry()));
+    let (field, message) = invalid_field(
+        client
+            .enqueue("send_emial", json!({"to": "x"}))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(field, "kind");
+    assert!(
+        message.contains("\"send_emial\"") && message.contains("send_email"),
+        "names the kind and the known ones: {message}"
+    );
+    // In a batch too; nothing is inserted.
+    let err = client
+        .insert_many(vec![
+            NewTask::new("resize", json!(10)),
+            NewTask::new("resise", json!(10)),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(err).0, "kind");
+    assert!(fixtures::all_tasks(&store).await.is_empty());
+    // An insert-only client with no node live cannot know: it accepts.
+    let insert_only = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    insert_only.enqueue("anything", json!(1)).await.unwrap();
+    // Once a node runs and declares its kinds, the insert-only client checks too.
+    let pool = Builder::new(store.clone(), registry())
+        .queue("emails", 1)
+        .build()
+        .unwrap();
+    pool.start().await.unwrap();
+    let insert_only = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    let (field, _) = invalid_field(insert_only.enqueue("anything", json!(1)).await.unwrap_err());
+    assert_eq!(field, "kind");
+    // For workers deployed later, the check can be turned off.
+    let later = Client::new(store.clone(), Arc::new(registry())).accept_unknown_kinds();
+    let t = later.enqueue("deployed_later", json!(1)).await.unwrap();
+    assert_eq!(t.state, TaskState::Available);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_insert_only_client_applies_the_defaults_the_nodes_declare() {
+    let (store, _dir) = fixtures::sqlite_store().await;
+    let pool = Builder::new(store.clone(), registry())
+        .queue("images", 1)
+        .build()
+        .unwrap();
+    pool.start().await.unwrap();
+    // A web process that only enqueues: its registry is empty.
+    let web = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    let t = web.enqueue("resize", 100).await.unwrap();
+    assert_eq!(t.queue, "images", "the kind's queue, not `default`");
+    assert_eq!(t.max_attempts, 3);
+    assert_eq!(t.timeout_ms, Some(7000));
+    // A typed task carries its defaults even to a client that knows nothing.
+    let t = web
+        .insert(NewTask::typed(&SendEmail { to: "c".into() }).unwrap())
+        .await
+        .unwrap()
+        .task;
+    assert_eq!((t.queue.as_str(), t.max_attempts), ("emails", 5));
+    // What the caller sets wins over every default.
+    let t = web
+        .insert(
+            NewTask::new("resize", json!(1)).with(
+                proto_tasker::TaskOptions::default()
+                    .queue("urgent")
+                    .max_attempts(9),
+            ),
+        )
+        .await
+        .unwrap()
+        .task;
+    assert_eq!((t.queue.as_str(), t.max_attempts), ("urgent", 9));
+    pool.shutdown().await;
+}
