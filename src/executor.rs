@@ -33,6 +33,37 @@ pub struct TaskContext {
     pub deadline: Option<Instant>,
     /// The results of the tasks this one depends on (all completed), by id.
     pub parent_results: std::collections::BTreeMap<TaskId, serde_json::Value>,
+    /// State shared by every executor of the pool (given to
+    /// [`Builder::data`](crate::Builder::data)); read it with [`TaskContext::data`].
+    pub shared: SharedData,
+}
+
+/// Values shared by every executor of a pool, one per type: a database
+/// pool, an HTTP client, settings. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct SharedData(
+    Arc<std::collections::HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>,
+);
+
+impl std::fmt::Debug for SharedData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedData({} values)", self.0.len())
+    }
+}
+
+impl SharedData {
+    /// Add `value`, replacing an earlier value of the same type.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
+        Arc::make_mut(&mut self.0).insert(std::any::TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// The value of type `T`, if one was given.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.0
+            .get(&std::any::TypeId::of::<T>())
+            .cloned()
+            .and_then(|v| v.downcast::<T>().ok())
+    }
 }
 
 impl TaskContext {
@@ -43,6 +74,29 @@ impl TaskContext {
             TaskError::Discard(format!(
                 "task {} ({}): args do not decode: {e}",
                 self.id, self.kind
+            ))
+        })
+    }
+
+    /// The shared value of type `T` given to [`Builder::data`](crate::Builder::data).
+    /// Missing, it fails the attempt with a message naming the type (a
+    /// wiring mistake, so it shows on the first task).
+    ///
+    /// ```
+    /// use proto_tasker::{executor_fn, TaskError};
+    /// struct Mailer { from: String }
+    /// let send = executor_fn(|ctx| async move {
+    ///     let mailer = ctx.data::<Mailer>()?;
+    ///     Ok::<_, TaskError>(serde_json::json!(mailer.from.clone()))
+    /// });
+    /// // Builder::new(store, registry).data(Mailer { from: "noreply@example.com".into() })
+    /// # let _ = send;
+    /// ```
+    pub fn data<T: Send + Sync + 'static>(&self) -> Result<Arc<T>, TaskError> {
+        self.shared.get::<T>().ok_or_else(|| {
+            TaskError::Failed(format!(
+                "no shared value of type {} was given to the pool (Builder::data)",
+                std::any::type_name::<T>()
             ))
         })
     }

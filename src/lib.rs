@@ -111,7 +111,9 @@ pub use async_trait::async_trait;
 pub use client::{Client, ClientError};
 pub use config::{Config, ConfigError, config_load};
 pub use cron::ScheduleSpec;
-pub use executor::{ArgsError, TaskContext, TaskError, TaskExecutor, TaskOutput, executor_fn};
+pub use executor::{
+    ArgsError, SharedData, TaskContext, TaskError, TaskExecutor, TaskOutput, executor_fn,
+};
 pub use maintenance::Retention;
 pub use node::{Node, NodeError};
 pub use pool::PoolSettings;

@@ -92,6 +92,8 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct TaskRegistry {
     kinds: HashMap<String, Entry>,
+    /// What every executor can read with `ctx.data::<T>()`.
+    shared: crate::executor::SharedData,
 }
 
 impl std::fmt::Debug for TaskRegistry {
@@ -151,6 +153,18 @@ impl TaskRegistry {
 
     pub fn contains(&self, kind: &str) -> bool {
         self.kinds.contains_key(kind)
+    }
+
+    /// Share `value` with every executor (read with
+    /// [`TaskContext::data`](crate::TaskContext::data)); one value per type.
+    pub fn data<T: Send + Sync + 'static>(&mut self, value: T) -> &mut Self {
+        self.shared.insert(value);
+        self
+    }
+
+    /// The values shared with every executor.
+    pub fn shared(&self) -> &crate::executor::SharedData {
+        &self.shared
     }
 
     /// What a node running this registry declares in the store about its

@@ -203,3 +203,72 @@ async fn an_insert_only_client_applies_the_defaults_the_nodes_declare() {
     assert_eq!((t.queue.as_str(), t.max_attempts), ("urgent", 9));
     pool.shutdown().await;
 }
+
+/// What a handler needs from outside (a connection pool, a client).
+struct Mailer {
+    sent: std::sync::atomic::AtomicUsize,
+    from: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Notify {
+    who: String,
+}
+
+impl TaskArgs for Notify {
+    const KIND: &'static str = "notify";
+}
+
+#[tokio::test]
+async fn executors_read_the_data_given_to_the_builder() {
+    let (store, _dir) = fixtures::sqlite_store().await;
+    let mut r = TaskRegistry::new();
+    r.register_typed(|n: Notify, ctx: TaskContext| async move {
+        let mailer = ctx.data::<Mailer>()?;
+        mailer
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, TaskError>(format!("{} -> {}", mailer.from, n.who))
+    });
+    r.register(
+        "lonely",
+        proto_tasker::executor_fn(|ctx| async move {
+            ctx.data::<String>()?;
+            Ok::<_, TaskError>(json!(null))
+        }),
+    );
+    let mailer = Mailer {
+        sent: Default::default(),
+        from: "noreply@example.com".into(),
+    };
+    let pool = Builder::new(store.clone(), r)
+        .data(mailer)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    pool.start().await.unwrap();
+    let client = pool.client();
+    let t = client
+        .enqueue_typed(Notify { who: "ann".into() })
+        .await
+        .unwrap();
+    let done = client.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(done.result, Some(json!("noreply@example.com -> ann")));
+    // A type nobody gave: the attempt fails naming it.
+    let t = client
+        .insert(
+            NewTask::new("lonely", json!(null))
+                .with(proto_tasker::TaskOptions::default().max_attempts(1)),
+        )
+        .await
+        .unwrap()
+        .task;
+    let done = client.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(done.state, TaskState::Failed);
+    assert!(
+        done.errors[0].message.contains("alloc::string::String"),
+        "{:?}",
+        done.errors
+    );
+    pool.shutdown().await;
+}

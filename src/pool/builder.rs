@@ -95,6 +95,14 @@ impl Builder {
         self
     }
 
+    /// Share `value` with every executor of the pool: they read it with
+    /// [`TaskContext::data`](crate::TaskContext::data) (one value per type;
+    /// wrap what is not `Sync`, e.g. in a `Mutex`).
+    pub fn data<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.registry.data(value);
+        self
+    }
+
     /// Serve `queue` with `workers` slots (its concurrency on this node).
     /// With no queue named, the pool serves `default` with 10 workers.
     pub fn queue(mut self, queue: impl Into<String>, workers: usize) -> Self {

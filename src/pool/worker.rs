@@ -216,6 +216,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             cancel: token,
             deadline,
             parent_results: parent_results(&ctx, &task).await,
+            shared: ctx.registry.shared().clone(),
         };
         let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();
         let caught = match deadline {
