@@ -147,6 +147,70 @@ pub fn parse_cron(expr: &str) -> Result<Cron, String> {
 }
 
 impl ScheduleSpec {
+    /// A schedule named `name` that enqueues a task of `kind` (args `null`)
+    /// at every tick of `cron` in UTC; set the rest with the methods below.
+    ///
+    /// ```
+    /// use proto_tasker::ScheduleSpec;
+    /// use proto_tasker::cron::{CatchUp, Overlap};
+    /// let nightly = ScheduleSpec::new("nightly-report", "0 2 * * *", "report")
+    ///     .args(serde_json::json!({"format": "pdf"}))
+    ///     .timezone("Europe/Paris")
+    ///     .overlap(Overlap::Skip)
+    ///     .catch_up(CatchUp::None);
+    /// assert!(nightly.parse("").is_ok());
+    /// ```
+    pub fn new(name: impl Into<String>, cron: impl Into<String>, kind: impl Into<String>) -> Self {
+        ScheduleSpec {
+            name: name.into(),
+            cron: cron.into(),
+            timezone: default_tz(),
+            kind: kind.into(),
+            args: serde_json::Value::Null,
+            queue: None,
+            priority: None,
+            max_attempts: None,
+            overlap: Overlap::default(),
+            catch_up: CatchUp::default(),
+        }
+    }
+
+    pub fn args(mut self, args: serde_json::Value) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// An IANA time zone, e.g. `Europe/Paris`.
+    pub fn timezone(mut self, tz: impl Into<String>) -> Self {
+        self.timezone = tz.into();
+        self
+    }
+
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    pub fn priority(mut self, p: i16) -> Self {
+        self.priority = Some(p);
+        self
+    }
+
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    pub fn overlap(mut self, o: Overlap) -> Self {
+        self.overlap = o;
+        self
+    }
+
+    pub fn catch_up(mut self, c: CatchUp) -> Self {
+        self.catch_up = c;
+        self
+    }
+
     /// Check and parse. `at` prefixes field names (e.g. `schedules[2].`).
     pub fn parse(&self, at: &str) -> Result<Schedule, ScheduleError> {
         let err = |f: &str, m: String| ScheduleError {
