@@ -88,18 +88,22 @@
 #![warn(missing_debug_implementations)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod cron;
 pub mod duration;
 pub mod executor;
 pub mod executors;
 pub mod maintenance;
+#[cfg(feature = "server")]
 pub mod node;
 pub mod pool;
 pub mod registry;
 pub mod sentinel;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod store;
 pub mod task;
@@ -109,20 +113,23 @@ pub mod typed;
 /// on the `impl` block (no need to depend on the `async-trait` crate).
 pub use async_trait::async_trait;
 pub use client::{Client, ClientError};
+#[cfg(feature = "server")]
 pub use config::{Config, ConfigError, config_load};
 pub use cron::ScheduleSpec;
 pub use executor::{
     ArgsError, SharedData, TaskContext, TaskError, TaskExecutor, TaskOutput, executor_fn,
 };
 pub use maintenance::Retention;
+#[cfg(feature = "server")]
 pub use node::{Node, NodeError};
 pub use pool::PoolSettings;
 pub use pool::{Builder, LocalWorker, Worker, WorkerPool, WorkerPoolSharedData};
 pub use registry::{KindDefaults, RetryPolicy, TaskRegistry};
 pub use sentinel::{Sentinel, SentinelConfig};
-pub use store::{
-    Inserted, ListParams, PoolMode, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore,
-    Store, StoreError,
-};
+pub use store::{Inserted, ListParams, Store, StoreError};
+#[cfg(feature = "postgres")]
+pub use store::{PoolMode, PostgresOptions, PostgresStore};
+#[cfg(feature = "sqlite")]
+pub use store::{SqliteOptions, SqliteStore};
 pub use task::{Dependency, NewTask, OnDependencyFailure, Task, TaskId, TaskOptions, TaskState};
 pub use typed::TaskArgs;

@@ -15,7 +15,7 @@ pub use operator::QueueInfo;
 pub use waiters::FALLBACK_POLL;
 
 use crate::registry::{KindDefaults, TaskRegistry};
-use crate::store::{Inserted, ListParams, PostgresStore, Store, StoreError, TaskInsert};
+use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert};
 use crate::task::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task,
     TaskId,
@@ -467,7 +467,7 @@ impl Client {
     /// Enqueue tasks inside the caller's own PostgreSQL transaction: they
     /// exist if and only if that transaction commits, and nodes are woken
     /// when it does. The client's store must be a
-    /// [`PostgresStore`] on the same database.
+    /// [`PostgresStore`](crate::store::PostgresStore) on the same database.
     ///
     /// ```no_run
     /// # async fn f(client: proto_tasker::Client, pg: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -478,6 +478,7 @@ impl Client {
     /// tx.commit().await?; // the task and the order appear together, or neither does
     /// # Ok(()) }
     /// ```
+    #[cfg(feature = "postgres")]
     pub async fn insert_in<C: tokio_postgres::GenericClient>(
         &self,
         tx: &C,
@@ -486,7 +487,7 @@ impl Client {
         let pg = self
             .store
             .as_any()
-            .downcast_ref::<PostgresStore>()
+            .downcast_ref::<crate::store::PostgresStore>()
             .ok_or_else(|| {
                 invalid(
                     "store",

@@ -7,8 +7,10 @@
 //!   error when cancelled.
 //! - `fail`: `{"message": "..."}` fails every attempt with that message.
 
+#[cfg(feature = "server")]
 pub mod http;
 pub mod orphans;
+#[cfg(feature = "server")]
 pub mod shell;
 
 use std::sync::Arc;

@@ -35,10 +35,16 @@
 //! cycle, written once; `sqlite/` and `postgres/` one wing per store, each
 //! with its SQL and numbered migrations.
 
+// Helpers the stores share; without a store feature (a `Store` of your
+// own) they are unused.
+#![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+
 mod due;
 pub mod lifecycle;
 mod params;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 use std::sync::Arc;
@@ -48,7 +54,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, broadcast};
 
+#[cfg(feature = "postgres")]
 pub use postgres::{PoolMode, PostgresOptions, PostgresStore};
+#[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 use crate::task::{Task, TaskId, TaskState};
