@@ -25,6 +25,7 @@ fn row() -> TaskInsert {
         depends_on: Vec::new(),
         on_dependency_failure: Default::default(),
         concurrency_key: None,
+        reference: None,
     }
 }
 

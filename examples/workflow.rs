@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto_tasker::{
-    Builder, Dependency, NewTask, SqliteStore, Store, TaskError, TaskOptions, TaskRegistry,
-    executor_fn,
+    Builder, NewTask, SqliteStore, Store, TaskError, TaskOptions, TaskRegistry, executor_fn,
 };
 use serde_json::json;
 
@@ -29,12 +28,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     registry.register(
         "sum",
         executor_fn(|ctx| async move {
-            // Every parent completed; their results, by id.
-            let total: u64 = ctx
-                .parent_results
-                .values()
-                .filter_map(|r| r["bytes"].as_u64())
-                .sum();
+            // Every parent completed; read their results by the names given
+            // in the batch (or all of them, by id, in `ctx.parent_results`).
+            let home: serde_json::Value = ctx.parent("home")?;
+            let docs: serde_json::Value = ctx.parent("docs")?;
+            let total = home["bytes"].as_u64().unwrap_or(0) + docs["bytes"].as_u64().unwrap_or(0);
             Ok::<_, TaskError>(json!({ "total_bytes": total }))
         }),
     );
@@ -43,14 +41,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = pool.client();
     pool.start().await?;
 
-    // Positions in the batch name the parents; one transaction inserts all.
+    // Names (or positions, `Dependency::Batch(i)`) in the batch tie the
+    // steps together; one transaction inserts them all.
     let after_both = TaskOptions::default()
-        .depends_on(Dependency::Batch(0))
-        .depends_on(Dependency::Batch(1));
+        .depends_on_ref("home")
+        .depends_on_ref("docs");
     let tasks = client
         .insert_many(vec![
-            NewTask::new("fetch", json!("https://example.com/a")),
-            NewTask::new("fetch", json!("https://example.com/bb")),
+            NewTask::new("fetch", json!("https://example.com/"))
+                .with(TaskOptions::default().reference("home")),
+            NewTask::new("fetch", json!("https://example.com/docs"))
+                .with(TaskOptions::default().reference("docs")),
             NewTask::new("sum", json!(null)).with(after_both),
         ])
         .await?;

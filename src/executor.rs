@@ -33,6 +33,9 @@ pub struct TaskContext {
     pub deadline: Option<Instant>,
     /// The results of the tasks this one depends on (all completed), by id.
     pub parent_results: std::collections::BTreeMap<TaskId, serde_json::Value>,
+    /// The same, by the `ref` names the parents were given in their batch
+    /// (those without one are only in `parent_results`); see [`TaskContext::parent`].
+    pub parent_results_by_ref: std::collections::BTreeMap<String, serde_json::Value>,
     /// State shared by every executor of the pool (given to
     /// [`Builder::data`](crate::Builder::data)); read it with [`TaskContext::data`].
     pub shared: SharedData,
@@ -97,6 +100,30 @@ impl TaskContext {
             TaskError::Failed(format!(
                 "no shared value of type {} was given to the pool (Builder::data)",
                 std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// The result of the parent named `name` in the batch
+    /// ([`TaskOptions::reference`](crate::TaskOptions::reference)), decoded
+    /// into `T`. A parent of that name that is missing, or whose result does
+    /// not decode, fails the attempt saying which.
+    pub fn parent<T: DeserializeOwned>(&self, name: &str) -> Result<T, TaskError> {
+        let v = self.parent_results_by_ref.get(name).ok_or_else(|| {
+            TaskError::Failed(format!(
+                "task {} has no parent named {name:?} (it has: {})",
+                self.id,
+                self.parent_results_by_ref
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        serde_json::from_value(v.clone()).map_err(|e| {
+            TaskError::Failed(format!(
+                "task {}: the result of parent {name:?} does not decode: {e}",
+                self.id
             ))
         })
     }

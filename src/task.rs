@@ -151,6 +151,10 @@ pub struct Task {
     /// with. Unlike `attempt`, a snooze or release never gives it back.
     #[serde(default)]
     pub claim_token: i64,
+    /// The name the task was given in its batch (`ref`), under which the
+    /// tasks that depend on it read its result.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// A task a new task waits for: one that exists, or another task of the
@@ -215,6 +219,14 @@ pub struct TaskOptions {
     pub on_dependency_failure: OnDependencyFailure,
     /// Group for the queue's `per_key_concurrency` (e.g. one customer).
     pub concurrency_key: Option<String>,
+    /// A name for this task in its batch: other tasks of the batch wait for
+    /// it with [`TaskOptions::depends_on_ref`], and read its result with
+    /// `ctx.parent("name")`. Kept on the task (`ref` in its JSON).
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// Tasks of the same batch to wait for, by their `reference`.
+    #[serde(skip)]
+    pub depends_on_refs: Vec<String>,
 }
 
 impl TaskOptions {
@@ -253,6 +265,16 @@ impl TaskOptions {
     }
     pub fn concurrency_key(mut self, k: impl Into<String>) -> Self {
         self.concurrency_key = Some(k.into());
+        self
+    }
+    /// Name this task in its batch (see [`TaskOptions::reference`]).
+    pub fn reference(mut self, name: impl Into<String>) -> Self {
+        self.reference = Some(name.into());
+        self
+    }
+    /// Wait for the task of the same batch named `name`.
+    pub fn depends_on_ref(mut self, name: impl Into<String>) -> Self {
+        self.depends_on_refs.push(name.into());
         self
     }
     pub fn on_dependency_failure(mut self, p: OnDependencyFailure) -> Self {

@@ -871,6 +871,9 @@ async fn a_batch_creates_a_dag_with_refs_and_rejects_cycles() {
     assert_eq!(t[0]["depends_on"], json!([t[1]["id"], t[2]["id"]]));
     let (_, report) = s.get(&format!("/tasks/{}?wait=10s", t[0]["id"])).await;
     assert_eq!(report["state"], "completed");
+    // The names are kept on the tasks (Rust executors read parents by them).
+    assert_eq!(report["ref"], "report", "{report}");
+    assert_eq!(t[1]["ref"], "fetch", "{out}");
 
     let cycle = json!({"tasks": [
         {"kind": "noop", "ref": "a", "depends_on": ["c"]},

@@ -1004,6 +1004,32 @@ pub mod cases {
 
     /// Listing one queue merges its states in id order, pages by cursor, and
     /// queue counts match the tasks as they are.
+    pub async fn references_are_kept_on_both_insert_paths(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let mut plain = insert("k", "q", 0, now);
+        plain.reference = Some("fetch-a".into());
+        let mut child = insert("k", "q", 0, now);
+        child.reference = Some("sum".into());
+        child.depends_on = vec![proto_tasker::Dependency::Batch(0)];
+        let ids = insert_ids(&s, vec![plain, child, insert("k", "q", 0, now)], now).await;
+        let read = |i: usize| {
+            let s = s.clone();
+            let id = ids[i];
+            async move { s.task_get(id).await.unwrap().unwrap().reference }
+        };
+        assert_eq!(read(0).await.as_deref(), Some("fetch-a"));
+        assert_eq!(read(1).await.as_deref(), Some("sum"));
+        assert_eq!(read(2).await, None);
+        let claimed = s.task_claim(claim("q", "n", 10, now)).await.unwrap();
+        assert!(
+            claimed
+                .iter()
+                .any(|t| t.reference.as_deref() == Some("fetch-a")),
+            "claims return it too: {claimed:?}"
+        );
+    }
+
     pub async fn queue_lag_is_the_wait_of_the_oldest_due_task(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1751,6 +1777,7 @@ macro_rules! all_cases {
             cases::list_filters_and_paginates,
             cases::queue_listing_and_counts_span_states,
             cases::queue_lag_is_the_wait_of_the_oldest_due_task,
+            cases::references_are_kept_on_both_insert_paths,
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,
             cases::schedules_fire_each_tick_once,

@@ -272,3 +272,79 @@ async fn executors_read_the_data_given_to_the_builder() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_step_reads_its_parents_by_the_names_given_in_the_batch() {
+    use proto_tasker::TaskOptions;
+    let (store, _dir) = fixtures::sqlite_store().await;
+    let mut r = TaskRegistry::new();
+    r.register(
+        "fetch",
+        proto_tasker::executor_fn(|ctx| async move {
+            let url: String = ctx.args()?;
+            Ok::<_, TaskError>(json!({ "bytes": url.len() }))
+        }),
+    );
+    r.register(
+        "compare",
+        proto_tasker::executor_fn(|ctx| async move {
+            let small: serde_json::Value = ctx.parent("small")?;
+            let large: serde_json::Value = ctx.parent("large")?;
+            Ok::<_, TaskError>(json!([small["bytes"], large["bytes"]]))
+        }),
+    );
+    let pool = Builder::new(store.clone(), r)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    pool.start().await.unwrap();
+    let client = pool.client();
+    // The parents come after the step in the batch: names, not positions.
+    let out = client
+        .insert_many(vec![
+            NewTask::new("compare", json!(null)).with(
+                TaskOptions::default()
+                    .depends_on_ref("large")
+                    .depends_on_ref("small"),
+            ),
+            NewTask::new("fetch", json!("https://example.com/a-much-longer-path"))
+                .with(TaskOptions::default().reference("large")),
+            NewTask::new("fetch", json!("https://e.com"))
+                .with(TaskOptions::default().reference("small")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[1].task.reference.as_deref(), Some("large"));
+    let done = client
+        .wait(out[0].task.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(done.state, TaskState::Completed, "{done:?}");
+    assert_eq!(done.result, Some(json!([13, 38])));
+    // A ref nobody carries, or two tasks with one name, are refused.
+    let err = client
+        .insert_many(vec![
+            NewTask::new("compare", json!(null))
+                .with(TaskOptions::default().depends_on_ref("nope")),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(err).0, "tasks[0].depends_on");
+    let err = client
+        .insert_many(vec![
+            NewTask::new("fetch", json!("a")).with(TaskOptions::default().reference("x")),
+            NewTask::new("fetch", json!("b")).with(TaskOptions::default().reference("x")),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(err).0, "tasks[1].ref");
+    let err = client
+        .insert(
+            NewTask::new("compare", json!(null))
+                .with(TaskOptions::default().depends_on_ref("small")),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(err).0, "depends_on");
+    pool.shutdown().await;
+}

@@ -34,6 +34,34 @@ pub enum ClientError {
     WaitTimeout(TaskId),
 }
 
+/// Turn each task's `depends_on_refs` into positions in the batch, naming
+/// a ref that no task or two tasks of the batch carry.
+fn resolve_refs(mut tasks: Vec<NewTask>) -> Result<Vec<NewTask>, ClientError> {
+    let mut names = std::collections::HashMap::new();
+    for (i, t) in tasks.iter().enumerate() {
+        if let Some(r) = &t.options.reference
+            && names.insert(r.clone(), i).is_some()
+        {
+            return Err(invalid(
+                format!("tasks[{i}].ref"),
+                format!("{r:?} names another task of this batch too"),
+            ));
+        }
+    }
+    for (i, t) in tasks.iter_mut().enumerate() {
+        for r in std::mem::take(&mut t.options.depends_on_refs) {
+            let j = names.get(&r).ok_or_else(|| {
+                invalid(
+                    format!("tasks[{i}].depends_on"),
+                    format!("no task in this batch has ref {r:?}"),
+                )
+            })?;
+            t.options.depends_on.push(Dependency::Batch(*j));
+        }
+    }
+    Ok(tasks)
+}
+
 /// Put results back in the caller's order.
 fn unpermute(out: Vec<Inserted>, order: &[usize]) -> Vec<Inserted> {
     let mut slots: Vec<Option<Inserted>> = vec![None; out.len()];
@@ -304,6 +332,7 @@ impl Client {
         now: chrono::DateTime<Utc>,
         declared: &std::collections::BTreeMap<String, KindDefaults>,
     ) -> Result<(Vec<TaskInsert>, Vec<usize>), ClientError> {
+        let tasks = resolve_refs(tasks)?;
         let rows = tasks
             .into_iter()
             .enumerate()
@@ -370,7 +399,14 @@ impl Client {
                 ),
             ));
         }
+        if let Some(r) = t.options.depends_on_refs.first() {
+            return Err(invalid(
+                at("depends_on"),
+                format!("{r:?}: a ref names a task of the same batch; use insert_many"),
+            ));
+        }
         for (f, v) in [
+            ("ref", t.options.reference.as_deref()),
             ("queue", t.options.queue.as_deref()),
             ("unique_key", t.options.unique_key.as_deref()),
             ("concurrency_key", t.options.concurrency_key.as_deref()),
@@ -461,6 +497,7 @@ impl Client {
             depends_on: o.depends_on,
             on_dependency_failure: o.on_dependency_failure,
             concurrency_key: o.concurrency_key,
+            reference: o.reference,
         })
     }
 
@@ -595,6 +632,7 @@ mod tests {
             depends_on: deps.iter().map(|&j| Dependency::Batch(j)).collect(),
             on_dependency_failure: OnDependencyFailure::Cancel,
             concurrency_key: None,
+            reference: None,
         }
     }
 

@@ -135,17 +135,26 @@ fn decide(task: &Task, ran: Ran, reason: StopReason, registry: &TaskRegistry) ->
     }
 }
 
-/// Results of the task's parents (empty without dependencies). A parent that
-/// cannot be read is left out; the executor sees which ones it got.
+/// Results of the task's parents by id, and by the `ref` names of those
+/// that have one (empty without dependencies). A parent that cannot be read
+/// is left out; the executor sees which ones it got.
 async fn parent_results(
     ctx: &SlotCtx,
     task: &Task,
-) -> std::collections::BTreeMap<crate::task::TaskId, serde_json::Value> {
+) -> (
+    std::collections::BTreeMap<crate::task::TaskId, serde_json::Value>,
+    std::collections::BTreeMap<String, serde_json::Value>,
+) {
     let mut out = std::collections::BTreeMap::new();
+    let mut by_ref = std::collections::BTreeMap::new();
     for p in &task.depends_on {
         match ctx.store.task_get(*p).await {
             Ok(Some(parent)) => {
-                out.insert(*p, parent.result.unwrap_or(serde_json::Value::Null));
+                let result = parent.result.unwrap_or(serde_json::Value::Null);
+                if let Some(name) = parent.reference {
+                    by_ref.insert(name, result.clone());
+                }
+                out.insert(*p, result);
             }
             Ok(None) => {}
             Err(e) => {
@@ -153,7 +162,7 @@ async fn parent_results(
             }
         }
     }
-    out
+    (out, by_ref)
 }
 
 /// The slot loop. Returns when the dispatch channel closes (shutdown) or
@@ -205,6 +214,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
         }
         let span =
             tracing::info_span!("task", id = %task.id, kind = %task.kind, attempt = task.attempt);
+        let (parent_results, parent_results_by_ref) = parent_results(&ctx, &task).await;
         let tctx = TaskContext {
             id: task.id,
             kind: task.kind.clone(),
@@ -215,7 +225,8 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             created_at: task.created_at,
             cancel: token,
             deadline,
-            parent_results: parent_results(&ctx, &task).await,
+            parent_results,
+            parent_results_by_ref,
             shared: ctx.registry.shared().clone(),
         };
         let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();

@@ -174,6 +174,7 @@ fn new_task(
         depends_on: deps,
         on_dependency_failure: c.on_dependency_failure.unwrap_or_default(),
         concurrency_key: c.concurrency_key,
+        reference: c.reference,
         ..Default::default()
     };
     if let Some(ms) = c.delay_ms {

@@ -145,7 +145,7 @@ impl StoreError {
 /// read them by the positions in [`col`].
 pub(crate) const TASK_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, \
     max_attempts, timeout_ms, unique_key, run_at, created_at, started_at, finished_at, node, \
-    result, errors, depends_on, concurrency_key, claim_token";
+    result, errors, depends_on, concurrency_key, claim_token, ref_name";
 
 /// Positions of [`TASK_COLUMNS`].
 pub(crate) mod col {
@@ -169,6 +169,7 @@ pub(crate) mod col {
     pub const DEPENDS_ON: usize = 17;
     pub const CONCURRENCY_KEY: usize = 18;
     pub const CLAIM_TOKEN: usize = 19;
+    pub const REF_NAME: usize = 20;
 }
 
 /// A state read back from a store, or a schema error naming the column.

@@ -25,6 +25,8 @@ pub struct TaskInsert {
     pub on_dependency_failure: OnDependencyFailure,
     /// Tasks sharing a key count together against `per_key_concurrency`.
     pub concurrency_key: Option<String>,
+    /// The task's name in its batch (`ref`).
+    pub reference: Option<String>,
 }
 
 impl TaskInsert {
@@ -55,6 +57,7 @@ impl TaskInsert {
             depends_on: Vec::new(),
             concurrency_key: self.concurrency_key.clone(),
             claim_token: 0,
+            reference: self.reference.clone(),
         }
     }
 }

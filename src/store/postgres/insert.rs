@@ -51,7 +51,11 @@ pub(super) async fn insert_rows<C: GenericClient>(
             .iter()
             .map(|&i| rows[i].concurrency_key.as_deref())
             .collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        let refs: Vec<Option<&str>> = plain
+            .iter()
+            .map(|&i| rows[i].reference.as_deref())
+            .collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
             &kinds,
             &queues,
             &args,
@@ -61,6 +65,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             &run_ats,
             &now,
             &keys,
+            &refs,
         ];
         let ids = match insert_many {
             Some((on, st)) => st.query(on, &params).await?,
@@ -216,6 +221,7 @@ async fn insert_single<C: GenericClient>(
                     &task.finished_at,
                     &errors,
                     &t.concurrency_key,
+                    &t.reference,
                 ],
             )
             .await

@@ -82,6 +82,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_unique_by_kind.sql"),
     include_str!("migrations/0013_node_schedules.sql"),
     include_str!("migrations/0014_node_kinds.sql"),
+    include_str!("migrations/0015_task_ref.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {

@@ -87,18 +87,19 @@ impl Sql {
         Sql {
             insert_many: format!(
                 "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, created_at, \
-                   concurrency_key) \
+                   concurrency_key, ref_name) \
                  SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
-                        max_attempts, timeout_ms, run_at, $8, ckey \
+                        max_attempts, timeout_ms, run_at, $8, ckey, rname \
                  FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[], \
-                             $9::text[]) \
-                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, ord) \
+                             $9::text[], $10::text[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, ord) \
                  ORDER BY ord RETURNING id"
             ),
             insert_one: format!(
                 "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
-                   run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                   run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key, \
+                   ref_name) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
                  ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ({finished}) DO NOTHING \
                  RETURNING {TASK_COLUMNS}"
             ),

@@ -87,8 +87,8 @@ fn insert_one(
         .prepare_cached(
             "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
              unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, \
-             concurrency_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             concurrency_key, ref_name) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )
         .map_err(sql_err)?;
     st.execute(params![
@@ -108,6 +108,7 @@ fn insert_one(
         task.finished_at.map(to_micros),
         errors_json,
         t.concurrency_key,
+        t.reference,
     ])
     .map_err(sql_err)?;
     task.id = TaskId(conn.last_insert_rowid());

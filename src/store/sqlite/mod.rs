@@ -68,6 +68,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0011_unique_by_kind.sql"),
     include_str!("migrations/0012_node_schedules.sql"),
     include_str!("migrations/0013_node_kinds.sql"),
+    include_str!("migrations/0014_task_ref.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.

@@ -50,6 +50,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
         },
         concurrency_key: r.get(col::CONCURRENCY_KEY)?,
         claim_token: r.get(col::CLAIM_TOKEN)?,
+        reference: r.get(col::REF_NAME)?,
     })
 }
 
