@@ -271,3 +271,110 @@ async fn a_real_prometheus_scrapes_a_node() {
     );
     pool.shutdown().await;
 }
+
+/// Debian's `promtool`, beside the prometheus binary.
+fn promtool() -> Option<std::path::PathBuf> {
+    let p = prometheus_binary()?.with_file_name("promtool");
+    p.exists().then_some(p)
+}
+
+/// A tool the test needs: present, or (outside CI) a SKIPPED line.
+fn required(
+    tool: Option<std::path::PathBuf>,
+    test: &str,
+    install: &str,
+) -> Option<std::path::PathBuf> {
+    if tool.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: {install} (CI: this test never skips)"
+        );
+        eprintln!("SKIPPED {test}: {install}");
+    }
+    tool
+}
+
+/// The alerting rules parse, and each fires on the series of
+/// `deploy/alerts_test.yml` when it should and stays silent when it should not.
+#[test]
+fn the_alert_rules_check_and_pass_their_tests() {
+    let Some(promtool) = required(
+        promtool(),
+        "the_alert_rules_check_and_pass_their_tests",
+        "no promtool (.ci/run unpacks Debian's prometheus package)",
+    ) else {
+        return;
+    };
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(&deploy)
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The systemd unit verifies cleanly (no unknown keys, an executable
+/// ExecStart: the built binary stands in for /usr/local/bin/proto_tasker).
+#[test]
+fn the_service_unit_verifies() {
+    let analyze = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists());
+    let Some(analyze) = required(
+        analyze,
+        "the_service_unit_verifies",
+        "no systemd-analyze (apt-get install systemd)",
+    ) else {
+        return;
+    };
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/proto_tasker.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/proto_tasker --config="));
+    for hardening in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "StateDirectory=proto_tasker",
+    ] {
+        assert!(unit.contains(hardening), "{hardening} missing");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proto_tasker.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/proto_tasker",
+            env!("CARGO_BIN_EXE_proto_tasker"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
