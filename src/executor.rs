@@ -36,6 +36,8 @@ pub struct TaskContext {
     /// The same, by the `ref` names the parents were given in their batch
     /// (those without one are only in `parent_results`); see [`TaskContext::parent`].
     pub parent_results_by_ref: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Where [`TaskContext::progress`] sends reports.
+    pub reporter: crate::pool::progress::ProgressReporter,
     /// State shared by every executor of the pool (given to
     /// [`Builder::data`](crate::Builder::data)); read it with [`TaskContext::data`].
     pub shared: SharedData,
@@ -126,6 +128,14 @@ impl TaskContext {
                 self.id
             ))
         })
+    }
+
+    /// Report the attempt's progress (any JSON up to 4 KiB, e.g.
+    /// `{"pct": 40, "step": "resize"}`): stored as the task's `progress`,
+    /// the latest value winning. Call it as often as you like; the pool
+    /// writes at most four times a second per task, off the claim path.
+    pub fn progress(&self, value: impl serde::Serialize) -> Result<(), TaskError> {
+        self.reporter.report(value)
     }
 
     /// True once the task was asked to stop.

@@ -155,6 +155,10 @@ pub struct Task {
     /// tasks that depend on it read its result.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The latest progress its executor reported (`ctx.progress`, or a
+    /// `shell` program's `::progress <json>` lines), kept after it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
 }
 
 /// A task a new task waits for: one that exists, or another task of the

@@ -402,3 +402,48 @@ async fn the_http_allow_list_holds_ports_hosts_and_secrets() {
     assert!(msg.contains("HTTP 500") && !msg.contains("s3cr3t"), "{msg}");
     p.shutdown().await;
 }
+
+/// A shell program reports progress by printing `::progress <json>` lines:
+/// the latest is the task's progress, and those lines are not in stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_progress_lines_become_the_tasks_progress() {
+    let (p, _dir) = pool(shell(&["sh"], 1024)).await;
+    let c = p.client();
+    let script = "echo start; echo '::progress {\"pct\": 10}'; sleep 0.6; \
+                  echo '::progress {\"pct\": 90, \"step\": \"upload\"}'; \
+                  echo '::progress not json'; printf done";
+    let t = c
+        .enqueue("shell", json!({"cmd": ["sh", "-c", script]}))
+        .await
+        .unwrap();
+    // While it sleeps, the first report is stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = c.get(t.id).await.unwrap().unwrap();
+        if now.progress == Some(json!({"pct": 10})) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress seen: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Completed, "{:?}", t.errors);
+    assert_eq!(
+        t.result.unwrap()["stdout"],
+        "start\n::progress not json\ndone"
+    );
+    // The last report lands even if the outcome was written first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let done = c.get(t.id).await.unwrap().unwrap();
+        if done.progress == Some(json!({"pct": 90, "step": "upload"})) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{:?}", done.progress);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.shutdown().await;
+}

@@ -1030,6 +1030,72 @@ pub mod cases {
         );
     }
 
+    pub async fn progress_lands_under_its_runs_claim_token(b: &Backend) {
+        use proto_tasker::store::ProgressUpdate;
+        let s = b.store.clone();
+        let now = now();
+        let id = insert_ids(&s, vec![insert("k", "q", 0, now)], now).await[0];
+        let t = s
+            .task_claim(claim("q", "n", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
+        let report = |token: i64, pct: i64| ProgressUpdate {
+            id,
+            token,
+            progress: serde_json::json!({ "pct": pct }),
+        };
+        assert_eq!(
+            s.task_progress(vec![report(t.claim_token, 10)])
+                .await
+                .unwrap(),
+            1
+        );
+        let got = s.task_get(id).await.unwrap().unwrap();
+        assert_eq!(got.progress, Some(serde_json::json!({"pct": 10})));
+        // Another run's token changes nothing.
+        assert_eq!(
+            s.task_progress(vec![report(t.claim_token + 7, 99)])
+                .await
+                .unwrap(),
+            0
+        );
+        // Released and claimed again: the earlier run's late report is dropped.
+        let released = Completion::of(&t, now, Outcome::Released);
+        s.task_complete_many(vec![released]).await.unwrap();
+        let again = s
+            .task_claim(claim("q", "n", 1, now))
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(again.claim_token > t.claim_token);
+        assert_eq!(
+            s.task_progress(vec![report(t.claim_token, 50)])
+                .await
+                .unwrap(),
+            0
+        );
+        // The current run's last report lands, even after its outcome.
+        let done = Completion::of(
+            &again,
+            now,
+            Outcome::Completed {
+                result: serde_json::json!(null),
+            },
+        );
+        s.task_complete_many(vec![done]).await.unwrap();
+        assert_eq!(
+            s.task_progress(vec![report(again.claim_token, 100)])
+                .await
+                .unwrap(),
+            1
+        );
+        let got = s.task_get(id).await.unwrap().unwrap();
+        assert_eq!(got.state, TaskState::Completed);
+        assert_eq!(got.progress, Some(serde_json::json!({"pct": 100})));
+        assert_eq!(s.task_progress(Vec::new()).await.unwrap(), 0);
+    }
+
     pub async fn queue_lag_is_the_wait_of_the_oldest_due_task(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -1778,6 +1844,7 @@ macro_rules! all_cases {
             cases::queue_listing_and_counts_span_states,
             cases::queue_lag_is_the_wait_of_the_oldest_due_task,
             cases::references_are_kept_on_both_insert_paths,
+            cases::progress_lands_under_its_runs_claim_token,
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,
             cases::schedules_fire_each_tick_once,

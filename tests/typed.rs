@@ -348,3 +348,52 @@ async fn a_step_reads_its_parents_by_the_names_given_in_the_batch() {
     assert_eq!(invalid_field(err).0, "depends_on");
     pool.shutdown().await;
 }
+
+/// `ctx.progress` as often as one likes: the store sees the latest value,
+/// written a few times a second at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reports_are_coalesced_and_the_latest_is_kept() {
+    let (store, _dir) = fixtures::sqlite_store().await;
+    let mut r = TaskRegistry::new();
+    r.register(
+        "crunch",
+        proto_tasker::executor_fn(|ctx| async move {
+            let started = std::time::Instant::now();
+            let mut i = 0u64;
+            // About a second of reports in a tight loop.
+            while started.elapsed() < Duration::from_millis(1000) {
+                i += 1;
+                ctx.progress(json!({ "done": i }))?;
+                if i % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // Too large to keep: refused, the attempt goes on.
+            assert!(ctx.progress("x".repeat(5000)).is_err());
+            Ok::<_, TaskError>(json!(i))
+        }),
+    );
+    let pool = Builder::new(store.clone(), r)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    pool.start().await.unwrap();
+    let client = pool.client();
+    let t = client.enqueue("crunch", json!(null)).await.unwrap();
+    let done = client.wait(t.id, Duration::from_secs(10)).await.unwrap();
+    let reports = done.result.clone().unwrap().as_u64().unwrap();
+    assert!(reports > 1000, "only {reports} reports");
+    pool.shutdown().await;
+    let t = client.get(t.id).await.unwrap().unwrap();
+    assert_eq!(
+        t.progress,
+        Some(json!({ "done": reports })),
+        "the last report is kept"
+    );
+    let writes = proto_tasker::pool::Counters::get(&pool.shared().counters.progress_writes);
+    eprintln!("{reports} progress reports, {writes} store writes");
+    assert!(
+        (2..=8).contains(&writes),
+        "{reports} reports took {writes} store writes (one per 250 ms)"
+    );
+}

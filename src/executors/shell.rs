@@ -245,6 +245,70 @@ async fn tail<R: AsyncRead + Unpin>(mut r: R, max: usize) -> Vec<u8> {
     kept
 }
 
+/// The prefix of a stdout line that reports progress: `::progress <json>`.
+pub const PROGRESS_PREFIX: &str = "::progress ";
+
+/// Longest stdout line looked at for a progress report; longer lines are
+/// plain output.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Append `bytes` to `kept`, keeping about the last `max` bytes.
+fn keep_tail(kept: &mut Vec<u8>, bytes: &[u8], max: usize) {
+    kept.extend_from_slice(bytes);
+    if kept.len() > 2 * max {
+        kept.drain(..kept.len() - max);
+    }
+}
+
+/// Like [`tail`], for stdout: complete lines `::progress <json>` (valid JSON)
+/// are reported as the task's progress and left out of the output.
+async fn tail_reporting<R: AsyncRead + Unpin>(
+    mut r: R,
+    max: usize,
+    reporter: crate::pool::progress::ProgressReporter,
+) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut line: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    // A progress line is reported; anything else is output.
+    let finish = |kept: &mut Vec<u8>, line: &[u8]| {
+        let progress = line
+            .strip_prefix(PROGRESS_PREFIX.as_bytes())
+            .and_then(|json| serde_json::from_slice::<serde_json::Value>(json.trim_ascii()).ok());
+        match progress {
+            Some(v) => {
+                // Too large to keep: dropped, as a library executor's would be.
+                let _ = reporter.report(v);
+            }
+            None => keep_tail(kept, line, max),
+        }
+    };
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                for chunk in buf[..n].split_inclusive(|b| *b == b'\n') {
+                    line.extend_from_slice(chunk);
+                    if line.ends_with(b"\n") {
+                        finish(&mut kept, &line);
+                        line.clear();
+                    } else if line.len() > MAX_LINE {
+                        keep_tail(&mut kept, &line, max);
+                        line.clear();
+                    }
+                }
+            }
+        }
+    }
+    if !line.is_empty() {
+        finish(&mut kept, &line);
+    }
+    if kept.len() > max {
+        kept.drain(..kept.len() - max);
+    }
+    kept
+}
+
 #[async_trait]
 impl TaskExecutor for ShellExecutor {
     fn check_args(&self, args: &serde_json::Value) -> Result<(), ArgsError> {
@@ -304,7 +368,7 @@ impl TaskExecutor for ShellExecutor {
         let out = child
             .stdout
             .take()
-            .map(|o| tokio::spawn(tail(o, self.max_output)));
+            .map(|o| tokio::spawn(tail_reporting(o, self.max_output, ctx.reporter.clone())));
         let err = child
             .stderr
             .take()

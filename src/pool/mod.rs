@@ -23,6 +23,7 @@
 pub mod builder;
 pub mod completer;
 pub mod producer;
+pub mod progress;
 pub mod settings;
 pub mod shared;
 pub mod worker;
@@ -55,6 +56,8 @@ struct Running {
     sentinel_stop: CancellationToken,
     completer: JoinHandle<()>,
     completions: mpsc::UnboundedSender<Completion>,
+    progress: JoinHandle<()>,
+    progress_stop: CancellationToken,
 }
 
 /// The workers of one node and the services around them. Build with [`Builder`].
@@ -189,6 +192,17 @@ impl WorkerPool {
             }
             .run(),
         );
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let progress_stop = CancellationToken::new();
+        let progress = tokio::spawn(
+            progress::ProgressWriter {
+                store: self.store.clone(),
+                rx: progress_rx,
+                stop: progress_stop.clone(),
+                shared: self.shared.clone(),
+            }
+            .run(),
+        );
         let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(self.registry.clone()));
         let mut producers = Vec::new();
         let mut slot_id = 0;
@@ -204,6 +218,7 @@ impl WorkerPool {
                     shared: self.shared.clone(),
                     registry: self.registry.clone(),
                     completions: ctx_tx.clone(),
+                    progress: progress_tx.clone(),
                 };
                 slot_id += 1;
                 let handle = tokio::spawn(run_slot(ctx.clone()));
@@ -238,6 +253,8 @@ impl WorkerPool {
             sentinel_stop,
             completer,
             completions: ctx_tx,
+            progress,
+            progress_stop,
         });
         Ok(())
     }
@@ -297,6 +314,10 @@ impl WorkerPool {
             drop(slot.ctx);
             let _ = tokio::time::timeout(Duration::from_secs(1), slot.handle).await;
         }
+        // The last progress reports are written (they land under their
+        // run's claim token even after its outcome).
+        run.progress_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), run.progress).await;
         drop(run.completions);
         if tokio::time::timeout(Duration::from_secs(30), run.completer)
             .await

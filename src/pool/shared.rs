@@ -116,6 +116,8 @@ pub struct Counters {
     pub timeouts: AtomicU64,
     pub hung_replaced: AtomicU64,
     pub rescued: AtomicU64,
+    /// Store calls of the progress writer (each carries every report held).
+    pub progress_writes: AtomicU64,
 }
 
 impl Counters {

@@ -78,6 +78,8 @@ pub(crate) struct SlotCtx {
     pub shared: Arc<WorkerPoolSharedData>,
     pub registry: Arc<TaskRegistry>,
     pub completions: mpsc::UnboundedSender<Completion>,
+    /// To the pool's progress writer.
+    pub progress: mpsc::UnboundedSender<crate::store::ProgressUpdate>,
 }
 
 /// How the executor call ended, before policy turns it into an [`Outcome`].
@@ -228,6 +230,11 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             parent_results,
             parent_results_by_ref,
             shared: ctx.registry.shared().clone(),
+            reporter: crate::pool::progress::ProgressReporter::new(
+                ctx.progress.clone(),
+                task.id,
+                task.claim_token,
+            ),
         };
         let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();
         let caught = match deadline {

@@ -145,7 +145,7 @@ impl StoreError {
 /// read them by the positions in [`col`].
 pub(crate) const TASK_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, \
     max_attempts, timeout_ms, unique_key, run_at, created_at, started_at, finished_at, node, \
-    result, errors, depends_on, concurrency_key, claim_token, ref_name";
+    result, errors, depends_on, concurrency_key, claim_token, ref_name, progress";
 
 /// Positions of [`TASK_COLUMNS`].
 pub(crate) mod col {
@@ -170,6 +170,7 @@ pub(crate) mod col {
     pub const CONCURRENCY_KEY: usize = 18;
     pub const CLAIM_TOKEN: usize = 19;
     pub const REF_NAME: usize = 20;
+    pub const PROGRESS: usize = 21;
 }
 
 /// A state read back from a store, or a schema error naming the column.
@@ -253,6 +254,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError>;
+
+    /// Store the latest progress of attempts: each update lands only while
+    /// the task's claim token is the one it names, so a report of an earlier
+    /// run changes nothing once the task was claimed again, while the last
+    /// report of a run lands even if its outcome was written first. Returns
+    /// how many landed. Called by the pool's progress writer, which coalesces.
+    async fn task_progress(&self, updates: Vec<ProgressUpdate>) -> Result<usize, StoreError>;
 
     /// Pause (no task of `queue` is claimed by any node) or resume a queue.
     async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError>;

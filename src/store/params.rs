@@ -58,6 +58,7 @@ impl TaskInsert {
             concurrency_key: self.concurrency_key.clone(),
             claim_token: 0,
             reference: self.reference.clone(),
+            progress: None,
         }
     }
 }
@@ -220,6 +221,15 @@ pub struct NodeInfo {
     /// live node runs.
     #[serde(default)]
     pub kinds: Option<std::collections::BTreeMap<String, DeclaredKind>>,
+}
+
+/// The latest progress of one running attempt (see [`Store::task_progress`](super::Store::task_progress)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressUpdate {
+    pub id: TaskId,
+    /// The claim token of the attempt that reported it.
+    pub token: i64,
+    pub progress: serde_json::Value,
 }
 
 /// What a node declares about a kind it runs: the defaults an enqueuing

@@ -83,6 +83,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0013_node_schedules.sql"),
     include_str!("migrations/0014_node_kinds.sql"),
     include_str!("migrations/0015_task_ref.sql"),
+    include_str!("migrations/0016_task_progress.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -768,6 +769,23 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         PostgresStore::queue_oldest_due(self, now).await
+    }
+
+    async fn task_progress(
+        &self,
+        updates: Vec<super::ProgressUpdate>,
+    ) -> Result<usize, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = updates.iter().map(|u| u.id.0).collect();
+        let tokens: Vec<i64> = updates.iter().map(|u| u.token).collect();
+        let values: Vec<&serde_json::Value> = updates.iter().map(|u| &u.progress).collect();
+        let c = self.conn().await?;
+        let n = self
+            .execute(&c, &self.inner.sql.progress, &[&ids, &tokens, &values])
+            .await?;
+        Ok(n as usize)
     }
 
     async fn schedule_upsert(&self, row: ScheduleRow) -> Result<(), StoreError> {

@@ -96,6 +96,7 @@ pub(super) fn row_to_task(r: &Row) -> Result<Task, StoreError> {
         concurrency_key: r.try_get(col::CONCURRENCY_KEY).map_err(db_err)?,
         claim_token: r.try_get(col::CLAIM_TOKEN).map_err(db_err)?,
         reference: r.try_get(col::REF_NAME).map_err(db_err)?,
+        progress: r.try_get(col::PROGRESS).map_err(db_err)?,
     })
 }
 

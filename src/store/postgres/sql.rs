@@ -49,6 +49,7 @@ pub(super) struct Sql {
     pub audit_append: String,
     pub audit_list: String,
     pub audit_prune: String,
+    pub progress: String,
 }
 
 impl Sql {
@@ -317,6 +318,11 @@ impl Sql {
             audit_list: format!(
                 "SELECT id, at, token, remote, action, target, status, outcome FROM {s}.audit \
                  WHERE id < $1 ORDER BY id DESC LIMIT $2"
+            ),
+            progress: format!(
+                "UPDATE {s}.tasks t SET progress = x.p \
+                 FROM unnest($1::int8[], $2::int8[], $3::jsonb[]) AS x(id, token, p) \
+                 WHERE t.id = x.id AND t.claim_token = x.token"
             ),
             audit_prune: format!(
                 "DELETE FROM {s}.audit WHERE id IN (SELECT id FROM {s}.audit WHERE at < $1 LIMIT $2)"

@@ -69,6 +69,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_node_schedules.sql"),
     include_str!("migrations/0013_node_kinds.sql"),
     include_str!("migrations/0014_task_ref.sql"),
+    include_str!("migrations/0015_task_progress.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -524,6 +525,28 @@ impl Store for SqliteStore {
 
     async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {
         self.read(cluster::queue_paused).await
+    }
+
+    async fn task_progress(
+        &self,
+        updates: Vec<crate::store::ProgressUpdate>,
+    ) -> Result<usize, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        self.write(move |conn| {
+            let mut st = conn
+                .prepare_cached("UPDATE tasks SET progress = ?3 WHERE id = ?1 AND claim_token = ?2")
+                .map_err(sql_err)?;
+            let mut n = 0;
+            for u in &updates {
+                n += st
+                    .execute(rusqlite::params![u.id.0, u.token, u.progress.to_string()])
+                    .map_err(sql_err)?;
+            }
+            Ok(n)
+        })
+        .await
     }
 
     async fn queue_oldest_due(

@@ -23,6 +23,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
     };
     let result: Option<String> = r.get(col::RESULT)?;
     let depends_on: Option<String> = r.get(col::DEPENDS_ON)?;
+    let progress: Option<String> = r.get(col::PROGRESS)?;
     Ok(Task {
         id: TaskId(r.get(col::ID)?),
         kind: r.get(col::KIND)?,
@@ -51,6 +52,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
         concurrency_key: r.get(col::CONCURRENCY_KEY)?,
         claim_token: r.get(col::CLAIM_TOKEN)?,
         reference: r.get(col::REF_NAME)?,
+        progress: progress.map(|s| json(col::PROGRESS, &s)).transpose()?,
     })
 }
 
