@@ -364,7 +364,7 @@ async fn progress_reports_are_coalesced_and_the_latest_is_kept() {
             while started.elapsed() < Duration::from_millis(1000) {
                 i += 1;
                 ctx.progress(json!({ "done": i }))?;
-                if i % 100 == 0 {
+                if i.is_multiple_of(100) {
                     tokio::task::yield_now().await;
                 }
             }
