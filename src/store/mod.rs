@@ -173,6 +173,26 @@ pub(crate) mod col {
     pub const PROGRESS: usize = 21;
 }
 
+/// The earliest due instant per queue from `(queue, earliest of one
+/// priority)` pairs in queue order, as both stores' skip scans of the claim
+/// index yield them (see [`Store::queue_oldest_due`]).
+pub(crate) fn earliest_per_queue<T: Ord>(
+    pairs: impl IntoIterator<Item = (String, T)>,
+) -> Vec<(String, T)> {
+    let mut out: Vec<(String, T)> = Vec::new();
+    for (q, at) in pairs {
+        match out.last_mut() {
+            Some((lq, lat)) if *lq == q => {
+                if at < *lat {
+                    *lat = at;
+                }
+            }
+            _ => out.push((q, at)),
+        }
+    }
+    out
+}
+
 /// A state read back from a store, or a schema error naming the column.
 pub(crate) fn parse_state(s: &str) -> Result<TaskState, StoreError> {
     s.parse()

@@ -72,16 +72,11 @@ impl PostgresStore {
         let rows = self
             .query(&c, &self.inner.sql.queue_oldest_due, &[&now])
             .await?;
-        let mut out: Vec<(String, DateTime<Utc>)> = Vec::new();
-        for r in &rows {
-            let (q, at): (String, DateTime<Utc>) =
-                (r.try_get(0).map_err(db_err)?, r.try_get(1).map_err(db_err)?);
-            match out.last_mut() {
-                Some((lq, lat)) if *lq == q => *lat = (*lat).min(at),
-                _ => out.push((q, at)),
-            }
-        }
-        Ok(out)
+        let pairs = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0).map_err(db_err)?, r.try_get(1).map_err(db_err)?)))
+            .collect::<Result<Vec<(String, DateTime<Utc>)>, StoreError>>()?;
+        Ok(crate::store::earliest_per_queue(pairs))
     }
 
     pub(super) async fn queue_set_paused(

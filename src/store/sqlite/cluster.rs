@@ -56,7 +56,7 @@ pub(super) fn queue_oldest_due(
     let [next, earliest] = oldest_due_sql();
     let mut next = conn.prepare_cached(&next).map_err(sql_err)?;
     let mut earliest = conn.prepare_cached(&earliest).map_err(sql_err)?;
-    let mut out: Vec<(String, i64)> = Vec::new();
+    let mut due: Vec<(String, i64)> = Vec::new();
     // Below every real (queue, priority): the empty name sorts first and
     // priorities are i16.
     let (mut q, mut p) = (String::new(), i64::from(i16::MIN) - 1);
@@ -70,14 +70,11 @@ pub(super) fn queue_oldest_due(
             .query_row(params![nq, np], |r| r.get(0))
             .map_err(sql_err)?;
         if at <= now {
-            match out.last_mut() {
-                Some((lq, lat)) if *lq == nq => *lat = (*lat).min(at),
-                _ => out.push((nq.clone(), at)),
-            }
+            due.push((nq.clone(), at));
         }
         (q, p) = (nq, np);
     }
-    Ok(out)
+    Ok(crate::store::earliest_per_queue(due))
 }
 
 pub(super) fn queue_set_paused(
