@@ -10,21 +10,9 @@ use proto_tasker::store::{ListParams, NodeInfo, PostgresOptions, PostgresStore};
 use proto_tasker::{Store, StoreError};
 
 fn node(name: &str) -> NodeInfo {
-    let now = chrono::Utc::now();
-    NodeInfo {
-        name: name.into(),
-        version: "test".into(),
-        started_at: now,
-        heartbeat_at: now,
-        workers: 1,
-        workers_busy: 0,
-        queues: vec!["default".into()],
-        leader: false,
-        stats: Default::default(),
-        instance: format!("test/{name}"),
-        schedules: None,
-        kinds: None,
-    }
+    let mut n = fixtures::node_info(name, chrono::Utc::now());
+    n.workers = 1;
+    n
 }
 
 /// Server connections whose application name is the store's (`proto_tasker:<schema>`).

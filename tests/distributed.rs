@@ -4,6 +4,8 @@
 
 mod fixtures;
 
+use fixtures::{enqueue_http, wait_for};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -163,14 +165,6 @@ fn start_node_on(dir: &Path, name: &str, store: &str, workers: usize, extra: &st
     }
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Tasks in `state`; a connection the test itself killed may fail one read, so retry.
 async fn count(store: &Arc<dyn Store>, state: TaskState) -> i64 {
     for _ in 0..20 {
@@ -180,25 +174,6 @@ async fn count(store: &Arc<dyn Store>, state: TaskState) -> i64 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the store never answered");
-}
-
-async fn enqueue_http(client: &Client, url: &str, n: usize) -> HashMap<i64, i64> {
-    let mut by_task = HashMap::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let tasks = chunk
-            .iter()
-            .map(|i| {
-                NewTask::new(
-                    "http",
-                    json!({"url": url, "method": "POST", "body": {"n": i}}),
-                )
-            })
-            .collect();
-        for (i, ins) in chunk.iter().zip(client.insert_many(tasks).await.unwrap()) {
-            by_task.insert(ins.task.id.0, *i as i64);
-        }
-    }
-    by_task
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

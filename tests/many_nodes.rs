@@ -4,15 +4,17 @@
 
 mod fixtures;
 
+use fixtures::{enqueue_http, wait_for};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
-use proto_tasker::{Client, NewTask, TaskRegistry, TaskState};
-use serde_json::{Value, json};
+use proto_tasker::{Client, TaskRegistry, TaskState};
+use serde_json::Value;
 
 /// Counts the executions of each task (`{"n": ...}` bodies posted by the
 /// `http` executor).
@@ -77,34 +79,6 @@ fn start_node_on(dir: &Path, name: &str, store: &str, workers: usize) -> NodePro
         .spawn()
         .unwrap();
     NodeProc { child }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Enqueue `n` http tasks; returns task id -> its `n`.
-async fn enqueue_http(client: &Client, url: &str, n: usize) -> HashMap<i64, i64> {
-    let mut by_task = HashMap::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let tasks = chunk
-            .iter()
-            .map(|i| {
-                NewTask::new(
-                    "http",
-                    json!({"url": url, "method": "POST", "body": {"n": i}}),
-                )
-            })
-            .collect();
-        for (i, ins) in chunk.iter().zip(client.insert_many(tasks).await.unwrap()) {
-            by_task.insert(ins.task.id.0, *i as i64);
-        }
-    }
-    by_task
 }
 
 /// Fifty node processes through PgBouncer (transaction mode) on one

@@ -42,20 +42,7 @@ fn claim(queue: &str, node: &str, limit: usize, now: DateTime<Utc>) -> ClaimPara
 }
 
 fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        version: "test".into(),
-        started_at: at,
-        heartbeat_at: at,
-        workers: 4,
-        workers_busy: 0,
-        queues: vec!["default".into()],
-        leader: false,
-        stats: Default::default(),
-        instance: format!("test/{name}"),
-        schedules: None,
-        kinds: None,
-    }
+    fixtures::node_info(name, at)
 }
 
 /// Insert `rows` and return their ids, in order.

@@ -68,6 +68,13 @@ fn registry() -> TaskRegistry {
     r
 }
 
+/// `b` polling every 50 ms, built and started.
+async fn started(b: Builder) -> proto_tasker::WorkerPool {
+    let pool = b.poll_interval(Duration::from_millis(50)).build().unwrap();
+    pool.start().await.unwrap();
+    pool
+}
+
 fn invalid_field(e: ClientError) -> (String, String) {
     match e {
         ClientError::Invalid { field, message } => (field, message),
@@ -78,13 +85,12 @@ fn invalid_field(e: ClientError) -> (String, String) {
 #[tokio::test]
 async fn typed_tasks_run_with_their_kind_and_defaults() {
     let (store, _dir) = fixtures::sqlite_store().await;
-    let pool = Builder::new(store.clone(), registry())
-        .queue("emails", 2)
-        .queue("images", 2)
-        .poll_interval(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    pool.start().await.unwrap();
+    let pool = started(
+        Builder::new(store.clone(), registry())
+            .queue("emails", 2)
+            .queue("images", 2),
+    )
+    .await;
     let client = pool.client();
     let task = client
         .enqueue_typed(SendEmail {
@@ -241,12 +247,7 @@ async fn executors_read_the_data_given_to_the_builder() {
         sent: Default::default(),
         from: "noreply@example.com".into(),
     };
-    let pool = Builder::new(store.clone(), r)
-        .data(mailer)
-        .poll_interval(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    pool.start().await.unwrap();
+    let pool = started(Builder::new(store.clone(), r).data(mailer)).await;
     let client = pool.client();
     let t = client
         .enqueue_typed(Notify { who: "ann".into() })
@@ -293,11 +294,7 @@ async fn a_step_reads_its_parents_by_the_names_given_in_the_batch() {
             Ok::<_, TaskError>(json!([small["bytes"], large["bytes"]]))
         }),
     );
-    let pool = Builder::new(store.clone(), r)
-        .poll_interval(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    pool.start().await.unwrap();
+    let pool = started(Builder::new(store.clone(), r)).await;
     let client = pool.client();
     // The parents come after the step in the batch: names, not positions.
     let out = client
@@ -373,11 +370,7 @@ async fn progress_reports_are_coalesced_and_the_latest_is_kept() {
             Ok::<_, TaskError>(json!(i))
         }),
     );
-    let pool = Builder::new(store.clone(), r)
-        .poll_interval(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    pool.start().await.unwrap();
+    let pool = started(Builder::new(store.clone(), r)).await;
     let client = pool.client();
     let t = client.enqueue("crunch", json!(null)).await.unwrap();
     let done = client.wait(t.id, Duration::from_secs(10)).await.unwrap();
