@@ -40,6 +40,7 @@ pub const MAX_CATCH_UP: usize = 1000;
 
 /// What to do when a schedule's tick comes while its last task is unfinished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Overlap {
     #[default]
@@ -49,6 +50,7 @@ pub enum Overlap {
 
 /// Which missed ticks to enqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CatchUp {
     None,
@@ -63,6 +65,7 @@ fn default_tz() -> String {
 
 /// A schedule as written in the config or sent to the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
     pub name: String,
@@ -325,8 +328,11 @@ impl Schedule {
 
 /// A schedule with its state, as the API shows it.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ScheduleView {
+    /// The spec as stored (a [`ScheduleSpec`]).
     #[serde(flatten)]
+    #[cfg_attr(feature = "server", schema(value_type = ScheduleSpec))]
     pub spec: serde_json::Value,
     pub source: String,
     pub last_tick: DateTime<Utc>,

@@ -92,6 +92,12 @@ enum Command {
     Nodes,
     /// Cron schedules with their next run.
     Schedules,
+    /// Print the OpenAPI 3.1 document of the HTTP API (docs/openapi.json).
+    Openapi {
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The audit trail of operator actions, newest first (admin token).
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -310,6 +316,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             config_load(&file).map_err(|e| Failure::user(e.to_string()))?;
             println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Openapi { out } => {
+            let doc = proto_tasker::server::openapi::document_json();
+            match out {
+                None => print!("{doc}"),
+                Some(path) => std::fs::write(&path, doc)
+                    .map_err(|e| Failure::user(format!("cannot write {}: {e}", path.display())))?,
+            }
             Ok(())
         }
         Command::Migrate => {

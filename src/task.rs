@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// The id of a task: unique within one store, assigned at enqueue, never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct TaskId(pub i64);
 
@@ -28,6 +29,7 @@ impl FromStr for TaskId {
 
 /// Where a task is in its life cycle (see the state machine in the README).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     /// Waiting for its `run_at` to arrive.
@@ -109,6 +111,7 @@ impl FromStr for TaskState {
 
 /// One failed attempt, kept on the task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AttemptError {
     pub attempt: i32,
     pub at: DateTime<Utc>,
@@ -117,6 +120,7 @@ pub struct AttemptError {
 
 /// A task as stored. This is also its JSON shape in the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Task {
     pub id: TaskId,
     pub kind: String,
@@ -173,6 +177,7 @@ pub enum Dependency {
 /// (or is cancelled): it is cancelled (default) or failed, and so are the
 /// tasks that depend on it in turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OnDependencyFailure {
     #[default]

@@ -16,6 +16,7 @@ use crate::task::TaskState;
 /// [`count_cap`]; `capped` names the states that reached it, i.e. "at
 /// least"), and whether it is paused.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct QueueInfo {
     pub name: String,
     pub paused: bool,

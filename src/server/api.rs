@@ -1,4 +1,6 @@
-//! Handlers of the HTTP API (see CONTRACT.md for the routes).
+//! Handlers of the HTTP API. Each carries its `#[utoipa::path]`: the
+//! OpenAPI document (`super::openapi`) is built from these, and answers are
+//! typed structs (not `json!`) so the document shows what is sent.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -6,16 +8,21 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState};
+use super::openapi::{
+    Deleted, Health, NodeList, NodeView, QueueList, QueuePaused, QueueView, RetryError,
+    RetryManyResult, ScheduleList, TaskBatch, TaskPage,
+};
+use super::{ApiError, ApiPath as Path, ApiQuery as Query, AppState};
 use crate::duration;
 use crate::store::{Inserted, ListParams};
 use crate::task::{NewTask, Task, TaskId, TaskOptions, TaskState};
@@ -42,6 +49,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/audit", get(super::audit::list))
         .route("/schedules", get(list_schedules).post(put_schedule))
         .route("/schedules/{name}", axum::routing::delete(delete_schedule))
+        .route("/openapi.json", get(super::openapi::openapi_json))
 }
 
 /// Read a JSON body of at most `limit` bytes; errors name the field.
@@ -71,30 +79,54 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, A
     })
 }
 
-#[derive(Debug, Deserialize)]
+/// A task to create. Only `kind` is required; the rest default to the
+/// kind's registered defaults, then the built-in ones.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateTask {
+pub(crate) struct CreateTask {
+    /// A kind this node runs (else 400 `unknown_kind`).
+    #[schema(example = "noop")]
     kind: String,
+    /// Any JSON (at most `server.max_args_bytes`, 1 MiB by default).
     #[serde(default)]
     args: Value,
+    /// Default: the kind's queue, else `default`.
+    #[schema(min_length = 1, max_length = 255)]
     queue: Option<String>,
+    /// 0 runs first (default 0).
+    #[schema(minimum = 0, maximum = 9)]
     priority: Option<i16>,
+    /// Run no earlier than this instant (not with `delay_ms`).
     run_at: Option<DateTime<Utc>>,
+    /// Run no earlier than now + this many ms (not with `run_at`).
+    #[schema(maximum = 3_153_600_000_000_u64)]
     delay_ms: Option<u64>,
+    /// Attempts before the task fails for good (default: the kind's, else 25).
+    #[schema(minimum = 1)]
     max_attempts: Option<i32>,
+    /// An attempt running longer is cancelled and counts as failed.
+    #[schema(minimum = 1, maximum = 3_153_600_000_000_u64)]
     timeout_ms: Option<u64>,
+    /// While a task of the same kind with this key is unfinished, creating
+    /// another returns that task (200) instead.
+    #[schema(min_length = 1, max_length = 255)]
     unique_key: Option<String>,
     /// Task ids, or (in a batch) the `ref` of another task of the batch.
     #[serde(default)]
     depends_on: Vec<DepRef>,
+    /// What happens to this task when one it waits for fails for good.
     on_dependency_failure: Option<crate::task::OnDependencyFailure>,
+    /// Tasks sharing a key count together against the queue's `per_key_concurrency`.
+    #[schema(max_length = 255)]
     concurrency_key: Option<String>,
-    /// A name other tasks of the same batch use in `depends_on`.
+    /// A name other tasks of the same batch use in `depends_on` (batches only).
     #[serde(rename = "ref")]
+    #[schema(max_length = 255)]
     reference: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A task this one waits for: its id, or (in a batch) its `ref`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 enum DepRef {
     Id(i64),
@@ -217,7 +249,18 @@ fn count_enqueued(state: &AppState, inserted: &[Inserted]) {
 #[cfg(not(feature = "stats"))]
 fn count_enqueued(_state: &AppState, _inserted: &[Inserted]) {}
 
-async fn create_task(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+/// Create a task.
+#[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks", request_body = CreateTask,
+    responses(
+        (status = 201, description = "Created", body = Task),
+        (status = 200, description = "An unfinished task of the same kind holds `unique_key`: that task", body = Task),
+        (status = 400, description = "Bad body: `field` names it (`unknown_kind` for a kind this node does not run)", body = super::openapi::ErrorBody),
+        (status = 413, description = "Body or args too large", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn create_task(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: CreateTask = read_json(body, state.limits.max_body_bytes).await?;
     if req.reference.is_some() {
         return Err(ApiError::bad(
@@ -236,13 +279,26 @@ async fn create_task(State(state): State<AppState>, body: Body) -> Result<Respon
     Ok((status, Json(inserted.task)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Tasks created together, in one transaction: all or none.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBatch {
+pub(crate) struct CreateBatch {
+    /// 1 to `server.max_batch` (10,000 by default) tasks.
+    #[schema(min_items = 1)]
     tasks: Vec<CreateTask>,
 }
 
-async fn create_batch(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+/// Create many tasks at once; they may depend on each other by `ref`.
+#[utoipa::path(post, path = "/api/v1/tasks/batch", tag = "tasks", request_body = CreateBatch,
+    responses(
+        (status = 201, description = "Created (a task whose `unique_key` was held is the existing one)", body = TaskBatch),
+        (status = 400, description = "Bad body: `field` names the task, e.g. `tasks[3].priority`", body = super::openapi::ErrorBody),
+        (status = 413, description = "Body, args or batch too large", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn create_batch(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: CreateBatch = read_json(body, state.limits.max_body_bytes).await?;
     if req.tasks.is_empty() {
         return Err(ApiError::bad("tasks", "must hold at least one task"));
@@ -291,7 +347,7 @@ async fn create_batch(State(state): State<AppState>, body: Body) -> Result<Respo
     let inserted = state.client.insert_many(tasks).await?;
     count_enqueued(&state, &inserted);
     let tasks: Vec<Task> = inserted.into_iter().map(|i| i.task).collect();
-    Ok((StatusCode::CREATED, Json(json!({ "tasks": tasks }))).into_response())
+    Ok((StatusCode::CREATED, Json(TaskBatch { tasks })).into_response())
 }
 
 fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
@@ -299,13 +355,25 @@ fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
         .map_err(|_| ApiError::bad("id", format!("{raw:?} is not a task id")))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct GetQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct GetQuery {
+    /// Long-poll: answer when the task finishes or after this long
+    /// (`30s`, `500ms`, `2m`; at most 300 s), with the task as it is then.
+    #[param(example = "30s", pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h|d)$")]
     wait: Option<String>,
 }
 
-async fn get_task(
+/// One task; with `?wait=`, once it finishes.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks",
+    params(("id" = i64, Path, description = "Task id"), GetQuery),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 400, description = "Bad id or wait", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn get_task(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<GetQuery>,
@@ -344,29 +412,47 @@ async fn get_task(
     Ok(Json(task))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only tasks in this state.
+    #[param(value_type = Option<TaskState>)]
     state: Option<String>,
+    /// Only tasks of this queue (empty: any).
     queue: Option<String>,
+    /// Only tasks of this kind (empty: any).
     kind: Option<String>,
+    /// Page size, 1..=1000 (default 100).
+    #[param(value_type = Option<u16>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// `next_cursor` of the previous page (empty or absent: the first page).
+    #[param(pattern = "^[0-9]*$")]
     cursor: Option<String>,
 }
 
-async fn list_tasks(
+/// Tasks, newest first, a page at a time.
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", params(ListQuery),
+    responses(
+        (status = 200, description = "A page of tasks", body = TaskPage),
+        (status = 400, description = "Bad filter", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn list_tasks(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TaskPage>, ApiError> {
+    // An empty `state` or `limit` is an error like any other value they do
+    // not take; an empty `queue` or `kind` filters nothing, and an empty
+    // `cursor` is the first page.
     let st = match q.state.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(
             s.parse::<TaskState>()
                 .map_err(|e| ApiError::bad("state", e.to_string()))?,
         ),
     };
     let limit = match q.limit.as_deref() {
-        None | Some("") => 100,
+        None => 100,
         Some(l) => l
             .parse::<usize>()
             .ok()
@@ -393,17 +479,38 @@ async fn list_tasks(
     let next = (tasks.len() == limit)
         .then(|| tasks.last().map(|t| t.id.to_string()))
         .flatten();
-    Ok(Json(json!({ "tasks": tasks, "next_cursor": next })))
+    Ok(Json(TaskPage {
+        tasks,
+        next_cursor: next,
+    }))
 }
 
-async fn cancel_task(
+/// Cancel a task that has not finished (a running one is told to stop).
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = i64, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task, cancelled", body = Task),
+        (status = 400, description = "Bad id", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = super::openapi::ErrorBody),
+        (status = 409, description = "The task has finished", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn cancel_task(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Task>, ApiError> {
     Ok(Json(state.client.cancel(parse_id(&id)?).await?))
 }
 
-async fn retry_task(
+/// Run a failed or cancelled task again, with a fresh set of attempts.
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/retry", tag = "tasks",
+    params(("id" = i64, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task, available again", body = Task),
+        (status = 400, description = "Bad id", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = super::openapi::ErrorBody),
+        (status = 409, description = "The task is not failed or cancelled", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn retry_task(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Task>, ApiError> {
@@ -413,15 +520,26 @@ async fn retry_task(
 /// Most ids one bulk retry may name.
 const MAX_BULK: usize = 1000;
 
-#[derive(Deserialize)]
+/// Task ids to retry.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RetryMany {
+pub(crate) struct RetryMany {
+    /// 1 to 1000 ids, as numbers or strings of digits.
+    #[schema(value_type = Vec<i64>, min_items = 1, max_items = 1000)]
     ids: Vec<Value>,
 }
 
-/// Retry many tasks (the dashboard's "retry selected"): `{"ids": [...]}`.
+/// Retry many tasks (the dashboard's "retry selected").
 /// Each id succeeds or fails on its own; the answer lists both.
-async fn retry_many(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/api/v1/tasks/retry", tag = "tasks", request_body = RetryMany,
+    responses(
+        (status = 200, description = "What was retried, and why the others were not", body = RetryManyResult),
+        (status = 400, description = "Bad body", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn retry_many(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Json<RetryManyResult>, ApiError> {
     let req: RetryMany = read_json(body, state.limits.max_body_bytes).await?;
     if req.ids.is_empty() || req.ids.len() > MAX_BULK {
         return Err(ApiError::bad(
@@ -433,7 +551,10 @@ async fn retry_many(State(state): State<AppState>, body: Body) -> Result<Json<Va
     for (i, v) in req.ids.iter().enumerate() {
         let id = match v {
             Value::String(s) => s.parse::<TaskId>().ok(),
-            Value::Number(n) => n.as_i64().map(TaskId),
+            // JSON has one number type: `7.0` is the integer 7 (as
+            // JSON Schema's `integer` says), so clients that write
+            // integers as floats are understood.
+            Value::Number(n) => n.as_i64().or_else(|| integral(n.as_f64()?)).map(TaskId),
             _ => None,
         };
         ids.push(
@@ -450,11 +571,22 @@ async fn retry_many(State(state): State<AppState>, body: Body) -> Result<Json<Va
                 if e.status == StatusCode::SERVICE_UNAVAILABLE {
                     return Err(e);
                 }
-                errors.push(json!({"id": id.to_string(), "code": e.code, "message": e.message}));
+                errors.push(RetryError {
+                    id: id.to_string(),
+                    code: e.code.to_string(),
+                    message: e.message,
+                });
             }
         }
     }
-    Ok(Json(json!({ "retried": retried, "errors": errors })))
+    Ok(Json(RetryManyResult { retried, errors }))
+}
+
+/// `f` as an i64 when it is a whole number that a float holds exactly
+/// (|f| <= 2^53: past that, a float names several integers).
+fn integral(f: f64) -> Option<i64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    (f.fract() == 0.0 && f.abs() <= EXACT).then_some(f as i64)
 }
 
 /// The queues this node serves, which are known even before they hold tasks.
@@ -462,28 +594,31 @@ fn local_queues(state: &AppState) -> impl Iterator<Item = String> + '_ {
     state.pool.queues().iter().map(|(q, _)| q.clone())
 }
 
-async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Every queue known to the cluster, with its counts by state.
+#[utoipa::path(get, path = "/api/v1/queues", tag = "queues",
+    responses((status = 200, description = "The queues", body = QueueList)))]
+pub(crate) async fn list_queues(
+    State(state): State<AppState>,
+) -> Result<Json<QueueList>, ApiError> {
     let local: BTreeMap<_, _> = state.pool.queues().iter().cloned().collect();
-    let out: Vec<Value> = state
+    let queues = state
         .client
         .queues(local_queues(&state))
         .await?
         .into_iter()
-        .map(|q| {
-            json!({
-                "name": q.name,
-                "paused": q.paused,
-                "concurrency": local.get(&q.name),
-                "counts": q.counts,
-                "capped": q.capped,
-                "lag_seconds": q.lag_seconds,
-            })
+        .map(|info| QueueView {
+            concurrency: local.get(&info.name).copied(),
+            info,
         })
         .collect();
-    Ok(Json(json!({ "queues": out })))
+    Ok(Json(QueueList { queues }))
 }
 
-async fn set_paused(state: AppState, queue: String, paused: bool) -> Result<Json<Value>, ApiError> {
+async fn set_paused(
+    state: AppState,
+    queue: String,
+    paused: bool,
+) -> Result<Json<QueuePaused>, ApiError> {
     let known = state.client.queues(local_queues(&state)).await?;
     if !known.iter().any(|q| q.name == queue) {
         return Err(ApiError::new(
@@ -495,49 +630,79 @@ async fn set_paused(state: AppState, queue: String, paused: bool) -> Result<Json
     }
     state.client.queue_set_paused(&queue, paused).await?;
     tracing::info!(queue = %queue, paused, "queue {}", if paused { "paused" } else { "resumed" });
-    Ok(Json(json!({ "name": queue, "paused": paused })))
+    Ok(Json(QueuePaused {
+        name: queue,
+        paused,
+    }))
 }
 
-async fn pause_queue(
+/// Stop every node claiming from a queue (running tasks finish).
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/pause", tag = "queues",
+    params(("queue" = String, Path, description = "Queue name")),
+    responses(
+        (status = 200, description = "Paused", body = QueuePaused),
+        (status = 404, description = "No such queue", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn pause_queue(
     State(state): State<AppState>,
     Path(queue): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QueuePaused>, ApiError> {
     set_paused(state, queue, true).await
 }
 
-async fn resume_queue(
+/// Let nodes claim from a paused queue again.
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/resume", tag = "queues",
+    params(("queue" = String, Path, description = "Queue name")),
+    responses(
+        (status = 200, description = "Resumed", body = QueuePaused),
+        (status = 404, description = "No such queue", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn resume_queue(
     State(state): State<AppState>,
     Path(queue): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QueuePaused>, ApiError> {
     set_paused(state, queue, false).await
 }
 
-async fn list_nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// The live nodes of the cluster.
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "The nodes", body = NodeList)))]
+pub(crate) async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>, ApiError> {
     let now = Utc::now();
-    let nodes: Vec<Value> = state
+    let nodes = state
         .client
         .nodes()
         .await?
         .into_iter()
-        .map(|n| {
-            let age = (now - n.heartbeat_at).num_milliseconds().max(0);
-            let mut v = serde_json::to_value(&n).unwrap_or(Value::Null);
-            if let Some(o) = v.as_object_mut() {
-                o.insert("heartbeat_age_ms".into(), json!(age));
-            }
-            v
+        .map(|info| NodeView {
+            heartbeat_age_ms: (now - info.heartbeat_at).num_milliseconds().max(0),
+            info,
         })
         .collect();
-    Ok(Json(json!({ "nodes": nodes })))
+    Ok(Json(NodeList { nodes }))
 }
 
-async fn list_schedules(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let views = state.client.schedules().await?;
-    Ok(Json(json!({ "schedules": views })))
+/// Every schedule, from the config files and the API.
+#[utoipa::path(get, path = "/api/v1/schedules", tag = "schedules",
+    responses((status = 200, description = "The schedules", body = ScheduleList)))]
+pub(crate) async fn list_schedules(
+    State(state): State<AppState>,
+) -> Result<Json<ScheduleList>, ApiError> {
+    let schedules = state.client.schedules().await?;
+    Ok(Json(ScheduleList { schedules }))
 }
 
 /// Add a schedule, or replace the one of the same name.
-async fn put_schedule(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+#[utoipa::path(post, path = "/api/v1/schedules", tag = "schedules",
+    request_body = crate::cron::ScheduleSpec,
+    responses(
+        (status = 201, description = "Stored", body = crate::cron::ScheduleView),
+        (status = 400, description = "Bad spec: `field` names it", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn put_schedule(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let spec: crate::cron::ScheduleSpec = read_json(body, state.limits.max_body_bytes).await?;
     if !state.registry.contains(&spec.kind) {
         return Err(
@@ -546,15 +711,22 @@ async fn put_schedule(State(state): State<AppState>, body: Body) -> Result<Respo
         );
     }
     let view = state.client.schedule_put(spec).await?;
-    Ok((StatusCode::CREATED, Json(json!(view))).into_response())
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn delete_schedule(
+/// Remove a schedule (tasks it already enqueued stay).
+#[utoipa::path(delete, path = "/api/v1/schedules/{name}", tag = "schedules",
+    params(("name" = String, Path, description = "Schedule name")),
+    responses(
+        (status = 200, description = "Removed", body = Deleted),
+        (status = 404, description = "No such schedule", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn delete_schedule(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     if state.client.schedule_delete(&name).await? {
-        Ok(Json(json!({ "deleted": name })))
+        Ok(Json(Deleted { deleted: name }))
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -565,13 +737,27 @@ async fn delete_schedule(
     }
 }
 
-pub(crate) async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "probes", security(),
+    responses((status = 200, description = "Alive", body = Health)))]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
+/// Readiness: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = "probes", security(),
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "The store does not answer", body = super::openapi::ErrorBody),
+    ))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     match state.client.ping().await {
-        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Ok(_) => Json(Health {
+            status: "ready".into(),
+        })
+        .into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }

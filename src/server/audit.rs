@@ -15,7 +15,6 @@ use axum::response::Response;
 
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::auth::Caller;
 use super::{ApiError, AppState};
@@ -79,18 +78,36 @@ pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Ne
     resp
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct AuditQuery {
+    /// Page size, 1..=500 (default 50; larger values are cut to 500).
+    #[param(minimum = 0)]
     limit: Option<usize>,
+    /// `next_cursor` of the previous page (empty or absent: the first page).
+    #[param(pattern = "^[0-9]*$")]
     cursor: Option<String>,
 }
 
-/// The audit trail, newest first, 50 a page (`?limit=` up to 500, `?cursor=`).
+/// A page of the audit trail.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct AuditPage {
+    entries: Vec<AuditEntry>,
+    /// Pass as `?cursor=` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// The audit trail of operator actions, newest first (admin role).
+#[utoipa::path(get, path = "/api/v1/audit", tag = "cluster", params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of the trail", body = AuditPage),
+        (status = 400, description = "Bad cursor or limit", body = super::openapi::ErrorBody),
+    ))]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
+    super::ApiQuery(q): super::ApiQuery<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let before = match q.cursor.as_deref() {
         None | Some("") => None,
@@ -103,5 +120,8 @@ pub(crate) async fn list(
     let next = (entries.len() == limit)
         .then(|| entries.last().map(|e| e.id.to_string()))
         .flatten();
-    Ok(Json(json!({ "entries": entries, "next_cursor": next })))
+    Ok(Json(AuditPage {
+        entries,
+        next_cursor: next,
+    }))
 }

@@ -22,12 +22,12 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use axum::Json;
-use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 
 /// What a token may do; each role may do all the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
@@ -160,8 +160,23 @@ pub(crate) async fn require_token(
 }
 
 /// The caller's token name and role (the dashboard shows only what it may do).
-pub(crate) async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Value> {
-    Json(json!({"token": caller.token, "role": caller.role}))
+/// Who the caller is: the token's name and role.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Whoami {
+    /// The token's name (`default` for `server.auth_token`, `anonymous`
+    /// when the node sets no token).
+    token: String,
+    role: Role,
+}
+
+/// The caller's token name and role (the dashboard shows them).
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "cluster",
+    responses((status = 200, description = "The caller", body = Whoami)))]
+pub(crate) async fn whoami(axum::Extension(caller): axum::Extension<Caller>) -> Json<Whoami> {
+    Json(Whoami {
+        token: caller.token.to_string(),
+        role: caller.role,
+    })
 }
 
 #[cfg(test)]

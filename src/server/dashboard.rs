@@ -23,12 +23,11 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 use crate::store::{NodeInfo, NodeStats};
@@ -39,7 +38,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 pub const KEEP: Duration = Duration::from_secs(30 * 60);
 
 /// The counters' increase over one sampling interval, summed over the nodes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Sample {
     pub at: DateTime<Utc>,
     pub completed: u64,
@@ -160,21 +159,43 @@ pub async fn run_sampler(state: AppState) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct StatsQuery {
+    /// How far back, 1..=30 (default 10).
+    #[param(value_type = Option<u8>, minimum = 1, maximum = 30)]
     minutes: Option<String>,
+    /// Seconds per bucket, 1..=3600 (default 10).
+    #[param(value_type = Option<u16>, minimum = 1, maximum = 3600)]
     step: Option<String>,
 }
 
-/// `GET /api/v1/stats?minutes=10&step=10`: tasks completed, failed for good,
-/// retried and cancelled per `step` seconds over the last `minutes`, summed
-/// over the cluster's nodes, with the cluster's current totals.
+/// Cluster throughput (the dashboard's chart).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct Stats {
+    step_seconds: i64,
+    /// How often the serving node samples the nodes' counters.
+    sample_every_ms: u64,
+    /// Oldest first; each counts what happened from its `at` for `step_seconds`.
+    buckets: Vec<Sample>,
+    /// The live nodes' counters since each started.
+    totals: NodeStats,
+}
+
+/// Tasks completed, failed for good, retried and cancelled per `step`
+/// seconds over the last `minutes`, summed over the cluster's nodes, with
+/// the cluster's current totals.
+#[utoipa::path(get, path = "/api/v1/stats", tag = "cluster", params(StatsQuery),
+    responses(
+        (status = 200, description = "Throughput", body = Stats),
+        (status = 400, description = "Bad minutes or step", body = super::openapi::ErrorBody),
+    ))]
 pub(crate) async fn stats(
     State(state): State<AppState>,
-    Query(q): Query<StatsQuery>,
-) -> Result<Json<Value>, ApiError> {
+    super::ApiQuery(q): super::ApiQuery<StatsQuery>,
+) -> Result<Json<Stats>, ApiError> {
     let num = |v: &Option<String>, field: &str, default: i64, max: i64| match v.as_deref() {
-        None | Some("") => Ok(default),
+        None => Ok(default),
         Some(s) => s
             .parse::<i64>()
             .ok()
@@ -190,20 +211,7 @@ pub(crate) async fn stats(
     let end_ms = (now.timestamp_millis() / step_ms + 1) * step_ms;
     let to = DateTime::<Utc>::from_timestamp_millis(end_ms).unwrap_or(now);
     let from = to - chrono::Duration::minutes(minutes);
-    let buckets: Vec<Value> = state
-        .history
-        .buckets(from, to, step)
-        .into_iter()
-        .map(|b| {
-            json!({
-                "at": b.at,
-                "completed": b.completed,
-                "failed": b.failed,
-                "retried": b.retried,
-                "cancelled": b.cancelled,
-            })
-        })
-        .collect();
+    let buckets = state.history.buckets(from, to, step);
     let mut totals = NodeStats::default();
     for n in state.client.nodes().await? {
         totals.completed += n.stats.completed;
@@ -211,12 +219,12 @@ pub(crate) async fn stats(
         totals.retried += n.stats.retried;
         totals.cancelled += n.stats.cancelled;
     }
-    Ok(Json(json!({
-        "step_seconds": step.num_seconds(),
-        "sample_every_ms": SAMPLE_EVERY.as_millis() as u64,
-        "buckets": buckets,
-        "totals": totals,
-    })))
+    Ok(Json(Stats {
+        step_seconds: step.num_seconds(),
+        sample_every_ms: SAMPLE_EVERY.as_millis() as u64,
+        buckets,
+        totals,
+    }))
 }
 
 #[derive(Template)]

@@ -251,7 +251,13 @@ impl PoolObserver for Metrics {
     }
 }
 
-/// GET /metrics: refresh the gauges, then encode everything.
+/// Prometheus metrics in the text exposition format (the README's
+/// "Metrics" lists the series). No token needed.
+#[utoipa::path(get, path = "/metrics", tag = "probes", security(),
+    responses(
+        (status = 200, description = "The metrics", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 404, description = "Metrics are off on this node", body = super::openapi::ErrorBody),
+    ))]
 pub(crate) async fn handler(State(state): State<AppState>) -> Response {
     let Some(m) = state.metrics.clone() else {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "metrics are off")

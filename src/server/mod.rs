@@ -18,6 +18,7 @@ pub mod dashboard;
 pub mod guard;
 #[cfg(feature = "stats")]
 pub mod metrics;
+pub mod openapi;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -218,6 +219,44 @@ impl From<ClientError> for ApiError {
                 format!("task {id} did not finish"),
             ),
         }
+    }
+}
+
+/// `Query<T>` whose rejection is an [`ApiError`] (400, `field: "query"`),
+/// so a bad query string gets the API's error shape, not axum's plain text.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|axum::extract::Query(q)| ApiQuery(q))
+            .map_err(|e| ApiError::bad("query", e.body_text()))
+    }
+}
+
+/// `Path<T>` whose rejection is an [`ApiError`] (400, `field: "path"`).
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiPath<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(p)| ApiPath(p))
+            .map_err(|e| ApiError::bad("path", e.body_text()))
     }
 }
 

@@ -193,6 +193,7 @@ impl PruneParams {
 
 /// A node as registered in the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct NodeInfo {
     pub name: String,
     pub version: String,
@@ -235,6 +236,7 @@ pub struct ProgressUpdate {
 /// What a node declares about a kind it runs: the defaults an enqueuing
 /// client applies when the caller leaves them unset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeclaredKind {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
@@ -247,6 +249,7 @@ pub struct DeclaredKind {
 /// Attempt outcomes a node's pool counted since it started. The dashboard
 /// sums these over the cluster's nodes and plots the differences.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct NodeStats {
     #[serde(default)]
     pub completed: u64,
@@ -341,6 +344,7 @@ pub struct ScheduleFire {
 
 /// One operator action, as the audit trail keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     /// Assigned by the store (0 before).
     pub id: i64,
