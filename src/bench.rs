@@ -34,6 +34,47 @@ pub struct BenchParams {
     /// Clients waiting (`Client::wait`, what a long-poll does) on tasks
     /// due in an hour while the drain and latency phases run.
     pub waiters: usize,
+    /// Show a status line on stderr while it runs (the CLI sets it when
+    /// stderr is a terminal; piped, it prints nothing but the report).
+    pub progress: bool,
+}
+
+/// A status line on stderr for a person watching: rewritten in place at
+/// most four times a second and erased when dropped. Off, it prints nothing.
+#[derive(Debug)]
+pub struct Progress {
+    on: bool,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    pub fn new(on: bool) -> Self {
+        Progress { on, last: None }
+    }
+
+    /// Show `line()` unless a line was shown less than 250 ms ago.
+    pub fn show(&mut self, line: impl FnOnce() -> String) {
+        if !self.on
+            || self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(250))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[2K{}", line());
+        let _ = err.flush();
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.on && self.last.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +160,7 @@ pub async fn run(
     let pool = &pools[0];
     let client = pool.client();
 
+    let mut progress = Progress::new(p.progress);
     // Phase 1: bulk enqueue.
     let mut batch_hist = new_hist();
     let start = Instant::now();
@@ -138,6 +180,7 @@ pub async fn run(
         client.insert_many(batch).await?;
         let _ = batch_hist.record(t.elapsed().as_micros().max(1) as u64);
         left -= n;
+        progress.show(|| format!("enqueue: {} of {} tasks", p.tasks - left, p.tasks));
     }
     let enqueue_secs = start.elapsed().as_secs_f64();
 
@@ -185,6 +228,14 @@ pub async fn run(
     };
     while (completed() as usize) < p.tasks {
         tokio::time::sleep(Duration::from_millis(2)).await;
+        progress.show(|| {
+            let done = completed();
+            format!(
+                "drain: {done} of {} tasks, {:.0}/s",
+                p.tasks,
+                done as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            )
+        });
     }
     let drain_secs = start.elapsed().as_secs_f64();
 
@@ -199,6 +250,7 @@ pub async fn run(
         let mut inflight = tokio::task::JoinSet::new();
         for i in 0..total {
             tokio::time::sleep_until(begin + interval.mul_f64(i as f64)).await;
+            progress.show(|| format!("latency: {i} of {total} tasks at {}/s", p.rate));
             let c = client.clone();
             inflight.spawn(async move {
                 c.insert(
@@ -269,11 +321,13 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-/// What `bench --server` measures: task creation over the HTTP API.
+/// What `bench --api` measures: task creation over the HTTP API.
 #[derive(Debug, Clone)]
 pub struct HttpBenchParams {
     pub server: String,
     pub token: Option<String>,
+    /// See [`BenchParams::progress`].
+    pub progress: bool,
     /// Tasks sent through POST /tasks/batch.
     pub tasks: usize,
     pub batch: usize,
@@ -321,7 +375,10 @@ async fn blast(
     token: Option<&str>,
     bodies: Vec<serde_json::Value>,
     concurrency: usize,
+    progress: &mut Progress,
 ) -> Result<(f64, Histogram<u64>), Box<dyn std::error::Error>> {
+    let total = bodies.len();
+    let mut sent = 0;
     use futures::StreamExt;
     let start = Instant::now();
     let mut hist = new_hist();
@@ -345,6 +402,8 @@ async fn blast(
             return Err(format!("{url}: HTTP {status}").into());
         }
         let _ = hist.record(took.as_micros().max(1) as u64);
+        sent += 1;
+        progress.show(|| format!("{url}: {sent} of {total} requests"));
     }
     Ok((start.elapsed().as_secs_f64(), hist))
 }
@@ -355,6 +414,7 @@ pub async fn run_http(p: HttpBenchParams) -> Result<HttpBenchReport, Box<dyn std
         .pool_max_idle_per_host(p.concurrency.max(1))
         .build()?;
     let base = format!("{}/api/v1", p.server.trim_end_matches('/'));
+    let mut progress = Progress::new(p.progress);
     let task = serde_json::json!({"kind": p.kind, "args": {}});
     let batches: Vec<serde_json::Value> = (0..p.tasks.div_ceil(p.batch.max(1)))
         .map(|i| {
@@ -368,6 +428,7 @@ pub async fn run_http(p: HttpBenchParams) -> Result<HttpBenchReport, Box<dyn std
         p.token.as_deref(),
         batches,
         p.concurrency,
+        &mut progress,
     )
     .await?;
     let singles = vec![task; p.singles];
@@ -377,6 +438,7 @@ pub async fn run_http(p: HttpBenchParams) -> Result<HttpBenchReport, Box<dyn std
         p.token.as_deref(),
         singles,
         p.concurrency,
+        &mut progress,
     )
     .await?;
     Ok(HttpBenchReport {

@@ -15,45 +15,66 @@ use reqwest::Method;
 use serde_json::Value;
 
 /// A durable, distributed task scheduler.
+///
+/// Without a command, runs a node (`serve`).
 #[derive(Parser, Debug)]
 #[command(name = "proto_tasker", version, about)]
 struct Cli {
-    /// Config file (YAML or JSON). Without it the node runs on built-in
-    /// defaults: store ./proto_tasker.db, HTTP on 127.0.0.1:8080.
-    #[arg(long, global = true, env = "PROTO_TASKER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Log format of a node (overrides log.format).
-    #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
-    /// The node's API, for client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "PROTO_TASKER_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    server: String,
-    /// Bearer token for the API.
-    #[arg(
-        long,
-        global = true,
-        env = "PROTO_TASKER_TOKEN",
-        hide_env_values = true
-    )]
+    #[command(flatten)]
+    node: NodeOpts,
+    // The client options are also taken before the command
+    // (`proto_tasker --server URL list`), as earlier versions did, but
+    // each command's --help shows only its own.
+    #[arg(long, hide = true)]
+    server: Option<String>,
+    #[arg(long, hide = true)]
     token: Option<String>,
-    /// Print client command output as JSON.
-    #[arg(long, global = true)]
+    #[arg(long, hide = true)]
     json: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// The options of a node (`serve`, and no command at all).
+#[derive(clap::Args, Debug, Clone, Default)]
+struct NodeOpts {
+    /// Config file (YAML or JSON). Without it the node runs on built-in
+    /// defaults: store ./proto_tasker.db, HTTP on 127.0.0.1:8080.
+    #[arg(long, env = "PROTO_TASKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format of a node (overrides log.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// Where a client command sends its request, and how it shows the answer.
+#[derive(clap::Args, Debug, Clone)]
+struct ClientOpts {
+    /// The node's API.
+    #[arg(
+        long,
+        env = "PROTO_TASKER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// Bearer token for the API.
+    #[arg(long, env = "PROTO_TASKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node (the default command).
-    Serve,
+    Serve(NodeOpts),
     /// Create or upgrade the store's schema.
-    Migrate,
+    Migrate {
+        /// Config file whose `store` to migrate (default: ./proto_tasker.db).
+        #[arg(long, env = "PROTO_TASKER_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Work with config files.
     Config {
         #[command(subcommand)]
@@ -64,34 +85,83 @@ enum Command {
     /// Enqueue a task through the API.
     Submit(SubmitArgs),
     /// Show one task.
-    Status { id: String },
+    Status {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// List tasks, newest first.
     List {
+        #[command(flatten)]
+        client: ClientOpts,
+        /// Only tasks in this state (scheduled, available, running,
+        /// retryable, completed, failed, cancelled, blocked).
         #[arg(long)]
         state: Option<String>,
+        /// Only tasks of this queue.
         #[arg(long)]
         queue: Option<String>,
+        /// Only tasks of this kind.
         #[arg(long)]
         kind: Option<String>,
+        /// Tasks per page (1 to 1000).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// The page after this cursor (printed under the previous page).
         #[arg(long)]
         cursor: Option<String>,
     },
     /// Cancel a task (a running one is stopped on its node).
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Run a failed or cancelled task again.
-    Retry { id: String },
+    Retry {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Queues with counts by state.
-    Queues,
+    Queues {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Stop every node from claiming a queue's tasks.
-    Pause { queue: String },
+    Pause {
+        queue: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Let nodes claim a paused queue's tasks again.
-    Resume { queue: String },
+    Resume {
+        queue: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Nodes of the cluster, their heartbeats and the leader.
-    Nodes,
+    Nodes {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Cron schedules with their next run.
-    Schedules,
+    Schedules {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Print a shell's completion script, e.g.
+    /// `proto_tasker completions bash > /etc/bash_completion.d/proto_tasker`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one per command into --out.
+    Man {
+        /// A directory to write proto_tasker.1 and proto_tasker-COMMAND.1 into.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the OpenAPI 3.1 document of the HTTP API (docs/openapi.json).
     Openapi {
         /// Write it to this file instead of standard output.
@@ -100,6 +170,8 @@ enum Command {
     },
     /// The audit trail of operator actions, newest first (admin token).
     Audit {
+        #[command(flatten)]
+        client: ClientOpts,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         #[arg(long)]
@@ -116,6 +188,8 @@ enum ConfigAction {
 #[derive(clap::Args, Debug)]
 struct SubmitArgs {
     kind: String,
+    #[command(flatten)]
+    client: ClientOpts,
     /// The task's args as JSON.
     #[arg(long)]
     args: Option<String>,
@@ -209,6 +283,12 @@ struct BenchArgs {
     /// Task kind created in the --api mode.
     #[arg(long, default_value = "noop")]
     kind: String,
+    /// Bearer token of the node in the --api mode.
+    #[arg(long, env = "PROTO_TASKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -308,15 +388,39 @@ fn show(v: &Value) {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let remote = || cli::Remote::new(&cli.server, cli.token.clone());
-    let json = cli.json;
-    match cli.command.unwrap_or(Command::Serve) {
+    // A client command's options, with those given before the command.
+    let early = (cli.server, cli.token, cli.json);
+    let client = |c: ClientOpts| -> Result<(cli::Remote, bool), Failure> {
+        let server = early.0.clone().unwrap_or(c.server);
+        let token = early.1.clone().or(c.token);
+        Ok((cli::Remote::new(&server, token)?, early.2 || c.json))
+    };
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Serve(cli.node.clone()))
+    {
         Command::Config {
             action: ConfigAction::Check { file },
         } => {
             config_load(&file).map_err(|e| Failure::user(e.to_string()))?;
             println!("{}: ok", file.display());
             Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "proto_tasker", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match out {
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .map_err(|e| Failure::user(format!("cannot print the man page: {e}"))),
+                Some(dir) => clap_mangen::generate_to(cmd, &dir).map_err(|e| {
+                    Failure::user(format!("cannot write man pages to {}: {e}", dir.display()))
+                }),
+            }
         }
         Command::Openapi { out } => {
             let doc = proto_tasker::server::openapi::document_json();
@@ -327,8 +431,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Migrate => {
-            let cfg = load_config(cli.config.as_ref())?;
+        Command::Migrate { config } => {
+            let cfg = load_config(config.or(cli.node.config).as_ref())?;
             proto_tasker::node::open_store(&cfg.store)
                 .await?
                 .migrate()
@@ -336,9 +440,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("schema is up to date");
             Ok(())
         }
-        Command::Serve => {
-            let mut cfg = load_config(cli.config.as_ref())?;
-            if let Some(f) = cli.log_format {
+        Command::Serve(opts) => {
+            let mut cfg = load_config(opts.config.or(cli.node.config).as_ref())?;
+            if let Some(f) = opts.log_format.or(cli.node.log_format) {
                 cfg.log.format = f;
             }
             init_logging(&cfg);
@@ -348,9 +452,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Bench(args) => match args.api.clone() {
             Some(api) => {
+                let json = args.json || early.2;
                 let report = bench::run_http(bench::HttpBenchParams {
                     server: api,
-                    token: cli.token.clone(),
+                    token: args.token.clone().or(early.1.clone()),
+                    progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                     tasks: args.tasks,
                     batch: args.batch,
                     singles: args.singles,
@@ -366,12 +472,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 Ok(())
             }
-            None => run_bench(args, json).await,
+            None => {
+                let json = args.json || early.2;
+                run_bench(args, json).await
+            }
         },
-        Command::Submit(a) => submit(&remote()?, a, json).await,
-        Command::Status { id } => {
+        Command::Submit(a) => {
+            let (remote, json) = client(a.client.clone())?;
+            submit(&remote, a, json).await
+        }
+        Command::Status { id, client: c } => {
+            let (remote, json) = client(c)?;
             let path = format!("/tasks/{}", cli::query_escape(&id));
-            let (_, t) = remote()?.call(Method::GET, &path, None).await?;
+            let (_, t) = remote.call(Method::GET, &path, None).await?;
             if json {
                 show(&t)
             } else {
@@ -380,6 +493,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::List {
+            client: c,
             state,
             queue,
             kind,
@@ -397,7 +511,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     q.push(format!("{k}={}", cli::query_escape(&v)));
                 }
             }
-            let (_, page) = remote()?
+            let (remote, json) = client(c)?;
+            let (_, page) = remote
                 .call(Method::GET, &format!("/tasks?{}", q.join("&")), None)
                 .await?;
             if json {
@@ -415,10 +530,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Cancel { id } => task_action(&remote()?, &id, "cancel", json).await,
-        Command::Retry { id } => task_action(&remote()?, &id, "retry", json).await,
-        Command::Queues => {
-            let (_, v) = remote()?.call(Method::GET, "/queues", None).await?;
+        Command::Cancel { id, client: c } => {
+            let (remote, json) = client(c)?;
+            task_action(&remote, &id, "cancel", json).await
+        }
+        Command::Retry { id, client: c } => {
+            let (remote, json) = client(c)?;
+            task_action(&remote, &id, "retry", json).await
+        }
+        Command::Queues { client: c } => {
+            let (remote, json) = client(c)?;
+            let (_, v) = remote.call(Method::GET, "/queues", None).await?;
             if json {
                 show(&v)
             } else {
@@ -426,14 +548,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Pause { queue } => queue_action(&remote()?, &queue, "pause", json).await,
-        Command::Resume { queue } => queue_action(&remote()?, &queue, "resume", json).await,
-        Command::Audit { limit, cursor } => {
+        Command::Pause { queue, client: c } => {
+            let (remote, json) = client(c)?;
+            queue_action(&remote, &queue, "pause", json).await
+        }
+        Command::Resume { queue, client: c } => {
+            let (remote, json) = client(c)?;
+            queue_action(&remote, &queue, "resume", json).await
+        }
+        Command::Audit {
+            client: c,
+            limit,
+            cursor,
+        } => {
+            let (remote, json) = client(c)?;
             let mut path = format!("/audit?limit={limit}");
             if let Some(c) = cursor {
                 path.push_str(&format!("&cursor={}", cli::query_escape(&c)));
             }
-            let (_, page) = remote()?.call(Method::GET, &path, None).await?;
+            let (_, page) = remote.call(Method::GET, &path, None).await?;
             if json {
                 show(&page);
             } else {
@@ -459,8 +592,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Schedules => {
-            let (_, v) = remote()?.call(Method::GET, "/schedules", None).await?;
+        Command::Schedules { client: c } => {
+            let (remote, json) = client(c)?;
+            let (_, v) = remote.call(Method::GET, "/schedules", None).await?;
             if json {
                 show(&v)
             } else {
@@ -468,8 +602,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Nodes => {
-            let (_, v) = remote()?.call(Method::GET, "/nodes", None).await?;
+        Command::Nodes { client: c } => {
+            let (remote, json) = client(c)?;
+            let (_, v) = remote.call(Method::GET, "/nodes", None).await?;
             if json {
                 show(&v)
             } else {
@@ -564,6 +699,7 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
         },
         keys: a.keys,
         waiters: a.waiters,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let nodes = a.nodes.max(1);
     let options = bench::BenchStoreOptions {

@@ -254,3 +254,175 @@ fn audit_lists_operator_actions() {
     assert_eq!(v["entries"].as_array().unwrap().len(), 1);
     assert!(v["next_cursor"].is_string());
 }
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("PROTO_TASKER_TOKEN")
+        .env_remove("PROTO_TASKER_SERVER")
+        .output()
+        .unwrap()
+}
+
+/// The long options `--help` of `args` lists.
+fn options_in_help(args: &[&str]) -> Vec<String> {
+    let mut a = args.to_vec();
+    a.push("--help");
+    let out = run(&a);
+    assert!(out.status.success(), "{out:?}");
+    stdout(&out)
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|l| l.split([' ', '=']).next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn each_command_help_lists_only_its_own_options() {
+    let bench = options_in_help(&["bench"]);
+    for other in ["server", "config", "log-format"] {
+        assert!(
+            !bench.contains(&other.to_string()),
+            "bench --help lists --{other}: {bench:?}"
+        );
+    }
+    assert!(bench.contains(&"tasks".to_string()), "{bench:?}");
+    let list = options_in_help(&["list"]);
+    for own in ["server", "token", "json", "state", "cursor"] {
+        assert!(list.contains(&own.to_string()), "list --help: {list:?}");
+    }
+    assert!(!list.contains(&"config".to_string()), "{list:?}");
+    let serve = options_in_help(&["serve"]);
+    assert!(serve.contains(&"config".to_string()), "{serve:?}");
+    assert!(!serve.contains(&"server".to_string()), "{serve:?}");
+    let top = options_in_help(&[]);
+    assert!(!top.contains(&"server".to_string()), "{top:?}");
+}
+
+#[test]
+fn client_options_work_after_the_command_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "");
+    let out = run(&["queues", "--server", &node.url, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("--json after the command");
+    assert!(v["queues"].is_array(), "{v}");
+}
+
+#[test]
+fn bash_completion_completes_commands_and_their_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("proto_tasker.bash");
+    let out = run(&["completions", "bash"]);
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // Ask the completion function what bash would offer (bash calls it
+    // with the command, the word being completed and the one before).
+    let complete = |line: &str| -> String {
+        let words: Vec<&str> = line.split(' ').collect();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; \
+                 COMP_POINT=${{#COMP_LINE}}; \
+                 _proto_tasker proto_tasker \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+                 echo \"${{COMPREPLY[@]}}\"",
+                script.display(),
+                words.join(" "),
+                words.len() - 1
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        stdout(&out)
+    };
+    let commands = complete("proto_tasker li");
+    assert!(
+        commands.split_whitespace().any(|w| w == "list"),
+        "{commands}"
+    );
+    let options = complete("proto_tasker bench --ta");
+    assert!(
+        options.split_whitespace().any(|w| w == "--tasks"),
+        "{options}"
+    );
+}
+
+#[test]
+fn completions_for_zsh_and_fish_name_the_commands() {
+    for (shell, marker) in [
+        ("zsh", "#compdef proto_tasker"),
+        ("fish", "complete -c proto_tasker"),
+    ] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let text = stdout(&out);
+        assert!(text.contains(marker), "{shell}: no {marker:?}");
+        assert!(text.contains("schedules"), "{shell}: commands missing");
+    }
+    let bad = run(&["completions", "cmd.exe"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+}
+
+#[test]
+fn man_pages_render_without_warnings() {
+    let out = run(&["man"]);
+    assert!(out.status.success(), "{out:?}");
+    let page = stdout(&out);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH proto_tasker 1"),
+        "{page}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let written = run(&["man", "--out", dir.path().to_str().unwrap()]);
+    assert!(written.status.success(), "{written:?}");
+    for page in [
+        "proto_tasker.1",
+        "proto_tasker-bench.1",
+        "proto_tasker-list.1",
+    ] {
+        assert!(dir.path().join(page).is_file(), "{page} not written");
+    }
+    if Command::new("groff").arg("--version").output().is_err() {
+        eprintln!("SKIPPED the groff check of the man page: apt-get install groff-base");
+        return;
+    }
+    let groff = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .arg(dir.path().join("proto_tasker-bench.1"))
+        .output()
+        .unwrap();
+    assert!(
+        groff.status.success() && groff.stderr.is_empty(),
+        "groff: {}",
+        String::from_utf8_lossy(&groff.stderr)
+    );
+}
+
+#[test]
+fn bench_shows_progress_on_a_terminal_and_nothing_when_piped() {
+    let args = ["bench", "--tasks", "20000", "--rate", "0"];
+    let piped = run(&args);
+    assert!(piped.status.success(), "{piped:?}");
+    assert!(
+        piped.stderr.is_empty(),
+        "piped: {}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert!(stdout(&piped).contains("drain"), "{}", stdout(&piped));
+    // `script` gives the command a terminal.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED the terminal half: `script` (util-linux) is missing");
+        return;
+    }
+    let tty = Command::new("script")
+        .args(["-qec", &format!("{BIN} {}", args.join(" ")), "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(tty.status.success(), "{tty:?}");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        screen.contains("\r\x1b[2Kenqueue: ") && screen.contains(" of 20000 tasks"),
+        "no progress line on a terminal: {screen:?}"
+    );
+}
