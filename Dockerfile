@@ -20,5 +20,9 @@ COPY deploy/config.yaml /etc/proto_tasker/config.yaml
 USER proto_tasker
 WORKDIR /var/lib/proto_tasker
 EXPOSE 8080
+# Ready when the node answers and its store does (tests/deploy.rs checks
+# that this, the port, the user and the paths match deploy/config.yaml).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/proto_tasker", "health", "--server", "http://127.0.0.1:8080"]
 ENTRYPOINT ["/usr/local/bin/proto_tasker"]
 CMD ["--config=/etc/proto_tasker/config.yaml"]

@@ -150,6 +150,21 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Exit 0 when the node at --server is ready (its store answers), 1
+    /// when it answers but is not ready, 2 when it does not answer: a
+    /// container's HEALTHCHECK, or an exec probe.
+    Health {
+        /// The node.
+        #[arg(
+            long,
+            env = "PROTO_TASKER_SERVER",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = parse_dur)]
+        timeout: Duration,
+    },
     /// Print a shell's completion script, e.g.
     /// `proto_tasker completions bash > /etc/bash_completion.d/proto_tasker`.
     Completions {
@@ -405,6 +420,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             config_load(&file).map_err(|e| Failure::user(e.to_string()))?;
             println!("{}: ok", file.display());
             Ok(())
+        }
+        Command::Health { server, timeout } => {
+            let url = format!("{}/readyz", server.trim_end_matches('/'));
+            let http = reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| Failure::unreachable(format!("cannot build an HTTP client: {e}")))?;
+            let resp = http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| Failure::unreachable(format!("{url}: {e}")))?;
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            if status.is_success() {
+                println!("ready");
+                Ok(())
+            } else {
+                Err(Failure::user(format!("{url}: {status} {body}")))
+            }
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -378,3 +378,151 @@ fn the_service_unit_verifies() {
         "systemd-analyze verify: {said}"
     );
 }
+
+/// The final stage of the Dockerfile: each instruction with its argument,
+/// continuation lines joined.
+fn image_instructions() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+        .expect("read Dockerfile");
+    let mut joined = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => cur.push_str(head),
+            None => {
+                cur.push_str(line);
+                joined.push(std::mem::take(&mut cur));
+            }
+        }
+    }
+    let last_from = joined
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .expect("a FROM");
+    joined[last_from..]
+        .iter()
+        .map(|l| {
+            let (op, arg) = l.split_once(' ').unwrap_or((l, ""));
+            (op.to_string(), arg.trim().to_string())
+        })
+        .collect()
+}
+
+fn one(ins: &[(String, String)], op: &str) -> String {
+    let found: Vec<&String> = ins
+        .iter()
+        .filter(|(o, _)| o == op)
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(found.len(), 1, "the image has {} {op}", found.len());
+    found[0].clone()
+}
+
+/// Without a Docker engine the image cannot be built here; what it runs
+/// can still be held to the node's defaults: the entrypoint is the binary
+/// the build copies in, its config is the one the build copies and it
+/// passes `config check`, the exposed port is the one that config listens
+/// on (beyond loopback, as a container must), the user is not root and
+/// owns the store's directory, and the health check is a command that
+/// answers 0 for a ready node and not 0 for a dead one.
+#[tokio::test]
+async fn the_image_matches_the_node_defaults() {
+    let ins = image_instructions();
+    let entry: Vec<String> = serde_json::from_str(&one(&ins, "ENTRYPOINT")).expect("exec form");
+    let binary = entry[0].clone();
+    assert!(
+        ins.iter()
+            .any(|(o, a)| o == "COPY" && a.starts_with("--from=build ") && a.ends_with(&binary)),
+        "ENTRYPOINT {binary} is not the binary the build copies in"
+    );
+    let cmd: Vec<String> = serde_json::from_str(&one(&ins, "CMD")).expect("exec form");
+    let config_in_image = cmd
+        .iter()
+        .find_map(|a| a.strip_prefix("--config="))
+        .expect("CMD names a config")
+        .to_string();
+    assert!(
+        ins.iter()
+            .any(|(o, a)| o == "COPY" && *a == format!("deploy/config.yaml {config_in_image}")),
+        "CMD's config {config_in_image} is not deploy/config.yaml"
+    );
+    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.yaml");
+    let check = Command::new(env!("CARGO_BIN_EXE_proto_tasker"))
+        .args(["config", "check"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let config: Value = serde_saphyr::from_str(&std::fs::read_to_string(&config_path).unwrap())
+        .expect("config yaml");
+    let listen: std::net::SocketAddr = config["server"]["listen"]
+        .as_str()
+        .expect("server.listen")
+        .parse()
+        .unwrap();
+    assert!(
+        listen.ip().is_unspecified(),
+        "{listen}: unreachable from outside the container"
+    );
+    assert_eq!(one(&ins, "EXPOSE"), listen.port().to_string());
+
+    let user = one(&ins, "USER");
+    assert!(user != "root" && user != "0", "the image runs as {user}");
+    let workdir = one(&ins, "WORKDIR");
+    let store_dir = Path::new(config["store"]["path"].as_str().expect("store.path"))
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        workdir, store_dir,
+        "the store is not in the working directory"
+    );
+    assert!(
+        ins.iter().any(|(o, a)| o == "RUN"
+            && a.contains(&format!("--home-dir {workdir} --create-home {user}"))),
+        "{user} does not own {workdir}"
+    );
+
+    // The health check: the entrypoint's `health` against the exposed port.
+    let health = one(&ins, "HEALTHCHECK");
+    let (_, probe) = health.split_once("CMD ").expect("HEALTHCHECK CMD");
+    let probe: Vec<String> = serde_json::from_str(probe).expect("exec form");
+    assert_eq!(probe[0], binary);
+    assert_eq!(
+        probe[1..],
+        [
+            "health".to_string(),
+            "--server".into(),
+            format!("http://127.0.0.1:{}", listen.port())
+        ]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (url, pool) = node_with_metrics(dir.path(), 0).await;
+    let run_probe = move |server: String| {
+        Command::new(env!("CARGO_BIN_EXE_proto_tasker"))
+            .args(&probe[1..probe.len() - 1])
+            .arg(server)
+            .env_remove("PROTO_TASKER_SERVER")
+            .output()
+            .unwrap()
+    };
+    let probe_again = run_probe.clone();
+    let ready = tokio::task::spawn_blocking(move || run_probe(url))
+        .await
+        .unwrap();
+    assert!(ready.status.success(), "{ready:?}");
+    pool.shutdown().await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let down = tokio::task::spawn_blocking(move || probe_again(dead))
+        .await
+        .unwrap();
+    assert_eq!(down.status.code(), Some(2), "{down:?}");
+}
