@@ -98,6 +98,19 @@
     return t.length > max ? t.slice(0, max) + "…" : t;
   }
 
+  // A task's latest progress: a bar when it has a numeric "pct" (0 to 100),
+  // with its "message" if any; any other value as JSON text.
+  function progressView(p, max) {
+    if (p == null) return "";
+    const pct = p && typeof p === "object" && typeof p.pct === "number" && isFinite(p.pct)
+      ? Math.max(0, Math.min(100, p.pct)) : null;
+    if (pct === null) return h("span", { class: "progress-text" }, preview(p, max));
+    const label = Math.round(pct) + "%" + (typeof p.message === "string" && p.message ? " " + p.message : "");
+    return h("span", { class: "progress", title: preview(p, 200) },
+      h("progress", { max: "100", value: String(pct), "aria-label": "progress " + Math.round(pct) + "%" }),
+      " ", label.length > max ? label.slice(0, max) + "…" : label);
+  }
+
   function badge(state) {
     return h("span", { class: "badge st-" + state, "data-state": state }, state);
   }
@@ -448,7 +461,7 @@
             for (const c of document.querySelectorAll("input.pick")) c.checked = ev.target.checked;
           },
         })) : null,
-        ["ID", "Kind", "Queue", "State", "Attempt", "Created", "Args", "Last error", ""].map((t) => h("th", {}, t)))),
+        ["ID", "Kind", "Queue", "State", "Progress", "Attempt", "Created", "Args", "Last error", ""].map((t) => h("th", {}, t)))),
       h("tbody", {}, list.map((t) => {
         const lastErr = t.errors && t.errors.length ? t.errors[t.errors.length - 1].message : "";
         return h("tr", { dataset: { id: String(t.id) } },
@@ -460,6 +473,7 @@
           h("td", {}, t.kind),
           h("td", {}, t.queue),
           h("td", {}, badge(t.state)),
+          h("td", { class: "prog" }, progressView(t.progress, 40)),
           h("td", { class: "num" }, t.attempt + "/" + t.max_attempts),
           h("td", { title: fmtTime(t.created_at) }, ago(t.created_at)),
           h("td", { class: "args" }, preview(t.args, 80)),
@@ -511,6 +525,7 @@
         const t = await api("/tasks/" + encodeURIComponent(id));
         const rows = [
           ["State", badge(t.state)],
+          ["Progress", t.progress == null ? "—" : h("span", { id: "task-progress" }, progressView(t.progress, 200))],
           ["Kind", t.kind],
           ["Queue", t.queue],
           ["Priority", String(t.priority)],

@@ -669,3 +669,55 @@ async fn the_dashboard_shows_only_what_the_token_may_do() {
     assert!(row.contains("/cancel"), "{row}");
     b.screenshot("13-audit").await;
 }
+
+/// The value of the `<progress>` bar under `css`, once there is one.
+async fn bar(b: &Browser, css: &str) -> Option<f64> {
+    b.js(
+        "const e = document.querySelector(arguments[0]); return e ? e.value : null",
+        json!([css]),
+    )
+    .await
+    .as_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_tasks_progress_bar_moves() {
+    if !browser_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "executors:\n  shell:\n    allow: [sh]\n", None);
+    // A shell program reporting 4%, 8%, ... every 300 ms for about 8 s.
+    let id = node
+        .submit(json!({"kind": "shell", "args": {"cmd": ["sh", "-c",
+            "i=0; while [ $i -lt 100 ]; do i=$((i+4)); echo \"::progress {\\\"pct\\\": $i, \\\"message\\\": \\\"step $i\\\"}\"; sleep 0.3; done"]}}))
+        .await;
+    node.wait_task(id, "reports progress", |t| t["progress"]["pct"].is_number())
+        .await;
+    let b = Browser::start().await;
+    b.goto(&format!("{}/#/task/{id}", node.url)).await;
+    b.wait("#task-progress progress").await;
+    let first = bar(&b, "#task-progress progress").await.unwrap();
+    // The page refreshes every 2 s: the bar moves while the task runs.
+    let start = Instant::now();
+    let later = loop {
+        let v = bar(&b, "#task-progress progress").await.unwrap_or(first);
+        if v > first {
+            break v;
+        }
+        assert!(start.elapsed() < WAIT, "the bar stayed at {first}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!((0.0..=100.0).contains(&later), "{later}");
+    let text = b
+        .wait_text("#task-progress", |t| t.contains('%') && t.contains("step"))
+        .await;
+    assert!(text.contains("step"), "{text}");
+    b.screenshot("10-task-progress").await;
+    // The task list shows the bar too.
+    b.goto(&format!("{}/#/tasks", node.url)).await;
+    b.wait(&format!("#tasks-table tr[data-id='{id}'] td.prog progress"))
+        .await;
+    b.screenshot("11-tasks-progress").await;
+    node.api("POST", &format!("/tasks/{id}/cancel"), None).await;
+}
