@@ -644,6 +644,20 @@
     };
   }
 
+  // Pause or Resume, and Run now (the operate role; hidden for read).
+  function scheduleActions(x) {
+    const path = "/schedules/" + encodeURIComponent(x.name);
+    return [
+      x.paused
+        ? h("button", { type: "button", class: "resume act", onclick: () => act("Resumed " + x.name, () => api(path + "/resume", { method: "POST" })) }, "Resume")
+        : h("button", { type: "button", class: "pause act", onclick: () => act("Paused " + x.name, () => api(path + "/pause", { method: "POST" })) }, "Pause"),
+      h("button", {
+        type: "button", class: "trigger act",
+        onclick: () => act("Started " + x.name, () => api(path + "/trigger", { method: "POST" })),
+      }, "Run now"),
+    ];
+  }
+
   function schedules() {
     const box = h("div");
     append(app, h("h2", {}, "Schedules"), box);
@@ -651,13 +665,15 @@
       async refresh() {
         const r = await api("/schedules");
         replace(box, r.schedules.length ? h("table", { class: "data", id: "schedules-table" },
-          h("thead", {}, h("tr", {}, ["Name", "Cron", "Time zone", "Kind", "Queue", "Next run", "Last tick", "Overlap", "Catch up", "Source"].map((t) => h("th", {}, t)))),
-          h("tbody", {}, r.schedules.map((x) => h("tr", {},
-            h("td", {}, x.name), h("td", {}, h("code", {}, x.cron)), h("td", {}, x.timezone || "UTC"),
+          h("thead", {}, h("tr", {}, ["Name", "Cron", "Time zone", "Kind", "Queue", "Next run", "Last tick", "Overlap", "Catch up", "Source", ""].map((t) => h("th", {}, t)))),
+          h("tbody", {}, r.schedules.map((x) => h("tr", { dataset: { schedule: x.name } },
+            h("td", {}, x.name, x.paused ? [" ", h("span", { class: "badge st-paused", "data-paused": "true" }, "paused")] : null),
+            h("td", {}, h("code", {}, x.cron)), h("td", {}, x.timezone || "UTC"),
             h("td", {}, x.kind), h("td", {}, x.queue || "default"),
-            h("td", { title: fmtTime(x.next_run) }, x.next_run ? ago(x.next_run) : "—"),
+            h("td", { title: fmtTime(x.next_run) }, x.paused ? "paused" : x.next_run ? ago(x.next_run) : "—"),
             h("td", { title: fmtTime(x.last_tick) }, ago(x.last_tick)),
-            h("td", {}, x.overlap || ""), h("td", {}, x.catch_up || ""), h("td", {}, x.source))))) : h("p", { class: "empty" }, "No schedules."));
+            h("td", {}, x.overlap || ""), h("td", {}, x.catch_up || ""), h("td", {}, x.source),
+            h("td", { class: "actions" }, scheduleActions(x)))))) : h("p", { class: "empty" }, "No schedules."));
       },
     };
   }

@@ -277,7 +277,11 @@ pub fn print_schedules(v: &Value) {
                 cell(&s["cron"]),
                 cell(&s["timezone"]),
                 cell(&s["kind"]),
-                cell(&s["next_run"]),
+                if s["paused"] == true {
+                    "paused".to_string()
+                } else {
+                    cell(&s["next_run"])
+                },
                 cell(&s["source"]),
             ]
         })

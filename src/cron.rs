@@ -22,6 +22,14 @@
 //! of a schedule's tasks one unique key, so a tick is skipped while the
 //! previous tick's task is unfinished.
 //!
+//! # Pause, resume, trigger
+//!
+//! A paused schedule's ticks pass without enqueuing (the leader still moves
+//! its `last_tick`), so resuming it starts at the next tick and never
+//! enqueues the ones missed while paused. A trigger enqueues the
+//! schedule's task once, now, outside its ticks, paused or not (with
+//! `overlap: skip`, not while the last one is unfinished).
+//!
 //! This file is the model (specs, ticks, the task a tick enqueues); the
 //! leader's service that fires them is `maintenance/cron_firer.rs`.
 
@@ -310,13 +318,22 @@ impl Schedule {
 
     /// The task of one tick.
     pub fn task(&self, tick: DateTime<Utc>) -> NewTask {
+        self.task_keyed(tick.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    }
+
+    /// The task of a trigger at `at`: the tick's task, under a key no tick
+    /// has (with `overlap: skip`, the schedule's one key).
+    pub fn triggered_task(&self, at: DateTime<Utc>) -> NewTask {
+        self.task_keyed(format!(
+            "trigger:{}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        ))
+    }
+
+    fn task_keyed(&self, when: String) -> NewTask {
         let key = match self.spec.overlap {
             Overlap::Skip => format!("cron:{}", self.spec.name),
-            Overlap::Allow => format!(
-                "cron:{}:{}",
-                self.spec.name,
-                tick.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            ),
+            Overlap::Allow => format!("cron:{}:{when}", self.spec.name),
         };
         let mut o = TaskOptions::default().unique_key(key);
         o.queue = self.spec.queue.clone();
@@ -336,7 +353,10 @@ pub struct ScheduleView {
     pub spec: serde_json::Value,
     pub source: String,
     pub last_tick: DateTime<Utc>,
+    /// The next tick; `null` while paused (or when the expression has none).
     pub next_run: Option<DateTime<Utc>>,
+    /// Paused: ticks pass without enqueuing until resumed.
+    pub paused: bool,
 }
 
 impl ScheduleView {
@@ -344,12 +364,14 @@ impl ScheduleView {
         let next_run = serde_json::from_value::<ScheduleSpec>(row.spec.clone())
             .ok()
             .and_then(|s| s.parse("").ok())
-            .and_then(|s| s.next_after(row.last_tick.max(Utc::now())));
+            .and_then(|s| s.next_after(row.last_tick.max(Utc::now())))
+            .filter(|_| !row.paused);
         ScheduleView {
             spec: row.spec.clone(),
             source: row.source.clone(),
             last_tick: row.last_tick,
             next_run,
+            paused: row.paused,
         }
     }
 }

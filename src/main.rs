@@ -150,6 +150,11 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Pause, resume or trigger one cron schedule.
+    Schedule {
+        #[command(subcommand)]
+        action: ScheduleAction,
+    },
     /// Exit 0 when the node at --server is ready (its store answers), 1
     /// when it answers but is not ready, 2 when it does not answer: a
     /// container's HEALTHCHECK, or an exec probe.
@@ -191,6 +196,28 @@ enum Command {
         limit: usize,
         #[arg(long)]
         cursor: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ScheduleAction {
+    /// Stop enqueuing the schedule's ticks until it is resumed.
+    Pause {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Enqueue its ticks again, from the next one (missed ones are not).
+    Resume {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Enqueue the schedule's task now, once; prints the task's id.
+    Trigger {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -624,6 +651,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 if let Some(c) = page["next_cursor"].as_str() {
                     println!("(more: --cursor {c})");
                 }
+            }
+            Ok(())
+        }
+        Command::Schedule { action } => {
+            let (name, c, verb) = match action {
+                ScheduleAction::Pause { name, client } => (name, client, "pause"),
+                ScheduleAction::Resume { name, client } => (name, client, "resume"),
+                ScheduleAction::Trigger { name, client } => (name, client, "trigger"),
+            };
+            let (remote, json) = client(c)?;
+            let path = format!("/schedules/{}/{verb}", cli::query_escape(&name));
+            let (status, v) = remote.call(Method::POST, &path, None).await?;
+            if json {
+                show(&v);
+            } else if verb == "trigger" {
+                let note = if status == reqwest::StatusCode::OK {
+                    " (its last task is unfinished and overlap is skip)"
+                } else {
+                    ""
+                };
+                println!("{}{note}", v["id"]);
+            } else {
+                println!("{name} {verb}d");
             }
             Ok(())
         }

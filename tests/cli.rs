@@ -426,3 +426,33 @@ fn bench_shows_progress_on_a_terminal_and_nothing_when_piped() {
         "no progress line on a terminal: {screen:?}"
     );
 }
+
+#[test]
+fn schedules_are_paused_resumed_and_triggered_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(
+        dir.path(),
+        "schedules:\n  - {name: nightly, cron: \"0 3 * * *\", kind: noop}\n",
+    );
+    let paused = cli(&node, &["schedule", "pause", "nightly"]);
+    assert!(paused.status.success(), "{paused:?}");
+    assert_eq!(stdout(&paused).trim(), "nightly paused");
+    let listed = stdout(&cli(&node, &["schedules"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("nightly") && l.contains("paused")),
+        "{listed}"
+    );
+    let triggered = cli(&node, &["schedule", "trigger", "nightly"]);
+    assert!(triggered.status.success(), "{triggered:?}");
+    let id = stdout(&triggered).trim().to_string();
+    assert!(id.parse::<i64>().is_ok(), "{id:?}");
+    let status = cli(&node, &["status", &id, "--json"]);
+    let task: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(task["kind"], "noop");
+    let resumed = cli(&node, &["schedule", "resume", "nightly"]);
+    assert_eq!(stdout(&resumed).trim(), "nightly resumed");
+    let missing = cli(&node, &["schedule", "pause", "nope"]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+}

@@ -552,6 +552,31 @@ async fn dashboard_shows_and_drives_a_live_node() {
     })
     .await;
     b.screenshot("09-schedules").await;
+    // Pause it, then run it now, from the page.
+    let row = "#schedules-table tr[data-schedule='nightly-report']";
+    b.click(&format!("{row} button.pause")).await;
+    b.wait(&format!("{row} [data-paused='true']")).await;
+    let listed = node.api("GET", "/schedules", None).await;
+    assert_eq!(listed["schedules"][0]["paused"], true, "{listed}");
+    let before = node.api("GET", "/tasks?kind=noop&limit=1000", None).await["tasks"]
+        .as_array()
+        .unwrap()
+        .len();
+    b.click(&format!("{row} button.trigger")).await;
+    let start = Instant::now();
+    while node.api("GET", "/tasks?kind=noop&limit=1000", None).await["tasks"]
+        .as_array()
+        .unwrap()
+        .len()
+        == before
+    {
+        assert!(start.elapsed() < WAIT, "Run now enqueued nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.screenshot("09b-schedule-paused").await;
+    b.click(&format!("{row} button.resume")).await;
+    b.wait_text(row, |t| t.contains("in ") && !t.contains("paused"))
+        .await;
 
     // Live: a task submitted now shows up without a reload.
     b.goto(&format!("{}/#/tasks", node.url)).await;

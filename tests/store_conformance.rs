@@ -757,6 +757,7 @@ pub mod cases {
             spec: serde_json::json!({"name": "nightly", "cron": "0 0 * * *", "kind": "x"}),
             source: "config".into(),
             last_tick: last,
+            paused: false,
         };
         s.schedule_upsert(row(now)).await.unwrap();
         // Upserting again keeps the schedule's progress.
@@ -803,6 +804,31 @@ pub mod cases {
         assert!(s.schedule_delete("nightly").await.unwrap());
         assert!(!s.schedule_delete("nightly").await.unwrap());
         assert!(s.schedule_list().await.unwrap().is_empty());
+    }
+
+    pub async fn schedules_pause_and_resume(b: &Backend) {
+        let s = b.store.clone();
+        use proto_tasker::store::ScheduleRow;
+        let now = now();
+        let row = ScheduleRow {
+            name: "hourly".into(),
+            spec: serde_json::json!({"name": "hourly", "cron": "0 * * * *", "kind": "x"}),
+            source: "config".into(),
+            last_tick: now,
+            paused: false,
+        };
+        s.schedule_upsert(row.clone()).await.unwrap();
+        assert!(!s.schedule_list().await.unwrap()[0].paused);
+        assert!(s.schedule_set_paused("hourly", true).await.unwrap());
+        assert!(s.schedule_list().await.unwrap()[0].paused);
+        // A node restarting with the schedule in its config (an upsert)
+        // does not resume what an operator paused.
+        s.schedule_upsert(row).await.unwrap();
+        assert!(s.schedule_list().await.unwrap()[0].paused);
+        assert!(s.schedule_set_paused("hourly", false).await.unwrap());
+        assert!(!s.schedule_list().await.unwrap()[0].paused);
+        assert!(!s.schedule_set_paused("nope", true).await.unwrap());
+        assert_eq!(s.schedule_list().await.unwrap().len(), 1);
     }
 
     pub async fn workflows_unblock_and_cascade(b: &Backend) {
@@ -1835,6 +1861,7 @@ macro_rules! all_cases {
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,
             cases::schedules_fire_each_tick_once,
+            cases::schedules_pause_and_resume,
             cases::workflows_unblock_and_cascade,
             cases::per_key_claims_skip_keys_at_their_limit,
             cases::late_outcomes_of_an_earlier_run_are_fenced_by_the_claim_token,

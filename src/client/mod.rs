@@ -32,6 +32,10 @@ pub enum ClientError {
     /// `wait` gave up before the task finished.
     #[error("task {0} did not finish within the wait")]
     WaitTimeout(TaskId),
+    /// What the call names does not exist (a schedule, say); the message
+    /// says what.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// Turn each task's `depends_on_refs` into positions in the batch, naming

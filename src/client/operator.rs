@@ -116,6 +116,7 @@ impl Client {
             spec: serde_json::to_value(&spec).map_err(|e| invalid("body", e.to_string()))?,
             source: "api".into(),
             last_tick: Utc::now(),
+            paused: false,
         };
         self.store.schedule_upsert(row).await?;
         self.schedules()
@@ -128,6 +129,49 @@ impl Client {
     /// Remove a schedule; false when there was none of that name.
     pub async fn schedule_delete(&self, name: &str) -> Result<bool, ClientError> {
         Ok(self.store.schedule_delete(name).await?)
+    }
+
+    fn no_schedule(name: &str) -> ClientError {
+        ClientError::NotFound(format!("no schedule {name:?}"))
+    }
+
+    /// Pause a schedule (its ticks pass without enqueuing) or resume it
+    /// (from its next tick; the ones missed while paused are not enqueued).
+    /// Every node sees it at once: the leader reads the flag at each tick.
+    pub async fn schedule_set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<ScheduleView, ClientError> {
+        if !self.store.schedule_set_paused(name, paused).await? {
+            return Err(Self::no_schedule(name));
+        }
+        self.schedules()
+            .await?
+            .into_iter()
+            .find(|v| v.spec["name"] == name)
+            .ok_or_else(|| Self::no_schedule(name))
+    }
+
+    /// Enqueue a schedule's task now, once, outside its ticks (paused or
+    /// not). With `overlap: skip` and its last task unfinished, that task
+    /// is returned (`existing`) and nothing is enqueued.
+    pub async fn schedule_trigger(
+        &self,
+        name: &str,
+    ) -> Result<crate::store::Inserted, ClientError> {
+        let row = self
+            .store
+            .schedule_list()
+            .await?
+            .into_iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| Self::no_schedule(name))?;
+        let schedule = serde_json::from_value::<ScheduleSpec>(row.spec)
+            .map_err(|e| invalid("spec", e.to_string()))?
+            .parse("")
+            .map_err(|e| invalid(e.field, e.message))?;
+        self.insert(schedule.triggered_task(Utc::now())).await
     }
 
     /// Record an operator action in the audit trail.

@@ -101,7 +101,12 @@ impl CronFirer {
                 self.interval * 2 + Duration::from_secs(1),
             );
             let Some(newest) = newest else { continue };
-            let tasks = ticks.iter().map(|t| schedule.task(*t)).collect();
+            // Paused: the ticks pass (last_tick moves) and nothing is enqueued.
+            let tasks = if row.paused {
+                Vec::new()
+            } else {
+                ticks.iter().map(|t| schedule.task(*t)).collect()
+            };
             let rows = match self.client.prepare(tasks) {
                 Ok(r) => r,
                 Err(e) => {
@@ -117,6 +122,9 @@ impl CronFirer {
                 now,
             };
             match self.store.schedule_fire(fire).await? {
+                Some(_) if row.paused => {
+                    tracing::debug!(schedule = %row.name, ticks = ticks.len(), "paused: ticks passed");
+                }
                 Some(inserted) => {
                     let new = inserted.iter().filter(|i| !i.existing).count();
                     tracing::info!(schedule = %row.name, ticks = ticks.len(), enqueued = new, "schedule fired");

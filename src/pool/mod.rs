@@ -171,6 +171,7 @@ impl WorkerPool {
                     .map_err(|e| StoreError::invalid("schedules", e.to_string()))?,
                 source: crate::maintenance::cron_firer::CONFIG.into(),
                 last_tick: Utc::now(),
+                paused: false,
             };
             self.store.schedule_upsert(row).await?;
         }

@@ -49,6 +49,9 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/audit", get(super::audit::list))
         .route("/schedules", get(list_schedules).post(put_schedule))
         .route("/schedules/{name}", axum::routing::delete(delete_schedule))
+        .route("/schedules/{name}/pause", post(pause_schedule))
+        .route("/schedules/{name}/resume", post(resume_schedule))
+        .route("/schedules/{name}/trigger", post(trigger_schedule))
         .route("/openapi.json", get(super::openapi::openapi_json))
 }
 
@@ -735,6 +738,63 @@ pub(crate) async fn delete_schedule(
         )
         .field("name"))
     }
+}
+
+/// Pause a schedule: its ticks pass without enqueuing until it is resumed
+/// (the leader reads the flag at every tick, so the whole cluster stops at once).
+#[utoipa::path(post, path = "/api/v1/schedules/{name}/pause", tag = "schedules",
+    params(("name" = String, Path, description = "Schedule name")),
+    responses(
+        (status = 200, description = "Paused", body = crate::cron::ScheduleView),
+        (status = 404, description = "No such schedule", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn pause_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::cron::ScheduleView>, ApiError> {
+    let view = state.client.schedule_set_paused(&name, true).await?;
+    tracing::info!(schedule = %name, "schedule paused");
+    Ok(Json(view))
+}
+
+/// Resume a paused schedule from its next tick (ticks missed while paused
+/// are not enqueued).
+#[utoipa::path(post, path = "/api/v1/schedules/{name}/resume", tag = "schedules",
+    params(("name" = String, Path, description = "Schedule name")),
+    responses(
+        (status = 200, description = "Resumed", body = crate::cron::ScheduleView),
+        (status = 404, description = "No such schedule", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn resume_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::cron::ScheduleView>, ApiError> {
+    let view = state.client.schedule_set_paused(&name, false).await?;
+    tracing::info!(schedule = %name, "schedule resumed");
+    Ok(Json(view))
+}
+
+/// Run a schedule's task now, once, outside its ticks (paused or not).
+#[utoipa::path(post, path = "/api/v1/schedules/{name}/trigger", tag = "schedules",
+    params(("name" = String, Path, description = "Schedule name")),
+    responses(
+        (status = 201, description = "The task enqueued", body = Task),
+        (status = 200, description = "`overlap: skip` and the schedule's last task is unfinished: that task", body = Task),
+        (status = 404, description = "No such schedule", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn trigger_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let inserted = state.client.schedule_trigger(&name).await?;
+    count_enqueued(&state, std::slice::from_ref(&inserted));
+    tracing::info!(schedule = %name, task = %inserted.task.id, existing = inserted.existing, "schedule triggered");
+    let status = if inserted.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(inserted.task)).into_response())
 }
 
 /// Liveness: the process answers.

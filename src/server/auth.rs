@@ -79,6 +79,19 @@ pub fn needed(method: &Method, path: &str) -> Role {
     if method == Method::GET || method == Method::HEAD || method == Method::OPTIONS {
         return Role::Read;
     }
+    // Pausing, resuming and triggering a schedule are an operator's
+    // actions (like pausing a queue or creating a task); adding and
+    // removing schedules is an admin's.
+    // Matched by shape (`POST .../schedules/{name}/{action}`), so that
+    // deleting a schedule *named* `pause` still needs an admin.
+    if let Some((_, rest)) = path.split_once("/schedules/")
+        && method == Method::POST
+        && let Some((name, action)) = rest.split_once('/')
+        && !name.is_empty()
+        && matches!(action, "pause" | "resume" | "trigger")
+    {
+        return Role::Operate;
+    }
     if path.ends_with("/schedules") || path.contains("/schedules/") {
         return Role::Admin;
     }
@@ -200,6 +213,21 @@ mod tests {
         );
         assert_eq!(needed(&Method::POST, "/api/v1/schedules"), Role::Admin);
         assert_eq!(needed(&Method::DELETE, "/api/v1/schedules/x"), Role::Admin);
+        for action in ["pause", "resume", "trigger"] {
+            assert_eq!(
+                needed(&Method::POST, &format!("/api/v1/schedules/x/{action}")),
+                Role::Operate
+            );
+            // A schedule named like an action is still removed by an admin only.
+            assert_eq!(
+                needed(&Method::DELETE, &format!("/api/v1/schedules/{action}")),
+                Role::Admin
+            );
+        }
+        assert_eq!(
+            needed(&Method::POST, "/api/v1/schedules/x/y/trigger"),
+            Role::Admin
+        );
         assert!(Role::Read < Role::Operate && Role::Operate < Role::Admin);
     }
 }

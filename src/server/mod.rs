@@ -213,6 +213,7 @@ impl From<ClientError> for ApiError {
         match e {
             ClientError::Invalid { field, message } => ApiError::bad(field, message),
             ClientError::Store(s) => s.into(),
+            ClientError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
             ClientError::WaitTimeout(id) => ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",

@@ -143,6 +143,9 @@ pub(crate) struct Health {
         super::api::list_schedules,
         super::api::put_schedule,
         super::api::delete_schedule,
+        super::api::pause_schedule,
+        super::api::resume_schedule,
+        super::api::trigger_schedule,
         super::dashboard::stats,
         super::auth::whoami,
         super::audit::list,
@@ -289,7 +292,12 @@ fn add_links(doc: &mut utoipa::openapi::OpenApi) {
     add(
         "/api/v1/schedules",
         "201",
-        &[("DeleteSchedule", "delete_schedule")],
+        &[
+            ("DeleteSchedule", "delete_schedule"),
+            ("PauseSchedule", "pause_schedule"),
+            ("ResumeSchedule", "resume_schedule"),
+            ("TriggerSchedule", "trigger_schedule"),
+        ],
         "name",
         "$response.body#/name",
     );

@@ -295,6 +295,9 @@ pub trait Store: Send + Sync + 'static {
     /// Remove a schedule; false when there was none of that name.
     async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError>;
 
+    /// Pause or resume a schedule; false when there is none of that name.
+    async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError>;
+
     async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError>;
 
     /// Fire a schedule, atomically (see [`ScheduleFire`]): returns the

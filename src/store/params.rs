@@ -314,6 +314,10 @@ pub struct ScheduleRow {
     pub spec: serde_json::Value,
     pub source: String,
     pub last_tick: DateTime<Utc>,
+    /// Paused by an operator: its ticks pass without enqueuing. An upsert
+    /// (a node starting with the schedule in its config, or an API replace)
+    /// leaves it as it is; only [`Store::schedule_set_paused`](super::Store::schedule_set_paused) changes it.
+    pub paused: bool,
 }
 
 /// Events a store publishes to the nodes that use it.

@@ -123,6 +123,18 @@ impl PostgresStore {
         Ok(n > 0)
     }
 
+    pub(super) async fn schedule_set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<bool, StoreError> {
+        let c = self.conn().await?;
+        let n = self
+            .execute(&c, &self.inner.sql.schedule_set_paused, &[&paused, &name])
+            .await?;
+        Ok(n > 0)
+    }
+
     pub(super) async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
         let c = self.conn().await?;
         let rows = self.query(&c, &self.inner.sql.schedule_list, &[]).await?;
@@ -133,6 +145,7 @@ impl PostgresStore {
                     spec: r.try_get(1).map_err(db_err)?,
                     source: r.try_get(2).map_err(db_err)?,
                     last_tick: r.try_get(3).map_err(db_err)?,
+                    paused: r.try_get(4).map_err(db_err)?,
                 })
             })
             .collect()

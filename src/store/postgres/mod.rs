@@ -84,6 +84,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0014_node_kinds.sql"),
     include_str!("migrations/0015_task_ref.sql"),
     include_str!("migrations/0016_task_progress.sql"),
+    include_str!("migrations/0017_schedule_paused.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -798,6 +799,10 @@ impl Store for PostgresStore {
 
     async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
         PostgresStore::schedule_list(self).await
+    }
+
+    async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError> {
+        PostgresStore::schedule_set_paused(self, name, paused).await
     }
 
     async fn schedule_fire(&self, f: ScheduleFire) -> Result<Option<Vec<Inserted>>, StoreError> {

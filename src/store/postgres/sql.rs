@@ -45,6 +45,7 @@ pub(super) struct Sql {
     pub schedule_upsert: String,
     pub schedule_delete: String,
     pub schedule_list: String,
+    pub schedule_set_paused: String,
     pub schedule_move: String,
     pub audit_append: String,
     pub audit_list: String,
@@ -301,8 +302,9 @@ impl Sql {
             ),
             schedule_delete: format!("DELETE FROM {s}.schedules WHERE name = $1"),
             schedule_list: format!(
-                "SELECT name, spec, source, last_tick FROM {s}.schedules ORDER BY name"
+                "SELECT name, spec, source, last_tick, paused FROM {s}.schedules ORDER BY name"
             ),
+            schedule_set_paused: format!("UPDATE {s}.schedules SET paused = $1 WHERE name = $2"),
             schedule_move: format!(
                 "UPDATE {s}.schedules SET last_tick = $1 WHERE name = $2 AND last_tick = $3"
             ),

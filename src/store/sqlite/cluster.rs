@@ -128,9 +128,22 @@ pub(super) fn schedule_delete(conn: &Connection, name: &str) -> Result<bool, Sto
         .map_err(sql_err)
 }
 
+pub(super) fn schedule_set_paused(
+    conn: &Connection,
+    name: &str,
+    paused: bool,
+) -> Result<bool, StoreError> {
+    conn.execute(
+        "UPDATE schedules SET paused = ?1 WHERE name = ?2",
+        params![paused, name],
+    )
+    .map(|n| n > 0)
+    .map_err(sql_err)
+}
+
 pub(super) fn schedule_list(conn: &Connection) -> Result<Vec<ScheduleRow>, StoreError> {
     let mut st = conn
-        .prepare_cached("SELECT name, spec, source, last_tick FROM schedules ORDER BY name")
+        .prepare_cached("SELECT name, spec, source, last_tick, paused FROM schedules ORDER BY name")
         .map_err(sql_err)?;
     let rows = st
         .query_map([], |r| {
@@ -139,19 +152,21 @@ pub(super) fn schedule_list(conn: &Connection) -> Result<Vec<ScheduleRow>, Store
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, bool>(4)?,
             ))
         })
         .map_err(sql_err)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql_err)?;
     rows.into_iter()
-        .map(|(name, spec, source, last)| {
+        .map(|(name, spec, source, last, paused)| {
             Ok(ScheduleRow {
                 name,
                 spec: serde_json::from_str(&spec)
                     .map_err(|e| StoreError::Schema(format!("schedules.spec: {e}")))?,
                 source,
                 last_tick: from_micros(last),
+                paused,
             })
         })
         .collect()

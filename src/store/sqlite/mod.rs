@@ -70,6 +70,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0013_node_kinds.sql"),
     include_str!("migrations/0014_task_ref.sql"),
     include_str!("migrations/0015_task_progress.sql"),
+    include_str!("migrations/0016_schedule_paused.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -578,6 +579,12 @@ impl Store for SqliteStore {
 
     async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
         self.read(cluster::schedule_list).await
+    }
+
+    async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.write(move |conn| cluster::schedule_set_paused(conn, &name, paused))
+            .await
     }
 
     async fn schedule_fire(
