@@ -245,6 +245,7 @@ pub fn print_queues(v: &Value) {
                 n("completed"),
                 n("failed"),
                 n("cancelled"),
+                cell(&q["max_depth"]),
             ]
         })
         .collect();
@@ -260,6 +261,7 @@ pub fn print_queues(v: &Value) {
             "COMPLETED",
             "FAILED",
             "CANCELLED",
+            "MAX_DEPTH",
         ],
         &rows,
     );

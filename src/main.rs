@@ -150,6 +150,11 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Show or change one queue's settings (shared by the cluster).
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
     /// Pause, resume or trigger one cron schedule.
     Schedule {
         #[command(subcommand)]
@@ -196,6 +201,26 @@ enum Command {
         limit: usize,
         #[arg(long)]
         cursor: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueAction {
+    /// The queue's counts and settings.
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Change the queue's settings for every node.
+    Set {
+        name: String,
+        /// At most this many unfinished tasks (enqueues past it get 429
+        /// queue_full); `none` removes the cap.
+        #[arg(long)]
+        max_depth: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -651,6 +676,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 if let Some(c) = page["next_cursor"].as_str() {
                     println!("(more: --cursor {c})");
                 }
+            }
+            Ok(())
+        }
+        Command::Queue { action } => {
+            let (name, c, body) = match action {
+                QueueAction::Show { name, client } => (name, client, None),
+                QueueAction::Set {
+                    name,
+                    max_depth,
+                    client,
+                } => {
+                    let Some(m) = max_depth else {
+                        return Err(Failure::user("queue set: give --max-depth N (or none)"));
+                    };
+                    let v = if m == "none" {
+                        Value::Null
+                    } else {
+                        m.parse::<u32>().map(Value::from).map_err(|_| {
+                            Failure::user(format!("--max-depth: {m:?} is not a number or none"))
+                        })?
+                    };
+                    (name, client, Some(serde_json::json!({ "max_depth": v })))
+                }
+            };
+            let (remote, json) = client(c)?;
+            let path = format!("/queues/{}", cli::query_escape(&name));
+            let method = if body.is_some() {
+                Method::PATCH
+            } else {
+                Method::GET
+            };
+            let (_, q) = remote.call(method, &path, body).await?;
+            if json {
+                show(&q);
+            } else {
+                cli::print_queues(&serde_json::json!({ "queues": [q] }));
             }
             Ok(())
         }

@@ -89,6 +89,21 @@ impl Node {
         if cfg.store.migrate {
             store.migrate().await?;
         }
+        // The config's settings are starting values: written only for a
+        // queue that has none, so a change made at run time is kept.
+        for (queue, q) in &cfg.queues {
+            if q.max_depth.is_some() {
+                store
+                    .queue_settings_put(
+                        queue,
+                        crate::store::QueueSettings {
+                            max_depth: q.max_depth,
+                        },
+                        true,
+                    )
+                    .await?;
+            }
+        }
         let registry = cfg.registry().map_err(NodeError::Config)?;
         #[allow(unused_mut)]
         let mut builder = cfg.apply(Builder::new(store, registry));

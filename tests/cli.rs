@@ -456,3 +456,32 @@ fn schedules_are_paused_resumed_and_triggered_from_the_cli() {
     let missing = cli(&node, &["schedule", "pause", "nope"]);
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
 }
+
+#[test]
+fn a_queue_cap_is_set_and_shown_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "");
+    let set = cli(
+        &node,
+        &["queue", "set", "default", "--max-depth", "1", "--json"],
+    );
+    assert!(set.status.success(), "{set:?}");
+    let q: Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(q["max_depth"], 1);
+    let shown = stdout(&cli(&node, &["queue", "show", "default"]));
+    assert!(shown.contains("MAX_DEPTH"), "{shown}");
+    cli(&node, &["pause", "default"]);
+    assert!(cli(&node, &["submit", "noop"]).status.success());
+    let refused = cli(&node, &["submit", "noop"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("full"), "{err}");
+    let cleared = cli(
+        &node,
+        &["queue", "set", "default", "--max-depth", "none", "--json"],
+    );
+    let q: Value = serde_json::from_slice(&cleared.stdout).unwrap();
+    assert!(q["max_depth"].is_null(), "{q}");
+    let bad = cli(&node, &["queue", "set", "default", "--max-depth", "lots"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+}

@@ -955,6 +955,129 @@ async fn schedules_pause_resume_and_trigger_on_postgres() {
     schedules_pause_resume_and_trigger(true).await;
 }
 
+/// A queue's max_depth: a starting value from the config, changed at run
+/// time with PATCH; past it an enqueue gets 429 `queue_full` with
+/// Retry-After (a batch whole), and /metrics counts the refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_and_its_cap_is_set_at_run_time() {
+    let s = start(Setup {
+        yaml: "queues:\n  default: {workers: 2}\n  capped: {workers: 1, max_depth: 2}\n",
+        ..Setup::default()
+    })
+    .await;
+    s.post("/queues/capped/pause", json!(null)).await;
+    let (st, q) = s.get("/queues/capped").await;
+    assert_eq!(st, StatusCode::OK, "{q}");
+    assert_eq!(q["max_depth"], 2);
+    let task = json!({"kind": "noop", "queue": "capped"});
+    for _ in 0..2 {
+        assert_eq!(s.post("/tasks", task.clone()).await.0, StatusCode::CREATED);
+    }
+    let resp = s
+        .req(reqwest::Method::POST, "/tasks")
+        .json(&task)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "queue_full", "{e}");
+    assert_eq!(e["error"]["field"], "queue", "{e}");
+
+    // Raised at run time: a batch that fits lands, one that does not is refused whole.
+    let (st, q) = s
+        .call(
+            reqwest::Method::PATCH,
+            "/queues/capped",
+            Some(json!({"max_depth": 4})),
+        )
+        .await;
+    assert_eq!(
+        (st, q["max_depth"].as_u64()),
+        (StatusCode::OK, Some(4)),
+        "{q}"
+    );
+    let batch = |n| json!({"tasks": vec![task.clone(); n]});
+    assert_eq!(
+        s.post("/tasks/batch", batch(3)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        s.post("/tasks/batch", batch(2)).await.0,
+        StatusCode::CREATED
+    );
+    let (_, q) = s.get("/queues/capped").await;
+    assert_eq!(q["counts"]["available"], 4, "{q}");
+
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("proto_tasker_enqueue_refused_total{queue=\"capped\"} 2"),
+        "{metrics}"
+    );
+
+    // null removes the cap; what PATCH cannot set is named.
+    let (st, q) = s
+        .call(
+            reqwest::Method::PATCH,
+            "/queues/capped",
+            Some(json!({"max_depth": null})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{q}");
+    assert!(q["max_depth"].is_null(), "{q}");
+    assert_eq!(s.post("/tasks", task.clone()).await.0, StatusCode::CREATED);
+    for (body, field) in [
+        (json!({"max_depth": 0}), "max_depth"),
+        (json!({"max_depth": -1}), "max_depth"),
+        (json!({"workers": 3}), "body"),
+        (json!({"max_depth": 2_147_483_648_u64}), "max_depth"),
+        // serde would take an array for a struct; the API does not.
+        (json!([null, null]), "body"),
+    ] {
+        let got = s
+            .call(reqwest::Method::PATCH, "/queues/capped", Some(body))
+            .await;
+        assert_error(&got, StatusCode::BAD_REQUEST, None);
+        let msg = got.1["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            got.1["error"]["field"] == field || msg.contains(field),
+            "{field}: {}",
+            got.1
+        );
+    }
+    // paused through PATCH, too.
+    let (_, q) = s
+        .call(
+            reqwest::Method::PATCH,
+            "/queues/capped",
+            Some(json!({"paused": false})),
+        )
+        .await;
+    assert_eq!(q["paused"], false, "{q}");
+    assert_error(
+        &s.get("/queues/nope").await,
+        StatusCode::NOT_FOUND,
+        Some("queue"),
+    );
+    let (st, e) = s.post("/tasks", json!(["noop"])).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_creates_a_dag_with_refs_and_rejects_cycles() {
     let s = start(Setup::default()).await;

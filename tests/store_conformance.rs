@@ -831,6 +831,114 @@ pub mod cases {
         assert_eq!(s.schedule_list().await.unwrap().len(), 1);
     }
 
+    pub async fn queue_max_depth_caps_unfinished_tasks(b: &Backend) {
+        use proto_tasker::store::QueueSettings;
+        let s = b.store.clone();
+        let now = now();
+        let cap = |n| QueueSettings { max_depth: n };
+        s.queue_settings_put("capped", cap(Some(5)), false)
+            .await
+            .unwrap();
+        // A config's starting value does not undo a run-time change.
+        s.queue_settings_put("capped", cap(Some(99)), true)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.queue_settings().await.unwrap(),
+            vec![("capped".to_string(), cap(Some(5)))]
+        );
+        let batch = |n: usize| {
+            (0..n)
+                .map(|_| insert("x", "capped", 0, now))
+                .collect::<Vec<_>>()
+        };
+        let full = |r: Result<Vec<proto_tasker::store::Inserted>, StoreError>| match r {
+            Err(StoreError::QueueFull { queue, max_depth }) => {
+                assert_eq!((queue.as_str(), max_depth), ("capped", 5));
+                true
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => false,
+        };
+        let depth = |s: std::sync::Arc<dyn proto_tasker::Store>| async move {
+            s.queue_counts()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|(q, st, _)| q == "capped" && !st.is_finished())
+                .map(|(_, _, n)| *n)
+                .sum::<i64>()
+        };
+        let first = s.task_insert_many(batch(3), now).await.unwrap();
+        // A batch that would overfill is refused whole.
+        assert!(full(s.task_insert_many(batch(3), now).await));
+        assert_eq!(depth(s.clone()).await, 3);
+        s.task_insert_many(batch(2), now).await.unwrap();
+        assert!(full(s.task_insert_many(batch(1), now).await));
+        // A delayed task counts too; other queues are not capped.
+        let mut later = insert("x", "capped", 0, now + secs(3600));
+        later.run_at = now + secs(3600);
+        assert!(full(s.task_insert_many(vec![later], now).await));
+        s.task_insert_many((0..10).map(|_| insert("x", "free", 0, now)).collect(), now)
+            .await
+            .unwrap();
+        // Finished tasks make room.
+        s.task_cancel(first[0].task.id, now).await.unwrap();
+        s.task_insert_many(batch(1), now).await.unwrap();
+        assert!(full(s.task_insert_many(batch(1), now).await));
+        // Removing the cap lets enqueues through again.
+        s.queue_settings_put("capped", cap(None), false)
+            .await
+            .unwrap();
+        s.task_insert_many(batch(4), now).await.unwrap();
+        assert_eq!(depth(s.clone()).await, 9);
+    }
+
+    pub async fn queue_max_depth_holds_under_concurrent_batches(b: &Backend) {
+        use proto_tasker::store::QueueSettings;
+        let now = now();
+        b.store
+            .queue_settings_put(
+                "race",
+                QueueSettings {
+                    max_depth: Some(10),
+                },
+                false,
+            )
+            .await
+            .unwrap();
+        // Four handles (four nodes' worth of connections) send 24 batches
+        // of 3 at once under a cap of 10: three batches land, never a fourth.
+        let handles = b.nodes(4).await;
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..24 {
+            let s = handles[i % handles.len()].clone();
+            set.spawn(async move {
+                s.task_insert_many((0..3).map(|_| insert("x", "race", 0, now)).collect(), now)
+                    .await
+            });
+        }
+        let mut landed = 0;
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                Ok(v) => landed += v.len() as i64,
+                Err(StoreError::QueueFull { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let stored: i64 = b
+            .store
+            .queue_counts()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|(q, _, _)| q == "race")
+            .map(|(_, _, n)| *n)
+            .sum();
+        assert_eq!(stored, landed, "refused batches left rows behind");
+        assert_eq!(stored, 9, "three whole batches of 3 fit under 10");
+    }
+
     pub async fn workflows_unblock_and_cascade(b: &Backend) {
         let s = b.store.clone();
         use proto_tasker::task::{Dependency, OnDependencyFailure};
@@ -1862,6 +1970,8 @@ macro_rules! all_cases {
             cases::paused_queues_are_not_claimed,
             cases::schedules_fire_each_tick_once,
             cases::schedules_pause_and_resume,
+            cases::queue_max_depth_caps_unfinished_tasks,
+            cases::queue_max_depth_holds_under_concurrent_batches,
             cases::workflows_unblock_and_cascade,
             cases::per_key_claims_skip_keys_at_their_limit,
             cases::late_outcomes_of_an_earlier_run_are_fenced_by_the_claim_token,

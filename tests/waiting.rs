@@ -43,6 +43,7 @@ async fn start(mut cfg: Config, name: &str, queue: &str, http: bool) -> TestNode
             global_concurrency: None,
             per_key_concurrency: None,
             rate_limit: None,
+            max_depth: None,
         },
     )]);
     cfg.server.enabled = http;

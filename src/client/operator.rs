@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{Client, ClientError, invalid};
 use crate::cron::{ScheduleSpec, ScheduleView};
-use crate::store::{NodeInfo, ScheduleRow, StoreError, count_cap};
+use crate::store::{NodeInfo, QueueSettings, ScheduleRow, StoreError, count_cap};
 use crate::task::TaskState;
 
 /// A queue as the operator sees it: counts by state (each stopped at
@@ -26,12 +26,19 @@ pub struct QueueInfo {
     /// How long the oldest task that is due has waited to start, in
     /// seconds (0 when none waits): what an autoscaler scales on.
     pub lag_seconds: f64,
+    /// At most this many unfinished tasks; enqueues past it are refused
+    /// (`null`: no cap). Shared by the cluster, set at run time.
+    pub max_depth: Option<u32>,
 }
+
+/// The largest `max_depth` a queue may have (PostgreSQL stores it as `integer`).
+pub const MAX_DEPTH_LIMIT: u32 = i32::MAX as u32;
 
 /// The operator's side of the front door: queues, nodes, schedules.
 impl Client {
     /// Every queue anyone knows of: named in `also` (e.g. the queues this
-    /// node serves), served by a registered node, paused, or holding tasks.
+    /// node serves), served by a registered node, paused, with settings, or
+    /// holding tasks.
     pub async fn queues(
         &self,
         also: impl IntoIterator<Item = String>,
@@ -47,6 +54,10 @@ impl Client {
             counts.entry(q).or_default().insert(st, n);
         }
         let paused: BTreeSet<String> = self.store.queue_paused().await?.into_iter().collect();
+        let settings = self.queue_settings().await?;
+        for q in paused.iter().chain(settings.keys()) {
+            counts.entry(q.clone()).or_default();
+        }
         let lag: BTreeMap<String, f64> = self.queue_lag().await?.into_iter().collect();
         Ok(counts
             .into_iter()
@@ -57,6 +68,7 @@ impl Client {
                     .collect();
                 QueueInfo {
                     paused: paused.contains(&name),
+                    max_depth: settings.get(&name).and_then(|s| s.max_depth),
                     lag_seconds: lag.get(&name).copied().unwrap_or(0.0),
                     capped: TaskState::ALL
                         .into_iter()
@@ -67,6 +79,44 @@ impl Client {
                 }
             })
             .collect())
+    }
+
+    /// Every queue's settings (queues without any are absent).
+    pub async fn queue_settings(&self) -> Result<BTreeMap<String, QueueSettings>, ClientError> {
+        Ok(self.store.queue_settings().await?.into_iter().collect())
+    }
+
+    /// Replace a queue's settings for the whole cluster. A new `max_depth`
+    /// applies to this process's next enqueue, and to other processes'
+    /// within a second (PostgreSQL) or at once (SQLite).
+    pub async fn queue_set_settings(
+        &self,
+        queue: &str,
+        settings: QueueSettings,
+    ) -> Result<(), ClientError> {
+        super::check_name(queue).map_err(|m| invalid("queue", m))?;
+        if queue.trim().is_empty() {
+            return Err(invalid("queue", "must not be empty"));
+        }
+        match settings.max_depth {
+            Some(0) => {
+                return Err(invalid(
+                    "max_depth",
+                    "must be at least 1 (pause the queue to stop it)",
+                ));
+            }
+            Some(n) if n > MAX_DEPTH_LIMIT => {
+                return Err(invalid(
+                    "max_depth",
+                    format!("{n} is more than {MAX_DEPTH_LIMIT}"),
+                ));
+            }
+            _ => {}
+        }
+        Ok(self
+            .store
+            .queue_settings_put(queue, settings, false)
+            .await?)
     }
 
     /// Counts of tasks by queue and state, each stopped at [`count_cap`].

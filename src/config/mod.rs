@@ -286,6 +286,12 @@ pub struct QueueConfig {
     /// At most `max` task starts per `per` across the cluster.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Starting value of the queue's `max_depth` (at most this many
+    /// unfinished tasks; enqueues past it are refused). Stored for the
+    /// cluster when the queue has no settings yet; a change made at run
+    /// time (`PATCH /api/v1/queues/{name}`) is kept over it.
+    #[serde(default)]
+    pub max_depth: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -364,6 +370,7 @@ impl Default for Config {
                     global_concurrency: None,
                     per_key_concurrency: None,
                     rate_limit: None,
+                    max_depth: None,
                 },
             )]),
             pool: PoolSettings::default(),
@@ -438,6 +445,21 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
     }
     for (name, q) in &cfg.queues {
         validate_queue(name, q.workers, &q.limits())?;
+        match q.max_depth {
+            Some(0) => {
+                return Err((
+                    format!("queues.{name}.max_depth"),
+                    "must be at least 1 (pause the queue to stop it)".into(),
+                ));
+            }
+            Some(n) if n > crate::client::MAX_DEPTH_LIMIT => {
+                return Err((
+                    format!("queues.{name}.max_depth"),
+                    format!("must be at most {}", crate::client::MAX_DEPTH_LIMIT),
+                ));
+            }
+            _ => {}
+        }
     }
     if let Some(n) = &cfg.node.name
         && n.trim().is_empty()

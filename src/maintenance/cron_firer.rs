@@ -114,14 +114,26 @@ impl CronFirer {
                     Vec::new()
                 }
             };
-            let fire = ScheduleFire {
+            let fire = |tasks| ScheduleFire {
                 name: row.name.clone(),
                 expected: row.last_tick,
                 new_last: newest,
-                tasks: rows,
+                tasks,
                 now,
             };
-            match self.store.schedule_fire(fire).await? {
+            let fired = match self.store.schedule_fire(fire(rows)).await {
+                // A full queue refuses the tick: it passes (last_tick moves)
+                // rather than being tried again every interval.
+                Err(crate::store::StoreError::QueueFull { queue, max_depth }) => {
+                    tracing::warn!(schedule = %row.name, %queue, max_depth, "the schedule's queue is full (max_depth): tick skipped");
+                    self.store
+                        .schedule_fire(fire(Vec::new()))
+                        .await?
+                        .map(|_| Vec::new())
+                }
+                r => r?,
+            };
+            match fired {
                 Some(_) if row.paused => {
                     tracing::debug!(schedule = %row.name, ticks = ticks.len(), "paused: ticks passed");
                 }

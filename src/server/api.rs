@@ -42,6 +42,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
         .route("/queues", get(list_queues))
+        .route("/queues/{queue}", get(get_queue).patch(patch_queue))
         .route("/queues/{queue}/pause", post(pause_queue))
         .route("/queues/{queue}/resume", post(resume_queue))
         .route("/nodes", get(list_nodes))
@@ -64,6 +65,15 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, A
             format!("the request body is over {limit} bytes (server.max_body_bytes)"),
         )
     })?;
+    // Every body is an object; serde would also fill a struct from an
+    // array (`["noop"]` as a task, `[null]` as a patch that clears a cap).
+    if bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b != b'{')
+    {
+        return Err(ApiError::bad("body", "the body must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -252,6 +262,19 @@ fn count_enqueued(state: &AppState, inserted: &[Inserted]) {
 #[cfg(not(feature = "stats"))]
 fn count_enqueued(_state: &AppState, _inserted: &[Inserted]) {}
 
+/// The API error of a failed enqueue, counting a full queue's refusal.
+fn enqueue_failed(state: &AppState, e: crate::client::ClientError) -> ApiError {
+    #[cfg(feature = "stats")]
+    if let crate::client::ClientError::Store(crate::store::StoreError::QueueFull { queue, .. }) = &e
+        && let Some(m) = &state.metrics
+    {
+        m.refused(queue);
+    }
+    #[cfg(not(feature = "stats"))]
+    let _ = state;
+    ApiError::from(e)
+}
+
 /// Create a task.
 #[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks", request_body = CreateTask,
     responses(
@@ -259,6 +282,8 @@ fn count_enqueued(_state: &AppState, _inserted: &[Inserted]) {}
         (status = 200, description = "An unfinished task of the same kind holds `unique_key`: that task", body = Task),
         (status = 400, description = "Bad body: `field` names it (`unknown_kind` for a kind this node does not run)", body = super::openapi::ErrorBody),
         (status = 413, description = "Body or args too large", body = super::openapi::ErrorBody),
+        (status = 429, description = "The queue is at its max_depth (`queue_full`); nothing was created", body = super::openapi::ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ))]
 pub(crate) async fn create_task(
     State(state): State<AppState>,
@@ -272,7 +297,11 @@ pub(crate) async fn create_task(
         ));
     }
     let task = new_task(&state, req, "", &std::collections::HashMap::new())?;
-    let inserted = state.client.insert(task).await?;
+    let inserted = state
+        .client
+        .insert(task)
+        .await
+        .map_err(|e| enqueue_failed(&state, e))?;
     count_enqueued(&state, std::slice::from_ref(&inserted));
     let status = if inserted.existing {
         StatusCode::OK
@@ -297,6 +326,8 @@ pub(crate) struct CreateBatch {
         (status = 201, description = "Created (a task whose `unique_key` was held is the existing one)", body = TaskBatch),
         (status = 400, description = "Bad body: `field` names the task, e.g. `tasks[3].priority`", body = super::openapi::ErrorBody),
         (status = 413, description = "Body, args or batch too large", body = super::openapi::ErrorBody),
+        (status = 429, description = "The queue is at its max_depth (`queue_full`); nothing was created", body = super::openapi::ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ))]
 pub(crate) async fn create_batch(
     State(state): State<AppState>,
@@ -347,7 +378,11 @@ pub(crate) async fn create_batch(
         .enumerate()
         .map(|(i, c)| new_task(&state, c, &format!("tasks[{i}]."), &refs))
         .collect::<Result<Vec<_>, _>>()?;
-    let inserted = state.client.insert_many(tasks).await?;
+    let inserted = state
+        .client
+        .insert_many(tasks)
+        .await
+        .map_err(|e| enqueue_failed(&state, e))?;
     count_enqueued(&state, &inserted);
     let tasks: Vec<Task> = inserted.into_iter().map(|i| i.task).collect();
     Ok((StatusCode::CREATED, Json(TaskBatch { tasks })).into_response())
@@ -617,6 +652,102 @@ pub(crate) async fn list_queues(
     Ok(Json(QueueList { queues }))
 }
 
+/// One queue: counts, pause, lag and settings.
+#[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues",
+    params(("queue" = String, Path, description = "Queue name")),
+    responses(
+        (status = 200, description = "The queue", body = QueueView),
+        (status = 404, description = "No such queue", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn get_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Json<QueueView>, ApiError> {
+    let Json(list) = list_queues(State(state)).await?;
+    list.queues
+        .into_iter()
+        .find(|q| q.info.name == queue)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown queue {queue:?}"),
+            )
+            .field("queue")
+        })
+}
+
+/// `Option<Option<T>>` from a field: absent `None`, `null` `Some(None)`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Settings to change; a field left out keeps its value, `null` removes a
+/// limit. (Workers and the concurrency and rate limits are set in each
+/// node's config.)
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueuePatch {
+    /// At most this many unfinished tasks; an enqueue past it gets 429
+    /// `queue_full`. `null` removes the cap.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 2_147_483_647)]
+    max_depth: Option<Option<u32>>,
+    /// Pause (true) or resume (false) the queue on every node.
+    paused: Option<bool>,
+}
+
+/// Change a queue's settings for the whole cluster, at run time.
+#[utoipa::path(patch, path = "/api/v1/queues/{queue}", tag = "queues",
+    params(("queue" = String, Path, description = "Queue name")),
+    request_body = QueuePatch,
+    responses(
+        (status = 200, description = "The queue with its new settings", body = QueueView),
+        (status = 400, description = "Bad body: `field` names it", body = super::openapi::ErrorBody),
+        (status = 404, description = "The patch sets nothing and the queue is unknown", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn patch_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> Result<Json<QueueView>, ApiError> {
+    let patch: QueuePatch = read_json(body, state.limits.max_body_bytes).await?;
+    if let Some(max_depth) = patch.max_depth {
+        let mut settings = state
+            .client
+            .queue_settings()
+            .await?
+            .remove(&queue)
+            .unwrap_or_default();
+        settings.max_depth = max_depth;
+        state.client.queue_set_settings(&queue, settings).await?;
+        tracing::info!(queue = %queue, ?max_depth, "queue max_depth set");
+    }
+    if let Some(paused) = patch.paused {
+        check_queue_name(&queue)?;
+        state.client.queue_set_paused(&queue, paused).await?;
+        tracing::info!(queue = %queue, paused, "queue {}", if paused { "paused" } else { "resumed" });
+    }
+    get_queue(State(state), Path(queue)).await
+}
+
+/// A queue name a setting may be stored under.
+fn check_queue_name(queue: &str) -> Result<(), ApiError> {
+    if queue.trim().is_empty() || queue.len() > crate::client::MAX_NAME_BYTES {
+        return Err(ApiError::bad(
+            "queue",
+            format!(
+                "{queue:?} is not a queue name (1 to {} bytes)",
+                crate::client::MAX_NAME_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn set_paused(
     state: AppState,
     queue: String,
@@ -781,12 +912,18 @@ pub(crate) async fn resume_schedule(
         (status = 201, description = "The task enqueued", body = Task),
         (status = 200, description = "`overlap: skip` and the schedule's last task is unfinished: that task", body = Task),
         (status = 404, description = "No such schedule", body = super::openapi::ErrorBody),
+        (status = 429, description = "The queue is at its max_depth (`queue_full`); nothing was created", body = super::openapi::ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ))]
 pub(crate) async fn trigger_schedule(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let inserted = state.client.schedule_trigger(&name).await?;
+    let inserted = state
+        .client
+        .schedule_trigger(&name)
+        .await
+        .map_err(|e| enqueue_failed(&state, e))?;
     count_enqueued(&state, std::slice::from_ref(&inserted));
     tracing::info!(schedule = %name, task = %inserted.task.id, existing = inserted.existing, "schedule triggered");
     let status = if inserted.existing {

@@ -31,6 +31,10 @@ fn recorded(method: &Method, template: &str) -> bool {
             | ("POST", "/api/v1/queues/{queue}/resume")
             | ("POST", "/api/v1/schedules")
             | ("DELETE", "/api/v1/schedules/{name}")
+            | ("PATCH", "/api/v1/queues/{queue}")
+            | ("POST", "/api/v1/schedules/{name}/pause")
+            | ("POST", "/api/v1/schedules/{name}/resume")
+            | ("POST", "/api/v1/schedules/{name}/trigger")
     )
 }
 

@@ -99,6 +99,7 @@ pub struct Metrics {
     queues: LabelCap,
     kinds: LabelCap,
     enqueued: Family<QueueKind, Counter>,
+    refused: Family<QueueLabel, Counter>,
     completed: Family<QueueKindOutcome, Counter>,
     duration: HistFamily<QueueKind>,
     wait: HistFamily<QueueLabel>,
@@ -127,6 +128,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             enqueued: Family::default(),
+            refused: Family::default(),
             completed: Family::default(),
             duration: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
             wait: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
@@ -145,6 +147,11 @@ impl Metrics {
             "proto_tasker_tasks_enqueued",
             "Tasks enqueued through this node",
             m.enqueued.clone(),
+        );
+        registry.register(
+            "proto_tasker_enqueue_refused",
+            "Enqueue requests this node refused because the queue was at its max_depth (429 queue_full)",
+            m.refused.clone(),
         );
         registry.register(
             "proto_tasker_tasks_completed",
@@ -195,6 +202,15 @@ impl Metrics {
     }
 
     /// Count a task enqueued through this node.
+    /// Count an enqueue refused because `queue` was full.
+    pub fn refused(&self, queue: &str) {
+        self.refused
+            .get_or_create(&QueueLabel {
+                queue: self.queues.value(queue),
+            })
+            .inc();
+    }
+
     pub fn enqueued(&self, queue: &str, kind: &str) {
         self.enqueued
             .get_or_create(&QueueKind {

@@ -146,6 +146,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds for a `Retry-After` header (429 and 503).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -155,6 +157,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -163,6 +166,7 @@ impl ApiError {
             code: "invalid",
             message: message.into(),
             field: Some(field.into()),
+            retry_after: None,
         }
     }
     pub fn field(mut self, field: impl Into<String>) -> Self {
@@ -175,7 +179,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 
@@ -187,6 +196,13 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            StoreError::QueueFull { .. } => {
+                let mut a =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+                        .field("queue");
+                a.retry_after = Some(QUEUE_FULL_RETRY_AFTER);
+                a
             }
             StoreError::Invalid { ref field, .. } => {
                 let field = field.clone();
@@ -260,6 +276,10 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromR
             .map_err(|e| ApiError::bad("path", e.body_text()))
     }
 }
+
+/// The `Retry-After` (seconds) of a 429 `queue_full`: a full queue drains
+/// at the speed of its workers, so a client should not hammer it.
+pub const QUEUE_FULL_RETRY_AFTER: u32 = 1;
 
 /// The whole app: API (behind the token), probes and metrics.
 pub fn router(state: AppState) -> Router {

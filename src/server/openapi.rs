@@ -27,7 +27,7 @@ pub(crate) struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ErrorDetail {
     /// Stable, for programs: `invalid`, `unknown_kind`, `not_found`,
-    /// `conflict`, `too_large`, `unauthorized`, `forbidden`,
+    /// `conflict`, `too_large`, `queue_full`, `unauthorized`, `forbidden`,
     /// `unsupported_media_type`, `unavailable`.
     code: String,
     /// For people.
@@ -137,6 +137,8 @@ pub(crate) struct Health {
         super::api::cancel_task,
         super::api::retry_task,
         super::api::list_queues,
+        super::api::get_queue,
+        super::api::patch_queue,
         super::api::pause_queue,
         super::api::resume_queue,
         super::api::list_nodes,
@@ -202,6 +204,7 @@ impl Modify for Common {
             let ops = [
                 (&mut item.get, false),
                 (&mut item.post, true),
+                (&mut item.patch, true),
                 (&mut item.delete, false),
             ];
             for (op, has_body) in ops {

@@ -86,6 +86,12 @@ pub enum StoreError {
         state: TaskState,
         message: String,
     },
+    /// An enqueue would put more than the queue's `max_depth` unfinished
+    /// tasks in it; nothing was inserted (a batch is refused whole).
+    #[error(
+        "queue {queue:?} is full: at most {max_depth} unfinished tasks (max_depth); try again later"
+    )]
+    QueueFull { queue: String, max_depth: u32 },
     /// The caller's input was rejected by the store; `field` names the part
     /// of the input at fault, when one does.
     #[error("invalid: {}{message}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
@@ -294,6 +300,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Remove a schedule; false when there was none of that name.
     async fn schedule_delete(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Every queue's stored settings (queues without any are absent).
+    async fn queue_settings(&self) -> Result<Vec<(String, QueueSettings)>, StoreError>;
+
+    /// Write a queue's settings; with `only_if_absent`, only when the queue
+    /// has none yet (a node's config gives starting values, which do not
+    /// undo a change made at run time).
+    async fn queue_settings_put(
+        &self,
+        queue: &str,
+        settings: QueueSettings,
+        only_if_absent: bool,
+    ) -> Result<(), StoreError>;
 
     /// Pause or resume a schedule; false when there is none of that name.
     async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError>;

@@ -102,6 +102,18 @@ impl QueueLimits {
     }
 }
 
+/// A queue's settings shared by the cluster (the `queue_settings` table),
+/// changed at run time through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct QueueSettings {
+    /// At most this many unfinished tasks (scheduled, available, running,
+    /// retryable, blocked) in the queue: an enqueue past it is refused
+    /// ([`StoreError::QueueFull`](super::StoreError::QueueFull), HTTP 429).
+    #[serde(default)]
+    pub max_depth: Option<u32>,
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

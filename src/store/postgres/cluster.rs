@@ -176,6 +176,9 @@ impl PostgresStore {
             .stmts
             .ready((&tx).into(), &self.inner.sql.insert_many)
             .await?;
+        let caps =
+            super::insert::lock_caps(&*tx, &self.inner.sql, &super::insert::queues_of(&f.tasks))
+                .await?;
         let out = insert_rows(
             &*tx,
             &self.inner.sql,
@@ -184,6 +187,7 @@ impl PostgresStore {
             Some(((&tx).into(), &st)),
         )
         .await?;
+        super::insert::check_caps(&*tx, &self.inner.sql, &caps).await?;
         tx.commit().await.map_err(db_err)?;
         self.announce_new(&out);
         self.announce_due(crate::store::due_later(&out));

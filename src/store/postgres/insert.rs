@@ -262,6 +262,56 @@ async fn insert_single<C: GenericClient>(
     })
 }
 
+/// The capped queues among `queues` with their caps, each locked for the
+/// rest of the transaction: enqueues to one capped queue take turns, so
+/// what [`check_caps`] counts after the insert is not raced.
+pub(super) async fn lock_caps<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    queues: &[&str],
+) -> Result<Vec<(String, u32)>, StoreError> {
+    c.query(&sql.caps_lock, &[&queues])
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| {
+            let q: String = r.try_get(0).map_err(db_err)?;
+            let cap: i32 = r.try_get(1).map_err(db_err)?;
+            Ok((q, u32::try_from(cap).unwrap_or(0)))
+        })
+        .collect()
+}
+
+/// After an insert under [`lock_caps`]: refuse (the caller rolls back)
+/// when a queue holds more unfinished tasks than its cap.
+pub(super) async fn check_caps<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    caps: &[(String, u32)],
+) -> Result<(), StoreError> {
+    for (queue, cap) in caps {
+        let n: i64 = c
+            .query_one(&sql.depth_upto, &[queue, &(i64::from(*cap) + 1)])
+            .await
+            .map_err(db_err)?
+            .try_get(0)
+            .map_err(db_err)?;
+        if n > i64::from(*cap) {
+            return Err(StoreError::QueueFull {
+                queue: queue.clone(),
+                max_depth: *cap,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The distinct queues of `rows`.
+pub(super) fn queues_of(rows: &[TaskInsert]) -> Vec<&str> {
+    let set: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.queue.as_str()).collect();
+    set.into_iter().collect()
+}
+
 /// Enqueue `rows` inside the caller's own transaction (or on any client):
 /// the tasks exist if and only if that transaction commits, and a NOTIFY
 /// sent in the same transaction wakes the nodes on commit.
@@ -272,7 +322,9 @@ pub(super) async fn insert_in<C: GenericClient>(
     now: DateTime<Utc>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let sql = Sql::new(schema);
+    let caps = lock_caps(c, &sql, &queues_of(&rows)).await?;
     let out = insert_rows(c, &sql, rows, now, None).await?;
+    check_caps(c, &sql, &caps).await?;
     c.execute("SELECT pg_notify($1, $2)", &[&channel_name(schema), &WORK])
         .await
         .map_err(db_err)?;

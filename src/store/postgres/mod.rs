@@ -51,9 +51,9 @@ use tokio_postgres::{GenericClient, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AuditEntry, ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams, RescueParams,
-    Rescued, ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, due::DueTimer,
-    due_again, due_later,
+    AuditEntry, ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams,
+    QueueSettings, RescueParams, Rescued, ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent,
+    TaskInsert, due::DueTimer, due_again, due_later,
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
@@ -85,6 +85,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0015_task_ref.sql"),
     include_str!("migrations/0016_task_progress.sql"),
     include_str!("migrations/0017_schedule_paused.sql"),
+    include_str!("migrations/0018_queue_settings.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -183,7 +184,17 @@ struct Inner {
     due: DueTimer,
     /// The live nodes, for choosing whom a NOTIFY of new work wakes.
     members: Arc<wake::Membership>,
+    /// The queues that have a `max_depth`, and when they were read: an
+    /// enqueue to any other queue takes the one-statement path and pays no
+    /// lock. Read again after [`CAPS_FRESH`] and after this handle changes
+    /// settings, so a cap set by another process applies to this one's
+    /// enqueues within that long. A std mutex: held only to read or
+    /// replace the pair.
+    capped: std::sync::Mutex<Option<(std::time::Instant, Arc<std::collections::HashSet<String>>)>>,
 }
+
+/// How long a handle trusts its list of capped queues.
+const CAPS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -366,6 +377,7 @@ impl PostgresStore {
                 origin: origin.clone(),
                 due: due.clone(),
                 members: members.clone(),
+                capped: std::sync::Mutex::new(None),
             }),
         };
         if let Some(listen) = listen {
@@ -384,6 +396,71 @@ impl PostgresStore {
 
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// The queues that have a `max_depth` (see `Inner::capped`).
+    async fn capped_queues(&self) -> Result<Arc<std::collections::HashSet<String>>, StoreError> {
+        if let Some((at, set)) = self
+            .inner
+            .capped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            && at.elapsed() < CAPS_FRESH
+        {
+            return Ok(set.clone());
+        }
+        let read_at = std::time::Instant::now();
+        let c = self.conn().await?;
+        let rows = self.query(&c, &self.inner.sql.capped_queues, &[]).await?;
+        let set: Arc<std::collections::HashSet<String>> = Arc::new(
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(db_err))
+                .collect::<Result<_, _>>()?,
+        );
+        *self.inner.capped.lock().unwrap_or_else(|e| e.into_inner()) = Some((read_at, set.clone()));
+        Ok(set)
+    }
+
+    async fn settings_list(&self) -> Result<Vec<(String, QueueSettings)>, StoreError> {
+        let c = self.conn().await?;
+        let rows = self.query(&c, &self.inner.sql.settings_list, &[]).await?;
+        rows.iter()
+            .map(|r| {
+                let max: Option<i32> = r.try_get(1).map_err(db_err)?;
+                Ok((
+                    r.try_get(0).map_err(db_err)?,
+                    QueueSettings {
+                        max_depth: max.map(|m| u32::try_from(m).unwrap_or(0)),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn settings_put(
+        &self,
+        queue: &str,
+        settings: QueueSettings,
+        only_if_absent: bool,
+    ) -> Result<(), StoreError> {
+        let max = settings
+            .max_depth
+            .map(|m| {
+                i32::try_from(m)
+                    .map_err(|_| StoreError::invalid("max_depth", format!("{m} is too large")))
+            })
+            .transpose()?;
+        let sql = if only_if_absent {
+            &self.inner.sql.settings_init
+        } else {
+            &self.inner.sql.settings_put
+        };
+        let c = self.conn().await?;
+        self.execute(&c, sql, &[&queue, &max]).await?;
+        // This handle's next enqueue reads the capped queues again.
+        *self.inner.capped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
     }
 
     /// A pooled connection. Connections the server closed (restart,
@@ -613,8 +690,11 @@ impl Store for PostgresStore {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
+        let queues = insert::queues_of(&tasks);
+        let capped = self.capped_queues().await?;
+        let any_capped = queues.iter().any(|q| capped.contains(*q));
         let mut c = self.conn().await?;
-        let out = if insert::all_plain(&tasks) {
+        let out = if !any_capped && insert::all_plain(&tasks) {
             // One statement: atomic and durable on its own, in one round trip.
             let st = self
                 .inner
@@ -629,8 +709,16 @@ impl Store for PostgresStore {
                 .stmts
                 .ready((&tx).into(), &self.inner.sql.insert_many)
                 .await?;
+            // A capped queue: take its lock, insert, count, and roll back
+            // (dropping `tx`) when the count is past the cap.
+            let caps = if any_capped {
+                insert::lock_caps(&*tx, &self.inner.sql, &queues).await?
+            } else {
+                Vec::new()
+            };
             let out =
                 insert_rows(&*tx, &self.inner.sql, tasks, now, Some(((&tx).into(), &st))).await?;
+            insert::check_caps(&*tx, &self.inner.sql, &caps).await?;
             tx.commit().await.map_err(db_err)?;
             out
         };
@@ -803,6 +891,19 @@ impl Store for PostgresStore {
 
     async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError> {
         PostgresStore::schedule_set_paused(self, name, paused).await
+    }
+
+    async fn queue_settings(&self) -> Result<Vec<(String, QueueSettings)>, StoreError> {
+        self.settings_list().await
+    }
+
+    async fn queue_settings_put(
+        &self,
+        queue: &str,
+        settings: QueueSettings,
+        only_if_absent: bool,
+    ) -> Result<(), StoreError> {
+        self.settings_put(queue, settings, only_if_absent).await
     }
 
     async fn schedule_fire(&self, f: ScheduleFire) -> Result<Option<Vec<Inserted>>, StoreError> {

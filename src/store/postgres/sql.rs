@@ -46,6 +46,12 @@ pub(super) struct Sql {
     pub schedule_delete: String,
     pub schedule_list: String,
     pub schedule_set_paused: String,
+    pub settings_list: String,
+    pub settings_put: String,
+    pub settings_init: String,
+    pub capped_queues: String,
+    pub caps_lock: String,
+    pub depth_upto: String,
     pub schedule_move: String,
     pub audit_append: String,
     pub audit_list: String,
@@ -303,6 +309,32 @@ impl Sql {
             schedule_delete: format!("DELETE FROM {s}.schedules WHERE name = $1"),
             schedule_list: format!(
                 "SELECT name, spec, source, last_tick, paused FROM {s}.schedules ORDER BY name"
+            ),
+            settings_list: format!(
+                "SELECT queue, max_depth FROM {s}.queue_settings ORDER BY queue"
+            ),
+            settings_put: format!(
+                "INSERT INTO {s}.queue_settings (queue, max_depth) VALUES ($1, $2) \
+                 ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth"
+            ),
+            settings_init: format!(
+                "INSERT INTO {s}.queue_settings (queue, max_depth) VALUES ($1, $2) \
+                 ON CONFLICT (queue) DO NOTHING"
+            ),
+            capped_queues: format!(
+                "SELECT queue FROM {s}.queue_settings WHERE max_depth IS NOT NULL"
+            ),
+            // Locks each capped queue of $1 for the transaction, in name
+            // order (two batches over the same queues cannot deadlock).
+            caps_lock: format!(
+                "SELECT q.queue, q.max_depth FROM (SELECT queue, max_depth FROM {s}.queue_settings \
+                 WHERE queue = ANY($1) AND max_depth IS NOT NULL ORDER BY queue) q, \
+                 LATERAL (SELECT pg_advisory_xact_lock(hashtext('proto_tasker_cap:{s}:' || q.queue))) l"
+            ),
+            // Unfinished tasks of queue $1, counted up to $2 (the cap + 1).
+            depth_upto: format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {s}.tasks WHERE queue = $1 \
+                 AND state NOT IN ({finished}) LIMIT $2) t"
             ),
             schedule_set_paused: format!("UPDATE {s}.schedules SET paused = $1 WHERE name = $2"),
             schedule_move: format!(

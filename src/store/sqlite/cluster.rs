@@ -128,6 +128,43 @@ pub(super) fn schedule_delete(conn: &Connection, name: &str) -> Result<bool, Sto
         .map_err(sql_err)
 }
 
+pub(super) fn queue_settings(
+    conn: &Connection,
+) -> Result<Vec<(String, crate::store::QueueSettings)>, StoreError> {
+    let mut st = conn
+        .prepare_cached("SELECT queue, max_depth FROM queue_settings ORDER BY queue")
+        .map_err(sql_err)?;
+    st.query_map([], |r| {
+        let max: Option<i64> = r.get(1)?;
+        Ok((
+            r.get::<_, String>(0)?,
+            crate::store::QueueSettings {
+                max_depth: max.map(|m| u32::try_from(m).unwrap_or(0)),
+            },
+        ))
+    })
+    .map_err(sql_err)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(sql_err)
+}
+
+pub(super) fn queue_settings_put(
+    conn: &Connection,
+    queue: &str,
+    settings: crate::store::QueueSettings,
+    only_if_absent: bool,
+) -> Result<(), StoreError> {
+    let sql = if only_if_absent {
+        "INSERT INTO queue_settings (queue, max_depth) VALUES (?1, ?2) ON CONFLICT (queue) DO NOTHING"
+    } else {
+        "INSERT INTO queue_settings (queue, max_depth) VALUES (?1, ?2) \
+         ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth"
+    };
+    conn.execute(sql, params![queue, settings.max_depth])
+        .map(|_| ())
+        .map_err(sql_err)
+}
+
 pub(super) fn schedule_set_paused(
     conn: &Connection,
     name: &str,

@@ -24,17 +24,48 @@ pub(super) fn prepare_rows(
     Ok((tasks, args))
 }
 
-/// Insert rows in order; batch references point at earlier rows.
+/// Insert rows in order; batch references point at earlier rows. A queue
+/// with a `max_depth` that the rows would overfill refuses them all: the
+/// job fails and its savepoint is rolled back. (One writer: nothing races
+/// the count.)
 pub(super) fn insert_all(
     conn: &Connection,
     tasks: &[TaskInsert],
     args: &[String],
     now: DateTime<Utc>,
 ) -> Result<Vec<Inserted>, StoreError> {
+    let queues: std::collections::BTreeSet<&str> = tasks.iter().map(|t| t.queue.as_str()).collect();
+    let mut caps = Vec::new();
+    for q in queues {
+        let cap: Option<i64> = conn
+            .prepare_cached("SELECT max_depth FROM queue_settings WHERE queue = ?1")
+            .and_then(|mut st| st.query_row([q], |r| r.get(0)).optional())
+            .map_err(sql_err)?
+            .flatten();
+        if let Some(cap) = cap {
+            caps.push((q, cap));
+        }
+    }
     let mut out: Vec<Inserted> = Vec::with_capacity(tasks.len());
     for (t, a) in tasks.iter().zip(args) {
         let i = insert_one(conn, t, a, now, &out)?;
         out.push(i);
+    }
+    for (queue, cap) in caps {
+        let n: i64 = conn
+            .prepare_cached(&format!(
+                "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE queue = ?1 \
+                 AND state NOT IN ({}) LIMIT ?2)",
+                lifecycle::sql_states(&lifecycle::FINISHED)
+            ))
+            .and_then(|mut st| st.query_row(params![queue, cap + 1], |r| r.get(0)))
+            .map_err(sql_err)?;
+        if n > cap {
+            return Err(StoreError::QueueFull {
+                queue: queue.to_string(),
+                max_depth: u32::try_from(cap).unwrap_or(0),
+            });
+        }
     }
     Ok(out)
 }

@@ -46,9 +46,9 @@ use tokio::sync::{Notify, broadcast, oneshot};
 
 use super::{
     AuditEntry, ClaimParams, Completion, DashboardRead, FINISHED_COUNT_CAP, Inserted, ListParams,
-    NodeInfo, PruneParams, QUEUE_COUNT_CAP, RescueParams, Rescued, ScheduleFire, ScheduleRow,
-    Store, StoreError, StoreEvent, TaskInsert, due::DueTimer, due_again, due_later, lifecycle,
-    truncate_micros,
+    NodeInfo, PruneParams, QUEUE_COUNT_CAP, QueueSettings, RescueParams, Rescued, ScheduleFire,
+    ScheduleRow, Store, StoreError, StoreEvent, TaskInsert, due::DueTimer, due_again, due_later,
+    lifecycle, truncate_micros,
 };
 use crate::task::{Task, TaskId, TaskState};
 use writer::{Job, Reply, open_conn, sql_err, unavailable, writer_loop};
@@ -71,6 +71,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0014_task_ref.sql"),
     include_str!("migrations/0015_task_progress.sql"),
     include_str!("migrations/0016_schedule_paused.sql"),
+    include_str!("migrations/0017_queue_settings.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -579,6 +580,21 @@ impl Store for SqliteStore {
 
     async fn schedule_list(&self) -> Result<Vec<ScheduleRow>, StoreError> {
         self.read(cluster::schedule_list).await
+    }
+
+    async fn queue_settings(&self) -> Result<Vec<(String, QueueSettings)>, StoreError> {
+        self.read(cluster::queue_settings).await
+    }
+
+    async fn queue_settings_put(
+        &self,
+        queue: &str,
+        settings: QueueSettings,
+        only_if_absent: bool,
+    ) -> Result<(), StoreError> {
+        let queue = queue.to_string();
+        self.write(move |conn| cluster::queue_settings_put(conn, &queue, settings, only_if_absent))
+            .await
     }
 
     async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError> {
