@@ -380,7 +380,7 @@
   }
 
   function queueTable(list, withButtons) {
-    const head = ["Queue", "Status"].concat(withButtons ? ["Workers"] : [], STATES, withButtons ? [""] : []);
+    const head = ["Queue", "Status"].concat(withButtons ? ["Workers", "Max depth"] : [], STATES, withButtons ? [""] : []);
     return h("table", { class: "data", id: withButtons ? "queues-table" : null },
       h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
       h("tbody", {}, list.map((q) => h("tr", { dataset: { queue: q.name } },
@@ -388,6 +388,7 @@
         h("td", {}, h("span", { class: q.paused ? "badge paused" : "badge active", "data-paused": String(q.paused) },
           q.paused ? "paused" : "active")),
         withButtons ? h("td", {}, q.concurrency == null ? "—" : String(q.concurrency)) : null,
+        withButtons ? h("td", { class: "num max-depth" }, q.max_depth == null ? "—" : String(q.max_depth)) : null,
         STATES.map((st) => h("td", { class: "num" },
           q.counts[st] ? h("a", { href: "#/tasks?queue=" + encodeURIComponent(q.name) + "&state=" + st }, count(q, st)) : "0")),
         withButtons ? h("td", {}, h("button", {
@@ -398,11 +399,33 @@
         }, q.paused ? "Resume" : "Pause")) : null))));
   }
 
+  // Settings shared by the cluster (PATCH /queues/{name}); outside the
+  // table, which is redrawn every 2 s, so typing is not lost.
+  function queueSettingsForm() {
+    const name = h("input", { name: "queue", placeholder: "queue", required: true, size: 16 });
+    const depth = h("input", { name: "max_depth", type: "number", min: "1", placeholder: "no cap", size: 10 });
+    return h("form", {
+      class: "filters act", id: "queue-settings",
+      onsubmit: (ev) => {
+        ev.preventDefault();
+        const q = name.value.trim();
+        if (!q) { flash("Name a queue", "error"); return; }
+        const v = depth.value.trim();
+        const max_depth = v === "" ? null : Number(v);
+        act("Set " + q + " max depth to " + (max_depth == null ? "none" : max_depth),
+          () => api("/queues/" + encodeURIComponent(q), { method: "PATCH", body: { max_depth } }));
+      },
+    },
+    h("label", {}, "Queue ", name),
+    h("label", {}, "Max depth ", depth),
+    h("button", { type: "submit" }, "Save"));
+  }
+
   function queues() {
     const box = h("div");
     append(app, h("h2", {}, "Queues"),
-      h("p", { class: "hint" }, "Counts stop at 100,000 for unfinished and 10,000 for finished states (shown with +)."),
-      box);
+      h("p", { class: "hint" }, "Counts stop at 100,000 for unfinished and 10,000 for finished states (shown with +). Max depth: at most that many unfinished tasks; enqueues past it are refused."),
+      box, queueSettingsForm());
     return {
       async refresh() {
         const qs = await api("/queues");
