@@ -429,11 +429,15 @@ async fn dashboard_shows_and_drives_a_live_node() {
     b.screenshot("04-queues-paused").await;
 
     // A queue's cap, edited on the page, is what the API then answers.
-    b.type_into("#queue-settings input[name='queue']", "held").await;
-    b.type_into("#queue-settings input[name='max_depth']", "123").await;
-    b.click("#queue-settings button[type='submit']").await;
-    b.wait_text("#queues-table tr[data-queue='held'] td.max-depth", |t| t == "123")
+    b.type_into("#queue-settings input[name='queue']", "held")
         .await;
+    b.type_into("#queue-settings input[name='max_depth']", "123")
+        .await;
+    b.click("#queue-settings button[type='submit']").await;
+    b.wait_text("#queues-table tr[data-queue='held'] td.max-depth", |t| {
+        t == "123"
+    })
+    .await;
     let one = node.api("GET", "/queues/held", None).await;
     assert_eq!(one["max_depth"], 123, "{one}");
     b.screenshot("04b-queue-max-depth").await;
