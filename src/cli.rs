@@ -173,6 +173,101 @@ pub async fn wait_task(remote: &Remote, id: &str, timeout: Duration) -> Result<V
     }
 }
 
+impl Remote {
+    /// Open the task's event stream (`GET /tasks/{id}/events`).
+    async fn events(&self, id: &str) -> Result<reqwest::Response, Failure> {
+        let url = format!("{}/tasks/{}/events", self.base, query_escape(id));
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::unreachable(format!("cannot reach {url}: {e}")))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(Failure::unreachable(format!(
+                "{url}: HTTP {}",
+                resp.status()
+            )))
+        }
+    }
+}
+
+/// Wait for a task like [`wait_task`], showing its progress on stderr as
+/// it comes (a line rewritten in place: `progress` is for a terminal). The
+/// task's event stream carries it; a node without one is long-polled.
+pub async fn watch_task(remote: &Remote, id: &str, timeout: Duration) -> Result<Value, Failure> {
+    use futures::StreamExt;
+    let Ok(resp) = remote.events(id).await else {
+        return wait_task(remote, id, timeout).await;
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut last: Option<Value> = None;
+    let mut shown = false;
+    let finished = |t: &Value| {
+        serde_json::from_value::<Task>(t.clone()).is_ok_and(|task| task.state.is_finished())
+    };
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(c))) => c,
+            // Ended, broke, or out of time: the task as it is now.
+            _ => break,
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut event = "";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            match event {
+                "progress" => {
+                    let p = &v["progress"];
+                    let line = match (p["pct"].as_f64(), p["message"].as_str()) {
+                        (Some(pct), Some(m)) => format!("{pct:.0}% {m}"),
+                        (Some(pct), None) => format!("{pct:.0}%"),
+                        _ => p.to_string(),
+                    };
+                    eprint!("\r\x1b[2Ktask {id}: {line}");
+                    shown = true;
+                }
+                "state" => {
+                    let done = finished(&v);
+                    last = Some(v);
+                    if done {
+                        if shown {
+                            eprint!("\r\x1b[2K");
+                        }
+                        return Ok(last.unwrap_or_default());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if shown {
+        eprint!("\r\x1b[2K");
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    match last {
+        Some(t) if left.is_zero() => Ok(t),
+        _ => wait_task(remote, id, left).await,
+    }
+}
+
 /// The fields of `submit`, turned into a POST /tasks body.
 pub struct TaskBody {
     pub kind: String,

@@ -785,7 +785,12 @@ async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failur
         }
         return Ok(());
     }
-    let done = cli::wait_task(r, &id, a.wait_timeout).await?;
+    // On a terminal, progress shows as it comes (from the task's events).
+    let done = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        cli::watch_task(r, &id, a.wait_timeout).await?
+    } else {
+        cli::wait_task(r, &id, a.wait_timeout).await?
+    };
     if json {
         show(&done);
     } else if done["state"] == "completed" {

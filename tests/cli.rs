@@ -485,3 +485,39 @@ fn a_queue_cap_is_set_and_shown_from_the_cli() {
     let bad = cli(&node, &["queue", "set", "default", "--max-depth", "lots"]);
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
 }
+
+#[test]
+fn submit_wait_shows_progress_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: `script` (util-linux) is missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "executors:\n  shell:\n    allow: [sh]\n");
+    let args = r#"{"cmd": ["sh", "-c", "for i in 25 50 75; do echo \"::progress {\\\"pct\\\": $i, \\\"message\\\": \\\"step $i\\\"}\"; sleep 1.2; done; echo finished"]}"#;
+    let run = dir.path().join("run.sh");
+    std::fs::write(
+        &run,
+        format!(
+            "exec {BIN} submit shell --server {} --wait --args '{args}'\n",
+            node.url
+        ),
+    )
+    .unwrap();
+    let out = Command::new("script")
+        .args(["-qec", &format!("sh {}", run.display()), "/dev/null"])
+        .env_remove("PROTO_TASKER_TOKEN")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains(": 25% step 25") || screen.contains(": 50% step 50"),
+        "no progress on the terminal: {screen:?}"
+    );
+    assert!(screen.contains("finished"), "{screen:?}");
+    // Piped, the same command prints only the result.
+    let piped = Command::new("sh").arg(&run).output().unwrap();
+    assert!(piped.status.success(), "{piped:?}");
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("step"));
+}

@@ -39,6 +39,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/tasks/retry", post(retry_many))
         .route("/stats", get(super::dashboard::stats))
         .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/events", get(task_events))
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
         .route("/queues", get(list_queues))
@@ -448,6 +449,135 @@ pub(crate) async fn get_task(
         })?,
     };
     Ok(Json(task))
+}
+
+/// How often an event stream looks at its task (a finish is seen at once).
+const EVENTS_EVERY: Duration = Duration::from_secs(1);
+
+/// What an event stream remembers between looks.
+struct Watch {
+    state: AppState,
+    id: TaskId,
+    /// The task as first read, sent as the first event.
+    first: Option<Task>,
+    last: Option<Task>,
+    queued: std::collections::VecDeque<axum::response::sse::Event>,
+    done: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn sse_event(name: &str, data: &impl serde::Serialize) -> axum::response::sse::Event {
+    axum::response::sse::Event::default()
+        .event(name)
+        .data(serde_json::to_string(data).unwrap_or_else(|_| "null".into()))
+}
+
+impl Watch {
+    /// The events between `last` and `now`.
+    fn diff(&mut self, now: Task) {
+        let changed = |a: &Task, b: &Task| {
+            a.state != b.state || a.attempt != b.attempt || a.claim_token != b.claim_token
+        };
+        match &self.last {
+            Some(last) if !changed(last, &now) => {
+                if last.progress != now.progress {
+                    self.queued.push_back(sse_event(
+                        "progress",
+                        &serde_json::json!({"id": now.id, "progress": now.progress}),
+                    ));
+                }
+            }
+            _ => self.queued.push_back(sse_event("state", &now)),
+        }
+        if now.state.is_finished() {
+            self.done = true;
+        }
+        self.last = Some(now);
+    }
+
+    async fn next(
+        mut self,
+    ) -> Option<(
+        Result<axum::response::sse::Event, std::convert::Infallible>,
+        Self,
+    )> {
+        loop {
+            if let Some(e) = self.queued.pop_front() {
+                return Some((Ok(e), self));
+            }
+            if self.done {
+                return None;
+            }
+            let now = match self.first.take() {
+                Some(t) => t,
+                None => tokio::select! {
+                    r = self.state.client.wait_for(self.id, EVENTS_EVERY) => match r {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let e = ApiError::from(e);
+                            self.queued.push_back(sse_event(
+                                "error",
+                                &serde_json::json!({"code": e.code, "message": e.message}),
+                            ));
+                            self.done = true;
+                            continue;
+                        }
+                    },
+                    _ = self.state.stopping.cancelled() => return None,
+                },
+            };
+            self.diff(now);
+        }
+    }
+}
+
+/// Server-Sent Events of one task until it finishes: `state` (the whole
+/// task) first and whenever its state or attempt changes, `progress`
+/// (`{"id", "progress"}`) when only its progress changes, then the stream
+/// ends after the finished task's `state`. An `error` event
+/// (`{"code", "message"}`) ends it early when the store fails.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/events", tag = "tasks",
+    params(("id" = i64, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "`text/event-stream` of `state`, `progress` and `error` events", content_type = "text/event-stream", body = super::openapi::TaskEvent),
+        (status = 400, description = "Bad id", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = super::openapi::ErrorBody),
+    ))]
+pub(crate) async fn task_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let permit = state.streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "this node serves {} event streams already; use ?wait= on GET /tasks/{{id}}",
+                super::MAX_EVENT_STREAMS
+            ),
+        )
+    })?;
+    let first = state.client.get(id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("task {id} not found"),
+        )
+    })?;
+    let watch = Watch {
+        state,
+        id,
+        first: Some(first),
+        last: None,
+        queued: Default::default(),
+        done: false,
+        _permit: permit,
+    };
+    let stream = futures::stream::unfold(watch, Watch::next);
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

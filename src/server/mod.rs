@@ -66,6 +66,9 @@ pub struct AppState {
     pub(crate) tokens: Arc<Vec<auth::ApiToken>>,
     /// Fires when the server stops: long-polls return early.
     pub(crate) stopping: CancellationToken,
+    /// Event streams (`/tasks/{id}/events`) open at once, at most
+    /// [`MAX_EVENT_STREAMS`]: each reads its task about twice a second.
+    pub(crate) streams: Arc<tokio::sync::Semaphore>,
     /// Cluster throughput over the last minutes, for the dashboard.
     pub(crate) history: Arc<dashboard::History>,
     /// What browsers may do (see [`guard`]).
@@ -103,6 +106,7 @@ impl AppState {
                     .collect(),
             ),
             stopping: CancellationToken::new(),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
             history: Arc::default(),
             browser: Arc::default(),
             #[cfg(feature = "stats")]
@@ -252,6 +256,13 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
         parts: &mut axum::http::request::Parts,
         _state: &S,
     ) -> Result<Self, ApiError> {
+        // No store takes a NUL in a text value (PostgreSQL refuses it).
+        if let Ok(axum::extract::Query(pairs)) =
+            axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+            && let Some((k, _)) = pairs.iter().find(|(_, v)| v.contains('\0'))
+        {
+            return Err(ApiError::bad(k.clone(), "holds a NUL character"));
+        }
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|axum::extract::Query(q)| ApiQuery(q))
             .map_err(|e| ApiError::bad("query", e.body_text()))
@@ -270,12 +281,21 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromR
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, ApiError> {
+        if let Ok(axum::extract::Path(params)) =
+            axum::extract::Path::<Vec<(String, String)>>::from_request_parts(parts, state).await
+            && let Some((k, _)) = params.iter().find(|(_, v)| v.contains('\0'))
+        {
+            return Err(ApiError::bad(k.clone(), "holds a NUL character"));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(p)| ApiPath(p))
             .map_err(|e| ApiError::bad("path", e.body_text()))
     }
 }
+
+/// Most task event streams one node serves at once (503 past it).
+pub const MAX_EVENT_STREAMS: usize = 256;
 
 /// The `Retry-After` (seconds) of a 429 `queue_full`: a full queue drains
 /// at the speed of its workers, so a client should not hammer it.

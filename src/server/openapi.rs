@@ -113,6 +113,27 @@ pub(crate) struct Deleted {
     pub deleted: String,
 }
 
+/// The name of a task event.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // Named for the document; the stream writes the names.
+pub(crate) enum TaskEventName {
+    State,
+    Progress,
+    Error,
+}
+
+/// One Server-Sent Event of `GET /tasks/{id}/events`, as an SSE parser
+/// hands it over (keep-alive comments aside).
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct TaskEvent {
+    event: TaskEventName,
+    /// JSON text: the whole task (`state`), `{"id", "progress"}`
+    /// (`progress`), or `{"code", "message"}` (`error`).
+    data: String,
+}
+
 /// A probe's answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Health {
@@ -134,6 +155,7 @@ pub(crate) struct Health {
         super::api::create_batch,
         super::api::retry_many,
         super::api::get_task,
+        super::api::task_events,
         super::api::cancel_task,
         super::api::retry_task,
         super::api::list_queues,
