@@ -163,7 +163,9 @@ fn the_validator_refuses_a_broken_document() {
 }
 
 /// Run Schemathesis against `node` (whose document it fetches), then check
-/// the node's log.
+/// the node's log. The nodes set `server.max_wait: 2s`: a generated
+/// `?wait=` on a task that does not finish would otherwise hold a request
+/// for up to 300 s (one held 30 s and timed out a CI run).
 fn schemathesis(test: &str, node: &fixtures::NodeProcess, token: Option<&str>) {
     let Some(st) = pyenv_tool(test, "schemathesis") else {
         return;
@@ -213,7 +215,7 @@ async fn schemathesis_finds_nothing_on_sqlite() {
     let node = fixtures::NodeProcess::start(
         dir.path(),
         &format!(
-            "store:\n  path: {}\nserver:\n  listen: 127.0.0.1:0\npool:\n  poll_interval: 50ms\n",
+            "store:\n  path: {}\nserver:\n  listen: 127.0.0.1:0\n  max_wait: 2s\npool:\n  poll_interval: 50ms\n",
             dir.path().join("n.db").display()
         ),
     );
@@ -232,7 +234,7 @@ async fn schemathesis_finds_nothing_on_postgres_with_a_token() {
         dir.path(),
         &format!(
             "store:\n  kind: postgres\n  url: {}\n  schema: {}\n\
-             server:\n  listen: 127.0.0.1:0\n  auth_token: st-token-123\n\
+             server:\n  listen: 127.0.0.1:0\n  auth_token: st-token-123\n  max_wait: 2s\n\
              pool:\n  poll_interval: 50ms\n",
             guard.url, guard.schema
         ),

@@ -133,6 +133,18 @@ impl TestServer {
         )
     }
 
+    /// What /metrics answers.
+    async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
@@ -287,7 +299,7 @@ async fn tasks_round_trip_through_every_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_the_node_keeps_working() {
     let s = start(Setup {
-        limits: Limits { max_body_bytes: 64 * 1024, max_args_bytes: 1024, max_batch: 5 },
+        limits: Limits { max_body_bytes: 64 * 1024, max_args_bytes: 1024, max_batch: 5, ..Limits::default() },
         yaml: "executors:\n  shell:\n    allow: [echo]\n  http:\n    allow_hosts: [\"127.0.0.1:*\"]\n",
         ..Setup::default()
     })
@@ -597,15 +609,7 @@ async fn queues_pause_and_resume_and_nodes_show_the_leader() {
 async fn metrics_parse_and_counters_move() {
     let s = start(Setup::default()).await;
     let scrape = || async {
-        let text = s
-            .http
-            .get(format!("{}/metrics", s.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = s.metrics_text().await;
         let lines = text.lines().map(|l| Ok(l.to_string()));
         prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text")
     };
@@ -1015,15 +1019,7 @@ async fn a_full_queue_answers_429_and_its_cap_is_set_at_run_time() {
     let (_, q) = s.get("/queues/capped").await;
     assert_eq!(q["counts"]["available"], 4, "{q}");
 
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains("proto_tasker_enqueue_refused_total{queue=\"capped\"} 2"),
         "{metrics}"
@@ -1897,5 +1893,37 @@ async fn a_nul_in_a_query_or_path_is_a_400_on_postgres() {
         Some("name"),
     );
     assert_eq!(s.get("/tasks?kind=noop").await.0, StatusCode::OK);
+    s.stop().await;
+}
+
+/// `server.max_wait` bounds a long-poll: longer is a 400 naming `wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_are_bounded_by_server_max_wait() {
+    let s = start(Setup {
+        yaml: "server:\n  max_wait: 1s\nqueues:\n  default: {workers: 1}\n  held: {workers: 1}\n",
+        ..Setup::default()
+    })
+    .await;
+    s.post("/queues/held/pause", json!(null)).await;
+    let (_, t) = s
+        .post("/tasks", json!({"kind": "noop", "queue": "held"}))
+        .await;
+    let got = s.get(&format!("/tasks/{}?wait=2s", t["id"])).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, Some("wait"));
+    assert!(
+        got.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_wait"),
+        "{}",
+        got.1
+    );
+    let started = std::time::Instant::now();
+    let (st, still) = s.get(&format!("/tasks/{}?wait=1s", t["id"])).await;
+    assert_eq!(
+        (st, still["state"].as_str()),
+        (StatusCode::OK, Some("available"))
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
     s.stop().await;
 }

@@ -111,6 +111,9 @@ pub struct ServerConfig {
     pub max_args_bytes: usize,
     /// Most tasks in one batch.
     pub max_batch: usize,
+    /// Longest `?wait=` long-poll a request may ask for (longer: 400).
+    #[serde(with = "dur_serde")]
+    pub max_wait: Duration,
     /// Origins (`https://app.example.com`) whose pages may call the API.
     /// Any other page's requests are refused (403).
     pub cors_origins: Vec<String>,
@@ -185,6 +188,7 @@ impl Default for ServerConfig {
             max_body_bytes: limits.max_body_bytes,
             max_args_bytes: limits.max_args_bytes,
             max_batch: limits.max_batch,
+            max_wait: limits.max_wait,
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             tokens: Vec::new(),
@@ -199,6 +203,7 @@ impl ServerConfig {
             max_body_bytes: self.max_body_bytes,
             max_args_bytes: self.max_args_bytes,
             max_batch: self.max_batch,
+            max_wait: self.max_wait,
         }
     }
 }
@@ -511,6 +516,9 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
             "server",
             "max_batch, max_args_bytes and max_body_bytes must be more than 0",
         );
+    }
+    if cfg.server.max_wait.is_zero() {
+        return e("server.max_wait", "must be more than 0");
     }
     let mut names = std::collections::HashSet::new();
     for (i, spec) in cfg.schedules.iter().enumerate() {

@@ -27,8 +27,6 @@ use crate::duration;
 use crate::store::{Inserted, ListParams};
 use crate::task::{NewTask, Task, TaskId, TaskOptions, TaskState};
 
-/// Longest `?wait=` a client may ask for.
-const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Longest delay or timeout accepted (about 100 years, in ms).
 const MAX_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
@@ -399,7 +397,8 @@ fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
 #[into_params(parameter_in = Query)]
 pub(crate) struct GetQuery {
     /// Long-poll: answer when the task finishes or after this long
-    /// (`30s`, `500ms`, `2m`; at most 300 s), with the task as it is then.
+    /// (`30s`, `500ms`, `2m`; at most `server.max_wait`, 300 s by default),
+    /// with the task as it is then.
     #[param(example = "30s", pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h|d)$")]
     wait: Option<String>,
 }
@@ -422,10 +421,10 @@ pub(crate) async fn get_task(
         None => Duration::ZERO,
         Some(w) => {
             let d = duration::parse(w).map_err(|e| ApiError::bad("wait", e))?;
-            if d > MAX_WAIT {
+            if d > state.limits.max_wait {
                 return Err(ApiError::bad(
                     "wait",
-                    format!("at most {}s", MAX_WAIT.as_secs()),
+                    format!("at most {:?} (server.max_wait)", state.limits.max_wait),
                 ));
             }
             d
@@ -1013,8 +1012,16 @@ pub(crate) async fn pause_schedule(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<crate::cron::ScheduleView>, ApiError> {
-    let view = state.client.schedule_set_paused(&name, true).await?;
-    tracing::info!(schedule = %name, "schedule paused");
+    set_schedule_paused(state, name, true).await
+}
+
+async fn set_schedule_paused(
+    state: AppState,
+    name: String,
+    paused: bool,
+) -> Result<Json<crate::cron::ScheduleView>, ApiError> {
+    let view = state.client.schedule_set_paused(&name, paused).await?;
+    tracing::info!(schedule = %name, paused, "schedule {}", if paused { "paused" } else { "resumed" });
     Ok(Json(view))
 }
 
@@ -1030,9 +1037,7 @@ pub(crate) async fn resume_schedule(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<crate::cron::ScheduleView>, ApiError> {
-    let view = state.client.schedule_set_paused(&name, false).await?;
-    tracing::info!(schedule = %name, "schedule resumed");
-    Ok(Json(view))
+    set_schedule_paused(state, name, false).await
 }
 
 /// Run a schedule's task now, once, outside its ticks (paused or not).

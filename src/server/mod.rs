@@ -43,6 +43,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_args_bytes: usize,
     pub max_batch: usize,
+    /// Longest `?wait=` long-poll (`server.max_wait`).
+    pub max_wait: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -51,6 +53,7 @@ impl Default for Limits {
             max_body_bytes: 64 << 20,
             max_args_bytes: 1 << 20,
             max_batch: 10_000,
+            max_wait: std::time::Duration::from_secs(300),
         }
     }
 }
