@@ -173,7 +173,7 @@ fn schemathesis(test: &str, node: &fixtures::NodeProcess, token: Option<&str>) {
     let mut cmd = Command::new(st);
     cmd.arg("run")
         .arg(format!("{}/api/v1/openapi.json", node.url))
-        .args(["--max-examples", "25", "--request-timeout", "30"])
+        .args(["--max-examples", "15", "--request-timeout", "30"])
         // A request valid by the document may still be refused for what
         // only the node knows: a kind it does not run, a program off the
         // shell allow-list, a cron expression that does not parse, a
