@@ -80,6 +80,28 @@ async fn the_grafana_dashboard_queries_only_exported_metrics() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (base, pool) = node_with_metrics(dir.path(), 3).await;
+    // One refused enqueue, so the refusal counter has a series (a family
+    // nothing has moved is not exported at all).
+    let http = reqwest::Client::new();
+    http.post(format!("{base}/api/v1/queues/default/pause"))
+        .send()
+        .await
+        .unwrap();
+    http.patch(format!("{base}/api/v1/queues/default"))
+        .json(&serde_json::json!({"max_depth": 1}))
+        .send()
+        .await
+        .unwrap();
+    let statuses: Vec<u16> = futures::future::join_all((0..2).map(|_| {
+        http.post(format!("{base}/api/v1/tasks"))
+            .json(&serde_json::json!({"kind": "noop"}))
+            .send()
+    }))
+    .await
+    .into_iter()
+    .map(|r| r.unwrap().status().as_u16())
+    .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
     let exported = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()
@@ -377,6 +399,54 @@ fn the_service_unit_verifies() {
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify: {said}"
     );
+}
+
+/// The dashboard draws each alert's threshold on the panel of the same
+/// series: the number after the first `>` of the alert's expression is a
+/// red step of that panel's thresholds.
+#[test]
+fn the_grafana_thresholds_are_the_alerts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/dashboards/proto_tasker.json")).unwrap(),
+    )
+    .unwrap();
+    let alerts: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(root.join("deploy/alerts.yml")).unwrap())
+            .unwrap();
+    let rules = alerts["groups"][0]["rules"].as_array().unwrap();
+    for (alert, panel) in [
+        ("ProtoTaskerFailureRateHigh", "Failure rate"),
+        ("ProtoTaskerTasksWaiting", "Queue lag"),
+        ("ProtoTaskerDeadLettersRising", "Dead letters"),
+    ] {
+        let expr = rules
+            .iter()
+            .find(|r| r["alert"] == alert)
+            .and_then(|r| r["expr"].as_str())
+            .unwrap_or_else(|| panic!("no alert {alert}"));
+        let threshold: f64 = expr
+            .split_once("> ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{alert}: no threshold in {expr}"));
+        let p = dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"].as_str().is_some_and(|t| t.starts_with(panel)))
+            .unwrap_or_else(|| panic!("no panel {panel}"));
+        let steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            steps
+                .iter()
+                .any(|s| s["value"].as_f64() == Some(threshold) && s["color"] == "red"),
+            "panel {panel:?} does not draw {alert}'s threshold {threshold}: {steps:?}"
+        );
+    }
 }
 
 /// The final stage of the Dockerfile: each instruction with its argument,
