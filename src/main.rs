@@ -47,15 +47,15 @@ struct NodeOpts {
     log_format: Option<LogFormat>,
 }
 
+/// The API client commands and `health` talk to unless told otherwise
+/// (a node's default `server.listen`).
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
 /// Where a client command sends its request, and how it shows the answer.
 #[derive(clap::Args, Debug, Clone)]
 struct ClientOpts {
     /// The node's API.
-    #[arg(
-        long,
-        env = "PROTO_TASKER_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
+    #[arg(long, env = "PROTO_TASKER_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
     /// Bearer token for the API.
     #[arg(long, env = "PROTO_TASKER_TOKEN", hide_env_values = true)]
@@ -165,11 +165,7 @@ enum Command {
     /// container's HEALTHCHECK, or an exec probe.
     Health {
         /// The node.
-        #[arg(
-            long,
-            env = "PROTO_TASKER_SERVER",
-            default_value = "http://127.0.0.1:8080"
-        )]
+        #[arg(long, env = "PROTO_TASKER_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
         /// Give up after this long.
         #[arg(long, default_value = "3s", value_parser = parse_dur)]
