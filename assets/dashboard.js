@@ -493,7 +493,7 @@
             onchange: (ev) => { if (ev.target.checked) selected.add(t.id); else selected.delete(t.id); },
           })) : null,
           h("td", {}, h("a", { href: "#/task/" + t.id }, String(t.id))),
-          h("td", {}, t.kind),
+          h("td", {}, t.kind, tagChips(t.tags)),
           h("td", {}, t.queue),
           h("td", {}, badge(t.state)),
           h("td", { class: "prog" }, progressView(t.progress, 40)),
@@ -505,23 +505,36 @@
       })));
   }
 
+  // A task's tags, each a link to the list of tasks with that tag.
+  function tagChips(tags) {
+    if (!tags || !tags.length) return null;
+    return h("span", { class: "tags" }, tags.map((t) =>
+      h("a", { class: "tag", href: "#/tasks?" + new URLSearchParams({ tag: t }) }, t)));
+  }
+
   function tasks(_parts, params) {
     const f = {
       state: params.get("state") || "",
       queue: params.get("queue") || "",
       kind: params.get("kind") || "",
+      tag: params.get("tag") || "",
+      args: params.get("args") || "",
     };
+    const keys = ["state", "queue", "kind", "tag", "args"];
     const form = h("form", { class: "filters", id: "task-filters" },
       h("label", {}, "State ", h("select", { name: "state" },
         h("option", { value: "" }, "any"),
         STATES.map((st) => h("option", { value: st, selected: st === f.state }, st)))),
       h("label", {}, "Queue ", h("input", { name: "queue", value: f.queue, size: 12 })),
       h("label", {}, "Kind ", h("input", { name: "kind", value: f.kind, size: 12 })),
+      h("label", {}, "Tag ", h("input", { name: "tag", value: f.tag, size: 14, placeholder: "customer:42" })),
+      h("label", { title: "Tasks whose args contain this JSON object" }, "Args ",
+        h("input", { name: "args", value: f.args, size: 18, placeholder: '{"user":{"id":42}}' })),
       h("button", { type: "submit" }, "Filter"));
     form.addEventListener("submit", (ev) => {
       ev.preventDefault();
       const p = new URLSearchParams();
-      for (const k of ["state", "queue", "kind"]) {
+      for (const k of keys) {
         const v = form.elements[k].value.trim();
         if (v) p.set(k, v);
       }
@@ -530,7 +543,7 @@
     const pg = pager(
       (cursor) => {
         const p = new URLSearchParams({ limit: "50" });
-        for (const k of ["state", "queue", "kind"]) if (f[k]) p.set(k, f[k]);
+        for (const k of keys) if (f[k]) p.set(k, f[k]);
         if (cursor) p.set("cursor", cursor);
         return api("/tasks?" + p);
       },
@@ -556,6 +569,7 @@
           ["Node", t.node || "—"],
           ["Unique key", t.unique_key || "—"],
           ["Concurrency key", t.concurrency_key || "—"],
+          ["Tags", tagChips(t.tags) || "—"],
           ["Timeout", t.timeout_ms ? dur(t.timeout_ms) : "—"],
           ["Depends on", t.depends_on && t.depends_on.length
             ? t.depends_on.map((d) => [h("a", { href: "#/task/" + d }, String(d)), " "]) : "—"],

@@ -26,6 +26,7 @@ fn row() -> TaskInsert {
         on_dependency_failure: Default::default(),
         concurrency_key: None,
         reference: None,
+        tags: Vec::new(),
     }
 }
 

@@ -278,6 +278,7 @@ pub struct TaskBody {
     pub max_attempts: Option<i32>,
     pub timeout: Option<Duration>,
     pub unique_key: Option<String>,
+    pub tags: Vec<String>,
 }
 
 impl TaskBody {
@@ -298,6 +299,7 @@ impl TaskBody {
             ("max_attempts", self.max_attempts.map(|m| json!(m))),
             ("timeout_ms", self.timeout.map(ms)),
             ("unique_key", self.unique_key.map(|k| json!(k))),
+            ("tags", (!self.tags.is_empty()).then(|| json!(self.tags))),
         ];
         for (k, v) in optional {
             if let Some(v) = v {

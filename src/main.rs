@@ -104,6 +104,14 @@ enum Command {
         /// Only tasks of this kind.
         #[arg(long)]
         kind: Option<String>,
+        /// Only tasks carrying this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only tasks whose args contain this JSON object, e.g.
+        /// '{"user":{"id":42}}' (narrow it with another filter: it reads
+        /// every task the others leave).
+        #[arg(long)]
+        args: Option<String>,
         /// Tasks per page (1 to 1000).
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -271,6 +279,9 @@ struct SubmitArgs {
     timeout: Option<Duration>,
     #[arg(long)]
     unique_key: Option<String>,
+    /// A label to find the task by (repeat for more, at most 16).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
     /// Wait for the task to finish, print its result, exit 1 unless it completed.
     #[arg(long)]
     wait: bool,
@@ -580,6 +591,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             state,
             queue,
             kind,
+            tag,
+            args,
             limit,
             cursor,
         } => {
@@ -588,6 +601,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ("state", state),
                 ("queue", queue),
                 ("kind", kind),
+                ("tag", tag),
+                ("args", args),
                 ("cursor", cursor),
             ] {
                 if let Some(v) = v {
@@ -767,6 +782,7 @@ async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failur
         max_attempts: a.max_attempts,
         timeout: a.timeout,
         unique_key: a.unique_key,
+        tags: a.tags,
     }
     .into_json()?;
     let (status, task) = r.call(Method::POST, "/tasks", Some(body)).await?;

@@ -163,6 +163,10 @@ pub struct Task {
     /// `shell` program's `::progress <json>` lines), kept after it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<serde_json::Value>,
+    /// Labels to find the task by (`GET /api/v1/tasks?tag=...`), at most
+    /// [`MAX_TAGS`]; in the order given, without repeats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// A task a new task waits for: one that exists, or another task of the
@@ -198,6 +202,8 @@ impl OnDependencyFailure {
 pub const PRIORITY_MIN: i16 = 0;
 /// See [`PRIORITY_MIN`].
 pub const PRIORITY_MAX: i16 = 9;
+/// The most tags a task may carry.
+pub const MAX_TAGS: usize = 16;
 /// The queue a task goes to when neither the caller nor its kind names one.
 pub const DEFAULT_QUEUE: &str = "default";
 /// Attempts a task gets when neither the caller nor its kind says otherwise.
@@ -236,6 +242,9 @@ pub struct TaskOptions {
     /// Tasks of the same batch to wait for, by their `reference`.
     #[serde(skip)]
     pub depends_on_refs: Vec<String>,
+    /// Labels to find the task by, at most [`MAX_TAGS`] (a repeat is dropped).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 impl TaskOptions {
@@ -284,6 +293,11 @@ impl TaskOptions {
     /// Wait for the task of the same batch named `name`.
     pub fn depends_on_ref(mut self, name: impl Into<String>) -> Self {
         self.depends_on_refs.push(name.into());
+        self
+    }
+    /// Add a label to find the task by (see [`TaskOptions::tags`]).
+    pub fn tag(mut self, t: impl Into<String>) -> Self {
+        self.tags.push(t.into());
         self
     }
     pub fn on_dependency_failure(mut self, p: OnDependencyFailure) -> Self {

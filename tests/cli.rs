@@ -521,3 +521,63 @@ fn submit_wait_shows_progress_on_a_terminal() {
     assert!(piped.status.success(), "{piped:?}");
     assert!(!String::from_utf8_lossy(&piped.stderr).contains("step"));
 }
+
+#[test]
+fn tasks_are_tagged_and_found_by_tag_and_args_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "");
+    cli(&node, &["pause", "default"]);
+    let a = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--tag",
+            "customer:42",
+            "--tag",
+            "vip",
+            "--args",
+            r#"{"order":1}"#,
+        ],
+    );
+    assert!(a.status.success(), "{a:?}");
+    let a = stdout(&a).trim().to_string();
+    let b = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--tag",
+            "customer:43",
+            "--args",
+            r#"{"order":2}"#,
+        ],
+    );
+    let b = stdout(&b).trim().to_string();
+    let ids = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["list", "--json"];
+        all.extend_from_slice(args);
+        let out = cli(&node, &all);
+        assert!(out.status.success(), "{out:?}");
+        let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+        page["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].to_string())
+            .collect()
+    };
+    assert_eq!(ids(&["--tag", "customer:42"]), vec![a.clone()]);
+    assert_eq!(ids(&["--tag", "vip"]), vec![a.clone()]);
+    assert_eq!(ids(&["--args", r#"{"order":2}"#]), vec![b.clone()]);
+    assert_eq!(
+        ids(&["--tag", "customer:43", "--args", r#"{"order":1}"#]),
+        Vec::<String>::new()
+    );
+    let bad = cli(&node, &["list", "--args", "[1]"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("args"),
+        "{bad:?}"
+    );
+}

@@ -461,6 +461,44 @@ async fn dashboard_shows_and_drives_a_live_node() {
     );
     b.screenshot("05-xss-as-text").await;
 
+    // The tag filter narrows the list to the tasks with that tag, and the
+    // args filter to those whose args contain the object typed.
+    let tagged = node
+        .submit(
+            json!({"kind": "noop", "queue": "held", "tags": ["customer:7"], "args": {"user": 7}}),
+        )
+        .await;
+    let other = node
+        .submit(
+            json!({"kind": "noop", "queue": "held", "tags": ["customer:8"], "args": {"user": 8}}),
+        )
+        .await;
+    b.goto(&format!("{}/#/tasks", node.url)).await;
+    b.wait(&format!("#tasks-table tr[data-id='{other}']")).await;
+    b.wait(&format!("#tasks-table tr[data-id='{xss}']")).await;
+    b.type_into("#task-filters input[name='tag']", "customer:7")
+        .await;
+    b.click("#task-filters button[type='submit']").await;
+    b.wait(&format!("#tasks-table tr[data-id='{tagged}'] a.tag"))
+        .await;
+    assert_eq!(
+        b.count("#tasks-table tbody tr").await,
+        1,
+        "only the tagged task"
+    );
+    b.screenshot("05b-tag-filter").await;
+    b.goto(&format!("{}/#/tasks", node.url)).await;
+    b.wait(&format!("#tasks-table tr[data-id='{xss}']")).await;
+    b.type_into("#task-filters input[name='args']", r#"{"user": 8}"#)
+        .await;
+    b.click("#task-filters button[type='submit']").await;
+    b.wait(&format!("#tasks-table tr[data-id='{other}']")).await;
+    assert_eq!(
+        b.count("#tasks-table tbody tr").await,
+        1,
+        "only args with user 8"
+    );
+
     b.goto(&format!("{}/#/queues", node.url)).await;
     b.click("#queues-table tr[data-queue='held'] button.resume")
         .await;

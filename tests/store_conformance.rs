@@ -1636,6 +1636,7 @@ pub mod cases {
         let mut child = insert("c", "bq", 0, now);
         child.depends_on = vec![Dependency::Task(parent.id)];
         child.concurrency_key = Some("k1".into());
+        child.tags = vec!["t1".into(), "t2".into()];
         s.task_insert_many(vec![child], now).await.unwrap();
         for _ in 0..2 {
             let claimed = s.task_claim(claim("bq", "n", 10, now)).await.unwrap();
@@ -1679,6 +1680,144 @@ pub mod cases {
             .unwrap();
         assert_eq!(pruned, 2);
         assert_eq!(edges().await, Some(0));
+        let tags = b
+            .count(
+                Some("SELECT count(*) FROM task_tags"),
+                Some("SELECT count(*) FROM {schema}.task_tags"),
+            )
+            .await;
+        assert_eq!(tags, Some(0), "the pruned task's tags stay behind");
+    }
+
+    /// Tags and args filters, alone and with the others, page newest first
+    /// without repeats on both insert paths (plain rows, and rows with a
+    /// unique key that go one at a time); args match as `jsonb @>` does.
+    pub async fn tags_and_args_filter_with_paging(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let mut rows = Vec::new();
+        for i in 0..30i64 {
+            let mut r = insert("k", if i < 15 { "a" } else { "b" }, 0, now);
+            r.args = serde_json::json!({
+                "user": {"id": i % 5, "plan": if i % 2 == 0 { "free" } else { "pro" }},
+                "items": [i, i + 1],
+            });
+            r.tags = match i % 3 {
+                0 => vec!["customer:42".into()],
+                1 => vec!["customer:42".into(), "vip".into()],
+                _ => Vec::new(),
+            };
+            if i >= 24 {
+                r.unique_key = Some(format!("u{i}"));
+            }
+            rows.push(r);
+        }
+        let ids = insert_ids(&s, rows, now).await;
+        let task = s.task_get(ids[1]).await.unwrap().unwrap();
+        assert_eq!(task.tags, ["customer:42", "vip"]);
+        let task = s.task_get(ids[25]).await.unwrap().unwrap();
+        assert_eq!(task.tags, ["customer:42", "vip"], "one-at-a-time path");
+        assert!(s.task_get(ids[2]).await.unwrap().unwrap().tags.is_empty());
+        // Walk every page of a filter; the ids (as indexes into `ids`).
+        let pages = |p: ListParams| {
+            let s = s.clone();
+            let ids = ids.clone();
+            async move {
+                let mut seen = Vec::new();
+                let mut before = None;
+                loop {
+                    let page = s
+                        .task_list(ListParams {
+                            before,
+                            limit: 4,
+                            ..p.clone()
+                        })
+                        .await
+                        .unwrap();
+                    if page.is_empty() {
+                        break;
+                    }
+                    assert!(page.len() <= 4);
+                    before = page.last().map(|t| t.id);
+                    seen.extend(
+                        page.iter()
+                            .map(|t| ids.iter().position(|i| *i == t.id).unwrap()),
+                    );
+                }
+                assert!(
+                    seen.windows(2).all(|w| w[0] > w[1]),
+                    "newest first, no repeats: {seen:?}"
+                );
+                seen
+            }
+        };
+        let want = |f: &dyn Fn(usize) -> bool| (0..30).rev().filter(|&i| f(i)).collect::<Vec<_>>();
+        let tag = |t: &str| ListParams {
+            tag: Some(t.into()),
+            ..Default::default()
+        };
+        assert_eq!(pages(tag("customer:42")).await, want(&|i| i % 3 != 2));
+        assert_eq!(pages(tag("vip")).await, want(&|i| i % 3 == 1));
+        assert!(pages(tag("nobody")).await.is_empty());
+        assert_eq!(
+            pages(ListParams {
+                queue: Some("b".into()),
+                ..tag("vip")
+            })
+            .await,
+            want(&|i| i % 3 == 1 && i >= 15)
+        );
+        let args = |v: serde_json::Value| ListParams {
+            args: Some(v),
+            ..Default::default()
+        };
+        assert_eq!(
+            pages(args(serde_json::json!({"user": {"id": 3}}))).await,
+            want(&|i| i % 5 == 3)
+        );
+        assert_eq!(
+            pages(args(
+                serde_json::json!({"user": {"id": 3.0, "plan": "pro"}})
+            ))
+            .await,
+            want(&|i| i % 5 == 3 && i % 2 == 1)
+        );
+        assert_eq!(
+            pages(args(serde_json::json!({"items": [7]}))).await,
+            want(&|i| i == 6 || i == 7)
+        );
+        assert!(
+            pages(args(serde_json::json!({"items": 7})))
+                .await
+                .is_empty()
+        );
+        assert_eq!(
+            pages(ListParams {
+                args: Some(serde_json::json!({"user": {"plan": "free"}})),
+                ..tag("vip")
+            })
+            .await,
+            want(&|i| i % 3 == 1 && i % 2 == 0)
+        );
+        assert_eq!(
+            pages(ListParams {
+                queue: Some("a".into()),
+                args: Some(serde_json::json!({"user": {"id": 0}})),
+                ..Default::default()
+            })
+            .await,
+            want(&|i| i < 15 && i % 5 == 0)
+        );
+        // With a state: claim queue a's tasks, then ask for the running vips.
+        s.task_claim(claim("a", "n1", 100, now)).await.unwrap();
+        assert_eq!(
+            pages(ListParams {
+                state: Some(TaskState::Running),
+                ..tag("vip")
+            })
+            .await,
+            want(&|i| i % 3 == 1 && i < 15)
+        );
     }
 
     /// An insert whose unique key is held by a task finishing at that very
@@ -1962,6 +2101,7 @@ macro_rules! all_cases {
             cases::retention_prunes_only_old_finished_tasks,
             cases::one_leader_at_a_time,
             cases::list_filters_and_paginates,
+            cases::tags_and_args_filter_with_paging,
             cases::queue_listing_and_counts_span_states,
             cases::queue_lag_is_the_wait_of_the_oldest_due_task,
             cases::references_are_kept_on_both_insert_paths,

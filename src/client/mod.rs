@@ -17,8 +17,8 @@ pub use waiters::FALLBACK_POLL;
 use crate::registry::{KindDefaults, TaskRegistry};
 use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert};
 use crate::task::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, NewTask, PRIORITY_MAX, PRIORITY_MIN, Task,
-    TaskId,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, MAX_TAGS, NewTask, PRIORITY_MAX, PRIORITY_MIN,
+    Task, TaskId,
 };
 
 /// Why a client call failed.
@@ -162,6 +162,28 @@ fn check_name(v: &str) -> Result<(), String> {
         return Err("holds a NUL character".into());
     }
     Ok(())
+}
+
+/// Tags as a task keeps them: at most [`MAX_TAGS`], each a non-empty name,
+/// a repeat dropped. An error names the position at fault, if one is.
+fn check_tags(tags: Vec<String>) -> Result<Vec<String>, (Option<usize>, String)> {
+    if tags.len() > MAX_TAGS {
+        return Err((
+            None,
+            format!("{} tags; a task may carry at most {MAX_TAGS}", tags.len()),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(tags.len());
+    for (i, t) in tags.into_iter().enumerate() {
+        if t.is_empty() {
+            return Err((Some(i), "must not be empty".into()));
+        }
+        check_name(&t).map_err(|m| (Some(i), m))?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
 }
 
 /// Where `v` holds a NUL (in a string or a key): `args.a.b[2]`.
@@ -489,6 +511,10 @@ impl Client {
         {
             return Err(invalid(at("unique_key"), "must not be empty when set"));
         }
+        let tags = check_tags(o.tags).map_err(|(i, m)| match i {
+            Some(i) => invalid(at(&format!("tags[{i}]")), m),
+            None => invalid(at("tags"), m),
+        })?;
         Ok(TaskInsert {
             kind: t.kind,
             args: t.args,
@@ -502,6 +528,7 @@ impl Client {
             on_dependency_failure: o.on_dependency_failure,
             concurrency_key: o.concurrency_key,
             reference: o.reference,
+            tags,
         })
     }
 
@@ -637,6 +664,7 @@ mod tests {
             on_dependency_failure: OnDependencyFailure::Cancel,
             concurrency_key: None,
             reference: None,
+            tags: Vec::new(),
         }
     }
 

@@ -135,6 +135,11 @@ pub(crate) struct CreateTask {
     #[serde(rename = "ref")]
     #[schema(max_length = 255)]
     reference: Option<String>,
+    /// Labels to find the task by (`GET /api/v1/tasks?tag=...`): at most
+    /// 16, each 1 to 255 bytes; a repeat is dropped.
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    tags: Vec<String>,
 }
 
 /// A task this one waits for: its id, or (in a batch) its `ref`.
@@ -219,6 +224,7 @@ fn new_task(
         on_dependency_failure: c.on_dependency_failure.unwrap_or_default(),
         concurrency_key: c.concurrency_key,
         reference: c.reference,
+        tags: c.tags,
         ..Default::default()
     };
     if let Some(ms) = c.delay_ms {
@@ -590,6 +596,16 @@ pub(crate) struct ListQuery {
     queue: Option<String>,
     /// Only tasks of this kind (empty: any).
     kind: Option<String>,
+    /// Only tasks carrying this tag (empty: any). Index-backed: the tag's
+    /// tasks are walked newest first.
+    tag: Option<String>,
+    /// Only tasks whose args contain this JSON object (URL-encoded), as
+    /// PostgreSQL's `jsonb @>` decides: `{"user":{"id":42}}` matches args
+    /// with that user id whatever else they hold. It filters the tasks the
+    /// other filters walk, so narrow it with `tag`, `kind`, `queue` or
+    /// `state`: a page costs as many rows as it skips.
+    #[param(value_type = Option<String>, example = json!("{\"user\":{\"id\":42}}"))]
+    args: Option<String>,
     /// Page size, 1..=1000 (default 100).
     #[param(value_type = Option<u16>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
@@ -633,12 +649,25 @@ pub(crate) async fn list_tasks(
                 .map_err(|_| ApiError::bad("cursor", format!("{c:?} is not a cursor")))?,
         ),
     };
+    let args = match q.args.as_deref() {
+        None | Some("") => None,
+        Some(a) => match serde_json::from_str::<Value>(a) {
+            Ok(v) if crate::store::lifecycle::has_nul(&v) => {
+                return Err(ApiError::bad("args", "holds a NUL character"));
+            }
+            Ok(v @ Value::Object(_)) => Some(v),
+            Ok(_) => return Err(ApiError::bad("args", "must be a JSON object")),
+            Err(e) => return Err(ApiError::bad("args", format!("not JSON: {e}"))),
+        },
+    };
     let tasks = state
         .client
         .list(ListParams {
             state: st,
             queue: q.queue.filter(|s| !s.is_empty()),
             kind: q.kind.filter(|s| !s.is_empty()),
+            tag: q.tag.filter(|s| !s.is_empty()),
+            args,
             before,
             limit,
         })

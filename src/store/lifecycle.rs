@@ -113,6 +113,31 @@ pub fn storable_value(v: &serde_json::Value) -> Cow<'_, serde_json::Value> {
     }
 }
 
+/// Does `target` contain `query`, as PostgreSQL's `jsonb @>` decides it?
+/// (Objects: every key of `query` is in `target` with a contained value;
+/// arrays: every element of `query` is contained by some element of
+/// `target`; anything else: equal, numbers by value, so `1` and `1.0`
+/// are equal.) PostgreSQL filters task args with `@>` itself; SQLite
+/// calls this, so both stores find the same tasks.
+pub fn json_contains(target: &serde_json::Value, query: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (target, query) {
+        (V::Object(t), V::Object(q)) => q
+            .iter()
+            .all(|(k, qv)| t.get(k).is_some_and(|tv| json_contains(tv, qv))),
+        (V::Array(t), V::Array(q)) => q.iter().all(|qv| t.iter().any(|tv| json_contains(tv, qv))),
+        (V::Number(a), V::Number(b)) => match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+            (Some(x), Some(y), _, _) => x == y,
+            (_, _, Some(x), Some(y)) => x == y,
+            _ => a.as_f64() == b.as_f64(),
+        },
+        (V::String(a), V::String(b)) => a == b,
+        (V::Bool(a), V::Bool(b)) => a == b,
+        (V::Null, V::Null) => true,
+        _ => false,
+    }
+}
+
 /// What an outcome does to its task: the one place that maps outcomes to states.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition<'a> {
@@ -427,6 +452,31 @@ mod tests {
             token: 3,
             at: DateTime::<Utc>::UNIX_EPOCH,
             outcome,
+        }
+    }
+
+    #[test]
+    fn containment_is_postgres_jsonb_containment() {
+        use serde_json::json;
+        let args =
+            json!({"user": {"id": 42, "plan": "pro"}, "tags": ["a", "b"], "n": 1.0, "x": null});
+        for (q, want) in [
+            (json!({}), true),
+            (json!({"user": {"id": 42}}), true),
+            (json!({"user": {"id": 42.0}}), true),
+            (json!({"user": {"id": "42"}}), false),
+            (json!({"user": {"id": 42, "plan": "free"}}), false),
+            (json!({"tags": ["b"]}), true),
+            (json!({"tags": ["b", "a", "a"]}), true),
+            (json!({"tags": ["c"]}), false),
+            (json!({"tags": "a"}), false),
+            (json!({"n": 1}), true),
+            (json!({"x": null}), true),
+            (json!({"missing": null}), false),
+            (json!({"user": {}}), true),
+            (json!({"user": []}), false),
+        ] {
+            assert_eq!(json_contains(&args, &q), want, "{q}");
         }
     }
 

@@ -151,7 +151,7 @@ impl StoreError {
 /// read them by the positions in [`col`].
 pub(crate) const TASK_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, \
     max_attempts, timeout_ms, unique_key, run_at, created_at, started_at, finished_at, node, \
-    result, errors, depends_on, concurrency_key, claim_token, ref_name, progress";
+    result, errors, depends_on, concurrency_key, claim_token, ref_name, progress, tags";
 
 /// Positions of [`TASK_COLUMNS`].
 pub(crate) mod col {
@@ -177,6 +177,7 @@ pub(crate) mod col {
     pub const CLAIM_TOKEN: usize = 19;
     pub const REF_NAME: usize = 20;
     pub const PROGRESS: usize = 21;
+    pub const TAGS: usize = 22;
 }
 
 /// The earliest due instant per queue from `(queue, earliest of one

@@ -27,6 +27,8 @@ pub struct TaskInsert {
     pub concurrency_key: Option<String>,
     /// The task's name in its batch (`ref`).
     pub reference: Option<String>,
+    /// Labels, checked and without repeats.
+    pub tags: Vec<String>,
 }
 
 impl TaskInsert {
@@ -59,6 +61,7 @@ impl TaskInsert {
             claim_token: 0,
             reference: self.reference.clone(),
             progress: None,
+            tags: self.tags.clone(),
         }
     }
 }
@@ -166,6 +169,12 @@ pub struct ListParams {
     pub state: Option<TaskState>,
     pub queue: Option<String>,
     pub kind: Option<String>,
+    /// Only tasks carrying this tag (walks the tag's own index, newest first).
+    pub tag: Option<String>,
+    /// Only tasks whose args contain this JSON object (as PostgreSQL's
+    /// `jsonb @>`): a filter on the rows the other filters walk, so its
+    /// cost is the number of rows it skips.
+    pub args: Option<serde_json::Value>,
     pub before: Option<TaskId>,
     pub limit: usize,
 }

@@ -55,7 +55,11 @@ pub(super) async fn insert_rows<C: GenericClient>(
             .iter()
             .map(|&i| rows[i].reference.as_deref())
             .collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        let tags: Vec<Option<serde_json::Value>> = plain
+            .iter()
+            .map(|&i| (!rows[i].tags.is_empty()).then(|| serde_json::json!(rows[i].tags)))
+            .collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
             &kinds,
             &queues,
             &args,
@@ -66,6 +70,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             &now,
             &keys,
             &refs,
+            &tags,
         ];
         let ids = match insert_many {
             Some((on, st)) => st.query(on, &params).await?,
@@ -196,6 +201,7 @@ async fn insert_single<C: GenericClient>(
     }
     let deps = (!parents.is_empty()).then(|| serde_json::json!(parents));
     let errors = serde_json::to_value(&task.errors).unwrap_or_else(|_| serde_json::json!([]));
+    let tags = (!t.tags.is_empty()).then_some(&t.tags);
     // A unique key held by a task that finishes between our insert and our
     // look-up frees the key: insert again (a few rounds at most, since each
     // round needs another task to take and give up the key meanwhile).
@@ -222,6 +228,7 @@ async fn insert_single<C: GenericClient>(
                     &errors,
                     &t.concurrency_key,
                     &t.reference,
+                    &tags,
                 ],
             )
             .await

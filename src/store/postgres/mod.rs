@@ -86,6 +86,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0016_task_progress.sql"),
     include_str!("migrations/0017_schedule_paused.sql"),
     include_str!("migrations/0018_queue_settings.sql"),
+    include_str!("migrations/0019_task_tags.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {

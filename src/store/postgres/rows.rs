@@ -16,20 +16,46 @@ pub(super) fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
         params.push(v);
         format!("${}", params.len())
     };
-    // Filters other than state and queue, shared by every arm below.
+    // Filters other than state, queue and tag, shared by every arm below.
     let mut rest = String::new();
     if let Some(k) = p.kind {
         rest.push_str(&format!(" AND kind = {}", add(Box::new(k))));
     }
-    if let Some(b) = p.before {
-        rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
+    if let Some(a) = p.args {
+        rest.push_str(&format!(" AND args @> {}", add(Box::new(a))));
     }
     let limit = add(Box::new(p.limit.max(1) as i64));
-    let sql = match (p.state, p.queue) {
+    let sql = match (p.tag, p.state, p.queue) {
+        // One tag: its rows of task_tags newest first (the primary key's
+        // order), each task found by id, the other filters applied to it.
+        (Some(tag), state, queue) => {
+            let mut sql = format!(
+                "SELECT {TASK_COLUMNS} FROM {s}.task_tags g JOIN {s}.tasks t ON t.id = g.task_id \
+                 WHERE g.tag = {}{rest}",
+                add(Box::new(tag))
+            );
+            if let Some(b) = p.before {
+                sql.push_str(&format!(" AND g.task_id < {}", add(Box::new(b.0))));
+            }
+            if let Some(st) = state {
+                sql.push_str(&format!(
+                    " AND state = {}",
+                    add(Box::new(st.as_str().to_string()))
+                ));
+            }
+            if let Some(q) = queue {
+                sql.push_str(&format!(" AND queue = {}", add(Box::new(q))));
+            }
+            sql.push_str(&format!(" ORDER BY g.task_id DESC LIMIT {limit}"));
+            sql
+        }
         // One queue, any state: the newest `limit` of each state's range
         // of tasks_queue_state, merged. A plain `queue = $1 ORDER BY id
         // DESC` would walk the whole table by id or sort the queue's tasks.
-        (None, Some(q)) => {
+        (None, None, Some(q)) => {
+            if let Some(b) = p.before {
+                rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
+            }
             let q = add(Box::new(q));
             let arms: Vec<String> = TaskState::ALL
                 .iter()
@@ -46,7 +72,10 @@ pub(super) fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
                 arms.join(" UNION ALL ")
             )
         }
-        (state, queue) => {
+        (None, state, queue) => {
+            if let Some(b) = p.before {
+                rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
+            }
             let mut sql = format!("SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE true{rest}");
             if let Some(st) = state {
                 sql.push_str(&format!(
@@ -97,6 +126,10 @@ pub(super) fn row_to_task(r: &Row) -> Result<Task, StoreError> {
         claim_token: r.try_get(col::CLAIM_TOKEN).map_err(db_err)?,
         reference: r.try_get(col::REF_NAME).map_err(db_err)?,
         progress: r.try_get(col::PROGRESS).map_err(db_err)?,
+        tags: r
+            .try_get::<_, Option<Vec<String>>>(col::TAGS)
+            .map_err(db_err)?
+            .unwrap_or_default(),
     })
 }
 

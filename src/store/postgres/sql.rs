@@ -93,23 +93,30 @@ impl Sql {
                  'message', 'node ' || coalesce(node, '?') || '{RESCUED_SUFFIX}'))"
         );
         Sql {
+            // Tags come as one JSON array per row ($11, null for none): a
+            // text[][] cannot hold rows of different lengths.
             insert_many: format!(
-                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, created_at, \
-                   concurrency_key, ref_name) \
+                "WITH ins AS (INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, \
+                   created_at, concurrency_key, ref_name, tags) \
                  SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
-                        max_attempts, timeout_ms, run_at, $8, ckey, rname \
+                        max_attempts, timeout_ms, run_at, $8, ckey, rname, \
+                        CASE WHEN tg IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(tg)) END \
                  FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[], \
-                             $9::text[], $10::text[]) \
-                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, ord) \
-                 ORDER BY ord RETURNING id"
+                             $9::text[], $10::text[], $11::jsonb[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, tg, ord) \
+                 ORDER BY ord RETURNING id, tags), \
+                 tagged AS (INSERT INTO {s}.task_tags (tag, task_id) SELECT unnest(tags), id FROM ins WHERE tags IS NOT NULL) \
+                 SELECT id FROM ins"
             ),
             insert_one: format!(
-                "INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
+                "WITH ins AS (INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
                    run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key, \
-                   ref_name) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                   ref_name, tags) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
                  ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ({finished}) DO NOTHING \
-                 RETURNING {TASK_COLUMNS}"
+                 RETURNING {TASK_COLUMNS}), \
+                 tagged AS (INSERT INTO {s}.task_tags (tag, task_id) SELECT unnest(tags), id FROM ins WHERE tags IS NOT NULL) \
+                 SELECT * FROM ins"
             ),
             parents_lock: format!(
                 "SELECT id, state FROM {s}.tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
@@ -233,12 +240,15 @@ impl Sql {
                 "SELECT id, claim_token FROM {s}.tasks WHERE state = 'running' AND node = $1 AND cancel_requested"
             ),
             // The pruned tasks' workflow edges go with them (an edge is
-            // only walked while its child can still be blocked).
+            // only walked while its child can still be blocked), and so do
+            // their tags' rows.
             prune: format!(
                 "WITH gone AS (DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
-                   WHERE state = $1 AND finished_at < $2 LIMIT $3) RETURNING id), \
+                   WHERE state = $1 AND finished_at < $2 LIMIT $3) RETURNING id, tags), \
                  edges AS (DELETE FROM {s}.task_deps WHERE parent IN (SELECT id FROM gone) \
-                   OR child IN (SELECT id FROM gone)) \
+                   OR child IN (SELECT id FROM gone)), \
+                 untagged AS (DELETE FROM {s}.task_tags WHERE (tag, task_id) IN \
+                   (SELECT unnest(tags), id FROM gone WHERE tags IS NOT NULL)) \
                  SELECT count(*) FROM gone"
             ),
             // The queues by a loose index scan (one probe each), then a

@@ -114,12 +114,14 @@ fn insert_one(
     let deps_json = (!parents.is_empty())
         .then(|| serde_json::to_string(&parents).unwrap_or_else(|_| "[]".into()));
     let errors_json = serde_json::to_string(&task.errors).unwrap_or_else(|_| "[]".into());
+    let tags_json = (!t.tags.is_empty())
+        .then(|| serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()));
     let mut st = conn
         .prepare_cached(
             "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
              unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, \
-             concurrency_key, ref_name) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             concurrency_key, ref_name, tags) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         )
         .map_err(sql_err)?;
     st.execute(params![
@@ -140,9 +142,15 @@ fn insert_one(
         errors_json,
         t.concurrency_key,
         t.reference,
+        tags_json,
     ])
     .map_err(sql_err)?;
     task.id = TaskId(conn.last_insert_rowid());
+    for tag in &t.tags {
+        conn.prepare_cached("INSERT INTO task_tags (tag, task_id) VALUES (?1, ?2)")
+            .and_then(|mut st| st.execute(params![tag, task.id.0]))
+            .map_err(sql_err)?;
+    }
     for p in &parents {
         conn.prepare_cached("INSERT OR IGNORE INTO task_deps (parent, child) VALUES (?1, ?2)")
             .and_then(|mut st| st.execute(params![p.0, task.id.0]))

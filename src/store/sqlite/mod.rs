@@ -72,6 +72,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0015_task_progress.sql"),
     include_str!("migrations/0016_schedule_paused.sql"),
     include_str!("migrations/0017_queue_settings.sql"),
+    include_str!("migrations/0018_task_tags.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.

@@ -277,27 +277,36 @@ pub(super) fn prune(conn: &Connection, p: &PruneParams) -> Result<u64, StoreErro
     let limit = p.limit.max(1) as i64;
     for (state, before) in p.cutoffs() {
         let Some(before) = before else { continue };
-        let gone: Vec<i64> = conn
+        let gone: Vec<(i64, Option<String>)> = conn
             .prepare_cached(
                 "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
-                 WHERE state = ?1 AND finished_at < ?2 LIMIT ?3) RETURNING id",
+                 WHERE state = ?1 AND finished_at < ?2 LIMIT ?3) RETURNING id, tags",
             )
             .and_then(|mut st| {
                 st.query_map(params![state.as_str(), to_micros(before), limit], |r| {
-                    r.get(0)
+                    Ok((r.get(0)?, r.get(1)?))
                 })?
                 .collect::<Result<_, _>>()
             })
             .map_err(sql_err)?;
         // Their workflow edges go with them (an edge is only walked while
-        // its child can still be blocked).
+        // its child can still be blocked), and so do their tags' rows.
         if !gone.is_empty() {
-            let ids = serde_json::to_string(&gone).unwrap_or_else(|_| "[]".into());
+            let ids: Vec<i64> = gone.iter().map(|(id, _)| *id).collect();
+            let ids = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
             conn.prepare_cached(
                 "DELETE FROM task_deps WHERE parent IN (SELECT value FROM json_each(?1)) \
                  OR child IN (SELECT value FROM json_each(?1))",
             )
             .and_then(|mut st| st.execute([ids]))
+            .map_err(sql_err)?;
+        }
+        for (id, tags) in &gone {
+            let Some(tags) = tags else { continue };
+            conn.prepare_cached(
+                "DELETE FROM task_tags WHERE task_id = ?1 AND tag IN (SELECT value FROM json_each(?2))",
+            )
+            .and_then(|mut st| st.execute(params![id, tags]))
             .map_err(sql_err)?;
         }
         total += gone.len() as u64;

@@ -24,6 +24,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
     let result: Option<String> = r.get(col::RESULT)?;
     let depends_on: Option<String> = r.get(col::DEPENDS_ON)?;
     let progress: Option<String> = r.get(col::PROGRESS)?;
+    let tags: Option<String> = r.get(col::TAGS)?;
     Ok(Task {
         id: TaskId(r.get(col::ID)?),
         kind: r.get(col::KIND)?,
@@ -53,6 +54,10 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
         claim_token: r.get(col::CLAIM_TOKEN)?,
         reference: r.get(col::REF_NAME)?,
         progress: progress.map(|s| json(col::PROGRESS, &s)).transpose()?,
+        tags: match tags {
+            Some(t) => serde_json::from_str(&t).map_err(|e| conv(col::TAGS, Box::new(e)))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -137,24 +142,54 @@ pub(super) fn queue_counts_sql() -> String {
 /// The query behind `task_list`, with its arguments.
 pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) {
     let limit = p.limit.max(1) as i64;
-    // Filters other than state and queue, shared by every arm below.
+    // Filters other than state, queue and tag, shared by every arm below.
     let mut rest = String::new();
     let mut rest_args: Vec<rusqlite::types::Value> = Vec::new();
     if let Some(k) = &p.kind {
         rest.push_str(" AND kind = ?");
         rest_args.push(k.clone().into());
     }
-    if let Some(b) = p.before {
-        rest.push_str(" AND id < ?");
-        rest_args.push(b.0.into());
+    if let Some(a) = &p.args {
+        rest.push_str(" AND pt_json_contains(args, ?)");
+        rest_args.push(a.to_string().into());
     }
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
-    let sql = match (&p.state, &p.queue) {
+    let sql = match (&p.tag, &p.state, &p.queue) {
+        // One tag: its rows of task_tags newest first (the primary key's
+        // order), each task found by id, the other filters applied to it.
+        (Some(tag), state, queue) => {
+            let mut sql = format!(
+                "SELECT {TASK_COLUMNS} FROM task_tags CROSS JOIN tasks \
+                 WHERE task_tags.tag = ? AND tasks.id = task_tags.task_id"
+            );
+            args.push(tag.clone().into());
+            if let Some(b) = p.before {
+                sql.push_str(" AND task_tags.task_id < ?");
+                args.push(b.0.into());
+            }
+            if let Some(s) = state {
+                sql.push_str(" AND state = ?");
+                args.push(s.as_str().to_string().into());
+            }
+            if let Some(q) = queue {
+                sql.push_str(" AND queue = ?");
+                args.push(q.clone().into());
+            }
+            sql.push_str(&rest);
+            args.extend(rest_args);
+            sql.push_str(" ORDER BY task_tags.task_id DESC LIMIT ?");
+            args.push(limit.into());
+            sql
+        }
         // One queue, any state: the newest `limit` of each state's
         // range of tasks_queue_state, merged. A plain `queue = ?
         // ORDER BY id DESC` would either walk the whole table by id
         // or sort every task of the queue.
-        (None, Some(q)) => {
+        (None, None, Some(q)) => {
+            if let Some(b) = p.before {
+                rest.push_str(" AND id < ?");
+                rest_args.push(b.0.into());
+            }
             let arms: Vec<String> = TaskState::ALL
                 .iter()
                 .map(|st| {
@@ -171,15 +206,19 @@ pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) 
             args.push(limit.into());
             format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL "))
         }
-        _ => {
+        (None, state, queue) => {
             let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
-            if let Some(s) = p.state {
+            if let Some(s) = state {
                 sql.push_str(" AND state = ?");
                 args.push(s.as_str().to_string().into());
             }
-            if let Some(q) = &p.queue {
+            if let Some(q) = queue {
                 sql.push_str(" AND queue = ?");
                 args.push(q.clone().into());
+            }
+            if let Some(b) = p.before {
+                sql.push_str(" AND id < ?");
+                args.push(b.0.into());
             }
             sql.push_str(&rest);
             args.extend(rest_args);

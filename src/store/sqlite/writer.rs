@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OpenFlags};
 
 use super::{SqliteOptions, Synchronous};
-use crate::store::StoreError;
+use crate::store::{StoreError, lifecycle};
 
 /// Most jobs the writer folds into one transaction.
 pub const MAX_GROUP: usize = 512;
@@ -73,6 +73,7 @@ pub(super) fn open_conn(
     conn.busy_timeout(options.busy_timeout)
         .map_err(|e| unavailable(path, e))?;
     conn.set_prepared_statement_cache_capacity(64);
+    register_functions(&conn).map_err(|e| unavailable(path, e))?;
     if !read_only {
         let sync = match options.synchronous {
             Synchronous::Full => "FULL",
@@ -91,6 +92,29 @@ pub(super) fn open_conn(
         .map_err(|e| unavailable(path, e))?;
     }
     Ok(conn)
+}
+
+/// `pt_json_contains(args, query)`: PostgreSQL's `jsonb @>` for the task
+/// list's `args` filter (see [`lifecycle::json_contains`]). The query is
+/// parsed once per statement (SQLite keeps it as the argument's aux data);
+/// text that is not JSON is an error of the statement, never a panic.
+fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_scalar_function(
+        "pt_json_contains",
+        2,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            type BoxError = Box<dyn std::error::Error + Send + Sync>;
+            let query = ctx.get_or_create_aux(1, |v| -> Result<serde_json::Value, BoxError> {
+                Ok(serde_json::from_slice(v.as_bytes()?)?)
+            })?;
+            let target = ctx.get_raw(0);
+            let target: serde_json::Value = serde_json::from_slice(target.as_bytes()?)
+                .map_err(|e| rusqlite::Error::UserFunctionError(Box::new(e)))?;
+            Ok(lifecycle::json_contains(&target, &query))
+        },
+    )
 }
 
 /// The writer thread: group commit. See the module docs.
