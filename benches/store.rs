@@ -22,6 +22,7 @@ fn row() -> TaskInsert {
         max_attempts: 3,
         timeout_ms: None,
         unique_key: None,
+        unique: Default::default(),
         depends_on: Vec::new(),
         on_dependency_failure: Default::default(),
         concurrency_key: None,

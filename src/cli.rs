@@ -278,6 +278,9 @@ pub struct TaskBody {
     pub max_attempts: Option<i32>,
     pub timeout: Option<Duration>,
     pub unique_key: Option<String>,
+    pub unique_states: Vec<String>,
+    pub unique_for: Option<Duration>,
+    pub on_conflict: Option<String>,
     pub tags: Vec<String>,
 }
 
@@ -299,6 +302,12 @@ impl TaskBody {
             ("max_attempts", self.max_attempts.map(|m| json!(m))),
             ("timeout_ms", self.timeout.map(ms)),
             ("unique_key", self.unique_key.map(|k| json!(k))),
+            (
+                "unique_states",
+                (!self.unique_states.is_empty()).then(|| json!(self.unique_states)),
+            ),
+            ("unique_for_ms", self.unique_for.map(ms)),
+            ("on_conflict", self.on_conflict.map(|c| json!(c))),
             ("tags", (!self.tags.is_empty()).then(|| json!(self.tags))),
         ];
         for (k, v) in optional {

@@ -131,5 +131,7 @@ pub use store::{Inserted, ListParams, Store, StoreError};
 pub use store::{PoolMode, PostgresOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use store::{SqliteOptions, SqliteStore};
-pub use task::{Dependency, NewTask, OnDependencyFailure, Task, TaskId, TaskOptions, TaskState};
+pub use task::{
+    Dependency, NewTask, OnConflict, OnDependencyFailure, Task, TaskId, TaskOptions, TaskState,
+};
 pub use typed::TaskArgs;

@@ -279,6 +279,16 @@ struct SubmitArgs {
     timeout: Option<Duration>,
     #[arg(long)]
     unique_key: Option<String>,
+    /// States whose tasks hold the key (comma-separated): the unfinished
+    /// ones always, plus any of completed, failed, cancelled.
+    #[arg(long, value_delimiter = ',')]
+    unique_states: Vec<String>,
+    /// A finished holder counts this long after it finished, e.g. 10m.
+    #[arg(long, value_parser = parse_dur)]
+    unique_for: Option<Duration>,
+    /// When a task holds the key: keep (default), replace (debounce) or error.
+    #[arg(long, value_parser = ["keep", "replace", "error"])]
+    on_conflict: Option<String>,
     /// A label to find the task by (repeat for more, at most 16).
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -782,6 +792,9 @@ async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failur
         max_attempts: a.max_attempts,
         timeout: a.timeout,
         unique_key: a.unique_key,
+        unique_states: a.unique_states,
+        unique_for: a.unique_for,
+        on_conflict: a.on_conflict,
         tags: a.tags,
     }
     .into_json()?;

@@ -198,6 +198,44 @@ impl OnDependencyFailure {
     }
 }
 
+/// What an enqueue with a `unique_key` does when a task holds the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// Insert nothing; the answer is the task that holds the key.
+    #[default]
+    Keep,
+    /// Debounce: a holder that has not started takes the new args, run_at
+    /// and priority (and is the answer); a running one is left alone, gives
+    /// the key up, and the new task is queued after it. A finished holder
+    /// (see `unique_states`) is kept as with `Keep`.
+    Replace,
+    /// Refuse the enqueue ([`StoreError::Duplicate`](crate::StoreError::Duplicate), HTTP 409).
+    Error,
+}
+
+impl OnConflict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnConflict::Keep => "keep",
+            OnConflict::Replace => "replace",
+            OnConflict::Error => "error",
+        }
+    }
+}
+
+/// The states every `unique_states` includes: a task moves between them
+/// on its own (claims, retries, snoozes), so a key one of them did not hold
+/// could be taken twice behind the enqueuer's back.
+pub const UNIQUE_STATES_REQUIRED: [TaskState; 5] = [
+    TaskState::Scheduled,
+    TaskState::Available,
+    TaskState::Running,
+    TaskState::Retryable,
+    TaskState::Blocked,
+];
+
 /// Lowest and highest priority. 0 runs first (as in Oban and River).
 pub const PRIORITY_MIN: i16 = 0;
 /// See [`PRIORITY_MIN`].
@@ -223,9 +261,23 @@ pub struct TaskOptions {
     pub max_attempts: Option<i32>,
     #[serde(skip)]
     pub timeout: Option<Duration>,
-    /// While a task with this key is unfinished, enqueuing the same key
-    /// returns that task instead of creating another.
+    /// While a task of the same kind with this key is unfinished, enqueuing
+    /// the same key returns that task instead of creating another (see
+    /// `unique_states`, `unique_for` and `on_conflict` for other rules).
     pub unique_key: Option<String>,
+    /// The states whose tasks hold `unique_key`: always every unfinished
+    /// state ([`UNIQUE_STATES_REQUIRED`]), plus any of `completed`, `failed`
+    /// and `cancelled` (then a finished task still holds its key, for
+    /// `unique_for` if set, else until it is pruned). Default: the
+    /// unfinished states; with `unique_for` alone, also `completed`.
+    pub unique_states: Option<Vec<TaskState>>,
+    /// A finished holder (one of the finished `unique_states`) counts for
+    /// this long after it finished.
+    #[serde(skip)]
+    pub unique_for: Option<Duration>,
+    /// What happens when a task holds `unique_key`; see [`OnConflict`].
+    #[serde(default)]
+    pub on_conflict: OnConflict,
     /// Tasks to wait for; see [`Dependency`].
     #[serde(skip)]
     pub depends_on: Vec<Dependency>,
@@ -274,6 +326,21 @@ impl TaskOptions {
     }
     pub fn unique_key(mut self, k: impl Into<String>) -> Self {
         self.unique_key = Some(k.into());
+        self
+    }
+    /// See [`TaskOptions::unique_states`].
+    pub fn unique_states(mut self, states: impl IntoIterator<Item = TaskState>) -> Self {
+        self.unique_states = Some(states.into_iter().collect());
+        self
+    }
+    /// See [`TaskOptions::unique_for`].
+    pub fn unique_for(mut self, d: Duration) -> Self {
+        self.unique_for = Some(d);
+        self
+    }
+    /// See [`OnConflict`].
+    pub fn on_conflict(mut self, c: OnConflict) -> Self {
+        self.on_conflict = c;
         self
     }
     /// Wait for `dep` to complete before running.

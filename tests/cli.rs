@@ -581,3 +581,82 @@ fn tasks_are_tagged_and_found_by_tag_and_args_from_the_cli() {
         "{bad:?}"
     );
 }
+
+#[test]
+fn submit_takes_the_unique_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "");
+    cli(&node, &["pause", "default"]);
+    let first = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--unique-key",
+            "k",
+            "--on-conflict",
+            "error",
+        ],
+    );
+    assert!(first.status.success(), "{first:?}");
+    let second = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--unique-key",
+            "k",
+            "--on-conflict",
+            "error",
+        ],
+    );
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("unique_key") && err.contains("held"), "{err}");
+    let replaced = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--unique-key",
+            "k",
+            "--on-conflict",
+            "replace",
+            "--args",
+            r#"{"v":2}"#,
+            "--json",
+        ],
+    );
+    let t: Value = serde_json::from_slice(&replaced.stdout).unwrap();
+    assert_eq!(t["id"].to_string(), stdout(&first).trim());
+    assert_eq!(t["args"], serde_json::json!({"v": 2}));
+    let bad = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--unique-key",
+            "z",
+            "--unique-states",
+            "available,completed",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unique_states"),
+        "{bad:?}"
+    );
+    let windowed = cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--unique-key",
+            "w",
+            "--unique-for",
+            "10m",
+            "--json",
+        ],
+    );
+    assert!(windowed.status.success(), "{windowed:?}");
+}

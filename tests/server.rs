@@ -2053,3 +2053,130 @@ async fn tags_and_args_find_tasks_on_sqlite() {
 async fn tags_and_args_find_tasks_on_postgres() {
     tags_and_args_find_tasks(true).await;
 }
+
+/// Uniqueness rules through the API: `error` is a 409 naming `unique_key`,
+/// `replace` updates a waiting holder (200, same id), a completed holder
+/// counts where `unique_states` names it, and misuse is a 400 by name.
+async fn unique_rules_over_http(postgres: bool) {
+    let s = start(Setup {
+        postgres,
+        ..Default::default()
+    })
+    .await;
+    let (st, first) = s
+        .post(
+            "/tasks",
+            json!({"kind": "noop", "queue": "held", "unique_key": "k1"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{first}");
+    let got = s
+        .post(
+            "/tasks",
+            json!({"kind": "noop", "queue": "held", "unique_key": "k1", "on_conflict": "error"}),
+        )
+        .await;
+    assert_error(&got, StatusCode::CONFLICT, Some("unique_key"));
+    assert_eq!(got.1["error"]["code"], "duplicate");
+    assert!(
+        got.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&first["id"].to_string()),
+        "{}",
+        got.1
+    );
+    // Debounce: the waiting holder takes the new args, run_at and priority.
+    let (st, d1) = s
+        .post(
+            "/tasks",
+            json!({"kind": "noop", "queue": "held", "unique_key": "d", "on_conflict": "replace",
+                   "args": {"v": 1}, "delay_ms": 60000, "priority": 5}),
+        )
+        .await;
+    assert_eq!(
+        (st, d1["state"].as_str()),
+        (StatusCode::CREATED, Some("scheduled"))
+    );
+    let (st, d2) = s
+        .post(
+            "/tasks",
+            json!({"kind": "noop", "queue": "held", "unique_key": "d", "on_conflict": "replace",
+                   "args": {"v": 2}, "priority": 1}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{d2}");
+    assert_eq!(d2["id"], d1["id"]);
+    assert_eq!(
+        (&d2["args"], &d2["state"], &d2["priority"]),
+        (&json!({"v": 2}), &json!("available"), &json!(1))
+    );
+    // A completed holder counts where unique_states names it.
+    let (_, done) = s
+        .post("/tasks", json!({"kind": "noop", "unique_key": "c"}))
+        .await;
+    let id = done["id"].as_i64().unwrap();
+    let (_, t) = s.get(&format!("/tasks/{id}?wait=10s")).await;
+    assert_eq!(t["state"], "completed", "{t}");
+    let (st, again) = s
+        .post(
+            "/tasks",
+            json!({"kind": "noop", "unique_key": "c", "unique_for_ms": 60000,
+                   "unique_states": ["scheduled", "available", "running", "retryable", "blocked", "completed"]}),
+        )
+        .await;
+    assert_eq!(
+        (st, again["id"].as_i64()),
+        (StatusCode::OK, Some(id)),
+        "{again}"
+    );
+    let (st, _) = s
+        .post("/tasks", json!({"kind": "noop", "unique_key": "c"}))
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::CREATED,
+        "by default a finished task frees its key"
+    );
+    for (body, field) in [
+        (
+            json!({"kind": "noop", "unique_key": "x", "unique_states": ["available"]}),
+            "unique_states",
+        ),
+        (
+            json!({"kind": "noop", "unique_for_ms": 10}),
+            "unique_for_ms",
+        ),
+        (
+            json!({"kind": "noop", "unique_key": "x", "unique_for_ms": 0}),
+            "unique_for_ms",
+        ),
+        (
+            json!({"kind": "noop", "on_conflict": "error"}),
+            "on_conflict",
+        ),
+        (
+            json!({"kind": "noop", "unique_key": "x", "on_conflict": "merge"}),
+            "on_conflict",
+        ),
+        (
+            json!({"kind": "noop", "unique_states": ["completed"]}),
+            "unique_states",
+        ),
+    ] {
+        let got = s.post("/tasks", body.clone()).await;
+        assert_eq!(got.0, StatusCode::BAD_REQUEST, "{body}: {}", got.1);
+        assert_eq!(got.1["error"]["field"], field, "{body}: {}", got.1);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_rules_over_http_on_sqlite() {
+    unique_rules_over_http(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_rules_over_http_on_postgres() {
+    unique_rules_over_http(true).await;
+}

@@ -1820,6 +1820,358 @@ pub mod cases {
         );
     }
 
+    /// Unique rules: finished states that hold a key (within a window),
+    /// `on_conflict: error` refusing by name, and `replace` (debounce):
+    /// a waiting holder takes the new args, run_at and priority; a running
+    /// one gives its key up and the new task is queued after it.
+    pub async fn unique_rules_hold_finished_keys_refuse_and_replace(b: &Backend) {
+        use proto_tasker::OnConflict;
+        use proto_tasker::store::UniqueRules;
+        let s = b.store.clone();
+        let t0 = now();
+        let keyed = |key: &str, rules: UniqueRules| {
+            let mut t = insert("u", "uq", 0, t0);
+            t.unique_key = Some(key.into());
+            t.unique = rules;
+            t
+        };
+        let put = |t: proto_tasker::store::TaskInsert, at: DateTime<Utc>| {
+            let s = s.clone();
+            async move {
+                s.task_insert_many(vec![t], at)
+                    .await
+                    .map(|mut v| v.remove(0))
+            }
+        };
+        let finish = |outcome: Outcome| {
+            let s = s.clone();
+            async move {
+                let got = s.task_claim(claim("uq", "n", 1, t0)).await.unwrap();
+                assert_eq!(got.len(), 1);
+                s.task_complete_many(vec![Completion::of(&got[0], t0, outcome)])
+                    .await
+                    .unwrap();
+                got[0].clone()
+            }
+        };
+        let done = || Outcome::Completed {
+            result: serde_json::json!(1),
+        };
+        let completed_for = |ms: Option<i64>, on_conflict| UniqueRules {
+            finished: vec![TaskState::Completed],
+            for_ms: ms,
+            on_conflict,
+        };
+        // `error` names the unfinished holder.
+        let w1 = put(keyed("w", UniqueRules::default()), t0).await.unwrap();
+        let refuse = UniqueRules {
+            on_conflict: OnConflict::Error,
+            ..Default::default()
+        };
+        match put(keyed("w", refuse.clone()), t0).await {
+            Err(StoreError::Duplicate {
+                id,
+                unique_key,
+                state,
+                ..
+            }) => {
+                assert_eq!(
+                    (id, unique_key.as_str(), state),
+                    (w1.task.id, "w", TaskState::Available)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Completed: by default the key is free, but a completed holder
+        // counts for inserts that say so, within their window.
+        finish(done()).await;
+        match put(
+            keyed("w", completed_for(Some(60_000), OnConflict::Error)),
+            t0 + secs(1),
+        )
+        .await
+        {
+            Err(StoreError::Duplicate { id, state, .. }) => {
+                assert_eq!((id, state), (w1.task.id, TaskState::Completed));
+            }
+            other => panic!("{other:?}"),
+        }
+        let kept = put(
+            keyed("w", completed_for(None, OnConflict::Keep)),
+            t0 + secs(3600),
+        )
+        .await
+        .unwrap();
+        assert!(
+            kept.existing && kept.task.id == w1.task.id,
+            "no window: held until pruned"
+        );
+        let replaced = put(
+            keyed("w", completed_for(Some(60_000), OnConflict::Replace)),
+            t0,
+        )
+        .await
+        .unwrap();
+        assert!(
+            replaced.existing && !replaced.replaced,
+            "a finished holder is kept"
+        );
+        let w2 = put(
+            keyed("w", completed_for(Some(1000), OnConflict::Error)),
+            t0 + secs(5),
+        )
+        .await
+        .unwrap();
+        assert!(!w2.existing, "the window has passed");
+        let again = put(keyed("w", UniqueRules::default()), t0).await.unwrap();
+        assert_eq!(again.task.id, w2.task.id);
+        finish(done()).await;
+        // A cancelled task holds its key only where cancelled is named.
+        let c1 = put(keyed("c", UniqueRules::default()), t0).await.unwrap();
+        s.task_cancel(c1.task.id, t0).await.unwrap();
+        let c2 = put(keyed("c", completed_for(None, OnConflict::Keep)), t0)
+            .await
+            .unwrap();
+        assert!(!c2.existing);
+        s.task_cancel(c2.task.id, t0).await.unwrap();
+        let held = put(
+            keyed(
+                "c",
+                UniqueRules {
+                    finished: vec![TaskState::Cancelled, TaskState::Failed],
+                    ..Default::default()
+                },
+            ),
+            t0,
+        )
+        .await
+        .unwrap();
+        assert_eq!(held.task.id, c2.task.id, "the latest cancelled holder");
+
+        // Debounce: the waiting holder takes the new args, run_at, priority.
+        let debounce = UniqueRules {
+            on_conflict: OnConflict::Replace,
+            ..Default::default()
+        };
+        let mut d = keyed("d", debounce.clone());
+        d.args = serde_json::json!({"v": 1});
+        d.run_at = t0 + secs(60);
+        d.priority = 5;
+        let d1 = put(d.clone(), t0).await.unwrap();
+        assert_eq!(d1.task.state, TaskState::Scheduled);
+        d.args = serde_json::json!({"v": 2});
+        d.run_at = t0;
+        d.priority = 1;
+        let r = put(d.clone(), t0).await.unwrap();
+        assert!(r.existing && r.replaced);
+        assert_eq!(r.task.id, d1.task.id);
+        assert_eq!(
+            (
+                r.task.args.clone(),
+                r.task.state,
+                r.task.priority,
+                r.task.run_at
+            ),
+            (serde_json::json!({"v": 2}), TaskState::Available, 1, t0)
+        );
+        let stored = s.task_get(d1.task.id).await.unwrap().unwrap();
+        assert_eq!(stored.args, serde_json::json!({"v": 2}));
+        // Running: left alone; the new task is queued after it.
+        let running = s.task_claim(claim("uq", "n", 1, t0)).await.unwrap();
+        assert_eq!(running[0].id, d1.task.id);
+        d.args = serde_json::json!({"v": 3});
+        let d2 = put(d.clone(), t0).await.unwrap();
+        assert!(!d2.existing && d2.task.id != d1.task.id);
+        let still = s.task_get(d1.task.id).await.unwrap().unwrap();
+        assert_eq!(
+            (still.state, still.args),
+            (TaskState::Running, serde_json::json!({"v": 2}))
+        );
+        d.args = serde_json::json!({"v": 4});
+        let r = put(d.clone(), t0).await.unwrap();
+        assert!(
+            r.replaced && r.task.id == d2.task.id,
+            "the new one is the holder now"
+        );
+        // The old run failing back to retryable breaks nothing: it gave the key up.
+        s.task_complete_many(vec![Completion::of(
+            &running[0],
+            t0,
+            Outcome::Retry {
+                run_at: t0 + secs(30),
+                error: "boom".into(),
+            },
+        )])
+        .await
+        .unwrap();
+        assert_eq!(
+            s.task_get(d1.task.id).await.unwrap().unwrap().state,
+            TaskState::Retryable
+        );
+        let keep = put(keyed("d", UniqueRules::default()), t0).await.unwrap();
+        assert_eq!(keep.task.id, d2.task.id);
+        // A refusal inside a batch refuses the batch.
+        let fresh = insert("u", "uq", 0, t0);
+        let n_before = s
+            .task_list(ListParams {
+                queue: Some("uq".into()),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len();
+        let e = s
+            .task_insert_many(vec![fresh, keyed("d", refuse)], t0)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Duplicate { .. }), "{e:?}");
+        let n_after = s
+            .task_list(ListParams {
+                queue: Some("uq".into()),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(n_before, n_after, "nothing of the batch went in");
+    }
+
+    /// Replace and refuse under concurrent enqueues of one key, with a
+    /// claimer taking tasks meanwhile: every enqueue succeeds (replace) or
+    /// is refused by name (error), and at most one task with the key ever
+    /// waits; an insert racing its finished-holder's completion returns
+    /// the holder, never a second task.
+    pub async fn unique_rules_hold_under_concurrent_enqueues(b: &Backend) {
+        use proto_tasker::OnConflict;
+        use proto_tasker::store::UniqueRules;
+        let s = b.store.clone();
+        let t0 = now();
+        let keyed = |key: &str, on_conflict, i: usize| {
+            let mut t = insert("u", "cq", 0, t0);
+            t.unique_key = Some(key.into());
+            t.args = serde_json::json!({"i": i});
+            t.unique = UniqueRules {
+                on_conflict,
+                ..Default::default()
+            };
+            t
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let claimer = {
+            let (s, stop) = (s.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += s
+                        .task_claim(claim("cq", "n", 1, Utc::now()))
+                        .await
+                        .unwrap()
+                        .len();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                n
+            })
+        };
+        let mut handles = Vec::new();
+        for w in 0..6 {
+            let s = s.clone();
+            let one = keyed("r", OnConflict::Replace, 0);
+            handles.push(tokio::spawn(async move {
+                for i in 0..15 {
+                    let mut t = one.clone();
+                    t.args = serde_json::json!({"i": w * 100 + i});
+                    s.task_insert_many(vec![t], Utc::now()).await.unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let claimed = claimer.await.unwrap();
+        let all = s
+            .task_list(ListParams {
+                queue: Some("cq".into()),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let waiting = all.iter().filter(|t| t.state != TaskState::Running).count();
+        assert!(waiting <= 1, "{waiting} tasks wait with one key: {all:#?}");
+        assert_eq!(
+            all.len(),
+            claimed + waiting,
+            "every task was claimed or is the one waiting"
+        );
+        // Refuse: exactly one of the racers gets in.
+        let mut handles = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            let t = keyed("e", OnConflict::Error, i);
+            handles.push(tokio::spawn(async move {
+                s.task_insert_many(vec![t], Utc::now()).await
+            }));
+        }
+        let mut ok = 0;
+        for h in handles {
+            match h.await.unwrap() {
+                Ok(v) => {
+                    assert!(!v[0].existing);
+                    ok += 1;
+                }
+                Err(StoreError::Duplicate { unique_key, .. }) => assert_eq!(unique_key, "e"),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(ok, 1);
+        // A completed holder within the window holds the key even when the
+        // insert races its completion.
+        for round in 0..20 {
+            let key = format!("f{round}");
+            let mut h = keyed(&key, OnConflict::Keep, round);
+            h.queue = "fq".into();
+            let holder = s
+                .task_insert_many(vec![h.clone()], t0)
+                .await
+                .unwrap()
+                .remove(0)
+                .task;
+            let run = s
+                .task_claim(claim("fq", "n", 1, t0))
+                .await
+                .unwrap()
+                .remove(0);
+            assert_eq!(run.id, holder.id);
+            h.unique.finished = vec![TaskState::Completed];
+            h.unique.for_ms = Some(60_000);
+            let (s1, s2) = (s.clone(), s.clone());
+            let finishing = tokio::spawn(async move {
+                s1.task_complete_many(vec![Completion::of(
+                    &run,
+                    Utc::now(),
+                    Outcome::Completed {
+                        result: serde_json::json!(1),
+                    },
+                )])
+                .await
+                .unwrap()
+            });
+            let inserting =
+                tokio::spawn(
+                    async move { s2.task_insert_many(vec![h], Utc::now()).await.unwrap() },
+                );
+            let got = inserting.await.unwrap().remove(0);
+            finishing.await.unwrap();
+            assert!(
+                got.existing && got.task.id == holder.id,
+                "round {round}: {got:?}"
+            );
+        }
+    }
+
     /// An insert whose unique key is held by a task finishing at that very
     /// moment either returns that task or inserts a new one; it never fails.
     pub async fn unique_inserts_racing_a_finishing_holder_never_fail(b: &Backend) {
@@ -2093,6 +2445,8 @@ macro_rules! all_cases {
             cases::delayed_tasks_are_not_claimed_early,
             cases::retries_follow_the_backoff,
             cases::unique_keys_dedupe_unfinished_tasks,
+            cases::unique_rules_hold_finished_keys_refuse_and_replace,
+            cases::unique_rules_hold_under_concurrent_enqueues,
             cases::cancel_stops_queued_and_flags_running,
             cases::retry_by_hand_revives_dead_tasks,
             cases::completions_are_fenced_by_attempt,

@@ -15,10 +15,10 @@ pub use operator::{MAX_DEPTH_LIMIT, QueueInfo};
 pub use waiters::FALLBACK_POLL;
 
 use crate::registry::{KindDefaults, TaskRegistry};
-use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert};
+use crate::store::{Inserted, ListParams, Store, StoreError, TaskInsert, UniqueRules};
 use crate::task::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, MAX_TAGS, NewTask, PRIORITY_MAX, PRIORITY_MIN,
-    Task, TaskId,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Dependency, MAX_TAGS, NewTask, OnConflict, PRIORITY_MAX,
+    PRIORITY_MIN, Task, TaskId, TaskOptions, TaskState, UNIQUE_STATES_REQUIRED,
 };
 
 /// Why a client call failed.
@@ -162,6 +162,57 @@ fn check_name(v: &str) -> Result<(), String> {
         return Err("holds a NUL character".into());
     }
     Ok(())
+}
+
+/// The store's form of the uniqueness options, checked; an error names the
+/// option at fault.
+fn unique_rules(o: &TaskOptions) -> Result<UniqueRules, (&'static str, String)> {
+    if o.unique_key.is_none() {
+        for (field, set) in [
+            ("unique_states", o.unique_states.is_some()),
+            ("unique_for", o.unique_for.is_some()),
+            ("on_conflict", o.on_conflict != OnConflict::Keep),
+        ] {
+            if set {
+                return Err((field, "needs a unique_key".into()));
+            }
+        }
+        return Ok(UniqueRules::default());
+    }
+    let for_ms = match o.unique_for {
+        Some(d) if d.is_zero() => return Err(("unique_for", "must be more than 0".into())),
+        Some(d) if d > MAX_DELAY => {
+            return Err(("unique_for", format!("{d:?} is more than 100 years")));
+        }
+        Some(d) => Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        None => None,
+    };
+    let finished = match &o.unique_states {
+        Some(states) => {
+            if let Some(missing) = UNIQUE_STATES_REQUIRED.iter().find(|s| !states.contains(s)) {
+                return Err((
+                    "unique_states",
+                    format!(
+                        "lacks {missing}: it must include scheduled, available, running, retryable \
+                         and blocked (a task moves between them by itself), and may add completed, \
+                         failed or cancelled"
+                    ),
+                ));
+            }
+            crate::store::lifecycle::FINISHED
+                .into_iter()
+                .filter(|f| states.contains(f))
+                .collect()
+        }
+        // A window alone makes a completed task hold its key for it.
+        None if for_ms.is_some() => vec![TaskState::Completed],
+        None => Vec::new(),
+    };
+    Ok(UniqueRules {
+        finished,
+        for_ms,
+        on_conflict: o.on_conflict,
+    })
 }
 
 /// Tags as a task keeps them: at most [`MAX_TAGS`], each a non-empty name,
@@ -453,6 +504,7 @@ impl Client {
             .or_else(|| declared.get(&t.kind))
             .cloned()
             .unwrap_or_default();
+        let unique = unique_rules(&t.options).map_err(|(f, m)| invalid(at(f), m))?;
         let o = t.options;
         let queue = o
             .queue
@@ -524,6 +576,7 @@ impl Client {
             max_attempts,
             timeout_ms,
             unique_key: o.unique_key,
+            unique,
             depends_on: o.depends_on,
             on_dependency_failure: o.on_dependency_failure,
             concurrency_key: o.concurrency_key,
@@ -660,12 +713,46 @@ mod tests {
             max_attempts: 1,
             timeout_ms: None,
             unique_key: None,
+            unique: Default::default(),
             depends_on: deps.iter().map(|&j| Dependency::Batch(j)).collect(),
             on_dependency_failure: OnDependencyFailure::Cancel,
             concurrency_key: None,
             reference: None,
             tags: Vec::new(),
         }
+    }
+
+    #[test]
+    fn unique_rules_are_checked_and_defaulted() {
+        let keyed = || TaskOptions::default().unique_key("k");
+        let rules = unique_rules(&keyed()).unwrap();
+        assert_eq!(rules, UniqueRules::default());
+        let window = unique_rules(&keyed().unique_for(Duration::from_secs(60))).unwrap();
+        assert_eq!(window.finished, [TaskState::Completed]);
+        assert_eq!(window.for_ms, Some(60_000));
+        let mut states = UNIQUE_STATES_REQUIRED.to_vec();
+        states.extend([TaskState::Failed, TaskState::Cancelled]);
+        let named = unique_rules(&keyed().unique_states(states)).unwrap();
+        assert_eq!(named.finished, [TaskState::Failed, TaskState::Cancelled]);
+        assert_eq!(named.for_ms, None);
+        let (field, msg) =
+            unique_rules(&keyed().unique_states([TaskState::Available, TaskState::Completed]))
+                .unwrap_err();
+        assert_eq!(field, "unique_states");
+        assert!(msg.contains("scheduled"), "{msg}");
+        for o in [
+            TaskOptions::default().on_conflict(OnConflict::Replace),
+            TaskOptions::default().unique_for(Duration::from_secs(1)),
+            TaskOptions::default().unique_states(UNIQUE_STATES_REQUIRED),
+        ] {
+            assert_eq!(unique_rules(&o).unwrap_err().1, "needs a unique_key");
+        }
+        assert_eq!(
+            unique_rules(&keyed().unique_for(Duration::ZERO))
+                .unwrap_err()
+                .0,
+            "unique_for"
+        );
     }
 
     #[test]

@@ -120,9 +120,22 @@ pub(crate) struct CreateTask {
     #[schema(minimum = 1, maximum = 3_153_600_000_000_u64)]
     timeout_ms: Option<u64>,
     /// While a task of the same kind with this key is unfinished, creating
-    /// another returns that task (200) instead.
+    /// another returns that task (200) instead (see `on_conflict`).
     #[schema(min_length = 1, max_length = 255)]
     unique_key: Option<String>,
+    /// The states whose tasks hold `unique_key`: every unfinished state
+    /// (scheduled, available, running, retryable, blocked), plus any of
+    /// completed, failed, cancelled. Default: the unfinished states (with
+    /// `unique_for_ms` alone, also completed).
+    unique_states: Option<Vec<TaskState>>,
+    /// A finished holder counts for this many ms after it finished.
+    #[schema(minimum = 1, maximum = 3_153_600_000_000_u64)]
+    unique_for_ms: Option<u64>,
+    /// When a task holds `unique_key`: `keep` (200 with it), `replace`
+    /// (debounce: a holder that has not started takes this task's args,
+    /// run_at/delay and priority, 200 with it; a running one is left alone
+    /// and this task is queued after it, 201), or `error` (409 `duplicate`).
+    on_conflict: Option<crate::task::OnConflict>,
     /// Task ids, or (in a batch) the `ref` of another task of the batch.
     #[serde(default)]
     depends_on: Vec<DepRef>,
@@ -225,8 +238,22 @@ fn new_task(
         concurrency_key: c.concurrency_key,
         reference: c.reference,
         tags: c.tags,
+        unique_states: c.unique_states,
+        on_conflict: c.on_conflict.unwrap_or_default(),
         ..Default::default()
     };
+    if let Some(ms) = c.unique_for_ms {
+        if o.unique_key.is_none() {
+            return Err(ApiError::bad(f("unique_for_ms"), "needs a unique_key"));
+        }
+        if ms == 0 || ms > MAX_MS {
+            return Err(ApiError::bad(
+                f("unique_for_ms"),
+                format!("{ms} is out of range 1..={MAX_MS}"),
+            ));
+        }
+        o.unique_for = Some(Duration::from_millis(ms));
+    }
     if let Some(ms) = c.delay_ms {
         if ms > MAX_MS {
             return Err(ApiError::bad(
@@ -284,7 +311,8 @@ fn enqueue_failed(state: &AppState, e: crate::client::ClientError) -> ApiError {
 #[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks", request_body = CreateTask,
     responses(
         (status = 201, description = "Created", body = Task),
-        (status = 200, description = "An unfinished task of the same kind holds `unique_key`: that task", body = Task),
+        (status = 200, description = "A task of the same kind holds `unique_key`: that task (with `on_conflict: replace`, updated)", body = Task),
+        (status = 409, description = "`on_conflict: error` and a task holds `unique_key` (`duplicate`)", body = super::openapi::ErrorBody),
         (status = 400, description = "Bad body: `field` names it (`unknown_kind` for a kind this node does not run)", body = super::openapi::ErrorBody),
         (status = 413, description = "Body or args too large", body = super::openapi::ErrorBody),
         (status = 429, description = "The queue is at its max_depth (`queue_full`); nothing was created", body = super::openapi::ErrorBody,
@@ -329,6 +357,7 @@ pub(crate) struct CreateBatch {
 #[utoipa::path(post, path = "/api/v1/tasks/batch", tag = "tasks", request_body = CreateBatch,
     responses(
         (status = 201, description = "Created (a task whose `unique_key` was held is the existing one)", body = TaskBatch),
+        (status = 409, description = "A task with `on_conflict: error` found its `unique_key` held (`duplicate`); nothing was created", body = super::openapi::ErrorBody),
         (status = 400, description = "Bad body: `field` names the task, e.g. `tasks[3].priority`", body = super::openapi::ErrorBody),
         (status = 413, description = "Body, args or batch too large", body = super::openapi::ErrorBody),
         (status = 429, description = "The queue is at its max_depth (`queue_full`); nothing was created", body = super::openapi::ErrorBody,

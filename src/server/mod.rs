@@ -204,6 +204,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            StoreError::Duplicate { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "duplicate", e.to_string()).field("unique_key")
+            }
             StoreError::QueueFull { .. } => {
                 let mut a =
                     ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())

@@ -33,6 +33,60 @@ pub const FINISHED: [TaskState; 3] = [
     TaskState::Cancelled,
 ];
 
+/// The states of a unique-key holder that an `on_conflict: replace` insert
+/// updates in place (it has not started, or waits to run again).
+pub const REPLACEABLE: [TaskState; 4] = [
+    TaskState::Scheduled,
+    TaskState::Available,
+    TaskState::Retryable,
+    TaskState::Blocked,
+];
+
+/// What an insert with a unique key does about the holder it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnHolder {
+    /// Return the holder; insert nothing.
+    Keep,
+    /// Refuse the insert ([`StoreError::Duplicate`]).
+    Refuse,
+    /// Update the holder in place with the insert's args, run_at, priority.
+    Replace,
+    /// The holder is running: it gives its key up and the insert goes in.
+    Release,
+}
+
+/// The rule for a holder in `holder` state (found by an insert with
+/// `rules`): written once for both stores.
+pub fn on_holder(rules: &super::UniqueRules, holder: TaskState) -> OnHolder {
+    use crate::task::OnConflict;
+    match rules.on_conflict {
+        OnConflict::Keep => OnHolder::Keep,
+        OnConflict::Error => OnHolder::Refuse,
+        OnConflict::Replace if REPLACEABLE.contains(&holder) => OnHolder::Replace,
+        OnConflict::Replace if holder == TaskState::Running => OnHolder::Release,
+        // A finished holder (unique_states) is kept: it already ran.
+        OnConflict::Replace => OnHolder::Keep,
+    }
+}
+
+/// The earliest `finished_at` of a finished holder that still counts for
+/// an insert at `now` (`None`: any, however old).
+pub fn holder_since(rules: &super::UniqueRules, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    rules
+        .for_ms
+        .map(|ms| now - chrono::Duration::milliseconds(ms.max(0)))
+}
+
+/// The refusal of an `on_conflict: error` insert whose key `holder` holds.
+pub fn duplicate(holder: &Task) -> StoreError {
+    StoreError::Duplicate {
+        kind: holder.kind.clone(),
+        unique_key: holder.unique_key.clone().unwrap_or_default(),
+        id: holder.id,
+        state: holder.state,
+    }
+}
+
 /// The order claims take due tasks in: most urgent first.
 pub const CLAIM_ORDER: &str = "priority, run_at, id";
 

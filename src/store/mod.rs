@@ -86,6 +86,15 @@ pub enum StoreError {
         state: TaskState,
         message: String,
     },
+    /// An enqueue with `on_conflict: error` found its `unique_key` held;
+    /// nothing was inserted (a batch is refused whole).
+    #[error("unique_key {unique_key:?} is held by task {id} ({state}) of kind {kind:?}")]
+    Duplicate {
+        kind: String,
+        unique_key: String,
+        id: TaskId,
+        state: TaskState,
+    },
     /// An enqueue would put more than the queue's `max_depth` unfinished
     /// tasks in it; nothing was inserted (a batch is refused whole).
     #[error(
@@ -390,11 +399,17 @@ pub(crate) fn due_again(completions: &[Completion]) -> Vec<DateTime<Utc>> {
         .collect()
 }
 
-/// The `run_at` of the newly inserted tasks that wait for it.
+/// Whether an insert put `i` in the queue as new work (a new task, or a
+/// holder that took the insert's args and run_at).
+pub(crate) fn is_new_work(i: &Inserted) -> bool {
+    !i.existing || i.replaced
+}
+
+/// The `run_at` of the newly inserted (or replaced) tasks that wait for it.
 pub(crate) fn due_later(inserted: &[Inserted]) -> Vec<DateTime<Utc>> {
     inserted
         .iter()
-        .filter(|i| !i.existing && i.task.state == TaskState::Scheduled)
+        .filter(|i| is_new_work(i) && i.task.state == TaskState::Scheduled)
         .map(|i| i.task.run_at)
         .collect()
 }

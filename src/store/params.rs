@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Dependency, OnDependencyFailure, Task, TaskId, TaskState};
+use crate::task::{Dependency, OnConflict, OnDependencyFailure, Task, TaskId, TaskState};
 
 /// A fully resolved task to insert (defaults already applied by the [`Client`](crate::Client)).
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub struct TaskInsert {
     pub max_attempts: i32,
     pub timeout_ms: Option<i64>,
     pub unique_key: Option<String>,
+    /// How `unique_key` is held (ignored without one).
+    pub unique: UniqueRules,
     /// Parents: existing tasks, or earlier rows of the same insert
     /// (`Dependency::Batch(i)` with `i` below this row's index).
     pub depends_on: Vec<Dependency>,
@@ -66,12 +68,47 @@ impl TaskInsert {
     }
 }
 
+/// How an insert's `unique_key` is held, beyond "one unfinished task of a
+/// kind per key" (which every store enforces with a unique index).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UniqueRules {
+    /// Finished states whose tasks also hold the key (none by default).
+    pub finished: Vec<TaskState>,
+    /// A finished holder counts only while it finished less than this many
+    /// ms ago (`None`: for as long as it is kept).
+    pub for_ms: Option<i64>,
+    pub on_conflict: OnConflict,
+}
+
 /// The result of inserting one task.
 #[derive(Debug, Clone)]
 pub struct Inserted {
     pub task: Task,
-    /// True when `unique_key` matched an unfinished task, which is returned instead.
+    /// True when a task holding `unique_key` is returned instead of a new one.
     pub existing: bool,
+    /// With `existing`: the holder had not started and took this insert's
+    /// args, run_at and priority (`on_conflict: replace`).
+    pub replaced: bool,
+}
+
+impl Inserted {
+    /// A task this insert created.
+    pub fn new(task: Task) -> Self {
+        Inserted {
+            task,
+            existing: false,
+            replaced: false,
+        }
+    }
+
+    /// A task that holds the key, returned instead.
+    pub fn holder(task: Task) -> Self {
+        Inserted {
+            task,
+            existing: true,
+            replaced: false,
+        }
+    }
 }
 
 /// Claim up to `limit` due tasks of `queue` for `node`, most urgent first

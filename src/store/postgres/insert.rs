@@ -84,10 +84,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
         // Ids come from one sequence in insertion (ordinality) order.
         ids.sort_unstable();
         for (&i, id) in plain.iter().zip(ids) {
-            out[i] = Some(Inserted {
-                task: rows[i].to_task(TaskId(id), now),
-                existing: false,
-            });
+            out[i] = Some(Inserted::new(rows[i].to_task(TaskId(id), now)));
         }
     }
     // Tasks with a unique key or dependencies: one at a time, in order, so
@@ -234,6 +231,16 @@ async fn insert_single<C: GenericClient>(
             .await
             .map_err(db_err)?;
         if let Some(row) = inserted {
+            // A finished holder (unique_states) is looked for after the
+            // insert, in a statement of its own: a holder that finished
+            // while our insert waited on its row is seen then, and ours
+            // is deleted again (see `finished_holder`).
+            if let Some(holder) = finished_holder(c, sql, t, now, &row).await? {
+                return match lifecycle::on_holder(&t.unique, holder.state) {
+                    lifecycle::OnHolder::Refuse => Err(lifecycle::duplicate(&holder)),
+                    _ => Ok(Inserted::holder(holder)),
+                };
+            }
             break row;
         }
         if let Some(row) = c
@@ -241,10 +248,36 @@ async fn insert_single<C: GenericClient>(
             .await
             .map_err(db_err)?
         {
-            return Ok(Inserted {
-                task: row_to_task(&row)?,
-                existing: true,
-            });
+            let holder = row_to_task(&row)?;
+            match lifecycle::on_holder(&t.unique, holder.state) {
+                lifecycle::OnHolder::Keep => return Ok(Inserted::holder(holder)),
+                lifecycle::OnHolder::Refuse => return Err(lifecycle::duplicate(&holder)),
+                lifecycle::OnHolder::Replace => {
+                    // Lands only while the holder still waits; if it was
+                    // claimed meanwhile, the next round finds it running.
+                    if let Some(row) = c
+                        .query_opt(
+                            &sql.replace_pending,
+                            &[&holder.id.0, &t.args, &t.priority, &t.run_at, &now],
+                        )
+                        .await
+                        .map_err(db_err)?
+                    {
+                        return Ok(Inserted {
+                            task: row_to_task(&row)?,
+                            existing: true,
+                            replaced: true,
+                        });
+                    }
+                }
+                lifecycle::OnHolder::Release => {
+                    // The running holder leaves the unique index; the next
+                    // round inserts (or finds whoever took the key first).
+                    c.execute(&sql.release_key, &[&holder.id.0])
+                        .await
+                        .map_err(db_err)?;
+                }
+            }
         }
         rounds += 1;
         if rounds >= 10 {
@@ -263,10 +296,40 @@ async fn insert_single<C: GenericClient>(
             .await
             .map_err(db_err)?;
     }
-    Ok(Inserted {
-        task,
-        existing: false,
-    })
+    Ok(Inserted::new(task))
+}
+
+/// For an insert whose `unique_states` include finished states: the latest
+/// finished holder of its key (within `unique_for`), if any, in which case
+/// the row just inserted (`row`) is deleted again. Checked after the insert
+/// so it cannot be raced: a holder that was unfinished at the insert either
+/// blocked it through the unique index or had finished (committed) before
+/// this statement began, and this statement sees it.
+async fn finished_holder<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    t: &TaskInsert,
+    now: DateTime<Utc>,
+    row: &Row,
+) -> Result<Option<Task>, StoreError> {
+    if t.unique_key.is_none() || t.unique.finished.is_empty() {
+        return Ok(None);
+    }
+    let id: i64 = row.try_get(crate::store::col::ID).map_err(db_err)?;
+    let states: Vec<&str> = t.unique.finished.iter().map(|s| s.as_str()).collect();
+    let since = lifecycle::holder_since(&t.unique, now);
+    let Some(holder) = c
+        .query_opt(
+            &sql.find_finished,
+            &[&t.kind, &t.unique_key, &states, &since, &id],
+        )
+        .await
+        .map_err(db_err)?
+    else {
+        return Ok(None);
+    };
+    c.execute(&sql.undo_insert, &[&id]).await.map_err(db_err)?;
+    Ok(Some(row_to_task(&holder)?))
 }
 
 /// The capped queues among `queues` with their caps, each locked for the

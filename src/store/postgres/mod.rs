@@ -87,6 +87,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0017_schedule_paused.sql"),
     include_str!("migrations/0018_queue_settings.sql"),
     include_str!("migrations/0019_task_tags.sql"),
+    include_str!("migrations/0020_unique_rules.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -629,7 +630,7 @@ impl PostgresStore {
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         for i in inserted
             .iter()
-            .filter(|i| !i.existing && i.task.state == TaskState::Available)
+            .filter(|i| crate::store::is_new_work(i) && i.task.state == TaskState::Available)
         {
             *counts.entry(i.task.queue.clone()).or_default() += 1;
         }

@@ -19,6 +19,10 @@ pub(super) struct Sql {
     pub running_keys_sub: String,
     pub running_keys_drop: String,
     pub find_unique: String,
+    pub find_finished: String,
+    pub undo_insert: String,
+    pub replace_pending: String,
+    pub release_key: String,
     pub claim: String,
     pub complete_many: String,
     pub get: String,
@@ -63,6 +67,7 @@ impl Sql {
     pub(super) fn new(s: &str) -> Self {
         let claimable = lifecycle::sql_states(&lifecycle::CLAIMABLE);
         let finished = lifecycle::sql_states(&lifecycle::FINISHED);
+        let pending = lifecycle::sql_states(&lifecycle::REPLACEABLE);
         let all_states = lifecycle::sql_states(&TaskState::ALL);
         let node_upsert = format!(
             "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, \
@@ -113,7 +118,8 @@ impl Sql {
                    run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key, \
                    ref_name, tags) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-                 ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ({finished}) DO NOTHING \
+                 ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND NOT unique_released \
+                   AND state NOT IN ({finished}) DO NOTHING \
                  RETURNING {TASK_COLUMNS}), \
                  tagged AS (INSERT INTO {s}.task_tags (tag, task_id) SELECT unnest(tags), id FROM ins WHERE tags IS NOT NULL) \
                  SELECT * FROM ins"
@@ -185,7 +191,31 @@ impl Sql {
                  WHERE id IN (SELECT id FROM doomed) AND state = 'blocked' RETURNING id"
             ),
             find_unique: format!(
-                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE kind = $1 AND unique_key = $2 AND state NOT IN ({finished})"
+                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE kind = $1 AND unique_key = $2 \
+                 AND NOT unique_released AND state NOT IN ({finished})"
+            ),
+            // The latest finished holder in states $3 (finished after $4,
+            // when set), other than the task $5 just inserted.
+            find_finished: format!(
+                "SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE kind = $1 AND unique_key = $2 \
+                 AND state IN ({finished}) AND state = ANY($3::text[]) \
+                 AND ($4::timestamptz IS NULL OR finished_at >= $4) AND id <> $5 \
+                 ORDER BY finished_at DESC LIMIT 1"
+            ),
+            undo_insert: format!(
+                "WITH gone AS (DELETE FROM {s}.tasks WHERE id = $1 RETURNING id, tags) \
+                 DELETE FROM {s}.task_tags WHERE (tag, task_id) IN \
+                   (SELECT unnest(tags), id FROM gone WHERE tags IS NOT NULL)"
+            ),
+            replace_pending: format!(
+                "UPDATE {s}.tasks SET args = $2, priority = $3, run_at = $4::timestamptz, \
+                   state = CASE WHEN state = 'blocked' THEN 'blocked' \
+                                WHEN $4::timestamptz > $5::timestamptz THEN 'scheduled' ELSE 'available' END \
+                 WHERE id = $1 AND state IN ({pending}) AND NOT unique_released \
+                 RETURNING {TASK_COLUMNS}"
+            ),
+            release_key: format!(
+                "UPDATE {s}.tasks SET unique_released = true WHERE id = $1 AND state = 'running'"
             ),
             claim: format!(
                 "WITH next AS ( \

@@ -8,7 +8,7 @@ use super::rows::{error_json, row_to_task};
 use super::writer::sql_err;
 use crate::store::lifecycle::{self, DEPENDENCY_FAILED};
 use crate::store::{Inserted, StoreError, TASK_COLUMNS, TaskInsert, to_micros, truncate_rows};
-use crate::task::{AttemptError, TaskId};
+use crate::task::{AttemptError, Task, TaskId};
 
 /// Rows with their times cut to store precision, and their args serialized
 /// here rather than on the writer thread, which is the bottleneck.
@@ -77,20 +77,45 @@ fn insert_one(
     now: DateTime<Utc>,
     batch: &[Inserted],
 ) -> Result<Inserted, StoreError> {
-    if let Some(key) = &t.unique_key {
-        let existing = conn
-            .prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE kind = ?1 AND unique_key = ?2 \
-                 AND state NOT IN ({})",
-                lifecycle::sql_states(&lifecycle::FINISHED)
-            ))
-            .and_then(|mut st| st.query_row([&t.kind, key], row_to_task).optional())
-            .map_err(sql_err)?;
-        if let Some(task) = existing {
-            return Ok(Inserted {
-                task,
-                existing: true,
-            });
+    if let Some(key) = &t.unique_key
+        && let Some(holder) = holder(conn, t, key, now)?
+    {
+        match lifecycle::on_holder(&t.unique, holder.state) {
+            lifecycle::OnHolder::Keep => return Ok(Inserted::holder(holder)),
+            lifecycle::OnHolder::Refuse => return Err(lifecycle::duplicate(&holder)),
+            lifecycle::OnHolder::Replace => {
+                let task = conn
+                    .prepare_cached(&format!(
+                        "UPDATE tasks SET args = ?2, priority = ?3, run_at = ?4, \
+                           state = CASE WHEN state = 'blocked' THEN 'blocked' \
+                                        WHEN ?4 > ?5 THEN 'scheduled' ELSE 'available' END \
+                         WHERE id = ?1 RETURNING {TASK_COLUMNS}"
+                    ))
+                    .and_then(|mut st| {
+                        st.query_row(
+                            params![
+                                holder.id.0,
+                                args_json,
+                                t.priority,
+                                to_micros(t.run_at),
+                                to_micros(now)
+                            ],
+                            row_to_task,
+                        )
+                    })
+                    .map_err(sql_err)?;
+                return Ok(Inserted {
+                    task,
+                    existing: true,
+                    replaced: true,
+                });
+            }
+            // The running holder leaves the unique index; this task goes in.
+            lifecycle::OnHolder::Release => {
+                conn.prepare_cached("UPDATE tasks SET unique_released = 1 WHERE id = ?1")
+                    .and_then(|mut st| st.execute([holder.id.0]))
+                    .map_err(sql_err)?;
+            }
         }
     }
     let parents = lifecycle::parent_ids(&t.depends_on, |j| batch.get(j).map(|i| i.task.id))?;
@@ -159,10 +184,50 @@ fn insert_one(
             .and_then(|mut st| st.execute([p.0]))
             .map_err(sql_err)?;
     }
-    Ok(Inserted {
-        task,
-        existing: false,
+    Ok(Inserted::new(task))
+}
+
+/// The task that holds `key` for an insert of `t` at `now`: the unfinished
+/// one (unless it gave its key up), else, when `t`'s rules let finished
+/// tasks hold it, the latest such within `unique_for`. (One writer: nothing
+/// changes between this look-up and the insert.)
+fn holder(
+    conn: &Connection,
+    t: &TaskInsert,
+    key: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Task>, StoreError> {
+    let unfinished = conn
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE kind = ?1 AND unique_key = ?2 \
+             AND unique_released = 0 AND state NOT IN ({})",
+            lifecycle::sql_states(&lifecycle::FINISHED)
+        ))
+        .and_then(|mut st| st.query_row([&t.kind, key], row_to_task).optional())
+        .map_err(sql_err)?;
+    if unfinished.is_some() || t.unique.finished.is_empty() {
+        return Ok(unfinished);
+    }
+    let states = serde_json::to_string(
+        &t.unique
+            .finished
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_else(|_| "[]".into());
+    let since = lifecycle::holder_since(&t.unique, now).map(to_micros);
+    conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE kind = ?1 AND unique_key = ?2 \
+         AND state IN ({}) AND state IN (SELECT value FROM json_each(?3)) \
+         AND (?4 IS NULL OR finished_at >= ?4) ORDER BY finished_at DESC LIMIT 1",
+        lifecycle::sql_states(&lifecycle::FINISHED)
+    ))
+    .and_then(|mut st| {
+        st.query_row(params![t.kind, key, states, since], row_to_task)
+            .optional()
     })
+    .map_err(sql_err)
 }
 
 /// `parents` completed: their blocked children each wait for one parent

@@ -73,6 +73,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0016_schedule_paused.sql"),
     include_str!("migrations/0017_queue_settings.sql"),
     include_str!("migrations/0018_task_tags.sql"),
+    include_str!("migrations/0019_unique_rules.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -404,7 +405,7 @@ impl Store for SqliteStore {
         self.inner.due.at(due_later(&out));
         if out
             .iter()
-            .any(|i| !i.existing && i.task.state == TaskState::Available)
+            .any(|i| crate::store::is_new_work(i) && i.task.state == TaskState::Available)
         {
             self.wake();
         }
