@@ -29,8 +29,9 @@ pub struct TaskContext {
     /// Fires when the task is cancelled, times out, or the node shuts down.
     /// Long-running executors should `select!` on it and return early.
     pub cancel: CancellationToken,
-    /// When the attempt times out, if it has a timeout.
-    pub deadline: Option<Instant>,
+    /// When the attempt times out, if it has a timeout; moved later by
+    /// [`TaskContext::extend`]. Read it with [`TaskContext::deadline`].
+    pub(crate) deadline: Option<Arc<Deadline>>,
     /// The results of the tasks this one depends on (all completed), by id.
     pub parent_results: std::collections::BTreeMap<TaskId, serde_json::Value>,
     /// The same, by the `ref` names the parents were given in their batch
@@ -41,6 +42,64 @@ pub struct TaskContext {
     /// State shared by every executor of the pool (given to
     /// [`Builder::data`](crate::Builder::data)); read it with [`TaskContext::data`].
     pub shared: SharedData,
+}
+
+/// The longest an attempt may run when its kind sets no
+/// [`max_run`](crate::KindDefaults::max_run): how far
+/// [`TaskContext::extend`] may move its deadline (from its start).
+pub const DEFAULT_MAX_RUN: Duration = Duration::from_secs(24 * 3600);
+
+/// The deadline of a running attempt that has a timeout. The slot running
+/// the attempt sleeps until it and then reads it again; the Sentinel reads
+/// it to tell a hung slot from a long task. Only the attempt's executor
+/// moves it ([`TaskContext::extend`]), and only later, never past `limit`,
+/// so a reader that saw an earlier value at worst wakes early and reads
+/// again.
+#[derive(Debug)]
+pub struct Deadline {
+    at: std::sync::Mutex<Instant>,
+    /// The attempt's start plus its kind's `max_run` (at least its timeout).
+    limit: Instant,
+}
+
+impl Deadline {
+    /// The deadline of an attempt started at `started` with `timeout`,
+    /// movable up to `started + max_run`.
+    pub(crate) fn new(started: Instant, timeout: Duration, max_run: Duration) -> Self {
+        let at = started + timeout;
+        Deadline {
+            at: std::sync::Mutex::new(at),
+            limit: (started + max_run).max(at),
+        }
+    }
+
+    /// When the attempt times out now.
+    pub fn at(&self) -> Instant {
+        self.at.lock().map(|g| *g).unwrap_or(self.limit)
+    }
+
+    /// The latest instant the deadline can move to.
+    pub fn limit(&self) -> Instant {
+        self.limit
+    }
+
+    /// Move the deadline to `now + d` (never earlier than it is, never past
+    /// `limit`); the deadline it is then.
+    pub(crate) fn extend(&self, d: Duration) -> Instant {
+        let want = Instant::now()
+            .checked_add(d)
+            .unwrap_or(self.limit)
+            .min(self.limit);
+        match self.at.lock() {
+            Ok(mut at) => {
+                if want > *at {
+                    *at = want;
+                }
+                *at
+            }
+            Err(_) => self.limit,
+        }
+    }
 }
 
 /// Values shared by every executor of a pool, one per type: a database
@@ -136,6 +195,30 @@ impl TaskContext {
     /// writes at most four times a second per task, off the claim path.
     pub fn progress(&self, value: impl serde::Serialize) -> Result<(), TaskError> {
         self.reporter.report(value)
+    }
+
+    /// When the attempt times out (`None`: it has no timeout). It moves
+    /// with [`TaskContext::extend`].
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline.as_ref().map(|d| d.at())
+    }
+
+    /// Keep a long attempt alive: its deadline moves to now + `d` (it never
+    /// moves earlier), up to its start plus the kind's
+    /// [`max_run`](crate::KindDefaults::max_run) ([`DEFAULT_MAX_RUN`] when
+    /// unset). Call it as the work goes on (a heartbeat); while it does,
+    /// the attempt is neither timed out nor taken for a hung worker.
+    /// Returns the deadline now (`None` for an attempt without a timeout,
+    /// which has nothing to move); a deadline short of now + `d` means the
+    /// attempt reached its `max_run`.
+    pub fn extend(&self, d: Duration) -> Option<Instant> {
+        self.deadline.as_ref().map(|dl| {
+            let at = dl.extend(d);
+            if at < Instant::now() + d {
+                tracing::warn!(task = %self.id, kind = %self.kind, "extend capped: the attempt reached its kind's max_run");
+            }
+            at
+        })
     }
 
     /// True once the task was asked to stop.

@@ -53,6 +53,10 @@ pub struct KindDefaults {
     pub max_attempts: Option<i32>,
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// How long an attempt may run in all, however often it calls
+    /// [`TaskContext::extend`](crate::TaskContext::extend) (default
+    /// [`DEFAULT_MAX_RUN`](crate::executor::DEFAULT_MAX_RUN), 24 h).
+    pub max_run: Option<Duration>,
 }
 
 impl KindDefaults {
@@ -78,6 +82,7 @@ impl KindDefaults {
                 .and_then(|ms| u64::try_from(ms).ok())
                 .map(Duration::from_millis),
             retry: None,
+            max_run: None,
         }
     }
 }
@@ -138,6 +143,13 @@ impl TaskRegistry {
 
     pub fn defaults(&self, kind: &str) -> Option<&KindDefaults> {
         self.kinds.get(kind).map(|e| &e.defaults)
+    }
+
+    /// How long an attempt of `kind` may run in all (see [`KindDefaults::max_run`]).
+    pub fn max_run(&self, kind: &str) -> Duration {
+        self.defaults(kind)
+            .and_then(|d| d.max_run)
+            .unwrap_or(crate::executor::DEFAULT_MAX_RUN)
     }
 
     /// The retry policy of `kind` (the default one for unknown kinds).

@@ -447,3 +447,33 @@ async fn shell_progress_lines_become_the_tasks_progress() {
     }
     p.shutdown().await;
 }
+
+/// A shell program keeps a long attempt alive by printing
+/// `::extend <duration>` lines (as `ctx.extend`); they are not in stdout,
+/// and a program that stops printing them times out as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_extend_lines_move_the_deadline() {
+    let (p, _dir) = pool(shell(&["sh"], 1024)).await;
+    let c = p.client();
+    let run = |script: &'static str| {
+        let c = c.clone();
+        async move {
+            let opts = TaskOptions::default()
+                .timeout(Duration::from_millis(400))
+                .max_attempts(1);
+            let t = c
+                .insert(NewTask::new("shell", json!({"cmd": ["sh", "-c", script]})).with(opts))
+                .await
+                .unwrap()
+                .task;
+            c.wait(t.id, Duration::from_secs(20)).await.unwrap()
+        }
+    };
+    let t = run("i=0; while [ $i -lt 8 ]; do echo '::extend 400ms'; sleep 0.2; i=$((i+1)); done; printf done").await;
+    assert_eq!(t.state, TaskState::Completed, "{:?}", t.errors);
+    assert_eq!(t.result.unwrap()["stdout"], "done");
+    let t = run("echo '::extend 400ms'; sleep 5; printf late").await;
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.errors[0].message.contains("timed out"), "{:?}", t.errors);
+    p.shutdown().await;
+}

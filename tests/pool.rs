@@ -218,6 +218,86 @@ async fn an_overrunning_executor_is_cancelled_and_the_attempt_fails() {
     pool.shutdown().await;
 }
 
+/// `ctx.extend` keeps a long attempt alive past its timeout, and past the
+/// Sentinel's hung check, for as long as it extends, up to the kind's
+/// `max_run`; an attempt that stops extending times out as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extend_keeps_a_long_attempt_alive_up_to_max_run() {
+    let (store, _d) = fixtures::sqlite_store().await;
+    let mut reg = TaskRegistry::new();
+    // Runs `ms` in all, extending by 300 ms every 100 ms; then `stop_after`
+    // (if set) it stops extending and sleeps on.
+    let beating = executor_fn(|ctx| async move {
+        let ms = ctx.args["ms"].as_u64().unwrap_or(0);
+        let stop = ctx.args["stop_after"].as_u64();
+        let t0 = tokio::time::Instant::now();
+        let mut last = None;
+        while t0.elapsed() < Duration::from_millis(ms) {
+            if stop.is_none_or(|s| t0.elapsed() < Duration::from_millis(s)) {
+                last = ctx.extend(Duration::from_millis(300));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(json!({"extended": last.is_some()}))
+    });
+    reg.register("long", beating.clone());
+    reg.register_with(
+        "capped",
+        beating,
+        KindDefaults {
+            max_run: Some(Duration::from_millis(700)),
+            ..Default::default()
+        },
+    );
+    let pool = builder(store, reg).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let run = |kind: &str, args: serde_json::Value| {
+        let client = client.clone();
+        let task = NewTask::new(kind, args).with(
+            TaskOptions::default()
+                .timeout(Duration::from_millis(300))
+                .max_attempts(1),
+        );
+        async move {
+            let id = client.insert(task).await.unwrap().task.id;
+            client.wait(id, Duration::from_secs(20)).await.unwrap()
+        }
+    };
+    // 1.5 s on a 300 ms timeout, well past hung_grace (200 ms): completes.
+    let t = run("long", json!({"ms": 1500})).await;
+    assert_eq!(t.state, TaskState::Completed, "{:?}", t.errors);
+    assert_eq!(t.result, Some(json!({"extended": true})));
+    // Stops extending at 400 ms: times out about 300 ms later.
+    let t = run("long", json!({"ms": 5000, "stop_after": 400})).await;
+    assert_eq!(t.state, TaskState::Failed);
+    let msg = &t.errors[0].message;
+    let ms: u64 = msg
+        .split("timed out after ")
+        .nth(1)
+        .and_then(|r| r.strip_suffix("ms"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{msg}"));
+    assert!((400..=1000).contains(&ms), "{msg}");
+    // max_run 700 ms: extending forever still ends at 700 ms.
+    let started = Instant::now();
+    let t = run("capped", json!({"ms": 5000})).await;
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(
+        t.errors[0].message.contains("timed out after 700ms"),
+        "{:?}",
+        t.errors
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let shared = pool.shared();
+    assert_eq!(
+        Counters::get(&shared.counters.hung_replaced),
+        0,
+        "a long task is not a hung worker"
+    );
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_worker_is_replaced_and_the_pool_keeps_its_size() {
     let (store, _d) = fixtures::sqlite_store().await;

@@ -260,12 +260,18 @@ fn keep_tail(kept: &mut Vec<u8>, bytes: &[u8], max: usize) {
     }
 }
 
+/// The prefix of a stdout line that extends the attempt's deadline:
+/// `::extend <duration>` (e.g. `::extend 5m`), as `ctx.extend` does.
+pub const EXTEND_PREFIX: &str = "::extend ";
+
 /// Like [`tail`], for stdout: complete lines `::progress <json>` (valid JSON)
-/// are reported as the task's progress and left out of the output.
+/// are reported as the task's progress, and lines `::extend <duration>` move
+/// the attempt's deadline; both are left out of the output.
 async fn tail_reporting<R: AsyncRead + Unpin>(
     mut r: R,
     max: usize,
     reporter: crate::pool::progress::ProgressReporter,
+    ctx: TaskContext,
 ) -> Vec<u8> {
     let mut kept = Vec::new();
     let mut line: Vec<u8> = Vec::new();
@@ -275,12 +281,19 @@ async fn tail_reporting<R: AsyncRead + Unpin>(
         let progress = line
             .strip_prefix(PROGRESS_PREFIX.as_bytes())
             .and_then(|json| serde_json::from_slice::<serde_json::Value>(json.trim_ascii()).ok());
-        match progress {
-            Some(v) => {
+        let extend = line
+            .strip_prefix(EXTEND_PREFIX.as_bytes())
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| crate::duration::parse(d.trim()).ok());
+        match (progress, extend) {
+            (Some(v), _) => {
                 // Too large to keep: dropped, as a library executor's would be.
                 let _ = reporter.report(v);
             }
-            None => keep_tail(kept, line, max),
+            (None, Some(d)) => {
+                ctx.extend(d);
+            }
+            (None, None) => keep_tail(kept, line, max),
         }
     };
     loop {
@@ -365,10 +378,14 @@ impl TaskExecutor for ShellExecutor {
                 let _ = stdin.write_all(text.as_bytes()).await;
             });
         }
-        let out = child
-            .stdout
-            .take()
-            .map(|o| tokio::spawn(tail_reporting(o, self.max_output, ctx.reporter.clone())));
+        let out = child.stdout.take().map(|o| {
+            tokio::spawn(tail_reporting(
+                o,
+                self.max_output,
+                ctx.reporter.clone(),
+                ctx.clone(),
+            ))
+        });
         let err = child
             .stderr
             .take()

@@ -97,7 +97,7 @@ pub struct BusyInfo {
     pub claim_token: i64,
     pub max_attempts: i32,
     pub since: Instant,
-    pub deadline: Option<Instant>,
+    pub deadline: Option<std::sync::Arc<crate::executor::Deadline>>,
 }
 
 /// Counters of what this node did since it started.

@@ -196,7 +196,13 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             .filter(|ms| *ms > 0)
             .map(|ms| Duration::from_millis(ms as u64));
         let started = Instant::now();
-        let deadline = timeout.map(|d| started + d);
+        let deadline = timeout.map(|d| {
+            Arc::new(crate::executor::Deadline::new(
+                started,
+                d,
+                ctx.registry.max_run(&task.kind),
+            ))
+        });
         if let Ok(mut s) = status.lock() {
             s.busy = Some(BusyInfo {
                 task: task.id,
@@ -205,7 +211,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
                 claim_token: task.claim_token,
                 max_attempts: task.max_attempts,
                 since: started,
-                deadline,
+                deadline: deadline.clone(),
             });
             s.permit = Some(permit);
         }
@@ -226,7 +232,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             max_attempts: task.max_attempts,
             created_at: task.created_at,
             cancel: token,
-            deadline,
+            deadline: deadline.clone(),
             parent_results,
             parent_results_by_ref,
             shared: ctx.registry.shared().clone(),
@@ -237,11 +243,20 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             ),
         };
         let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();
-        let caught = match deadline {
+        let caught = match &deadline {
+            // Sleep to the deadline, then read it again: `ctx.extend` may
+            // have moved it (only ever later) meanwhile.
             Some(dl) => {
-                tokio::select! {
-                    r = call => Some(r),
-                    _ = tokio::time::sleep_until(dl) => None,
+                let mut call = std::pin::pin!(call);
+                loop {
+                    tokio::select! {
+                        r = &mut call => break Some(r),
+                        _ = tokio::time::sleep_until(dl.at()) => {
+                            if Instant::now() >= dl.at() {
+                                break None;
+                            }
+                        }
+                    }
                 }
             }
             None => Some(call.await),
@@ -253,7 +268,12 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
                 // The executor future was dropped by the select: it is stopped.
                 running.stop(StopReason::Timeout);
                 crate::pool::shared::Counters::add(&shared.counters.timeouts, 1);
-                Ran::TimedOut(timeout.unwrap_or_default())
+                Ran::TimedOut(
+                    deadline
+                        .as_ref()
+                        .map(|d| d.at() - started)
+                        .unwrap_or_default(),
+                )
             }
         };
         let panicked = matches!(ran, Ran::Panicked(_));

@@ -351,7 +351,8 @@ impl Sentinel {
             }
             let hung = status.lock().ok().and_then(|mut s| {
                 let busy = s.busy.as_ref()?;
-                let deadline = busy.deadline?;
+                // Read afresh each check: an attempt that extends moves it.
+                let deadline = busy.deadline.as_ref()?.at();
                 if now < deadline + self.config.hung_grace {
                     return None;
                 }
