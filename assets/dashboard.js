@@ -380,7 +380,7 @@
   }
 
   function queueTable(list, withButtons) {
-    const head = ["Queue", "Status"].concat(withButtons ? ["Workers", "Max depth"] : [], STATES, withButtons ? [""] : []);
+    const head = ["Queue", "Status"].concat(withButtons ? ["Workers", "Max depth", "Limits"] : [], STATES, withButtons ? [""] : []);
     return h("table", { class: "data", id: withButtons ? "queues-table" : null },
       h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
       h("tbody", {}, list.map((q) => h("tr", { dataset: { queue: q.name } },
@@ -389,6 +389,7 @@
           q.paused ? "paused" : "active")),
         withButtons ? h("td", {}, q.concurrency == null ? "—" : String(q.concurrency)) : null,
         withButtons ? h("td", { class: "num max-depth" }, q.max_depth == null ? "—" : String(q.max_depth)) : null,
+        withButtons ? h("td", { class: "limits" }, limitsText(q)) : null,
         STATES.map((st) => h("td", { class: "num" },
           q.counts[st] ? h("a", { href: "#/tasks?queue=" + encodeURIComponent(q.name) + "&state=" + st }, count(q, st)) : "0")),
         withButtons ? h("td", {}, h("button", {
@@ -399,32 +400,85 @@
         }, q.paused ? "Resume" : "Pause")) : null))));
   }
 
+  // A queue's shared limits in a few words.
+  function limitsText(q) {
+    const parts = [];
+    if (q.global_concurrency != null) parts.push("global " + q.global_concurrency);
+    if (q.per_key_concurrency != null) parts.push("per key " + q.per_key_concurrency);
+    if (q.rate_limit) parts.push(q.rate_limit.max + " per " + dur(q.rate_limit.per_ms));
+    if (q.fairness === "round_robin") parts.push("round robin");
+    return parts.length ? parts.join(", ") : "—";
+  }
+
   // Settings shared by the cluster (PATCH /queues/{name}); outside the
-  // table, which is redrawn every 2 s, so typing is not lost.
+  // table, which is redrawn every 2 s, so typing is not lost. Naming a
+  // queue fills in its current settings (fields not yet typed in); Save
+  // sends them all, an empty field removing that limit.
   function queueSettingsForm() {
     const name = h("input", { name: "queue", placeholder: "queue", required: true, size: 16 });
-    const depth = h("input", { name: "max_depth", type: "number", min: "1", placeholder: "no cap", size: 10 });
+    const num = (n, ph) => h("input", { name: n, type: "number", min: "1", placeholder: ph, size: 8 });
+    const fields = {
+      max_depth: num("max_depth", "no cap"),
+      workers: num("workers", "configured"),
+      global_concurrency: num("global_concurrency", "no limit"),
+      per_key_concurrency: num("per_key_concurrency", "no limit"),
+      rate_max: num("rate_max", "no limit"),
+      rate_per_ms: num("rate_per_ms", "ms"),
+    };
+    const fairness = h("select", { name: "fairness" },
+      h("option", { value: "none" }, "none"), h("option", { value: "round_robin" }, "round robin"));
+    const typed = new Set();
+    for (const [k, el] of Object.entries(fields)) el.addEventListener("input", () => typed.add(k));
+    fairness.addEventListener("change", () => typed.add("fairness"));
+    name.addEventListener("change", async () => {
+      const q = name.value.trim();
+      if (!q) return;
+      try {
+        const cur = await api("/queues/" + encodeURIComponent(q));
+        const put = (k, v) => { if (!typed.has(k)) fields[k].value = v == null ? "" : String(v); };
+        put("max_depth", cur.max_depth);
+        put("workers", cur.workers);
+        put("global_concurrency", cur.global_concurrency);
+        put("per_key_concurrency", cur.per_key_concurrency);
+        put("rate_max", cur.rate_limit ? cur.rate_limit.max : null);
+        put("rate_per_ms", cur.rate_limit ? cur.rate_limit.per_ms : null);
+        if (!typed.has("fairness")) fairness.value = cur.fairness === "round_robin" ? "round_robin" : "none";
+      } catch (_) { /* a new queue: nothing to fill in */ }
+    });
     return h("form", {
       class: "filters act", id: "queue-settings",
       onsubmit: (ev) => {
         ev.preventDefault();
         const q = name.value.trim();
         if (!q) { flash("Name a queue", "error"); return; }
-        const v = depth.value.trim();
-        const max_depth = v === "" ? null : Number(v);
-        act("Set " + q + " max depth to " + (max_depth == null ? "none" : max_depth),
-          () => api("/queues/" + encodeURIComponent(q), { method: "PATCH", body: { max_depth } }));
+        const val = (k) => { const v = fields[k].value.trim(); return v === "" ? null : Number(v); };
+        const body = {
+          max_depth: val("max_depth"),
+          workers: val("workers"),
+          global_concurrency: val("global_concurrency"),
+          per_key_concurrency: val("per_key_concurrency"),
+          rate_limit: val("rate_max") == null ? null : { max: val("rate_max"), per_ms: val("rate_per_ms") || 1000 },
+          fairness: fairness.value,
+        };
+        typed.clear();
+        act("Saved " + q + " settings",
+          () => api("/queues/" + encodeURIComponent(q), { method: "PATCH", body }));
       },
     },
     h("label", {}, "Queue ", name),
-    h("label", {}, "Max depth ", depth),
+    h("label", {}, "Max depth ", fields.max_depth),
+    h("label", {}, "Workers/node ", fields.workers),
+    h("label", {}, "Global ", fields.global_concurrency),
+    h("label", {}, "Per key ", fields.per_key_concurrency),
+    h("label", {}, "Rate ", fields.rate_max, " per ", fields.rate_per_ms, " ms"),
+    h("label", {}, "Fairness ", fairness),
     h("button", { type: "submit" }, "Save"));
   }
 
   function queues() {
     const box = h("div");
     append(app, h("h2", {}, "Queues"),
-      h("p", { class: "hint" }, "Counts stop at 100,000 for unfinished and 10,000 for finished states (shown with +). Max depth: at most that many unfinished tasks; enqueues past it are refused."),
+      h("p", { class: "hint" }, "Counts stop at 100,000 for unfinished and 10,000 for finished states (shown with +). Max depth: at most that many unfinished tasks; enqueues past it are refused. Settings are shared by every node, which applies a change within a poll interval; an empty field removes that limit (workers: back to each node's configured count)."),
       box, queueSettingsForm());
     return {
       async refresh() {

@@ -319,6 +319,60 @@ impl TaskBody {
     }
 }
 
+/// A setting's value from the command line: a whole number, or `none` (null).
+pub fn number_or_none(field: &str, v: &str) -> Result<Value, Failure> {
+    if v == "none" {
+        return Ok(Value::Null);
+    }
+    v.parse::<u32>().map(Value::from).map_err(|_| {
+        Failure::user(format!(
+            "--{}: {v:?} is not a number or none",
+            field.replace('_', "-")
+        ))
+    })
+}
+
+/// `--rate-limit MAX/PERIOD` (e.g. `100/1s`) as the API's
+/// `{"max", "per_ms"}`, or `none` (null).
+pub fn rate_or_none(v: &str) -> Result<Value, Failure> {
+    if v == "none" {
+        return Ok(Value::Null);
+    }
+    let bad = || {
+        Failure::user(format!(
+            "--rate-limit: {v:?} is not MAX/PERIOD (e.g. 100/1s) or none"
+        ))
+    };
+    let (max, per) = v.split_once('/').ok_or_else(bad)?;
+    let max: u32 = max.trim().parse().map_err(|_| bad())?;
+    let per = proto_tasker::duration::parse(per.trim()).map_err(|_| bad())?;
+    Ok(json!({"max": max, "per_ms": u64::try_from(per.as_millis()).unwrap_or(u64::MAX)}))
+}
+
+fn limit_cell(q: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = q["global_concurrency"].as_u64() {
+        parts.push(format!("global {n}"));
+    }
+    if let Some(n) = q["per_key_concurrency"].as_u64() {
+        parts.push(format!("per key {n}"));
+    }
+    if let (Some(m), Some(p)) = (
+        q["rate_limit"]["max"].as_u64(),
+        q["rate_limit"]["per_ms"].as_u64(),
+    ) {
+        parts.push(format!("{m}/{p}ms"));
+    }
+    if q["fairness"] == "round_robin" {
+        parts.push("round robin".into());
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 pub fn print_queues(v: &Value) {
     let rows: Vec<Vec<String>> = v["queues"]
         .as_array()
@@ -352,6 +406,7 @@ pub fn print_queues(v: &Value) {
                 n("failed"),
                 n("cancelled"),
                 cell(&q["max_depth"]),
+                limit_cell(q),
             ]
         })
         .collect();
@@ -368,6 +423,7 @@ pub fn print_queues(v: &Value) {
             "FAILED",
             "CANCELLED",
             "MAX_DEPTH",
+            "LIMITS",
         ],
         &rows,
     );

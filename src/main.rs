@@ -216,13 +216,30 @@ enum QueueAction {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Change the queue's settings for every node.
+    /// Change the queue's settings for every node (each applies them
+    /// within one poll interval). `none` removes a limit.
     Set {
         name: String,
         /// At most this many unfinished tasks (enqueues past it get 429
-        /// queue_full); `none` removes the cap.
+        /// queue_full), or none.
         #[arg(long)]
         max_depth: Option<String>,
+        /// Workers on each node that serves the queue, or none (each
+        /// node's configured count).
+        #[arg(long)]
+        workers: Option<String>,
+        /// At most this many of the queue's tasks run at once, on all nodes, or none.
+        #[arg(long)]
+        global_concurrency: Option<String>,
+        /// At most this many tasks with one concurrency key run at once, or none.
+        #[arg(long)]
+        per_key_concurrency: Option<String>,
+        /// At most MAX starts per PERIOD, e.g. 100/1s or 5/1m, or none.
+        #[arg(long)]
+        rate_limit: Option<String>,
+        /// round_robin (take tasks across concurrency keys in turn) or none.
+        #[arg(long, value_parser = ["round_robin", "none"])]
+        fairness: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -330,6 +347,9 @@ struct BenchArgs {
     /// Limit each concurrency key to N running tasks (see --keys).
     #[arg(long)]
     per_key_concurrency: Option<u32>,
+    /// Claim round robin across the concurrency keys (fairness: round_robin).
+    #[arg(long)]
+    round_robin: bool,
     /// Spread tasks over N concurrency keys.
     #[arg(long, default_value_t = 0)]
     keys: usize,
@@ -706,19 +726,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 QueueAction::Set {
                     name,
                     max_depth,
+                    workers,
+                    global_concurrency,
+                    per_key_concurrency,
+                    rate_limit,
+                    fairness,
                     client,
                 } => {
-                    let Some(m) = max_depth else {
-                        return Err(Failure::user("queue set: give --max-depth N (or none)"));
-                    };
-                    let v = if m == "none" {
-                        Value::Null
-                    } else {
-                        m.parse::<u32>().map(Value::from).map_err(|_| {
-                            Failure::user(format!("--max-depth: {m:?} is not a number or none"))
-                        })?
-                    };
-                    (name, client, Some(serde_json::json!({ "max_depth": v })))
+                    let mut body = serde_json::Map::new();
+                    for (field, v) in [
+                        ("max_depth", max_depth),
+                        ("workers", workers),
+                        ("global_concurrency", global_concurrency),
+                        ("per_key_concurrency", per_key_concurrency),
+                    ] {
+                        if let Some(v) = v {
+                            body.insert(field.into(), cli::number_or_none(field, &v)?);
+                        }
+                    }
+                    if let Some(r) = rate_limit {
+                        body.insert("rate_limit".into(), cli::rate_or_none(&r)?);
+                    }
+                    if let Some(f) = fairness {
+                        body.insert("fairness".into(), Value::from(f));
+                    }
+                    if body.is_empty() {
+                        return Err(Failure::user(
+                            "queue set: give at least one of --max-depth, --workers, \
+                             --global-concurrency, --per-key-concurrency, --rate-limit, --fairness",
+                        ));
+                    }
+                    (name, client, Some(Value::Object(body)))
                 }
             };
             let (remote, json) = client(c)?;
@@ -872,6 +910,7 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
             global_concurrency: a.global_concurrency,
             per_key_concurrency: a.per_key_concurrency,
             rate: a.rate_limit.map(|n| (n, Duration::from_secs(1))),
+            round_robin: a.round_robin,
         },
         keys: a.keys,
         waiters: a.waiters,

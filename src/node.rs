@@ -90,18 +90,16 @@ impl Node {
             store.migrate().await?;
         }
         // The config's settings are starting values: written only for a
-        // queue that has none, so a change made at run time is kept.
+        // queue that has none, so a change made at run time is kept. (The
+        // pool writes the limits alone for queues without a max_depth.)
         for (queue, q) in &cfg.queues {
             if q.max_depth.is_some() {
-                store
-                    .queue_settings_put(
-                        queue,
-                        crate::store::QueueSettings {
-                            max_depth: q.max_depth,
-                        },
-                        true,
-                    )
-                    .await?;
+                let settings = crate::store::QueueSettings {
+                    max_depth: q.max_depth,
+                    ..Default::default()
+                }
+                .with_limits(&q.limits());
+                store.queue_settings_put(queue, settings, true).await?;
             }
         }
         let registry = cfg.registry().map_err(NodeError::Config)?;

@@ -288,6 +288,13 @@ impl Browser {
         .unwrap();
     }
 
+    async fn clear(&self, css: &str) {
+        let e = self.wait(css).await;
+        self.cmd("POST", &format!("/element/{e}/clear"), json!({}))
+            .await
+            .unwrap();
+    }
+
     async fn count(&self, css: &str) -> usize {
         self.js(
             "return document.querySelectorAll(arguments[0]).length",
@@ -441,6 +448,47 @@ async fn dashboard_shows_and_drives_a_live_node() {
     let one = node.api("GET", "/queues/held", None).await;
     assert_eq!(one["max_depth"], 123, "{one}");
     b.screenshot("04b-queue-max-depth").await;
+
+    // Limits and workers edited on the page are what the API answers, and
+    // this node runs the new worker count.
+    b.clear("#queue-settings input[name='global_concurrency']")
+        .await;
+    b.type_into("#queue-settings input[name='global_concurrency']", "3")
+        .await;
+    b.clear("#queue-settings input[name='workers']").await;
+    b.type_into("#queue-settings input[name='workers']", "2")
+        .await;
+    b.js(
+        "const s = document.querySelector(\"#queue-settings select[name='fairness']\"); \
+         s.value = 'round_robin'; s.dispatchEvent(new Event('change'));",
+        json!([]),
+    )
+    .await;
+    b.click("#queue-settings button[type='submit']").await;
+    b.wait_text("#queues-table tr[data-queue='held'] td.limits", |t| {
+        t.contains("global 3") && t.contains("round robin")
+    })
+    .await;
+    let one = node.api("GET", "/queues/held", None).await;
+    assert_eq!(
+        (
+            &one["global_concurrency"],
+            &one["fairness"],
+            &one["workers"],
+            &one["max_depth"]
+        ),
+        (&json!(3), &json!("round_robin"), &json!(2), &json!(123)),
+        "{one}"
+    );
+    let start = Instant::now();
+    while node.api("GET", "/queues/held", None).await["concurrency"] != 2 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the node never ran 2 workers for held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.screenshot("04c-queue-limits").await;
 
     // Task data is shown as text, never run: the queue is paused, so the
     // task stays and shows in the lists too.

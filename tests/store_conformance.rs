@@ -835,7 +835,10 @@ pub mod cases {
         use proto_tasker::store::QueueSettings;
         let s = b.store.clone();
         let now = now();
-        let cap = |n| QueueSettings { max_depth: n };
+        let cap = |n| QueueSettings {
+            max_depth: n,
+            ..Default::default()
+        };
         s.queue_settings_put("capped", cap(Some(5)), false)
             .await
             .unwrap();
@@ -902,6 +905,7 @@ pub mod cases {
                 "race",
                 QueueSettings {
                     max_depth: Some(10),
+                    ..Default::default()
                 },
                 false,
             )
@@ -1078,6 +1082,7 @@ pub mod cases {
         s.task_insert_many(rows, now).await.unwrap();
         let limited = |limit| ClaimParams {
             limits: Some(QueueLimits {
+                round_robin: false,
                 per_key_concurrency: Some(1),
                 ..Default::default()
             }),
@@ -2172,6 +2177,120 @@ pub mod cases {
         }
     }
 
+    /// Round robin (`fairness: round_robin`): a key that enqueued many tasks
+    /// and a key that enqueued a few after it take turns; priority still
+    /// comes first; tasks from before the switch go first; a plain queue
+    /// keeps the plain order.
+    pub async fn round_robin_claims_take_keys_in_turn(b: &Backend) {
+        use proto_tasker::store::{Fairness, QueueLimits, QueueSettings};
+        let s = b.store.clone();
+        let t0 = now();
+        let rr = QueueLimits {
+            round_robin: true,
+            ..Default::default()
+        };
+        let fair = |q: &str| {
+            let s = s.clone();
+            let q = q.to_string();
+            async move {
+                s.queue_settings_put(
+                    &q,
+                    QueueSettings {
+                        fairness: Some(Fairness::RoundRobin),
+                        ..Default::default()
+                    },
+                    false,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let keyed = |kind: &str, q: &str, key: &str, prio: i16| {
+            let mut t = insert(kind, q, prio, t0 - secs(1));
+            t.concurrency_key = Some(key.into());
+            t
+        };
+        let take = |q: &str, n: usize, limits: Option<QueueLimits>| {
+            let s = s.clone();
+            let q = q.to_string();
+            async move {
+                let mut p = claim(&q, "n1", n, t0);
+                p.limits = limits;
+                let mut got = s.task_claim(p).await.unwrap();
+                got.sort_by_key(|t| t.id);
+                got.iter()
+                    .map(|t| t.concurrency_key.clone().unwrap_or_default())
+                    .collect::<Vec<_>>()
+            }
+        };
+        // A task from before the switch, then the switch.
+        s.task_insert_many(vec![keyed("old", "rr", "big", 5)], t0)
+            .await
+            .unwrap();
+        fair("rr").await;
+        let big: Vec<_> = (0..200).map(|_| keyed("k", "rr", "big", 5)).collect();
+        s.task_insert_many(big, t0).await.unwrap();
+        let mut small: Vec<_> = (0..5).map(|_| keyed("k", "rr", "small", 5)).collect();
+        // One goes in alone, by the one-at-a-time path (a unique key).
+        small[4].unique_key = Some("u".into());
+        s.task_insert_many(small[..4].to_vec(), t0).await.unwrap();
+        s.task_insert_many(small[4..].to_vec(), t0).await.unwrap();
+        let first = take("rr", 11, Some(rr)).await;
+        let n_small = first.iter().filter(|k| *k == "small").count();
+        assert_eq!(
+            n_small, 5,
+            "the 5 small tasks share the first claim: {first:?}"
+        );
+        assert_eq!(first.len(), 11);
+        // A key arriving now is interleaved with big's backlog at once.
+        let late: Vec<_> = (0..3).map(|_| keyed("k", "rr", "late", 5)).collect();
+        s.task_insert_many(late, t0).await.unwrap();
+        let second = take("rr", 6, Some(rr)).await;
+        assert_eq!(
+            second.iter().filter(|k| *k == "late").count(),
+            3,
+            "{second:?}"
+        );
+        // Priority first: an urgent task of the big key goes before all.
+        s.task_insert_many(vec![keyed("urgent", "rr", "big", 0)], t0)
+            .await
+            .unwrap();
+        let mut p = claim("rr", "n1", 1, t0);
+        p.limits = Some(rr);
+        let got = s.task_claim(p).await.unwrap();
+        assert_eq!(got[0].kind, "urgent");
+        // The old task (before the switch) went in the first claim.
+        let old = s
+            .task_list(ListParams {
+                kind: Some("old".into()),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(old[0].state, TaskState::Running);
+        // The same backlog in a plain queue: the small key waits its turn.
+        let big: Vec<_> = (0..50).map(|_| keyed("k", "plain", "big", 5)).collect();
+        s.task_insert_many(big, t0).await.unwrap();
+        let small: Vec<_> = (0..5).map(|_| keyed("k", "plain", "small", 5)).collect();
+        s.task_insert_many(small, t0).await.unwrap();
+        let plain = take("plain", 10, None).await;
+        assert!(plain.iter().all(|k| k == "big"), "{plain:?}");
+        // Round robin with a per-key limit: both hold.
+        fair("both").await;
+        let mut rows: Vec<_> = (0..30).map(|_| keyed("k", "both", "big", 5)).collect();
+        rows.extend((0..30).map(|_| keyed("k", "both", "small", 5)));
+        s.task_insert_many(rows, t0).await.unwrap();
+        let limited = QueueLimits {
+            round_robin: true,
+            per_key_concurrency: Some(2),
+            ..Default::default()
+        };
+        let got = take("both", 10, Some(limited)).await;
+        assert_eq!(got.iter().filter(|k| *k == "big").count(), 2, "{got:?}");
+        assert_eq!(got.iter().filter(|k| *k == "small").count(), 2, "{got:?}");
+    }
+
     /// An insert whose unique key is held by a task finishing at that very
     /// moment either returns that task or inserts a new one; it never fails.
     pub async fn unique_inserts_racing_a_finishing_holder_never_fail(b: &Backend) {
@@ -2468,6 +2587,7 @@ macro_rules! all_cases {
             cases::queue_max_depth_holds_under_concurrent_batches,
             cases::workflows_unblock_and_cascade,
             cases::per_key_claims_skip_keys_at_their_limit,
+            cases::round_robin_claims_take_keys_in_turn,
             cases::late_outcomes_of_an_earlier_run_are_fenced_by_the_claim_token,
             cases::a_batch_applies_one_outcome_per_task,
             cases::cancel_is_final_whatever_the_attempt_reports,

@@ -44,6 +44,7 @@ async fn start(mut cfg: Config, name: &str, queue: &str, http: bool) -> TestNode
             per_key_concurrency: None,
             rate_limit: None,
             max_depth: None,
+            fairness: None,
         },
     )]);
     cfg.server.enabled = http;

@@ -26,10 +26,16 @@ pub struct QueueInfo {
     /// How long the oldest task that is due has waited to start, in
     /// seconds (0 when none waits): what an autoscaler scales on.
     pub lag_seconds: f64,
-    /// At most this many unfinished tasks; enqueues past it are refused
-    /// (`null`: no cap). Shared by the cluster, set at run time.
-    pub max_depth: Option<u32>,
+    /// The settings shared by the cluster, set at run time (`max_depth`,
+    /// `workers`, `global_concurrency`, `per_key_concurrency`,
+    /// `rate_limit`, `fairness`; `null`: none). A queue whose limits were
+    /// never stored runs on each node's configured ones.
+    #[serde(flatten)]
+    pub settings: QueueSettings,
 }
+
+/// The longest rate-limit window (a day, in ms).
+pub const MAX_RATE_PER_MS: u64 = 24 * 3600 * 1000;
 
 /// The largest `max_depth` a queue may have (PostgreSQL stores it as `integer`).
 pub const MAX_DEPTH_LIMIT: u32 = i32::MAX as u32;
@@ -68,7 +74,7 @@ impl Client {
                     .collect();
                 QueueInfo {
                     paused: paused.contains(&name),
-                    max_depth: settings.get(&name).and_then(|s| s.max_depth),
+                    settings: settings.get(&name).copied().unwrap_or_default(),
                     lag_seconds: lag.get(&name).copied().unwrap_or(0.0),
                     capped: TaskState::ALL
                         .into_iter()
@@ -89,11 +95,18 @@ impl Client {
     /// Replace a queue's settings for the whole cluster. A new `max_depth`
     /// applies to this process's next enqueue, and to other processes'
     /// within a second (PostgreSQL) or at once (SQLite).
+    ///
+    /// The limits written here replace every node's configured ones for
+    /// the queue, also when they are all `None` (no limits): the stored
+    /// `fairness` is then `none` rather than absent, which marks them as set.
     pub async fn queue_set_settings(
         &self,
         queue: &str,
-        settings: QueueSettings,
+        mut settings: QueueSettings,
     ) -> Result<(), ClientError> {
+        settings
+            .fairness
+            .get_or_insert(crate::store::Fairness::None);
         super::check_name(queue).map_err(|m| invalid("queue", m))?;
         if queue.trim().is_empty() {
             return Err(invalid("queue", "must not be empty"));
@@ -112,6 +125,34 @@ impl Client {
                 ));
             }
             _ => {}
+        }
+        let at_least_one = |field: &str, v: Option<u32>| match v {
+            Some(0) => Err(invalid(
+                field,
+                "must be at least 1 (null removes the limit)",
+            )),
+            _ => Ok(()),
+        };
+        at_least_one("global_concurrency", settings.global_concurrency)?;
+        at_least_one("per_key_concurrency", settings.per_key_concurrency)?;
+        at_least_one("workers", settings.workers)?;
+        let max_workers = crate::pool::settings::MAX_QUEUE_WORKERS;
+        if let Some(w) = settings.workers
+            && w as usize > max_workers
+        {
+            return Err(invalid(
+                "workers",
+                format!("{w} is more than {max_workers}"),
+            ));
+        }
+        if let Some(r) = settings.rate_limit {
+            at_least_one("rate_limit.max", Some(r.max))?;
+            if r.per_ms == 0 || r.per_ms > MAX_RATE_PER_MS {
+                return Err(invalid(
+                    "rate_limit.per_ms",
+                    format!("{} is out of range 1..={MAX_RATE_PER_MS}", r.per_ms),
+                ));
+            }
         }
         Ok(self
             .store

@@ -209,7 +209,7 @@ async fn dispatch(hub: Weak<Waiters>, mut events: broadcast::Receiver<StoreEvent
                     false
                 }
                 Ok(StoreEvent::Missed) | Err(broadcast::error::RecvError::Lagged(_)) => true,
-                Ok(StoreEvent::CancelRequested { .. }) => false,
+                Ok(StoreEvent::CancelRequested { .. } | StoreEvent::SettingsChanged) => false,
                 Err(broadcast::error::RecvError::Closed) => {
                     let Some(h) = hub.upgrade() else { return };
                     events = h.store.subscribe();

@@ -297,6 +297,9 @@ pub struct QueueConfig {
     /// time (`PATCH /api/v1/queues/{name}`) is kept over it.
     #[serde(default)]
     pub max_depth: Option<u32>,
+    /// `round_robin`: claims take tasks across concurrency keys in turn.
+    #[serde(default)]
+    pub fairness: Option<crate::store::Fairness>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -314,6 +317,7 @@ impl QueueConfig {
             global_concurrency: self.global_concurrency,
             per_key_concurrency: self.per_key_concurrency,
             rate: self.rate_limit.as_ref().map(|r| (r.max, r.per)),
+            round_robin: self.fairness == Some(crate::store::Fairness::RoundRobin),
         }
     }
 }
@@ -376,6 +380,7 @@ impl Default for Config {
                     per_key_concurrency: None,
                     rate_limit: None,
                     max_depth: None,
+                    fairness: None,
                 },
             )]),
             pool: PoolSettings::default(),

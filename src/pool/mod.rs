@@ -24,6 +24,7 @@ pub mod builder;
 pub mod completer;
 pub mod producer;
 pub mod progress;
+pub(crate) mod queues;
 pub mod settings;
 pub mod shared;
 pub mod worker;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,7 @@ use worker::{SlotCtx, run_slot};
 
 struct Running {
     producers: Vec<JoinHandle<()>>,
+    watcher: JoinHandle<()>,
     cron: JoinHandle<()>,
     sentinel: JoinHandle<Vec<Slot>>,
     sentinel_stop: CancellationToken,
@@ -72,6 +74,8 @@ pub struct WorkerPool {
     /// shutdown hold it across awaits so they never interleave.
     running: Mutex<Option<Running>>,
     stopped: std::sync::atomic::AtomicBool,
+    /// Each served queue's control (set at start; see `queues.rs`).
+    controls: std::sync::Mutex<Vec<(String, Arc<queues::QueueControl>)>>,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -101,6 +105,7 @@ impl WorkerPool {
             config,
             running: Mutex::new(None),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            controls: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -127,9 +132,29 @@ impl WorkerPool {
         &self.shared.node
     }
 
-    /// The queues this pool serves and their worker counts.
+    /// The queues this pool serves and their configured worker counts.
     pub fn queues(&self) -> &[(String, usize)] {
         &self.config.queues
+    }
+
+    /// The limits this pool was configured with for `queue` (the cluster's
+    /// starting values; see `queues.rs`).
+    pub fn configured_limits(&self, queue: &str) -> crate::store::QueueLimits {
+        self.config.limits.get(queue).copied().unwrap_or_default()
+    }
+
+    /// The queues this pool serves and the workers each runs now: the
+    /// cluster's `workers` setting when one is stored, else the configured
+    /// count (before `start`, the configured counts).
+    pub fn queue_workers(&self) -> Vec<(String, usize)> {
+        let controls = self.controls.lock().unwrap_or_else(|e| e.into_inner());
+        if controls.is_empty() {
+            return self.config.queues.clone();
+        }
+        controls
+            .iter()
+            .map(|(q, c)| (q.clone(), c.workers()))
+            .collect()
     }
 
     /// Register the node, rescue what an earlier process of this node left
@@ -148,7 +173,9 @@ impl WorkerPool {
             return Ok(());
         }
         let (ctx_tx, rx) = mpsc::unbounded_channel();
+        let (new_slots_tx, new_slots_rx) = mpsc::unbounded_channel();
         let mut sentinel = Sentinel {
+            new_slots: new_slots_rx,
             store: self.store.clone(),
             shared: self.shared.clone(),
             config: self.config.sentinel.clone(),
@@ -164,6 +191,16 @@ impl WorkerPool {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         sentinel.start().await?;
+        // This node's limits are the cluster's starting values: stored for
+        // a queue whose limits were never written (see `queues.rs`).
+        for (queue, _) in &self.config.queues {
+            if let Some(l) = self.config.limits.get(queue).filter(|l| !l.is_empty()) {
+                let settings = crate::store::QueueSettings::default().with_limits(l);
+                self.store.queue_settings_put(queue, settings, true).await?;
+            }
+        }
+        let stored: std::collections::HashMap<_, _> =
+            self.store.queue_settings().await?.into_iter().collect();
         for spec in &self.config.schedules {
             let row = crate::store::ScheduleRow {
                 name: spec.name.clone(),
@@ -206,12 +243,20 @@ impl WorkerPool {
         );
         let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(self.registry.clone()));
         let mut producers = Vec::new();
-        let mut slot_id = 0;
+        let mut watched = Vec::new();
         for (queue, workers) in &self.config.queues {
+            let configured_limits = self
+                .config
+                .limits
+                .get(queue)
+                .copied()
+                .filter(|l| !l.is_empty());
+            let control = Arc::new(queues::QueueControl::new(*workers, configured_limits));
             let (jobs_tx, jobs_rx) = async_channel::bounded(*workers);
+            let mut template = None;
             for _ in 0..*workers {
                 let ctx = SlotCtx {
-                    id: slot_id,
+                    id: sentinel.slots.len(),
                     max_result_bytes: self.config.settings.max_result_bytes,
                     store: self.store.clone(),
                     worker: worker.clone(),
@@ -221,34 +266,55 @@ impl WorkerPool {
                     completions: ctx_tx.clone(),
                     progress: progress_tx.clone(),
                 };
-                slot_id += 1;
                 let handle = tokio::spawn(run_slot(ctx.clone()));
+                template.get_or_insert_with(|| ctx.clone());
                 sentinel.slots.push(Slot { ctx, handle });
             }
-            producers.push(tokio::spawn(
-                Producer {
-                    queue: queue.clone(),
-                    store: self.store.clone(),
-                    shared: self.shared.clone(),
-                    capacity: Arc::new(Semaphore::new(*workers)),
-                    jobs: jobs_tx,
-                    poll_interval: self.config.settings.poll_interval,
-                    claim_max: self.config.settings.claim_max,
-                    limits: self
-                        .config
-                        .limits
-                        .get(queue)
-                        .copied()
-                        .filter(|l| !l.is_empty()),
-                }
-                .run(),
-            ));
+            producers.push(Producer {
+                queue: queue.clone(),
+                store: self.store.clone(),
+                shared: self.shared.clone(),
+                control: control.clone(),
+                jobs: jobs_tx,
+                poll_interval: self.config.settings.poll_interval,
+                claim_max: self.config.settings.claim_max,
+            });
+            self.controls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((queue.clone(), control.clone()));
+            if let Some(template) = template {
+                watched.push(queues::WatchedQueue {
+                    name: queue.clone(),
+                    configured_workers: *workers,
+                    configured_limits,
+                    control,
+                    template,
+                    slots: *workers,
+                });
+            }
         }
+        let mut watcher = queues::Watcher {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            queues: watched,
+            new_slots: new_slots_tx,
+            poll_interval: self.config.settings.poll_interval,
+            stop: self.shared.stop_claiming.clone(),
+        };
+        // The stored settings apply before the first claim.
+        watcher.apply(&stored);
+        let watcher = tokio::spawn(watcher.run());
+        let producers = producers
+            .into_iter()
+            .map(|p| tokio::spawn(p.run()))
+            .collect();
         let sentinel_stop = CancellationToken::new();
         let sentinel = tokio::spawn(sentinel.run(sentinel_stop.clone()));
         tracing::info!(node = %self.shared.node, queues = ?self.config.queues, "worker pool started");
         *running = Some(Running {
             producers,
+            watcher,
             cron,
             sentinel,
             sentinel_stop,
@@ -275,6 +341,7 @@ impl WorkerPool {
         for p in run.producers {
             let _ = p.await;
         }
+        let _ = run.watcher.await;
         let _ = run.cron.await;
         if !self.config.settings.force_shutdown
             && !shared
@@ -292,11 +359,11 @@ impl WorkerPool {
         let slots = run.sentinel.await.unwrap_or_default();
         // Tasks whose executors ignored cancellation: give them back anyway.
         for slot in &slots {
-            let taken = shared
-                .slots
-                .get(slot.ctx.id)
-                .and_then(|s| s.lock().ok())
-                .and_then(|mut s| s.busy.take().map(|b| (b, s.permit.take())));
+            let taken = shared.slot(slot.ctx.id).and_then(|s| {
+                let mut s = s.lock().ok()?;
+                let busy = s.busy.take()?;
+                Some((busy, s.permit.take()))
+            });
             if let Some((busy, _permit)) = taken {
                 slot.handle.abort();
                 tracing::warn!(task = %busy.task, "executor ignored cancellation; releasing its task");

@@ -9,24 +9,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chrono::Utc;
-use tokio::sync::Semaphore;
-
+use super::queues::QueueControl;
 use super::shared::{Counters, WorkerPoolSharedData};
 use super::worker::Job;
 use crate::store::{ClaimParams, Store};
+use chrono::Utc;
 
 pub(crate) struct Producer {
     pub queue: String,
     pub store: Arc<dyn Store>,
     pub shared: Arc<WorkerPoolSharedData>,
-    pub capacity: Arc<Semaphore>,
+    /// The queue's capacity on this node and its cluster-wide limits, as
+    /// the settings watcher keeps them (`queues.rs`).
+    pub control: Arc<QueueControl>,
     pub jobs: async_channel::Sender<Job>,
     pub poll_interval: Duration,
     /// Most tasks one claim asks for.
     pub claim_max: usize,
-    /// Cluster-wide limits of this queue, if any.
-    pub limits: Option<crate::store::QueueLimits>,
 }
 
 impl Producer {
@@ -45,8 +44,9 @@ impl Producer {
             tokio::pin!(written);
             written.as_mut().enable();
 
+            let capacity = &self.control.capacity;
             let first = tokio::select! {
-                p = self.capacity.clone().acquire_owned() => match p {
+                p = capacity.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => return,
                 },
@@ -63,12 +63,14 @@ impl Producer {
             }
             let mut permits = vec![first];
             while permits.len() < self.claim_max {
-                match self.capacity.clone().try_acquire_owned() {
+                match capacity.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
             }
             let wanted = permits.len();
+            // Read once per claim: the watcher may change them any time.
+            let limits = self.control.limits();
             let claimed = self
                 .store
                 .task_claim(ClaimParams {
@@ -76,7 +78,7 @@ impl Producer {
                     node: self.shared.node.clone(),
                     limit: wanted,
                     now: Utc::now(),
-                    limits: self.limits,
+                    limits,
                 })
                 .await;
             match claimed {
@@ -94,20 +96,20 @@ impl Producer {
                     if got == wanted {
                         continue; // likely more waiting
                     }
-                    if got > 0 && self.limits.is_some() {
+                    if got > 0 && limits.is_some() {
                         // What this claim took may have filled a key's limit;
                         // the next claim looks past that key's backlog.
                         continue;
                     }
                     // A limited queue frees up when tasks finish on any node,
                     // which sends no wake-up: look again soon.
-                    let pause = match self.limits {
+                    let pause = match limits {
                         Some(_) => self.poll_interval.min(Duration::from_millis(50)),
                         None => self.poll_interval,
                     };
                     tokio::select! {
                         _ = &mut notified => {},
-                        _ = &mut written, if self.limits.is_some() => {},
+                        _ = &mut written, if limits.is_some() => {},
                         _ = tokio::time::sleep(pause) => {},
                         _ = stop.cancelled() => return,
                     }

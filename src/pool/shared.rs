@@ -151,8 +151,13 @@ pub trait PoolObserver: Send + Sync + 'static {
 /// The pool's shared state.
 pub struct WorkerPoolSharedData {
     pub node: String,
-    /// One entry per worker slot, indexed by slot id.
-    pub slots: Vec<Mutex<SlotStatus>>,
+    /// One entry per worker slot, indexed by slot id. Grows when a queue's
+    /// `workers` is raised at run time (see `pool::queues`), never shrinks:
+    /// a slot id stays valid for the pool's life. Read by slots, the
+    /// Sentinel and shutdown; written (pushed) only by the settings watcher.
+    slots: std::sync::RwLock<Vec<std::sync::Arc<Mutex<SlotStatus>>>>,
+    /// Workers this node runs now, all queues together (what it reports).
+    pub workers_now: std::sync::atomic::AtomicUsize,
     /// Tasks running on this node, by id.
     pub running: Mutex<HashMap<TaskId, std::sync::Arc<RunningTask>>>,
     pub counters: Counters,
@@ -185,7 +190,7 @@ impl std::fmt::Debug for WorkerPoolSharedData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerPoolSharedData")
             .field("node", &self.node)
-            .field("slots", &self.slots.len())
+            .field("slots", &self.slot_count())
             .field("counters", &self.counters)
             .finish()
     }
@@ -195,9 +200,12 @@ impl WorkerPoolSharedData {
     pub(crate) fn new(node: String, slots: usize) -> Self {
         WorkerPoolSharedData {
             node,
-            slots: (0..slots)
-                .map(|_| Mutex::new(SlotStatus::default()))
-                .collect(),
+            slots: std::sync::RwLock::new(
+                (0..slots)
+                    .map(|_| std::sync::Arc::new(Mutex::new(SlotStatus::default())))
+                    .collect(),
+            ),
+            workers_now: std::sync::atomic::AtomicUsize::new(slots),
             running: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             stop_claiming: CancellationToken::new(),
@@ -227,13 +235,35 @@ impl WorkerPoolSharedData {
     /// How many slots are running a task now.
     pub fn workers_busy(&self) -> usize {
         self.slots
-            .iter()
-            .filter(|s| s.lock().map(|s| s.busy.is_some()).unwrap_or(false))
-            .count()
+            .read()
+            .map(|v| {
+                v.iter()
+                    .filter(|s| s.lock().map(|s| s.busy.is_some()).unwrap_or(false))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
+    /// Workers this node runs now (queue `workers` changed at run time included).
     pub fn workers_total(&self) -> usize {
-        self.slots.len()
+        self.workers_now.load(Ordering::Relaxed)
+    }
+
+    /// The status of slot `id`.
+    pub fn slot(&self, id: usize) -> Option<std::sync::Arc<Mutex<SlotStatus>>> {
+        self.slots.read().ok().and_then(|v| v.get(id).cloned())
+    }
+
+    /// Slots made so far (idle ones of a queue whose `workers` went down included).
+    pub fn slot_count(&self) -> usize {
+        self.slots.read().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// A new slot's status; its id.
+    pub(crate) fn add_slot(&self) -> usize {
+        let mut v = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        v.push(std::sync::Arc::new(Mutex::new(SlotStatus::default())));
+        v.len() - 1
     }
 
     pub fn is_leader(&self) -> bool {

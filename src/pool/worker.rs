@@ -171,7 +171,7 @@ async fn parent_results(
 /// after an executor panicked (the Sentinel then replaces the slot).
 pub(crate) async fn run_slot(ctx: SlotCtx) {
     let shared = &ctx.shared;
-    let Some(status) = shared.slots.get(ctx.id) else {
+    let Some(status) = shared.slot(ctx.id) else {
         return;
     };
     while let Ok(Job { task, permit }) = ctx.jobs.recv().await {

@@ -112,6 +112,8 @@ pub struct Sentinel {
     pub(crate) shared: Arc<WorkerPoolSharedData>,
     pub(crate) config: SentinelConfig,
     pub(crate) slots: Vec<Slot>,
+    /// Slots the settings watcher added (a queue's `workers` raised).
+    pub(crate) new_slots: tokio::sync::mpsc::UnboundedReceiver<Slot>,
     pub(crate) queues: Vec<String>,
     /// The config (or code) schedules this node declares (see `NodeInfo::schedules`).
     pub(crate) schedules: Vec<String>,
@@ -206,6 +208,7 @@ impl Sentinel {
                     }
                 }
                 _ = check.tick() => self.check_slots(),
+                Some(slot) = self.new_slots.recv() => self.slots.push(slot),
                 ev = events.recv() => match ev {
                     Ok(StoreEvent::CancelRequested { id, node }) => {
                         if node.as_deref() == Some(self.shared.node.as_str()) {
@@ -335,7 +338,7 @@ impl Sentinel {
         }
         let now = Instant::now();
         for slot in &mut self.slots {
-            let Some(status) = self.shared.slots.get(slot.ctx.id) else {
+            let Some(status) = self.shared.slot(slot.ctx.id) else {
                 continue;
             };
             if slot.handle.is_finished() {

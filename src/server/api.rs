@@ -825,7 +825,7 @@ fn local_queues(state: &AppState) -> impl Iterator<Item = String> + '_ {
 pub(crate) async fn list_queues(
     State(state): State<AppState>,
 ) -> Result<Json<QueueList>, ApiError> {
-    let local: BTreeMap<_, _> = state.pool.queues().iter().cloned().collect();
+    let local: BTreeMap<_, _> = state.pool.queue_workers().into_iter().collect();
     let queues = state
         .client
         .queues(local_queues(&state))
@@ -872,9 +872,10 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-/// Settings to change; a field left out keeps its value, `null` removes a
-/// limit. (Workers and the concurrency and rate limits are set in each
-/// node's config.)
+/// Settings to change for the whole cluster; a field left out keeps its
+/// value, `null` removes a limit (for `workers`: back to each node's
+/// configured count). Every node applies a change within one poll interval
+/// (on PostgreSQL at once, by notification).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct QueuePatch {
@@ -883,6 +884,27 @@ pub(crate) struct QueuePatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 2_147_483_647)]
     max_depth: Option<Option<u32>>,
+    /// Workers on each node that serves the queue.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 100_000)]
+    workers: Option<Option<u32>>,
+    /// At most this many of the queue's tasks run at once, on all nodes.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1)]
+    global_concurrency: Option<Option<u32>>,
+    /// At most this many tasks with one `concurrency_key` run at once.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1)]
+    per_key_concurrency: Option<Option<u32>>,
+    /// At most `max` task starts per `per_ms` ms, on all nodes together.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<crate::store::RateLimit>)]
+    rate_limit: Option<Option<crate::store::RateLimit>>,
+    /// `round_robin`: claims take tasks across concurrency keys in turn;
+    /// `none` (or `null`): most urgent first.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<crate::store::Fairness>)]
+    fairness: Option<Option<crate::store::Fairness>>,
     /// Pause (true) or resume (false) the queue on every node.
     paused: Option<bool>,
 }
@@ -902,16 +924,47 @@ pub(crate) async fn patch_queue(
     body: Body,
 ) -> Result<Json<QueueView>, ApiError> {
     let patch: QueuePatch = read_json(body, state.limits.max_body_bytes).await?;
-    if let Some(max_depth) = patch.max_depth {
-        let mut settings = state
-            .client
-            .queue_settings()
-            .await?
-            .remove(&queue)
-            .unwrap_or_default();
-        settings.max_depth = max_depth;
+    let changes_settings = patch.max_depth.is_some()
+        || patch.workers.is_some()
+        || patch.global_concurrency.is_some()
+        || patch.per_key_concurrency.is_some()
+        || patch.rate_limit.is_some()
+        || patch.fairness.is_some();
+    if changes_settings {
+        let stored = state.client.queue_settings().await?.remove(&queue);
+        // A queue whose limits were never stored runs on this node's
+        // configured ones: the patch starts from those.
+        let mut settings = match stored {
+            Some(s) if s.has_limits() => s,
+            other => {
+                let configured = state.pool.configured_limits(&queue);
+                crate::store::QueueSettings {
+                    max_depth: other.and_then(|s| s.max_depth),
+                    ..Default::default()
+                }
+                .with_limits(&configured)
+            }
+        };
+        if let Some(v) = patch.max_depth {
+            settings.max_depth = v;
+        }
+        if let Some(v) = patch.workers {
+            settings.workers = v;
+        }
+        if let Some(v) = patch.global_concurrency {
+            settings.global_concurrency = v;
+        }
+        if let Some(v) = patch.per_key_concurrency {
+            settings.per_key_concurrency = v;
+        }
+        if let Some(v) = patch.rate_limit {
+            settings.rate_limit = v;
+        }
+        if let Some(v) = patch.fairness {
+            settings.fairness = v.filter(|f| *f != crate::store::Fairness::None);
+        }
         state.client.queue_set_settings(&queue, settings).await?;
-        tracing::info!(queue = %queue, ?max_depth, "queue max_depth set");
+        tracing::info!(queue = %queue, ?settings, "queue settings changed");
     }
     if let Some(paused) = patch.paused {
         check_queue_name(&queue)?;

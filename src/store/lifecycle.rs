@@ -87,6 +87,14 @@ pub fn duplicate(holder: &Task) -> StoreError {
     }
 }
 
+/// The fair_seq of a new task of a round-robin queue (start-time fair
+/// queueing): one past the later of the queue's virtual time (the largest
+/// fair_seq claimed) and its key's last fair_seq. A key with a long backlog
+/// keeps its place at the back; a key new to the queue starts at the front.
+pub fn fair_seq(vtime: i64, key_last: Option<i64>) -> i64 {
+    vtime.max(key_last.unwrap_or(0)).saturating_add(1)
+}
+
 /// The order claims take due tasks in: most urgent first.
 pub const CLAIM_ORDER: &str = "priority, run_at, id";
 

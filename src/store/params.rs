@@ -123,7 +123,7 @@ pub struct ClaimParams {
     pub limits: Option<QueueLimits>,
 }
 
-/// Limits a queue keeps across the whole cluster (every node configures the same).
+/// Limits a queue keeps across the whole cluster, as a claim applies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueLimits {
     /// At most this many of the queue's tasks run at once, on all nodes together.
@@ -132,6 +132,8 @@ pub struct QueueLimits {
     pub per_key_concurrency: Option<u32>,
     /// At most `.0` task starts per `.1` (a fixed window).
     pub rate: Option<(u32, Duration)>,
+    /// Claims take tasks across concurrency keys in turn (see [`Fairness`]).
+    pub round_robin: bool,
 }
 
 impl QueueLimits {
@@ -139,11 +141,38 @@ impl QueueLimits {
         self.global_concurrency.is_none()
             && self.per_key_concurrency.is_none()
             && self.rate.is_none()
+            && !self.round_robin
     }
 }
 
+/// How claims share a queue between concurrency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Fairness {
+    /// Most urgent first (priority, run_at, id), whatever the key.
+    #[default]
+    None,
+    /// Within a priority, a claim takes each key's oldest due task in turn
+    /// (then each key's second, ...), so a key that enqueued 20,000 tasks
+    /// does not hold up a key that enqueued 20 after it. Tasks without a
+    /// key count as one key. Priority still comes first.
+    RoundRobin,
+}
+
+/// At most `max` task starts per `per_ms` milliseconds (a fixed window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub max: u32,
+    pub per_ms: u64,
+}
+
 /// A queue's settings shared by the cluster (the `queue_settings` table),
-/// changed at run time through the API.
+/// changed at run time through the API; a node's config gives only the
+/// starting values. `None` is no limit (for `workers`: each node's own
+/// configured count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct QueueSettings {
@@ -152,6 +181,58 @@ pub struct QueueSettings {
     /// ([`StoreError::QueueFull`](super::StoreError::QueueFull), HTTP 429).
     #[serde(default)]
     pub max_depth: Option<u32>,
+    /// Workers on each node that serves the queue.
+    #[serde(default)]
+    pub workers: Option<u32>,
+    /// At most this many of the queue's tasks run at once, on all nodes.
+    #[serde(default)]
+    pub global_concurrency: Option<u32>,
+    /// At most this many tasks with one `concurrency_key` run at once.
+    #[serde(default)]
+    pub per_key_concurrency: Option<u32>,
+    /// At most `max` task starts per `per_ms`, on all nodes together.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub fairness: Option<Fairness>,
+}
+
+impl QueueSettings {
+    /// Does it set anything beside `max_depth`? (A node's starting values
+    /// without any leave the stored limits unwritten, for a node that has
+    /// some to fill in.)
+    pub fn has_limits(&self) -> bool {
+        self.workers.is_some()
+            || self.global_concurrency.is_some()
+            || self.per_key_concurrency.is_some()
+            || self.rate_limit.is_some()
+            || self.fairness.is_some()
+    }
+
+    /// The limits a claim applies (`None`: none, the fast path).
+    pub fn limits(&self) -> Option<QueueLimits> {
+        let l = QueueLimits {
+            global_concurrency: self.global_concurrency,
+            per_key_concurrency: self.per_key_concurrency,
+            rate: self
+                .rate_limit
+                .map(|r| (r.max, Duration::from_millis(r.per_ms))),
+            round_robin: self.fairness == Some(Fairness::RoundRobin),
+        };
+        (!l.is_empty()).then_some(l)
+    }
+
+    /// These settings with the limits of `l` (a node's configured ones).
+    pub fn with_limits(mut self, l: &QueueLimits) -> Self {
+        self.global_concurrency = l.global_concurrency;
+        self.per_key_concurrency = l.per_key_concurrency;
+        self.rate_limit = l.rate.map(|(max, per)| RateLimit {
+            max,
+            per_ms: u64::try_from(per.as_millis()).unwrap_or(u64::MAX),
+        });
+        self.fairness = l.round_robin.then_some(Fairness::RoundRobin);
+        self
+    }
 }
 
 /// How an attempt ended.
@@ -390,6 +471,9 @@ pub enum StoreEvent {
     /// Events may have been lost (a listener reconnected): whoever waits
     /// on one should look at the store once.
     Missed,
+    /// A queue's settings changed (here, or on PostgreSQL on any node):
+    /// pools read them again now rather than at their next poll.
+    SettingsChanged,
 }
 
 /// Fire a schedule: if its `last_tick` is still `expected`, set it to

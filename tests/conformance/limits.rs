@@ -99,6 +99,7 @@ pub async fn limits_per_key_and_global_hold_across_nodes(b: &Backend) {
     let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
+        round_robin: false,
         per_key_concurrency: Some(2),
         ..Default::default()
     };
@@ -124,6 +125,7 @@ pub async fn limits_per_key_and_global_hold_across_nodes(b: &Backend) {
     // A global limit of 3 over 3 nodes x 4 workers.
     let log: Log = Arc::default();
     let limits = QueueLimits {
+        round_robin: false,
         global_concurrency: Some(3),
         ..Default::default()
     };
@@ -144,6 +146,7 @@ pub async fn limits_a_saturated_key_does_not_starve_others(b: &Backend) {
     let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
+        round_robin: false,
         per_key_concurrency: Some(1),
         ..Default::default()
     };
@@ -179,6 +182,7 @@ pub async fn limits_rate_holds_across_nodes(b: &Backend) {
     let stores = b.nodes(3).await;
     let log: Log = Arc::default();
     let limits = QueueLimits {
+        round_robin: false,
         rate: Some((20, Duration::from_secs(1))),
         ..Default::default()
     };

@@ -50,7 +50,11 @@ impl PostgresStore {
         let stmts = &self.inner.stmts;
         let begin = stmts.ready(on, "BEGIN").await?;
         let lock = stmts.ready(on, ADVISORY_XACT_LOCK).await?;
-        let claim = stmts.ready(on, &sql.claim_limited).await?;
+        let claim = if limits.round_robin {
+            stmts.ready(on, &sql.claim_limited_fair).await?
+        } else {
+            stmts.ready(on, &sql.claim_limited).await?
+        };
         let commit = stmts.ready(on, "COMMIT").await?;
         let key = format!("proto_tasker_claim:{}:{}", self.inner.schema, p.queue);
         let max = i64::MAX;

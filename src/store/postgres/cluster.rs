@@ -185,6 +185,7 @@ impl PostgresStore {
             f.tasks,
             f.now,
             Some(((&tx).into(), &st)),
+            None,
         )
         .await?;
         super::insert::check_caps(&*tx, &self.inner.sql, &caps).await?;

@@ -2,6 +2,8 @@
 //! one at a time for rows with a unique key or parents), also inside a
 //! caller's own transaction; and what workflows do when a parent ends.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use tokio_postgres::{GenericClient, Row};
 
@@ -31,9 +33,20 @@ pub(super) async fn insert_rows<C: GenericClient>(
     rows: Vec<TaskInsert>,
     now: DateTime<Utc>,
     insert_many: Option<(On<'_>, &Ready<'_>)>,
+    fair: Option<&HashSet<String>>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let now = truncate_micros(now);
     let rows = truncate_rows(rows);
+    // Round-robin queues (`fair`, else read here): each row's fair_seq.
+    let read;
+    let fair = match fair {
+        Some(f) => f,
+        None => {
+            read = fair_queues(c, sql).await?;
+            &read
+        }
+    };
+    let seqs = fair_seqs(c, sql, &rows, fair).await?;
     let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
     // Tasks without a unique key: one statement for all of them.
     let plain: Vec<usize> = (0..rows.len())
@@ -59,7 +72,8 @@ pub(super) async fn insert_rows<C: GenericClient>(
             .iter()
             .map(|&i| (!rows[i].tags.is_empty()).then(|| serde_json::json!(rows[i].tags)))
             .collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+        let fseqs: Vec<Option<i64>> = plain.iter().map(|&i| seqs[i]).collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
             &kinds,
             &queues,
             &args,
@@ -71,6 +85,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             &keys,
             &refs,
             &tags,
+            &fseqs,
         ];
         let ids = match insert_many {
             Some((on, st)) => st.query(on, &params).await?,
@@ -94,7 +109,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             continue;
         }
         let done: Vec<Option<TaskId>> = out.iter().map(|o| o.as_ref().map(|x| x.task.id)).collect();
-        out[i] = Some(insert_single(c, sql, &rows[i], now, &done).await?);
+        out[i] = Some(insert_single(c, sql, &rows[i], now, &done, seqs[i]).await?);
     }
     out.into_iter()
         .map(|o| o.ok_or_else(|| StoreError::unavailable("insert lost a row")))
@@ -170,6 +185,7 @@ async fn insert_single<C: GenericClient>(
     t: &TaskInsert,
     now: DateTime<Utc>,
     batch: &[Option<TaskId>],
+    fair_seq: Option<i64>,
 ) -> Result<Inserted, StoreError> {
     let parents: Vec<i64> =
         lifecycle::parent_ids(&t.depends_on, |j| batch.get(j).copied().flatten())?
@@ -226,6 +242,7 @@ async fn insert_single<C: GenericClient>(
                     &t.concurrency_key,
                     &t.reference,
                     &tags,
+                    &fair_seq,
                 ],
             )
             .await
@@ -332,6 +349,69 @@ async fn finished_holder<C: GenericClient>(
     Ok(Some(row_to_task(&holder)?))
 }
 
+/// The round-robin queues, read in the caller's transaction.
+pub(super) async fn fair_queues<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+) -> Result<HashSet<String>, StoreError> {
+    c.query(&sql.fair_queues, &[])
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| r.try_get(0).map_err(db_err))
+        .collect()
+}
+
+/// The fair_seq of each row: `max(vtime, the key's last) + 1` for rows of a
+/// round-robin queue (see migration 0022), in row order, `None` for the
+/// rest. The keys' rows are locked (in key order) until the transaction
+/// ends, so one key's sequence only grows; the virtual time is read
+/// without a lock (a claim moving it meanwhile only makes these tasks
+/// look a little older, which is fair).
+async fn fair_seqs<C: GenericClient>(
+    c: &C,
+    sql: &Sql,
+    rows: &[TaskInsert],
+    fair: &HashSet<String>,
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let mut out = vec![None; rows.len()];
+    if fair.is_empty() {
+        return Ok(out);
+    }
+    let queues: BTreeSet<&str> = rows
+        .iter()
+        .map(|r| r.queue.as_str())
+        .filter(|q| fair.contains(*q))
+        .collect();
+    for q in queues {
+        let vtime: i64 = match c.query_opt(&sql.fair_vtime, &[&q]).await.map_err(db_err)? {
+            Some(r) => r.try_get(0).map_err(db_err)?,
+            None => 0,
+        };
+        let key = |r: &TaskInsert| r.concurrency_key.clone().unwrap_or_default();
+        let keys: BTreeSet<String> = rows.iter().filter(|r| r.queue == q).map(key).collect();
+        let keys: Vec<String> = keys.into_iter().collect();
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for r in c
+            .query(&sql.fair_keys_lock, &[&q, &keys])
+            .await
+            .map_err(db_err)?
+        {
+            last.insert(r.try_get(0).map_err(db_err)?, r.try_get(1).map_err(db_err)?);
+        }
+        for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.queue == q) {
+            let seq = lifecycle::fair_seq(vtime, last.get(&key(r)).copied());
+            last.insert(key(r), seq);
+            out[i] = Some(seq);
+        }
+        let (ks, ns): (Vec<String>, Vec<i64>) = last.into_iter().unzip();
+        c.execute(&sql.fair_keys_put, &[&q, &ks, &ns])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(out)
+}
+
 /// The capped queues among `queues` with their caps, each locked for the
 /// rest of the transaction: enqueues to one capped queue take turns, so
 /// what [`check_caps`] counts after the insert is not raced.
@@ -393,7 +473,7 @@ pub(super) async fn insert_in<C: GenericClient>(
 ) -> Result<Vec<Inserted>, StoreError> {
     let sql = Sql::new(schema);
     let caps = lock_caps(c, &sql, &queues_of(&rows)).await?;
-    let out = insert_rows(c, &sql, rows, now, None).await?;
+    let out = insert_rows(c, &sql, rows, now, None, None).await?;
     check_caps(c, &sql, &caps).await?;
     c.execute("SELECT pg_notify($1, $2)", &[&channel_name(schema), &WORK])
         .await

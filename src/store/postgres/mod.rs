@@ -88,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0018_queue_settings.sql"),
     include_str!("migrations/0019_task_tags.sql"),
     include_str!("migrations/0020_unique_rules.sql"),
+    include_str!("migrations/0021_queue_limits.sql"),
+    include_str!("migrations/0022_fairness.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -192,7 +194,16 @@ struct Inner {
     /// settings, so a cap set by another process applies to this one's
     /// enqueues within that long. A std mutex: held only to read or
     /// replace the pair.
-    capped: std::sync::Mutex<Option<(std::time::Instant, Arc<std::collections::HashSet<String>>)>>,
+    capped: std::sync::Mutex<Option<(std::time::Instant, Arc<QueueFlags>)>>,
+}
+
+/// The queues whose enqueues take the transaction path: those with a
+/// `max_depth` (locked and counted) and the round-robin ones (their tasks
+/// get a fair_seq).
+#[derive(Debug, Default)]
+pub(super) struct QueueFlags {
+    pub capped: std::collections::HashSet<String>,
+    pub fair: std::collections::HashSet<String>,
 }
 
 /// How long a handle trusts its list of capped queues.
@@ -401,7 +412,7 @@ impl PostgresStore {
     }
 
     /// The queues that have a `max_depth` (see `Inner::capped`).
-    async fn capped_queues(&self) -> Result<Arc<std::collections::HashSet<String>>, StoreError> {
+    async fn capped_queues(&self) -> Result<Arc<QueueFlags>, StoreError> {
         if let Some((at, set)) = self
             .inner
             .capped
@@ -415,13 +426,20 @@ impl PostgresStore {
         let read_at = std::time::Instant::now();
         let c = self.conn().await?;
         let rows = self.query(&c, &self.inner.sql.capped_queues, &[]).await?;
-        let set: Arc<std::collections::HashSet<String>> = Arc::new(
-            rows.iter()
-                .map(|r| r.try_get(0).map_err(db_err))
-                .collect::<Result<_, _>>()?,
-        );
-        *self.inner.capped.lock().unwrap_or_else(|e| e.into_inner()) = Some((read_at, set.clone()));
-        Ok(set)
+        let mut flags = QueueFlags::default();
+        for r in &rows {
+            let q: String = r.try_get(0).map_err(db_err)?;
+            if r.try_get::<_, bool>(1).map_err(db_err)? {
+                flags.capped.insert(q.clone());
+            }
+            if r.try_get::<_, bool>(2).map_err(db_err)? {
+                flags.fair.insert(q);
+            }
+        }
+        let flags = Arc::new(flags);
+        *self.inner.capped.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((read_at, flags.clone()));
+        Ok(flags)
     }
 
     async fn settings_list(&self) -> Result<Vec<(String, QueueSettings)>, StoreError> {
@@ -429,13 +447,17 @@ impl PostgresStore {
         let rows = self.query(&c, &self.inner.sql.settings_list, &[]).await?;
         rows.iter()
             .map(|r| {
+                let queue: String = r.try_get(0).map_err(db_err)?;
                 let max: Option<i32> = r.try_get(1).map_err(db_err)?;
-                Ok((
-                    r.try_get(0).map_err(db_err)?,
-                    QueueSettings {
-                        max_depth: max.map(|m| u32::try_from(m).unwrap_or(0)),
-                    },
-                ))
+                let limits: Option<serde_json::Value> = r.try_get(2).map_err(db_err)?;
+                let mut s: QueueSettings = match limits {
+                    Some(l) => serde_json::from_value(l).map_err(|e| {
+                        StoreError::Schema(format!("queue_settings.limits of {queue:?}: {e}"))
+                    })?,
+                    None => QueueSettings::default(),
+                };
+                s.max_depth = max.map(|m| u32::try_from(m).unwrap_or(0));
+                Ok((queue, s))
             })
             .collect()
     }
@@ -458,10 +480,17 @@ impl PostgresStore {
         } else {
             &self.inner.sql.settings_put
         };
+        let limits = (!only_if_absent || settings.has_limits())
+            .then(|| serde_json::to_value(settings))
+            .transpose()
+            .map_err(|e| StoreError::invalid("settings", e.to_string()))?;
         let c = self.conn().await?;
-        self.execute(&c, sql, &[&queue, &max]).await?;
+        self.execute(&c, sql, &[&queue, &max, &limits]).await?;
         // This handle's next enqueue reads the capped queues again.
         *self.inner.capped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Every node's pool reads the settings again (this one's at once).
+        let _ = self.inner.events.send(StoreEvent::SettingsChanged);
+        let _ = self.inner.outbox.send(notify::SETTINGS.to_string());
         Ok(())
     }
 
@@ -693,17 +722,27 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let queues = insert::queues_of(&tasks);
-        let capped = self.capped_queues().await?;
-        let any_capped = queues.iter().any(|q| capped.contains(*q));
+        let flags = self.capped_queues().await?;
+        let any_capped = queues.iter().any(|q| flags.capped.contains(*q));
+        let any_fair = queues.iter().any(|q| flags.fair.contains(*q));
         let mut c = self.conn().await?;
-        let out = if !any_capped && insert::all_plain(&tasks) {
+        let out = if !any_capped && !any_fair && insert::all_plain(&tasks) {
             // One statement: atomic and durable on its own, in one round trip.
             let st = self
                 .inner
                 .stmts
                 .ready((&c).into(), &self.inner.sql.insert_many)
                 .await?;
-            insert_rows(&**c, &self.inner.sql, tasks, now, Some(((&c).into(), &st))).await?
+            let none = std::collections::HashSet::new();
+            insert_rows(
+                &**c,
+                &self.inner.sql,
+                tasks,
+                now,
+                Some(((&c).into(), &st)),
+                Some(&none),
+            )
+            .await?
         } else {
             let tx = c.transaction().await.map_err(db_err)?;
             let st = self
@@ -718,8 +757,15 @@ impl Store for PostgresStore {
             } else {
                 Vec::new()
             };
-            let out =
-                insert_rows(&*tx, &self.inner.sql, tasks, now, Some(((&tx).into(), &st))).await?;
+            let out = insert_rows(
+                &*tx,
+                &self.inner.sql,
+                tasks,
+                now,
+                Some(((&tx).into(), &st)),
+                Some(&flags.fair),
+            )
+            .await?;
             insert::check_caps(&*tx, &self.inner.sql, &caps).await?;
             tx.commit().await.map_err(db_err)?;
             out
@@ -805,6 +851,8 @@ impl Store for PostgresStore {
             self.execute(&c, &self.inner.sql.audit_prune, &[&before, &limit])
                 .await?;
         }
+        self.execute(&c, &self.inner.sql.fair_keys_prune, &[])
+            .await?;
         Ok(total)
     }
     async fn task_claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {

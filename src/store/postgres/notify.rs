@@ -60,6 +60,10 @@ pub(super) fn counted_work_payloads(
         .collect()
 }
 
+/// The payload that says "a queue's settings changed": every pool reads
+/// them again.
+pub(super) const SETTINGS: &str = "settings";
+
 /// The payload that asks the node running `id` to stop it.
 pub(super) fn cancel_payload(id: TaskId, node: Option<&str>) -> String {
     format!("cancel:{}:{}", id.0, node.unwrap_or_default())
@@ -237,6 +241,8 @@ fn handle_payload(p: &str, h: &Hearer) {
     } = h;
     if p == WORK {
         notify.notify_waiters();
+    } else if p == SETTINGS {
+        let _ = events.send(StoreEvent::SettingsChanged);
     } else if let Some(rest) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
         let mut parts = rest.splitn(4, ':');
         let from = parts.next().unwrap_or_default();

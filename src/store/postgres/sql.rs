@@ -16,6 +16,7 @@ pub(super) struct Sql {
     pub unblock: String,
     pub cascade: String,
     pub claim_limited: String,
+    pub claim_limited_fair: String,
     pub running_keys_sub: String,
     pub running_keys_drop: String,
     pub find_unique: String,
@@ -54,6 +55,11 @@ pub(super) struct Sql {
     pub settings_put: String,
     pub settings_init: String,
     pub capped_queues: String,
+    pub fair_queues: String,
+    pub fair_vtime: String,
+    pub fair_keys_lock: String,
+    pub fair_keys_put: String,
+    pub fair_keys_prune: String,
     pub caps_lock: String,
     pub depth_upto: String,
     pub schedule_move: String,
@@ -97,18 +103,73 @@ impl Sql {
                errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempt, 'at', $2::text, \
                  'message', 'node ' || coalesce(node, '?') || '{RESCUED_SUFFIX}'))"
         );
+        // The claim of a limited (or round-robin) queue; `fair` orders by
+        // (priority, fair_seq, id) and moves the queue's virtual time.
+        let claim_limited_sql = |fair: bool| {
+            let order = if fair {
+                "priority, fair_seq NULLS FIRST, id"
+            } else {
+                CLAIM_ORDER
+            };
+            let picked_order = if fair {
+                "r.priority, r.fair_seq NULLS FIRST, r.id"
+            } else {
+                "r.priority, r.run_at, r.id"
+            };
+            let vtime = if fair {
+                format!(
+                    ", fair AS (INSERT INTO {s}.queue_fair (queue, vtime) \
+                       SELECT $1, max(fair_seq) FROM claimed HAVING max(fair_seq) IS NOT NULL \
+                       ON CONFLICT (queue) DO UPDATE SET vtime = greatest({s}.queue_fair.vtime, excluded.vtime))"
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "WITH rl AS ( \
+                   SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                               THEN $2 ELSE q.window_start END AS ws, \
+                          CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                               THEN 0 ELSE q.started END AS st \
+                   FROM (SELECT 1) one LEFT JOIN {s}.queue_rate q ON q.queue = $1), \
+                 running AS (SELECT count(*) AS n FROM {s}.tasks WHERE queue = $1 AND state = 'running'), \
+                 allowed AS (SELECT greatest(0, least($3::bigint, $4::bigint - (SELECT n FROM running), \
+                                                      $5::bigint - (SELECT st FROM rl))) AS n), \
+                 cand AS (SELECT id, priority, run_at, concurrency_key, fair_seq FROM {s}.tasks \
+                   WHERE queue = $1 AND state IN ({claimable}) AND run_at <= $2 \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
+                     AND (concurrency_key IS NULL OR concurrency_key NOT IN \
+                       (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= $8::bigint)) \
+                   ORDER BY {order} LIMIT (SELECT n * $7 + $11 FROM allowed)), \
+                 ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS rk \
+                   FROM cand c), \
+                 keyrun AS (SELECT key AS k, n FROM {s}.running_keys WHERE queue = $1), \
+                 picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
+                   WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
+                   ORDER BY {picked_order} LIMIT (SELECT n FROM allowed)), \
+                 claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, claim_token = t.claim_token + 1, node = $10, \
+                   started_at = $2, cancel_requested = false \
+                   WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) \
+                     AND t.state IN ({claimable}) RETURNING t.*), \
+                 counted AS ({RUNNING_KEYS_ADD}), \
+                 saved AS (INSERT INTO {s}.queue_rate (queue, window_start, started) \
+                   SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE $9 \
+                   ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started){vtime} \
+                 SELECT {TASK_COLUMNS} FROM claimed"
+            )
+        };
         Sql {
             // Tags come as one JSON array per row ($11, null for none): a
             // text[][] cannot hold rows of different lengths.
             insert_many: format!(
                 "WITH ins AS (INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, \
-                   created_at, concurrency_key, ref_name, tags) \
+                   created_at, concurrency_key, ref_name, tags, fair_seq) \
                  SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
                         max_attempts, timeout_ms, run_at, $8, ckey, rname, \
-                        CASE WHEN tg IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(tg)) END \
+                        CASE WHEN tg IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(tg)) END, fseq \
                  FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[], \
-                             $9::text[], $10::text[], $11::jsonb[]) \
-                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, tg, ord) \
+                             $9::text[], $10::text[], $11::jsonb[], $12::int8[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, tg, fseq, ord) \
                  ORDER BY ord RETURNING id, tags), \
                  tagged AS (INSERT INTO {s}.task_tags (tag, task_id) SELECT unnest(tags), id FROM ins WHERE tags IS NOT NULL) \
                  SELECT id FROM ins"
@@ -116,8 +177,8 @@ impl Sql {
             insert_one: format!(
                 "WITH ins AS (INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
                    run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key, \
-                   ref_name, tags) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+                   ref_name, tags, fair_seq) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
                  ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND NOT unique_released \
                    AND state NOT IN ({finished}) DO NOTHING \
                  RETURNING {TASK_COLUMNS}), \
@@ -142,38 +203,8 @@ impl Sql {
                 "DELETE FROM {s}.running_keys WHERE n <= 0 \
                  AND (queue, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
             ),
-            claim_limited: format!(
-                "WITH rl AS ( \
-                   SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
-                               THEN $2 ELSE q.window_start END AS ws, \
-                          CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
-                               THEN 0 ELSE q.started END AS st \
-                   FROM (SELECT 1) one LEFT JOIN {s}.queue_rate q ON q.queue = $1), \
-                 running AS (SELECT count(*) AS n FROM {s}.tasks WHERE queue = $1 AND state = 'running'), \
-                 allowed AS (SELECT greatest(0, least($3::bigint, $4::bigint - (SELECT n FROM running), \
-                                                      $5::bigint - (SELECT st FROM rl))) AS n), \
-                 cand AS (SELECT id, priority, run_at, concurrency_key FROM {s}.tasks \
-                   WHERE queue = $1 AND state IN ({claimable}) AND run_at <= $2 \
-                     AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
-                     AND (concurrency_key IS NULL OR concurrency_key NOT IN \
-                       (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= $8::bigint)) \
-                   ORDER BY {CLAIM_ORDER} LIMIT (SELECT n * $7 + $11 FROM allowed)), \
-                 ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY {CLAIM_ORDER}) AS rk \
-                   FROM cand c), \
-                 keyrun AS (SELECT key AS k, n FROM {s}.running_keys WHERE queue = $1), \
-                 picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
-                   WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
-                   ORDER BY r.priority, r.run_at, r.id LIMIT (SELECT n FROM allowed)), \
-                 claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, claim_token = t.claim_token + 1, node = $10, \
-                   started_at = $2, cancel_requested = false \
-                   WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) \
-                     AND t.state IN ({claimable}) RETURNING t.*), \
-                 counted AS ({RUNNING_KEYS_ADD}), \
-                 saved AS (INSERT INTO {s}.queue_rate (queue, window_start, started) \
-                   SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE $9 \
-                   ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started) \
-                 SELECT {TASK_COLUMNS} FROM claimed"
-            ),
+            claim_limited: claim_limited_sql(false),
+            claim_limited_fair: claim_limited_sql(true),
             unblock: format!(
                 "UPDATE {s}.tasks c SET deps_pending = c.deps_pending - x.n, \
                    state = CASE WHEN c.deps_pending - x.n <= 0 THEN 'available' ELSE c.state END \
@@ -351,18 +382,41 @@ impl Sql {
                 "SELECT name, spec, source, last_tick, paused FROM {s}.schedules ORDER BY name"
             ),
             settings_list: format!(
-                "SELECT queue, max_depth FROM {s}.queue_settings ORDER BY queue"
+                "SELECT queue, max_depth, limits FROM {s}.queue_settings ORDER BY queue"
             ),
             settings_put: format!(
-                "INSERT INTO {s}.queue_settings (queue, max_depth) VALUES ($1, $2) \
-                 ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth"
+                "INSERT INTO {s}.queue_settings (queue, max_depth, limits) VALUES ($1, $2, $3) \
+                 ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth, limits = excluded.limits"
             ),
+            // A node's starting values: a queue with settings keeps them
+            // (its limits are filled in only if never written).
             settings_init: format!(
-                "INSERT INTO {s}.queue_settings (queue, max_depth) VALUES ($1, $2) \
-                 ON CONFLICT (queue) DO NOTHING"
+                "INSERT INTO {s}.queue_settings (queue, max_depth, limits) VALUES ($1, $2, $3) \
+                 ON CONFLICT (queue) DO UPDATE SET limits = excluded.limits \
+                 WHERE {s}.queue_settings.limits IS NULL"
+            ),
+            fair_queues: format!(
+                "SELECT queue FROM {s}.queue_settings WHERE limits->>'fairness' = 'round_robin'"
+            ),
+            fair_vtime: format!("SELECT vtime FROM {s}.queue_fair WHERE queue = $1"),
+            // The keys' rows lock in key order: inserts never deadlock on them.
+            fair_keys_lock: format!(
+                "SELECT key, last_seq FROM {s}.fair_keys WHERE queue = $1 AND key = ANY($2) \
+                 ORDER BY key FOR UPDATE"
+            ),
+            fair_keys_put: format!(
+                "INSERT INTO {s}.fair_keys (queue, key, last_seq) \
+                 SELECT $1, k, n FROM unnest($2::text[], $3::int8[]) AS u(k, n) \
+                 ON CONFLICT (queue, key) DO UPDATE SET last_seq = greatest({s}.fair_keys.last_seq, excluded.last_seq)"
+            ),
+            // A key whose last task is behind the virtual time counts as new.
+            fair_keys_prune: format!(
+                "DELETE FROM {s}.fair_keys f USING {s}.queue_fair q \
+                 WHERE f.queue = q.queue AND f.last_seq <= q.vtime"
             ),
             capped_queues: format!(
-                "SELECT queue FROM {s}.queue_settings WHERE max_depth IS NOT NULL"
+                "SELECT queue, max_depth IS NOT NULL, coalesce(limits->>'fairness' = 'round_robin', false) \
+                 FROM {s}.queue_settings WHERE max_depth IS NOT NULL OR limits->>'fairness' = 'round_robin'"
             ),
             // Locks each capped queue of $1 for the transaction, in name
             // order (two batches over the same queues cannot deadlock).

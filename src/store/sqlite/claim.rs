@@ -80,32 +80,42 @@ fn claim_limited(
     } else {
         allowed
     };
-    let ids: Vec<i64> = conn
+    // Round robin: (priority, fair_seq, id), NULLs (tasks from before the
+    // queue was round robin) first, as SQLite sorts them.
+    let (order, picked_order) = if limits.round_robin {
+        ("priority, fair_seq, id", "c.priority, c.fair_seq, c.id")
+    } else {
+        (CLAIM_ORDER, "c.priority, c.run_at, c.id")
+    };
+    let picked: Vec<(i64, Option<i64>)> = conn
         .prepare_cached(&format!(
-            "SELECT c.id FROM ( \
-               SELECT id, priority, run_at, concurrency_key, \
-                 row_number() OVER (PARTITION BY concurrency_key ORDER BY {CLAIM_ORDER}) AS rk \
-               FROM (SELECT id, priority, run_at, concurrency_key FROM tasks WHERE queue = ?1 \
+            "SELECT c.id, c.fair_seq FROM ( \
+               SELECT id, priority, run_at, concurrency_key, fair_seq, \
+                 row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS rk \
+               FROM (SELECT id, priority, run_at, concurrency_key, fair_seq FROM tasks WHERE queue = ?1 \
                        AND state IN ({claimable}) AND run_at <= ?2 \
                        AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?1 AND paused = 1) \
                        AND (concurrency_key IS NULL OR concurrency_key NOT IN ( \
                          SELECT concurrency_key FROM tasks WHERE queue = ?1 AND state = 'running' \
                            AND concurrency_key IS NOT NULL GROUP BY concurrency_key HAVING count(*) >= ?4)) \
-                     ORDER BY {CLAIM_ORDER} LIMIT ?3)) c \
+                     ORDER BY {order} LIMIT ?3)) c \
              LEFT JOIN (SELECT concurrency_key AS k, count(*) AS n FROM tasks \
                         WHERE queue = ?1 AND state = 'running' AND concurrency_key IS NOT NULL \
                         GROUP BY concurrency_key) r ON r.k = c.concurrency_key \
              WHERE c.concurrency_key IS NULL OR c.rk + coalesce(r.n, 0) <= ?4 \
-             ORDER BY c.priority, c.run_at, c.id LIMIT ?5"
+             ORDER BY {picked_order} LIMIT ?5"
         ))
         .and_then(|mut st| {
-            st.query_map(params![p.queue, now, scan, per_key, allowed], |r| r.get(0))?
-                .collect::<Result<Vec<i64>, _>>()
+            st.query_map(params![p.queue, now, scan, per_key, allowed], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()
         })
         .map_err(sql_err)?;
-    if ids.is_empty() {
+    if picked.is_empty() {
         return Ok(Vec::new());
     }
+    let ids: Vec<i64> = picked.iter().map(|(id, _)| *id).collect();
     let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
     let tasks = fetch_tasks(
         conn,
@@ -117,6 +127,16 @@ fn claim_limited(
         ),
         params![p.node, now, ids_json],
     )?;
+    if limits.round_robin
+        && let Some(top) = picked.iter().filter_map(|(_, seq)| *seq).max()
+    {
+        conn.prepare_cached(
+            "INSERT INTO queue_fair (queue, vtime) VALUES (?1, ?2) \
+             ON CONFLICT (queue) DO UPDATE SET vtime = max(vtime, excluded.vtime)",
+        )
+        .and_then(|mut st| st.execute(params![p.queue, top]))
+        .map_err(sql_err)?;
+    }
     if let Some((start, started)) = window {
         conn.prepare_cached(
             "INSERT INTO queue_rate (queue, window_start, started) VALUES (?1, ?2, ?3) \

@@ -132,35 +132,53 @@ pub(super) fn queue_settings(
     conn: &Connection,
 ) -> Result<Vec<(String, crate::store::QueueSettings)>, StoreError> {
     let mut st = conn
-        .prepare_cached("SELECT queue, max_depth FROM queue_settings ORDER BY queue")
+        .prepare_cached("SELECT queue, max_depth, limits FROM queue_settings ORDER BY queue")
         .map_err(sql_err)?;
-    st.query_map([], |r| {
-        let max: Option<i64> = r.get(1)?;
-        Ok((
-            r.get::<_, String>(0)?,
-            crate::store::QueueSettings {
-                max_depth: max.map(|m| u32::try_from(m).unwrap_or(0)),
-            },
-        ))
-    })
-    .map_err(sql_err)?
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(sql_err)
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    rows.into_iter()
+        .map(|(queue, max, limits)| {
+            let mut s = match limits {
+                Some(l) => serde_json::from_str(&l).map_err(|e| {
+                    StoreError::Schema(format!("queue_settings.limits of {queue:?}: {e}"))
+                })?,
+                None => crate::store::QueueSettings::default(),
+            };
+            s.max_depth = max.map(|m| u32::try_from(m).unwrap_or(0));
+            Ok((queue, s))
+        })
+        .collect()
 }
 
+/// Write a queue's settings; with `only_if_absent`, a queue that has
+/// settings keeps them (its limits are filled in only if never written).
 pub(super) fn queue_settings_put(
     conn: &Connection,
     queue: &str,
     settings: crate::store::QueueSettings,
     only_if_absent: bool,
 ) -> Result<(), StoreError> {
+    let limits = (!only_if_absent || settings.has_limits())
+        .then(|| serde_json::to_string(&settings))
+        .transpose()
+        .map_err(|e| StoreError::invalid("settings", e.to_string()))?;
     let sql = if only_if_absent {
-        "INSERT INTO queue_settings (queue, max_depth) VALUES (?1, ?2) ON CONFLICT (queue) DO NOTHING"
+        "INSERT INTO queue_settings (queue, max_depth, limits) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (queue) DO UPDATE SET limits = excluded.limits WHERE queue_settings.limits IS NULL"
     } else {
-        "INSERT INTO queue_settings (queue, max_depth) VALUES (?1, ?2) \
-         ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth"
+        "INSERT INTO queue_settings (queue, max_depth, limits) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth, limits = excluded.limits"
     };
-    conn.execute(sql, params![queue, settings.max_depth])
+    conn.execute(sql, params![queue, settings.max_depth, limits])
         .map(|_| ())
         .map_err(sql_err)
 }

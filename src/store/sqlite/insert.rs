@@ -36,19 +36,26 @@ pub(super) fn insert_all(
 ) -> Result<Vec<Inserted>, StoreError> {
     let queues: std::collections::BTreeSet<&str> = tasks.iter().map(|t| t.queue.as_str()).collect();
     let mut caps = Vec::new();
+    let mut seqs: Vec<Option<i64>> = vec![None; tasks.len()];
     for q in queues {
-        let cap: Option<i64> = conn
-            .prepare_cached("SELECT max_depth FROM queue_settings WHERE queue = ?1")
-            .and_then(|mut st| st.query_row([q], |r| r.get(0)).optional())
-            .map_err(sql_err)?
-            .flatten();
+        let row: Option<(Option<i64>, Option<String>)> = conn
+            .prepare_cached("SELECT max_depth, limits FROM queue_settings WHERE queue = ?1")
+            .and_then(|mut st| st.query_row([q], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(sql_err)?;
+        let (cap, limits) = row.unwrap_or((None, None));
         if let Some(cap) = cap {
             caps.push((q, cap));
         }
+        let fair = limits
+            .and_then(|l| serde_json::from_str::<crate::store::QueueSettings>(&l).ok())
+            .is_some_and(|s| s.fairness == Some(crate::store::Fairness::RoundRobin));
+        if fair {
+            fair_seqs(conn, q, tasks, &mut seqs)?;
+        }
     }
     let mut out: Vec<Inserted> = Vec::with_capacity(tasks.len());
-    for (t, a) in tasks.iter().zip(args) {
-        let i = insert_one(conn, t, a, now, &out)?;
+    for ((t, a), seq) in tasks.iter().zip(args).zip(&seqs) {
+        let i = insert_one(conn, t, a, now, &out, *seq)?;
         out.push(i);
     }
     for (queue, cap) in caps {
@@ -76,6 +83,7 @@ fn insert_one(
     args_json: &str,
     now: DateTime<Utc>,
     batch: &[Inserted],
+    fair_seq: Option<i64>,
 ) -> Result<Inserted, StoreError> {
     if let Some(key) = &t.unique_key
         && let Some(holder) = holder(conn, t, key, now)?
@@ -145,8 +153,8 @@ fn insert_one(
         .prepare_cached(
             "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
              unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, \
-             concurrency_key, ref_name, tags) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+             concurrency_key, ref_name, tags, fair_seq) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         )
         .map_err(sql_err)?;
     st.execute(params![
@@ -168,6 +176,7 @@ fn insert_one(
         t.concurrency_key,
         t.reference,
         tags_json,
+        fair_seq,
     ])
     .map_err(sql_err)?;
     task.id = TaskId(conn.last_insert_rowid());
@@ -185,6 +194,45 @@ fn insert_one(
             .map_err(sql_err)?;
     }
     Ok(Inserted::new(task))
+}
+
+/// The fair_seq of each of `tasks` in round-robin `queue` (see
+/// [`lifecycle::fair_seq`]), and the keys' last sequence numbers kept.
+/// (One writer: nothing moves the virtual time meanwhile.)
+fn fair_seqs(
+    conn: &Connection,
+    queue: &str,
+    tasks: &[TaskInsert],
+    seqs: &mut [Option<i64>],
+) -> Result<(), StoreError> {
+    let vtime: i64 = conn
+        .prepare_cached("SELECT vtime FROM queue_fair WHERE queue = ?1")
+        .and_then(|mut st| st.query_row([queue], |r| r.get(0)).optional())
+        .map_err(sql_err)?
+        .unwrap_or(0);
+    let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for (i, t) in tasks.iter().enumerate().filter(|(_, t)| t.queue == queue) {
+        let key = t.concurrency_key.clone().unwrap_or_default();
+        let prev = match last.get(&key) {
+            Some(n) => Some(*n),
+            None => conn
+                .prepare_cached("SELECT last_seq FROM fair_keys WHERE queue = ?1 AND key = ?2")
+                .and_then(|mut st| st.query_row(params![queue, key], |r| r.get(0)).optional())
+                .map_err(sql_err)?,
+        };
+        let seq = lifecycle::fair_seq(vtime, prev);
+        last.insert(key, seq);
+        seqs[i] = Some(seq);
+    }
+    for (key, seq) in last {
+        conn.prepare_cached(
+            "INSERT INTO fair_keys (queue, key, last_seq) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (queue, key) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+        )
+        .and_then(|mut st| st.execute(params![queue, key, seq]))
+        .map_err(sql_err)?;
+    }
+    Ok(())
 }
 
 /// The task that holds `key` for an insert of `t` at `now`: the unfinished

@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0017_queue_settings.sql"),
     include_str!("migrations/0018_task_tags.sql"),
     include_str!("migrations/0019_unique_rules.sql"),
+    include_str!("migrations/0020_queue_limits.sql"),
+    include_str!("migrations/0021_fairness.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -596,7 +598,9 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let queue = queue.to_string();
         self.write(move |conn| cluster::queue_settings_put(conn, &queue, settings, only_if_absent))
-            .await
+            .await?;
+        let _ = self.inner.events.send(StoreEvent::SettingsChanged);
+        Ok(())
     }
 
     async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError> {

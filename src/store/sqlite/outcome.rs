@@ -318,5 +318,12 @@ pub(super) fn prune(conn: &Connection, p: &PruneParams) -> Result<u64, StoreErro
         .and_then(|mut st| st.execute(params![to_micros(before), limit]))
         .map_err(sql_err)?;
     }
+    // A key whose last task is behind the virtual time counts as new.
+    conn.prepare_cached(
+        "DELETE FROM fair_keys WHERE last_seq <= \
+         (SELECT vtime FROM queue_fair WHERE queue_fair.queue = fair_keys.queue)",
+    )
+    .and_then(|mut st| st.execute([]))
+    .map_err(sql_err)?;
     Ok(total)
 }

@@ -1,0 +1,21 @@
+-- Fairness (round robin across concurrency keys), as start-time fair
+-- queueing: a task of a round-robin queue gets fair_seq = max(the queue's
+-- virtual time, its key's last fair_seq) + 1 at insert, and claims take
+-- (priority, fair_seq, id); the virtual time is the largest fair_seq
+-- claimed. So a key with 20,000 tasks waiting and a key that enqueues 20
+-- after it take turns. Tasks of other queues keep fair_seq NULL (first in
+-- the fair order: a queue switched to round robin claims its older tasks
+-- first). tasks_fair holds claimable tasks only, like tasks_claim.
+ALTER TABLE {schema}.tasks ADD COLUMN fair_seq bigint;
+CREATE INDEX tasks_fair ON {schema}.tasks (queue, priority, fair_seq NULLS FIRST, id)
+    WHERE state IN ('available', 'scheduled', 'retryable');
+CREATE TABLE {schema}.queue_fair (
+    queue text PRIMARY KEY,
+    vtime bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE {schema}.fair_keys (
+    queue    text   NOT NULL,
+    key      text   NOT NULL,
+    last_seq bigint NOT NULL,
+    PRIMARY KEY (queue, key)
+);
