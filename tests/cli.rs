@@ -484,6 +484,69 @@ fn a_queue_cap_is_set_and_shown_from_the_cli() {
     assert!(q["max_depth"].is_null(), "{q}");
     let bad = cli(&node, &["queue", "set", "default", "--max-depth", "lots"]);
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    // The limits, shared by the cluster.
+    let set = cli(
+        &node,
+        &[
+            "queue",
+            "set",
+            "default",
+            "--global-concurrency",
+            "2",
+            "--per-key-concurrency",
+            "1",
+            "--rate-limit",
+            "10/1s",
+            "--fairness",
+            "round_robin",
+            "--workers",
+            "3",
+            "--json",
+        ],
+    );
+    assert!(set.status.success(), "{set:?}");
+    let q: Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(q["global_concurrency"], 2, "{q}");
+    assert_eq!(q["per_key_concurrency"], 1, "{q}");
+    assert_eq!(
+        q["rate_limit"],
+        serde_json::json!({"max": 10, "per_ms": 1000}),
+        "{q}"
+    );
+    assert_eq!(q["fairness"], "round_robin", "{q}");
+    assert_eq!(q["workers"], 3, "{q}");
+    let shown = stdout(&cli(&node, &["queue", "show", "default"]));
+    assert!(
+        shown.contains("global 2") && shown.contains("round robin"),
+        "{shown}"
+    );
+    let cleared = cli(
+        &node,
+        &[
+            "queue",
+            "set",
+            "default",
+            "--global-concurrency",
+            "none",
+            "--rate-limit",
+            "none",
+            "--json",
+        ],
+    );
+    let q: Value = serde_json::from_slice(&cleared.stdout).unwrap();
+    assert!(
+        q["global_concurrency"].is_null() && q["rate_limit"].is_null(),
+        "{q}"
+    );
+    assert_eq!(q["per_key_concurrency"], 1, "the others are kept: {q}");
+    for bad in [
+        vec!["queue", "set", "default", "--rate-limit", "fast"],
+        vec!["queue", "set", "default", "--workers", "0"],
+        vec!["queue", "set", "default"],
+    ] {
+        let out = cli(&node, &bad);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {out:?}");
+    }
 }
 
 #[test]

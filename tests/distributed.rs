@@ -900,3 +900,104 @@ async fn refused_connections_say_why() {
         "the error names PostgreSQL's reason: {msg}"
     );
 }
+
+/// Queue settings changed at run time reach three node processes on one
+/// PostgreSQL, whose configs set no limits: a global_concurrency written
+/// once holds on all three together, raising it and the workers per node
+/// lets them run more, and removing it (null) is kept, not undone by the
+/// nodes' configs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_changed_at_run_time_reach_three_node_processes() {
+    use proto_tasker::store::QueueSettings;
+    let (store, guard) = fixtures::pg_store_typed().await;
+    let store: Arc<dyn Store> = store;
+    let dir = tempfile::tempdir().unwrap();
+    let on = format!("url: {}\n  schema: {}", guard.url, guard.schema);
+    let _nodes: Vec<NodeProc> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| start_node_on(dir.path(), n, &on, 2, ""))
+        .collect();
+    wait_for("three nodes", Duration::from_secs(20), async || {
+        store.node_list(chrono::Utc::now()).await.unwrap().len() == 3
+    })
+    .await;
+    let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    let set = async |s: QueueSettings| client.queue_set_settings("default", s).await.unwrap();
+    let cap = |n: Option<u32>, workers: Option<u32>| QueueSettings {
+        global_concurrency: n,
+        workers,
+        ..Default::default()
+    };
+    set(cap(Some(1), None)).await;
+    let tasks: Vec<NewTask> = (0..200)
+        .map(|_| NewTask::new("sleep", json!({"ms": 300})))
+        .collect();
+    client.insert_many(tasks).await.unwrap();
+    // Samples of the running count and of which nodes run tasks.
+    let sample = async |secs: u64| {
+        let mut most = 0;
+        let mut nodes = std::collections::HashSet::new();
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            let running = store
+                .task_list(proto_tasker::ListParams {
+                    state: Some(TaskState::Running),
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            most = most.max(running.len());
+            nodes.extend(running.into_iter().filter_map(|t| t.node));
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        (most, nodes)
+    };
+    let (most, _) = sample(2).await;
+    assert_eq!(most, 1, "global_concurrency 1 across three nodes");
+    // Raised to 4: all three nodes (2 workers each) share the 4.
+    let changed = Instant::now();
+    set(cap(Some(4), None)).await;
+    wait_for("4 running", Duration::from_secs(3), async || {
+        count(&store, TaskState::Running).await == 4
+    })
+    .await;
+    let picked_up = changed.elapsed();
+    let (most, nodes) = sample(2).await;
+    assert_eq!(most, 4, "global_concurrency 4");
+    assert!(
+        nodes.len() >= 2,
+        "the work is spread over the nodes: {nodes:?}"
+    );
+    // No cap and 3 workers per node: 9 at once; the nodes' configs (2
+    // workers, no cap) do not take the change back.
+    set(cap(None, Some(3))).await;
+    wait_for("9 running", Duration::from_secs(3), async || {
+        count(&store, TaskState::Running).await == 9
+    })
+    .await;
+    // (A task whose outcome is queued but not yet written still counts as
+    // running in the store while its worker takes the next: the nodes'
+    // own busy counts bound the workers.)
+    wait_for(
+        "every node reports 3 workers",
+        Duration::from_secs(3),
+        async || {
+            let listed = store.node_list(chrono::Utc::now()).await.unwrap();
+            listed.iter().all(|n| n.workers == 3)
+        },
+    )
+    .await;
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        let listed = store.node_list(chrono::Utc::now()).await.unwrap();
+        assert!(
+            listed.iter().all(|n| n.workers == 3 && n.workers_busy <= 3),
+            "{listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = client.queue_settings().await.unwrap()["default"];
+    assert_eq!((stored.global_concurrency, stored.workers), (None, Some(3)));
+    eprintln!("a raised global_concurrency was running on the nodes {picked_up:?} after the write");
+}

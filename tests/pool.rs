@@ -967,3 +967,72 @@ async fn start_after_shutdown_is_an_error() {
         .expect_err("a shut-down pool does not start");
     assert_eq!(e.field(), Some("pool"), "{e}");
 }
+
+/// A queue's `workers` changed at run time: lowered, the pool runs no more
+/// than the new count once running tasks end (none is stopped); raised, it
+/// adds slots and runs that many at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_change_at_run_time_both_ways() {
+    use proto_tasker::store::QueueSettings;
+    let (store, _d) = fixtures::sqlite_store().await;
+    let now_running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let mut reg = TaskRegistry::new();
+    let (n, m) = (now_running.clone(), most.clone());
+    reg.register(
+        "hold",
+        executor_fn(move |_ctx| {
+            let (n, m) = (n.clone(), m.clone());
+            async move {
+                let k = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(k, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!(null))
+            }
+        }),
+    );
+    let pool = builder(store, reg).queue("q", 3).build().unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    let tasks = (0..400)
+        .map(|_| NewTask::new("hold", json!(null)).with(TaskOptions::default().queue("q")))
+        .collect();
+    client.insert_many(tasks).await.unwrap();
+    wait_until("3 at once", Duration::from_secs(5), || {
+        most.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    let workers = |n: Option<u32>| QueueSettings {
+        workers: n,
+        ..Default::default()
+    };
+    client
+        .queue_set_settings("q", workers(Some(1)))
+        .await
+        .unwrap();
+    // The running ones finish (150 ms); from then on, one at a time.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    most.store(now_running.load(Ordering::SeqCst), Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "lowered to 1 worker");
+    assert_eq!(pool.queue_workers(), [("q".to_string(), 1)]);
+    client
+        .queue_set_settings("q", workers(Some(6)))
+        .await
+        .unwrap();
+    wait_until("6 at once", Duration::from_secs(5), || {
+        most.load(Ordering::SeqCst) == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(most.load(Ordering::SeqCst), 6, "never more than 6");
+    assert_eq!(pool.shared().workers_total(), 6);
+    // null: back to the configured 3.
+    client.queue_set_settings("q", workers(None)).await.unwrap();
+    wait_until("3 again", Duration::from_secs(5), || {
+        pool.queue_workers() == [("q".to_string(), 3)]
+    })
+    .await;
+    pool.shutdown().await;
+}

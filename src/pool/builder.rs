@@ -113,7 +113,10 @@ impl Builder {
     }
 
     /// Limit `queue` across the whole cluster (running tasks, per key, starts
-    /// per interval). Every node serving the queue must set the same limits.
+    /// per interval, round robin). These are starting values: stored for the
+    /// cluster when the queue's limits were never stored, and replaced by
+    /// what is set at run time ([`Client::queue_set_settings`](crate::Client::queue_set_settings),
+    /// `PATCH /api/v1/queues/{name}`), which every node applies.
     pub fn queue_limits(
         mut self,
         queue: impl Into<String>,

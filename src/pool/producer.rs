@@ -68,6 +68,11 @@ impl Producer {
                     Err(_) => break,
                 }
             }
+            // A lowered `workers` takes its permits back here.
+            self.control.pay_owed(&mut permits);
+            if permits.is_empty() {
+                continue;
+            }
             let wanted = permits.len();
             // Read once per claim: the watcher may change them any time.
             let limits = self.control.limits();

@@ -12,9 +12,9 @@
 //! - A queue's semaphore holds `target + owed` permits in all (free and
 //!   held). Raising `workers` cancels what is owed, then adds permits (and
 //!   slots, if the queue has fewer than the new count); lowering it owes
-//!   permits, which the watcher takes out of the semaphore as running
-//!   tasks give them back (`forget_permits`), so a lowered queue reaches
-//!   its new size as its tasks end, never by stopping one.
+//!   permits, which the producer (before each claim) and the watcher take
+//!   out of the semaphore as running tasks give them back, so a lowered
+//!   queue reaches its new size as its tasks end, never by stopping one.
 //! - Slots are only added, never removed: a slot id stays valid for the
 //!   pool's life (idle slots of a lowered queue wait on its channel).
 
@@ -62,6 +62,20 @@ impl QueueControl {
     /// The limits a claim applies now.
     pub(crate) fn limits(&self) -> Option<QueueLimits> {
         self.limits.lock().map(|l| *l).unwrap_or(None)
+    }
+
+    /// Take what a lowering still owes out of `permits` (the producer's,
+    /// just acquired): those permits are forgotten, so the queue shrinks as
+    /// its running tasks give theirs back.
+    pub(crate) fn pay_owed(&self, permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>) {
+        let Ok(mut s) = self.sizing.lock() else {
+            return;
+        };
+        while s.owed > 0 {
+            let Some(p) = permits.pop() else { break };
+            p.forget();
+            s.owed -= 1;
+        }
     }
 
     /// Workers this node runs for the queue now.
