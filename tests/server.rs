@@ -1041,7 +1041,7 @@ async fn a_full_queue_answers_429_and_its_cap_is_set_at_run_time() {
         (json!({"max_depth": -1}), "max_depth"),
         (json!({"threads": 3}), "body"),
         (json!({"workers": 0}), "workers"),
-        (json!({"workers": 100_001}), "workers"),
+        (json!({"workers": 10_001}), "workers"),
         (json!({"global_concurrency": 0}), "global_concurrency"),
         (json!({"per_key_concurrency": 0}), "per_key_concurrency"),
         (

@@ -11,7 +11,7 @@ mod kinds;
 mod operator;
 mod waiters;
 
-pub use operator::{MAX_DEPTH_LIMIT, QueueInfo};
+pub use operator::{MAX_DEPTH_LIMIT, MAX_RATE_PER_MS, MAX_SHARED_WORKERS, QueueInfo};
 pub use waiters::FALLBACK_POLL;
 
 use crate::registry::{KindDefaults, TaskRegistry};

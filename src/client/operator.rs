@@ -34,6 +34,12 @@ pub struct QueueInfo {
     pub settings: QueueSettings,
 }
 
+/// The most `workers` a run-time setting may give every node (a node's
+/// config may give its own queue up to
+/// [`MAX_QUEUE_WORKERS`](crate::pool::settings::MAX_QUEUE_WORKERS)): each
+/// worker is a task on every node serving the queue.
+pub const MAX_SHARED_WORKERS: u32 = 10_000;
+
 /// The longest rate-limit window (a day, in ms).
 pub const MAX_RATE_PER_MS: u64 = 24 * 3600 * 1000;
 
@@ -136,9 +142,9 @@ impl Client {
         at_least_one("global_concurrency", settings.global_concurrency)?;
         at_least_one("per_key_concurrency", settings.per_key_concurrency)?;
         at_least_one("workers", settings.workers)?;
-        let max_workers = crate::pool::settings::MAX_QUEUE_WORKERS;
+        let max_workers = MAX_SHARED_WORKERS;
         if let Some(w) = settings.workers
-            && w as usize > max_workers
+            && w > max_workers
         {
             return Err(invalid(
                 "workers",

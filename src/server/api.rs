@@ -886,7 +886,7 @@ pub(crate) struct QueuePatch {
     max_depth: Option<Option<u32>>,
     /// Workers on each node that serves the queue.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<u32>, minimum = 1, maximum = 100_000)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10_000)]
     workers: Option<Option<u32>>,
     /// At most this many of the queue's tasks run at once, on all nodes.
     #[serde(default, deserialize_with = "present")]
