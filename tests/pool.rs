@@ -1036,3 +1036,65 @@ async fn workers_change_at_run_time_both_ways() {
     .await;
     pool.shutdown().await;
 }
+
+/// A queue switched to round robin at run time: the pool gives its waiting
+/// tasks their turn (they were enqueued with no fair_seq) and runs them
+/// first, then takes two keys in turn however long the first one's backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_switched_to_round_robin_runs_old_and_new_tasks_in_turn() {
+    use proto_tasker::store::{Fairness, QueueSettings};
+    let (store, _d) = fixtures::sqlite_store().await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut reg = TaskRegistry::new();
+    let seen = order.clone();
+    reg.register(
+        "note",
+        executor_fn(move |ctx| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push(ctx.args["k"].as_str().unwrap_or("?").to_string());
+                Ok(json!(null))
+            }
+        }),
+    );
+    let pool = builder(store, reg).queue("f", 1).build().unwrap();
+    let client = pool.client();
+    client.queue_set_paused("f", true).await.unwrap();
+    let task = |k: &str| {
+        NewTask::new("note", json!({"k": k})).with(
+            TaskOptions::default()
+                .queue("f")
+                .concurrency_key(k.to_string()),
+        )
+    };
+    client
+        .insert_many(vec![task("old"), task("old")])
+        .await
+        .unwrap();
+    pool.start().await.unwrap();
+    client
+        .queue_set_settings(
+            "f",
+            QueueSettings {
+                fairness: Some(Fairness::RoundRobin),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut batch: Vec<NewTask> = (0..40).map(|_| task("big")).collect();
+    batch.extend((0..4).map(|_| task("small")));
+    client.insert_many(batch).await.unwrap();
+    client.queue_set_paused("f", false).await.unwrap();
+    wait_until("all 46 ran", Duration::from_secs(10), || {
+        order.lock().unwrap().len() == 46
+    })
+    .await;
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order[..2], ["old", "old"], "{order:?}");
+    let last_small = order.iter().rposition(|k| k == "small").unwrap();
+    assert!(last_small < 12, "small took turns with big: {order:?}");
+    pool.shutdown().await;
+}

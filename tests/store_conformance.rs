@@ -2223,11 +2223,16 @@ pub mod cases {
                     .collect::<Vec<_>>()
             }
         };
-        // A task from before the switch, then the switch.
+        // A task from before the switch, then the switch: round-robin
+        // claims take it once it is adopted (a pool does that on seeing
+        // the switch), first.
         s.task_insert_many(vec![keyed("old", "rr", "big", 5)], t0)
             .await
             .unwrap();
         fair("rr").await;
+        assert!(take("rr", 5, Some(rr)).await.is_empty(), "not adopted yet");
+        assert_eq!(s.queue_fair_adopt("rr").await.unwrap(), 1);
+        assert_eq!(s.queue_fair_adopt("rr").await.unwrap(), 0);
         let big: Vec<_> = (0..200).map(|_| keyed("k", "rr", "big", 5)).collect();
         s.task_insert_many(big, t0).await.unwrap();
         let mut small: Vec<_> = (0..5).map(|_| keyed("k", "rr", "small", 5)).collect();

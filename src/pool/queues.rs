@@ -108,8 +108,16 @@ pub(crate) struct Watcher {
     pub stop: CancellationToken,
 }
 
+/// How often the leader gives round-robin queues' stragglers a fair_seq
+/// (tasks a process enqueued before it read the switch; see
+/// [`Store::queue_fair_adopt`]).
+const ADOPT_EVERY: Duration = Duration::from_secs(10);
+
 impl Watcher {
     pub(crate) async fn run(mut self) {
+        // Round-robin queues seen so far, and when the leader last adopted.
+        let mut fair_seen: std::collections::HashSet<String> = Default::default();
+        let mut adopted_at: Option<tokio::time::Instant> = None;
         let mut events = self.store.subscribe();
         let mut tick = tokio::time::interval(self.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,6 +142,35 @@ impl Watcher {
                 Ok(all) => {
                     let all: HashMap<String, QueueSettings> = all.into_iter().collect();
                     self.apply(&all);
+                    let fair: std::collections::HashSet<String> = all
+                        .iter()
+                        .filter(|(_, s)| s.fairness == Some(crate::store::Fairness::RoundRobin))
+                        .map(|(q, _)| q.clone())
+                        .collect();
+                    // A queue that just became round robin: its waiting
+                    // tasks now (every node that sees the switch does it;
+                    // it costs nothing once done). Then the leader, now and
+                    // then, for tasks enqueued by a process that had not
+                    // read the switch yet.
+                    let periodic = self.shared.is_leader()
+                        && adopted_at.is_none_or(|at| at.elapsed() >= ADOPT_EVERY);
+                    for q in &fair {
+                        if periodic || !fair_seen.contains(q) {
+                            match self.store.queue_fair_adopt(q).await {
+                                Ok(0) => {}
+                                Ok(n) => {
+                                    tracing::info!(queue = %q, tasks = n, "round robin: waiting tasks given their turn")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(queue = %q, error = %e, "round robin: could not adopt waiting tasks")
+                                }
+                            }
+                        }
+                    }
+                    if periodic {
+                        adopted_at = Some(tokio::time::Instant::now());
+                    }
+                    fair_seen = fair;
                 }
                 Err(e) => tracing::warn!(error = %e, "could not read the queue settings"),
             }

@@ -324,6 +324,12 @@ pub trait Store: Send + Sync + 'static {
         only_if_absent: bool,
     ) -> Result<(), StoreError>;
 
+    /// Give the waiting tasks of round-robin `queue` that have no fair_seq
+    /// (enqueued before it became round robin, or by a process that had
+    /// not yet read the change) fair_seq 0, so round-robin claims, which
+    /// take only tasks with one, take them, first. Returns how many.
+    async fn queue_fair_adopt(&self, queue: &str) -> Result<u64, StoreError>;
+
     /// Pause or resume a schedule; false when there is none of that name.
     async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<bool, StoreError>;
 

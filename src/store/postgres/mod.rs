@@ -947,6 +947,12 @@ impl Store for PostgresStore {
         self.settings_list().await
     }
 
+    async fn queue_fair_adopt(&self, queue: &str) -> Result<u64, StoreError> {
+        let c = self.conn().await?;
+        self.execute(&c, &self.inner.sql.fair_adopt, &[&queue])
+            .await
+    }
+
     async fn queue_settings_put(
         &self,
         queue: &str,

@@ -57,6 +57,7 @@ pub(super) struct Sql {
     pub capped_queues: String,
     pub fair_queues: String,
     pub fair_vtime: String,
+    pub fair_adopt: String,
     pub fair_keys_lock: String,
     pub fair_keys_put: String,
     pub fair_keys_prune: String,
@@ -107,14 +108,20 @@ impl Sql {
         // (priority, fair_seq, id) and moves the queue's virtual time.
         let claim_limited_sql = |fair: bool| {
             let order = if fair {
-                "priority, fair_seq NULLS FIRST, id"
+                "priority, fair_seq, id"
             } else {
                 CLAIM_ORDER
             };
             let picked_order = if fair {
-                "r.priority, r.fair_seq NULLS FIRST, r.id"
+                "r.priority, r.fair_seq, r.id"
             } else {
                 "r.priority, r.run_at, r.id"
+            };
+            // Round robin walks tasks_fair: tasks with a fair_seq only.
+            let only_fair = if fair {
+                " AND fair_seq IS NOT NULL"
+            } else {
+                ""
             };
             let vtime = if fair {
                 format!(
@@ -136,7 +143,7 @@ impl Sql {
                  allowed AS (SELECT greatest(0, least($3::bigint, $4::bigint - (SELECT n FROM running), \
                                                       $5::bigint - (SELECT st FROM rl))) AS n), \
                  cand AS (SELECT id, priority, run_at, concurrency_key, fair_seq FROM {s}.tasks \
-                   WHERE queue = $1 AND state IN ({claimable}) AND run_at <= $2 \
+                   WHERE queue = $1 AND state IN ({claimable}) AND run_at <= $2{only_fair} \
                      AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
                      AND (concurrency_key IS NULL OR concurrency_key NOT IN \
                        (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= $8::bigint)) \
@@ -399,6 +406,10 @@ impl Sql {
                 "SELECT queue FROM {s}.queue_settings WHERE limits->>'fairness' = 'round_robin'"
             ),
             fair_vtime: format!("SELECT vtime FROM {s}.queue_fair WHERE queue = $1"),
+            fair_adopt: format!(
+                "UPDATE {s}.tasks SET fair_seq = 0 WHERE queue = $1 AND fair_seq IS NULL \
+                 AND state IN ({claimable}, 'blocked')"
+            ),
             // The keys' rows lock in key order: inserts never deadlock on them.
             fair_keys_lock: format!(
                 "SELECT key, last_seq FROM {s}.fair_keys WHERE queue = $1 AND key = ANY($2) \

@@ -80,12 +80,16 @@ fn claim_limited(
     } else {
         allowed
     };
-    // Round robin: (priority, fair_seq, id), NULLs (tasks from before the
-    // queue was round robin) first, as SQLite sorts them.
-    let (order, picked_order) = if limits.round_robin {
-        ("priority, fair_seq, id", "c.priority, c.fair_seq, c.id")
+    // Round robin: (priority, fair_seq, id) through tasks_fair, which holds
+    // only tasks with a fair_seq (see Store::queue_fair_adopt).
+    let (order, picked_order, only_fair) = if limits.round_robin {
+        (
+            "priority, fair_seq, id",
+            "c.priority, c.fair_seq, c.id",
+            " AND fair_seq IS NOT NULL",
+        )
     } else {
-        (CLAIM_ORDER, "c.priority, c.run_at, c.id")
+        (CLAIM_ORDER, "c.priority, c.run_at, c.id", "")
     };
     let picked: Vec<(i64, Option<i64>)> = conn
         .prepare_cached(&format!(
@@ -93,7 +97,7 @@ fn claim_limited(
                SELECT id, priority, run_at, concurrency_key, fair_seq, \
                  row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS rk \
                FROM (SELECT id, priority, run_at, concurrency_key, fair_seq FROM tasks WHERE queue = ?1 \
-                       AND state IN ({claimable}) AND run_at <= ?2 \
+                       AND state IN ({claimable}) AND run_at <= ?2{only_fair} \
                        AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?1 AND paused = 1) \
                        AND (concurrency_key IS NULL OR concurrency_key NOT IN ( \
                          SELECT concurrency_key FROM tasks WHERE queue = ?1 AND state = 'running' \

@@ -590,6 +590,25 @@ impl Store for SqliteStore {
         self.read(cluster::queue_settings).await
     }
 
+    async fn queue_fair_adopt(&self, queue: &str) -> Result<u64, StoreError> {
+        let queue = queue.to_string();
+        let n = self
+            .write(move |conn| {
+                conn.prepare_cached(&format!(
+                    "UPDATE tasks SET fair_seq = 0 WHERE queue = ?1 AND fair_seq IS NULL \
+                     AND state IN ({}, 'blocked')",
+                    crate::store::lifecycle::sql_states(&crate::store::lifecycle::CLAIMABLE)
+                ))
+                .and_then(|mut st| st.execute([&queue]))
+                .map_err(writer::sql_err)
+            })
+            .await?;
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n as u64)
+    }
+
     async fn queue_settings_put(
         &self,
         queue: &str,

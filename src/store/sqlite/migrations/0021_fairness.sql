@@ -3,12 +3,13 @@
 -- virtual time, its key's last fair_seq) + 1 at insert, and claims take
 -- (priority, fair_seq, id); the virtual time is the largest fair_seq
 -- claimed. So a key with 20,000 tasks waiting and a key that enqueues 20
--- after it take turns. Tasks of other queues keep fair_seq NULL (first in
--- the fair order: a queue switched to round robin claims its older tasks
--- first). tasks_fair holds claimable tasks only, like tasks_claim.
+-- after it take turns. Tasks of other queues keep fair_seq NULL and cost
+-- nothing here: tasks_fair holds only claimable tasks that have a
+-- fair_seq. When a queue becomes round robin, its waiting tasks are given
+-- fair_seq 0 (they go first; see Store::queue_fair_adopt).
 ALTER TABLE tasks ADD COLUMN fair_seq INTEGER;
 CREATE INDEX tasks_fair ON tasks (queue, priority, fair_seq, id)
-    WHERE state IN ('available', 'scheduled', 'retryable');
+    WHERE fair_seq IS NOT NULL AND state IN ('available', 'scheduled', 'retryable');
 CREATE TABLE queue_fair (
     queue TEXT PRIMARY KEY,
     vtime INTEGER NOT NULL DEFAULT 0
