@@ -161,6 +161,14 @@ pub async fn run(
     let client = pool.client();
 
     let mut progress = Progress::new(p.progress);
+    // The queue's limits are stored before the enqueue (a pool stores them
+    // at start), so a round-robin queue's tasks get their fair_seq there.
+    if !p.limits.is_empty() {
+        let settings = crate::store::QueueSettings::default().with_limits(&p.limits);
+        stores[0]
+            .queue_settings_put("bench", settings, true)
+            .await?;
+    }
     // Phase 1: bulk enqueue.
     let mut batch_hist = new_hist();
     let start = Instant::now();
