@@ -108,15 +108,19 @@ pub(crate) struct Watcher {
     pub stop: CancellationToken,
 }
 
-/// How often the leader gives round-robin queues' stragglers a fair_seq
-/// (tasks a process enqueued before it read the switch; see
-/// [`Store::queue_fair_adopt`]).
+/// How often, and for how long after a queue became round robin, the
+/// leader gives its stragglers a fair_seq (tasks a process enqueued before
+/// it read the switch, which it does within a second; see
+/// [`Store::queue_fair_adopt`]). Each adoption walks the queue's waiting
+/// tasks, so it is not repeated for ever.
 const ADOPT_EVERY: Duration = Duration::from_secs(10);
+const ADOPT_FOR: Duration = Duration::from_secs(60);
 
 impl Watcher {
     pub(crate) async fn run(mut self) {
-        // Round-robin queues seen so far, and when the leader last adopted.
-        let mut fair_seen: std::collections::HashSet<String> = Default::default();
+        // Round-robin queues seen so far (since when), and when the leader
+        // last adopted.
+        let mut fair_seen: HashMap<String, tokio::time::Instant> = HashMap::new();
         let mut adopted_at: Option<tokio::time::Instant> = None;
         let mut events = self.store.subscribe();
         let mut tick = tokio::time::interval(self.poll_interval);
@@ -147,15 +151,18 @@ impl Watcher {
                         .filter(|(_, s)| s.fairness == Some(crate::store::Fairness::RoundRobin))
                         .map(|(q, _)| q.clone())
                         .collect();
-                    // A queue that just became round robin: its waiting
-                    // tasks now (every node that sees the switch does it;
-                    // it costs nothing once done). Then the leader, now and
-                    // then, for tasks enqueued by a process that had not
-                    // read the switch yet.
+                    // A queue that just became round robin (or that this
+                    // pool sees for the first time): its waiting tasks now.
+                    // Then, for a minute, the leader now and then, for tasks
+                    // enqueued by a process that had not read the switch.
                     let periodic = self.shared.is_leader()
                         && adopted_at.is_none_or(|at| at.elapsed() >= ADOPT_EVERY);
                     for q in &fair {
-                        if periodic || !fair_seen.contains(q) {
+                        let first = !fair_seen.contains_key(q);
+                        let since = *fair_seen
+                            .entry(q.clone())
+                            .or_insert_with(tokio::time::Instant::now);
+                        if first || (periodic && since.elapsed() < ADOPT_FOR) {
                             match self.store.queue_fair_adopt(q).await {
                                 Ok(0) => {}
                                 Ok(n) => {
@@ -170,7 +177,7 @@ impl Watcher {
                     if periodic {
                         adopted_at = Some(tokio::time::Instant::now());
                     }
-                    fair_seen = fair;
+                    fair_seen.retain(|q, _| fair.contains(q));
                 }
                 Err(e) => tracing::warn!(error = %e, "could not read the queue settings"),
             }

@@ -26,29 +26,6 @@ pub(super) fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
     }
     let limit = add(Box::new(p.limit.max(1) as i64));
     let sql = match (p.tag, p.state, p.queue) {
-        // One tag: its rows of task_tags newest first (the primary key's
-        // order), each task found by id, the other filters applied to it.
-        (Some(tag), state, queue) => {
-            let mut sql = format!(
-                "SELECT {TASK_COLUMNS} FROM {s}.task_tags g JOIN {s}.tasks t ON t.id = g.task_id \
-                 WHERE g.tag = {}{rest}",
-                add(Box::new(tag))
-            );
-            if let Some(b) = p.before {
-                sql.push_str(&format!(" AND g.task_id < {}", add(Box::new(b.0))));
-            }
-            if let Some(st) = state {
-                sql.push_str(&format!(
-                    " AND state = {}",
-                    add(Box::new(st.as_str().to_string()))
-                ));
-            }
-            if let Some(q) = queue {
-                sql.push_str(&format!(" AND queue = {}", add(Box::new(q))));
-            }
-            sql.push_str(&format!(" ORDER BY g.task_id DESC LIMIT {limit}"));
-            sql
-        }
         // One queue, any state: the newest `limit` of each state's range
         // of tasks_queue_state, merged. A plain `queue = $1 ORDER BY id
         // DESC` would walk the whole table by id or sort the queue's tasks.
@@ -72,11 +49,24 @@ pub(super) fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
                 arms.join(" UNION ALL ")
             )
         }
-        (None, state, queue) => {
+        // Any other filters: newest first by id, through the task's own
+        // indexes; or, with a tag, its rows of task_tags newest first (the
+        // primary key's order), each task found by id and filtered.
+        (tag, state, queue) => {
+            let (from, id) = match tag {
+                Some(tag) => (
+                    format!(
+                        "{s}.task_tags g JOIN {s}.tasks t ON t.id = g.task_id AND g.tag = {}",
+                        add(Box::new(tag))
+                    ),
+                    "g.task_id",
+                ),
+                None => (format!("{s}.tasks"), "id"),
+            };
             if let Some(b) = p.before {
-                rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
+                rest.push_str(&format!(" AND {id} < {}", add(Box::new(b.0))));
             }
-            let mut sql = format!("SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE true{rest}");
+            let mut sql = format!("SELECT {TASK_COLUMNS} FROM {from} WHERE true{rest}");
             if let Some(st) = state {
                 sql.push_str(&format!(
                     " AND state = {}",
@@ -86,7 +76,7 @@ pub(super) fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
             if let Some(q) = queue {
                 sql.push_str(&format!(" AND queue = {}", add(Box::new(q))));
             }
-            sql.push_str(&format!(" ORDER BY id DESC LIMIT {limit}"));
+            sql.push_str(&format!(" ORDER BY {id} DESC LIMIT {limit}"));
             sql
         }
     };

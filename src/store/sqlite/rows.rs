@@ -155,32 +155,6 @@ pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) 
     }
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     let sql = match (&p.tag, &p.state, &p.queue) {
-        // One tag: its rows of task_tags newest first (the primary key's
-        // order), each task found by id, the other filters applied to it.
-        (Some(tag), state, queue) => {
-            let mut sql = format!(
-                "SELECT {TASK_COLUMNS} FROM task_tags CROSS JOIN tasks \
-                 WHERE task_tags.tag = ? AND tasks.id = task_tags.task_id"
-            );
-            args.push(tag.clone().into());
-            if let Some(b) = p.before {
-                sql.push_str(" AND task_tags.task_id < ?");
-                args.push(b.0.into());
-            }
-            if let Some(s) = state {
-                sql.push_str(" AND state = ?");
-                args.push(s.as_str().to_string().into());
-            }
-            if let Some(q) = queue {
-                sql.push_str(" AND queue = ?");
-                args.push(q.clone().into());
-            }
-            sql.push_str(&rest);
-            args.extend(rest_args);
-            sql.push_str(" ORDER BY task_tags.task_id DESC LIMIT ?");
-            args.push(limit.into());
-            sql
-        }
         // One queue, any state: the newest `limit` of each state's
         // range of tasks_queue_state, merged. A plain `queue = ?
         // ORDER BY id DESC` would either walk the whole table by id
@@ -206,8 +180,22 @@ pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) 
             args.push(limit.into());
             format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL "))
         }
-        (None, state, queue) => {
-            let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+        // Any other filters: newest first by id, through the task's own
+        // indexes; or, with a tag, its rows of task_tags newest first (the
+        // primary key's order), each task found by id and filtered.
+        (tag, state, queue) => {
+            let (from, id) = match tag {
+                Some(tag) => {
+                    args.push(tag.clone().into());
+                    (
+                        "task_tags CROSS JOIN tasks \
+                         ON tasks.id = task_tags.task_id AND task_tags.tag = ?",
+                        "task_tags.task_id",
+                    )
+                }
+                None => ("tasks", "id"),
+            };
+            let mut sql = format!("SELECT {TASK_COLUMNS} FROM {from} WHERE 1 = 1");
             if let Some(s) = state {
                 sql.push_str(" AND state = ?");
                 args.push(s.as_str().to_string().into());
@@ -217,12 +205,12 @@ pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) 
                 args.push(q.clone().into());
             }
             if let Some(b) = p.before {
-                sql.push_str(" AND id < ?");
+                sql.push_str(&format!(" AND {id} < ?"));
                 args.push(b.0.into());
             }
             sql.push_str(&rest);
             args.extend(rest_args);
-            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            sql.push_str(&format!(" ORDER BY {id} DESC LIMIT ?"));
             args.push(limit.into());
             sql
         }
