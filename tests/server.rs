@@ -1045,6 +1045,14 @@ async fn a_full_queue_answers_429_and_its_cap_is_set_at_run_time() {
         (json!({"global_concurrency": 0}), "global_concurrency"),
         (json!({"per_key_concurrency": 0}), "per_key_concurrency"),
         (
+            json!({"per_key_concurrency": 2_147_483_648_u64}),
+            "per_key_concurrency",
+        ),
+        (
+            json!({"rate_limit": {"max": 2_147_483_648_u64, "per_ms": 1000}}),
+            "rate_limit.max",
+        ),
+        (
             json!({"rate_limit": {"max": 0, "per_ms": 1000}}),
             "rate_limit.max",
         ),

@@ -132,10 +132,15 @@ impl Client {
             }
             _ => {}
         }
+        // Counts are stored and compared as PostgreSQL integers.
         let at_least_one = |field: &str, v: Option<u32>| match v {
             Some(0) => Err(invalid(
                 field,
                 "must be at least 1 (null removes the limit)",
+            )),
+            Some(n) if n > MAX_DEPTH_LIMIT => Err(invalid(
+                field,
+                format!("{n} is more than {MAX_DEPTH_LIMIT}"),
             )),
             _ => Ok(()),
         };

@@ -890,11 +890,11 @@ pub(crate) struct QueuePatch {
     workers: Option<Option<u32>>,
     /// At most this many of the queue's tasks run at once, on all nodes.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<u32>, minimum = 1)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 2_147_483_647)]
     global_concurrency: Option<Option<u32>>,
     /// At most this many tasks with one `concurrency_key` run at once.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<u32>, minimum = 1)]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 2_147_483_647)]
     per_key_concurrency: Option<Option<u32>>,
     /// At most `max` task starts per `per_ms` ms, on all nodes together.
     #[serde(default, deserialize_with = "present")]

@@ -165,7 +165,11 @@ pub enum Fairness {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
+    /// Starts per window, 1 to 2,147,483,647.
+    #[cfg_attr(feature = "server", schema(minimum = 1, maximum = 2_147_483_647))]
     pub max: u32,
+    /// The window, 1 ms to a day.
+    #[cfg_attr(feature = "server", schema(minimum = 1, maximum = 86_400_000))]
     pub per_ms: u64,
 }
 
