@@ -89,6 +89,10 @@ async fn run_all(pools: &[WorkerPool], tasks: Vec<NewTask>) {
     }
 }
 
+fn client_of(store: &Arc<dyn Store>) -> proto_tasker::Client {
+    proto_tasker::Client::new(store.clone(), Arc::new(TaskRegistry::new()))
+}
+
 fn task(key: &str) -> NewTask {
     NewTask::new("work", json!({"key": key}))
         .with(TaskOptions::default().queue("limited").concurrency_key(key))
@@ -122,13 +126,22 @@ pub async fn limits_per_key_and_global_hold_across_nodes(b: &Backend) {
         "other keys ran beside each other"
     );
 
-    // A global limit of 3 over 3 nodes x 4 workers.
+    // A global limit of 3 over 3 nodes x 4 workers. The first pools
+    // stored their limits for the queue; a node's own are only starting
+    // values, so the change is made as an operator would, at run time.
     let log: Log = Arc::default();
     let limits = QueueLimits {
         round_robin: false,
         global_concurrency: Some(3),
         ..Default::default()
     };
+    client_of(&stores[0])
+        .queue_set_settings(
+            "limited",
+            proto_tasker::store::QueueSettings::default().with_limits(&limits),
+        )
+        .await
+        .unwrap();
     let pools = three_nodes(&stores, &log, Duration::from_millis(30), limits).await;
     run_all(&pools, (0..45).map(|_| task("any")).collect()).await;
     let l = log.lock().unwrap().clone();
