@@ -2296,6 +2296,50 @@ pub mod cases {
         assert_eq!(got.iter().filter(|k| *k == "small").count(), 2, "{got:?}");
     }
 
+    /// A cap set through one handle (another node) refuses the next
+    /// enqueues of every other handle at once, not when their cached list of
+    /// capped queues runs out (on PostgreSQL the change is announced by
+    /// NOTIFY; SQLite's writer reads the cap itself).
+    pub async fn a_cap_set_elsewhere_applies_at_once(b: &Backend) {
+        use proto_tasker::store::QueueSettings;
+        let handles = b.nodes(2).await;
+        let (here, there) = (&handles[0], &handles[1]);
+        let now = now();
+        // This handle has just looked: no cap on `soon`.
+        here.task_insert_many(vec![insert("x", "soon", 0, now)], now)
+            .await
+            .unwrap();
+        there
+            .queue_settings_put(
+                "soon",
+                QueueSettings {
+                    max_depth: Some(1),
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+            .unwrap();
+        let set = std::time::Instant::now();
+        let mut let_through = 0;
+        loop {
+            match here
+                .task_insert_many(vec![insert("x", "soon", 0, now)], now)
+                .await
+            {
+                Err(StoreError::QueueFull { .. }) => break,
+                Ok(_) => let_through += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(
+                set.elapsed() < Duration::from_millis(500),
+                "{let_through} enqueues went past the new cap in {:?}",
+                set.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// An insert whose unique key is held by a task finishing at that very
     /// moment either returns that task or inserts a new one; it never fails.
     pub async fn unique_inserts_racing_a_finishing_holder_never_fail(b: &Backend) {
@@ -2590,6 +2634,7 @@ macro_rules! all_cases {
             cases::schedules_pause_and_resume,
             cases::queue_max_depth_caps_unfinished_tasks,
             cases::queue_max_depth_holds_under_concurrent_batches,
+            cases::a_cap_set_elsewhere_applies_at_once,
             cases::workflows_unblock_and_cascade,
             cases::per_key_claims_skip_keys_at_their_limit,
             cases::round_robin_claims_take_keys_in_turn,

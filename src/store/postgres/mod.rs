@@ -188,13 +188,19 @@ struct Inner {
     due: DueTimer,
     /// The live nodes, for choosing whom a NOTIFY of new work wakes.
     members: Arc<wake::Membership>,
-    /// The queues that have a `max_depth`, and when they were read: an
-    /// enqueue to any other queue takes the one-statement path and pays no
-    /// lock. Read again after [`CAPS_FRESH`] and after this handle changes
-    /// settings, so a cap set by another process applies to this one's
-    /// enqueues within that long. A std mutex: held only to read or
+    /// The queues that have a `max_depth` (or are round robin), when they
+    /// were read, and the settings epoch then: an enqueue to any other queue
+    /// takes the one-statement path and pays no lock. Read again after
+    /// [`CAPS_FRESH`], after this handle changes settings, and when it hears
+    /// (NOTIFY) that another process did, so a cap set elsewhere applies to
+    /// this one's enqueues as soon as the notification arrives, and within
+    /// [`CAPS_FRESH`] if it is lost. A std mutex: held only to read or
     /// replace the pair.
-    capped: std::sync::Mutex<Option<(std::time::Instant, Arc<QueueFlags>)>>,
+    capped: std::sync::Mutex<Option<(std::time::Instant, u64, Arc<QueueFlags>)>>,
+    /// Moves when this handle hears that a queue's settings changed (a
+    /// NOTIFY from any process): the cache above is then read again at
+    /// once rather than up to [`CAPS_FRESH`] later.
+    settings_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The queues whose enqueues take the transaction path: those with a
@@ -374,6 +380,7 @@ impl PostgresStore {
         let origin = format!("{:016x}", rand::random::<u64>());
         let due = DueTimer::new(notify.clone());
         let members = Arc::new(wake::Membership::default());
+        let settings_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool: pool.clone(),
@@ -391,6 +398,7 @@ impl PostgresStore {
                 due: due.clone(),
                 members: members.clone(),
                 capped: std::sync::Mutex::new(None),
+                settings_epoch: settings_epoch.clone(),
             }),
         };
         if let Some(listen) = listen {
@@ -400,6 +408,7 @@ impl PostgresStore {
                 due,
                 notify,
                 events,
+                settings_epoch,
             };
             tokio::spawn(listen_loop(listen, channel.clone(), hearer, stop.clone()));
         }
@@ -413,13 +422,18 @@ impl PostgresStore {
 
     /// The queues that have a `max_depth` (see `Inner::capped`).
     async fn capped_queues(&self) -> Result<Arc<QueueFlags>, StoreError> {
-        if let Some((at, set)) = self
+        let epoch = self
+            .inner
+            .settings_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        if let Some((at, seen, set)) = self
             .inner
             .capped
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             && at.elapsed() < CAPS_FRESH
+            && *seen == epoch
         {
             return Ok(set.clone());
         }
@@ -438,7 +452,7 @@ impl PostgresStore {
         }
         let flags = Arc::new(flags);
         *self.inner.capped.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((read_at, flags.clone()));
+            Some((read_at, epoch, flags.clone()));
         Ok(flags)
     }
 

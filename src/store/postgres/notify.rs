@@ -168,6 +168,9 @@ pub(super) struct Hearer {
     pub due: DueTimer,
     pub notify: Arc<Notify>,
     pub events: broadcast::Sender<StoreEvent>,
+    /// Counts the settings changes heard: a handle's cache of capped and
+    /// round-robin queues is read again once it moves.
+    pub settings_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Keeps one LISTEN connection open, reconnecting with backoff; turns
@@ -238,10 +241,12 @@ fn handle_payload(p: &str, h: &Hearer) {
         due,
         notify,
         events,
+        settings_epoch,
     } = h;
     if p == WORK {
         notify.notify_waiters();
     } else if p == SETTINGS {
+        settings_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let _ = events.send(StoreEvent::SettingsChanged);
     } else if let Some(rest) = p.strip_prefix(WORK).and_then(|r| r.strip_prefix(':')) {
         let mut parts = rest.splitn(4, ':');
