@@ -821,6 +821,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failure> {
+    let replace = a.on_conflict.as_deref() == Some("replace");
     let body = cli::TaskBody {
         kind: a.kind,
         args: a.args,
@@ -841,6 +842,8 @@ async fn submit(r: &cli::Remote, a: SubmitArgs, json: bool) -> Result<(), Failur
     if !a.wait {
         if json {
             show(&task);
+        } else if status == reqwest::StatusCode::OK && replace {
+            println!("{id} (held this unique key: it takes these args unless it had finished)");
         } else if status == reqwest::StatusCode::OK {
             println!("{id} (already enqueued under this unique key)");
         } else {

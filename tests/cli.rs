@@ -693,6 +693,18 @@ fn submit_takes_the_unique_rules() {
     let t: Value = serde_json::from_slice(&replaced.stdout).unwrap();
     assert_eq!(t["id"].to_string(), stdout(&first).trim());
     assert_eq!(t["args"], serde_json::json!({"v": 2}));
+    let said = stdout(&cli(
+        &node,
+        &[
+            "submit",
+            "noop",
+            "--unique-key",
+            "k",
+            "--on-conflict",
+            "replace",
+        ],
+    ));
+    assert!(said.contains("takes these args"), "{said}");
     let bad = cli(
         &node,
         &[
