@@ -2017,29 +2017,23 @@ pub mod cases {
         assert_eq!(keep.task.id, d2.task.id);
         // A refusal inside a batch refuses the batch.
         let fresh = insert("u", "uq", 0, t0);
-        let n_before = s
-            .task_list(ListParams {
+        let in_queue = || async {
+            s.task_list(ListParams {
                 queue: Some("uq".into()),
                 limit: 1000,
                 ..Default::default()
             })
             .await
             .unwrap()
-            .len();
+            .len()
+        };
+        let n_before = in_queue().await;
         let e = s
             .task_insert_many(vec![fresh, keyed("d", refuse)], t0)
             .await
             .unwrap_err();
         assert!(matches!(e, StoreError::Duplicate { .. }), "{e:?}");
-        let n_after = s
-            .task_list(ListParams {
-                queue: Some("uq".into()),
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .len();
+        let n_after = in_queue().await;
         assert_eq!(n_before, n_after, "nothing of the batch went in");
     }
 
