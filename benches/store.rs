@@ -28,6 +28,7 @@ fn row() -> TaskInsert {
         concurrency_key: None,
         reference: None,
         tags: Vec::new(),
+        traceparent: None,
     }
 }
 

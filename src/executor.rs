@@ -42,6 +42,11 @@ pub struct TaskContext {
     /// State shared by every executor of the pool (given to
     /// [`Builder::data`](crate::Builder::data)); read it with [`TaskContext::data`].
     pub shared: SharedData,
+    /// The W3C trace context to pass on to what this attempt calls: the
+    /// attempt's `task.execute` span under an OpenTelemetry layer, else the
+    /// task's stored `traceparent` (the built-in `http` executor sends it
+    /// as the `traceparent` header, `shell` as `TRACEPARENT`).
+    pub traceparent: Option<String>,
 }
 
 /// The longest an attempt may run when its kind sets no

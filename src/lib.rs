@@ -51,6 +51,7 @@
 //! | [`server`] | the HTTP API (browser guard, tokens with roles, audit trail), probes and Prometheus metrics of a node |
 //! | [`config`] | `Config` and [`config_load`] for the node |
 //! | [`duration`] | `30s`-style durations |
+//! | [`telemetry`] | trace context across nodes (W3C `traceparent`), OTLP export |
 //! | [`executors`] | the node's built-in `shell`, `http`, `noop`, `sleep` and `fail`; programs die with their node |
 //! | [`bench`](mod@bench) | the load tool behind `proto_tasker bench` |
 //!
@@ -107,6 +108,7 @@ pub mod sentinel;
 pub mod server;
 pub mod store;
 pub mod task;
+pub mod telemetry;
 pub mod typed;
 
 /// Implement [`TaskExecutor`] on your own type with it: `#[proto_tasker::async_trait]`

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use proto_tasker::bench::{self, BenchParams, BenchStores};
 use proto_tasker::config::{Config, LogFormat};
 use proto_tasker::store::Synchronous;
-use proto_tasker::{Node, NodeError, config_load};
+use proto_tasker::{Node, NodeError, config_load, telemetry};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -471,20 +471,53 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, Failure> {
     }
 }
 
-fn init_logging(cfg: &Config) {
-    use tracing_subscriber::EnvFilter;
+/// Logs to stderr, filtered by `log.level` (or `PROTO_TASKER_LOG`); with
+/// `telemetry.otlp_endpoint`, this crate's spans are also exported by OTLP
+/// (their own filter: a quiet log level does not drop traces). The exporter
+/// is returned to be shut down (flushed) on the way out.
+fn init_logging(cfg: &Config) -> Result<Option<telemetry::Exporter>, Failure> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("PROTO_TASKER_LOG")
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let _ = match cfg.log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match cfg.log.format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
+    let exporter = match &cfg.telemetry.otlp_endpoint {
+        Some(_) => {
+            let instance = cfg
+                .node
+                .name
+                .clone()
+                .unwrap_or_else(proto_tasker::pool::default_node_name);
+            Some(
+                telemetry::Exporter::start(&cfg.telemetry, &instance)
+                    .map_err(|e| Failure::user(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let otel = exporter.as_ref().map(|x| {
+        x.layer().with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("proto_tasker", tracing::Level::INFO),
+        )
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    if let (Some(u), Some(_)) = (&cfg.telemetry.otlp_endpoint, &exporter) {
+        tracing::info!(endpoint = %u, "exporting traces by OTLP");
+    }
+    Ok(exporter)
 }
 
 fn show(v: &Value) {
@@ -569,9 +602,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(f) = opts.log_format.or(cli.node.log_format) {
                 cfg.log.format = f;
             }
-            init_logging(&cfg);
-            let node = Node::from_config(&cfg).await?;
-            node.run(proto_tasker::pool::wait_for_signal()).await?;
+            let exporter = init_logging(&cfg)?;
+            let ran = match Node::from_config(&cfg).await {
+                Ok(node) => node.run(proto_tasker::pool::wait_for_signal()).await,
+                Err(e) => Err(e),
+            };
+            if let Some(x) = exporter {
+                x.shutdown().await;
+            }
+            ran?;
             Ok(())
         }
         Command::Bench(args) => match args.api.clone() {

@@ -167,6 +167,10 @@ pub struct Task {
     /// [`MAX_TAGS`]; in the order given, without repeats.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The W3C trace context of the enqueue (see [`crate::telemetry`]):
+    /// every attempt's `task.execute` span continues it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A task a new task waits for: one that exists, or another task of the
@@ -297,6 +301,11 @@ pub struct TaskOptions {
     /// Labels to find the task by, at most [`MAX_TAGS`] (a repeat is dropped).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// A W3C `traceparent` the enqueue continues (e.g. from an incoming
+    /// request's header). The enqueue span becomes its child when an
+    /// OpenTelemetry layer is installed; else it is stored as given.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 impl TaskOptions {
@@ -363,6 +372,12 @@ impl TaskOptions {
         self
     }
     /// Add a label to find the task by (see [`TaskOptions::tags`]).
+    /// Continue the trace `traceparent` (W3C, `00-<trace>-<span>-<flags>`).
+    pub fn traceparent(mut self, tp: impl Into<String>) -> Self {
+        self.traceparent = Some(tp.into());
+        self
+    }
+
     pub fn tag(mut self, t: impl Into<String>) -> Self {
         self.tags.push(t.into());
         self

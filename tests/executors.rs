@@ -68,6 +68,40 @@ async fn shell_runs_with_env_cwd_and_stdin_without_a_shell() {
     p.shutdown().await;
 }
 
+/// A task's trace context reaches the program it runs (the OpenTelemetry
+/// environment carrier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_programs_get_the_tasks_trace_context() {
+    let (p, _dir) = pool(shell(&["sh"], 1024)).await;
+    let c = p.client();
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let run = |env: serde_json::Value, traceparent: Option<&str>| {
+        let c = c.clone();
+        let mut o = TaskOptions::default();
+        if let Some(tp) = traceparent {
+            o = o.traceparent(tp);
+        }
+        async move {
+            let t = c
+                .insert(
+                    NewTask::new(
+                        "shell",
+                        json!({"cmd": ["sh", "-c", "printf %s \"$TRACEPARENT\""], "env": env}),
+                    )
+                    .with(o),
+                )
+                .await
+                .unwrap()
+                .task;
+            let t = c.wait(t.id, Duration::from_secs(10)).await.unwrap();
+            t.result.unwrap()["stdout"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(run(json!({}), Some(tp)).await, tp);
+    assert_eq!(run(json!({}), None).await, "", "no context, no variable");
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_failure_keeps_the_stderr_tail_and_output_is_capped() {
     let (p, _dir) = pool(shell(&["sh"], 100)).await;

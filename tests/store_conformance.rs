@@ -1156,6 +1156,93 @@ pub mod cases {
         );
     }
 
+    pub async fn trace_context_is_kept_on_every_insert_path(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        let tp = |n: u8| format!("00-4bf92f3577b34da6a3ce929d0e0e47{n:02x}-00f067aa0ba902b7-01");
+        // The statement for many plain rows, and the one-at-a-time path
+        // (a unique key; a parent of the same batch).
+        let mut plain = insert("k", "q", 0, now);
+        plain.traceparent = Some(tp(1));
+        let mut unique = insert("k", "q", 0, now);
+        unique.traceparent = Some(tp(2));
+        unique.unique_key = Some("u".into());
+        let mut child = insert("k", "q", 0, now);
+        child.traceparent = Some(tp(3));
+        child.depends_on = vec![proto_tasker::Dependency::Batch(0)];
+        let ids = insert_ids(
+            &s,
+            vec![plain, unique, child, insert("k", "q", 0, now)],
+            now,
+        )
+        .await;
+        for (i, want) in [Some(tp(1)), Some(tp(2)), Some(tp(3)), None]
+            .into_iter()
+            .enumerate()
+        {
+            let got = s.task_get(ids[i]).await.unwrap().unwrap().traceparent;
+            assert_eq!(got, want, "task {i}");
+        }
+        let claimed = s.task_claim(claim("q", "n", 10, now)).await.unwrap();
+        for t in &claimed {
+            let i = ids.iter().position(|id| *id == t.id).unwrap();
+            assert_eq!(
+                t.traceparent,
+                [Some(tp(1)), Some(tp(2)), None, None][i],
+                "a claim returns it (the blocked child is not claimed)"
+            );
+        }
+        assert_eq!(claimed.len(), 3);
+        // Through a client with no OpenTelemetry layer: a caller's context
+        // is stored as given; a malformed one is refused by name.
+        let client = proto_tasker::Client::new(
+            s.clone(),
+            std::sync::Arc::new(proto_tasker::TaskRegistry::new()),
+        );
+        let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let task = client
+            .insert(
+                proto_tasker::NewTask::new("k", serde_json::json!({})).with(
+                    proto_tasker::TaskOptions::default()
+                        .queue("q2")
+                        .traceparent(given),
+                ),
+            )
+            .await
+            .unwrap()
+            .task;
+        assert_eq!(task.traceparent.as_deref(), Some(given));
+        assert_eq!(
+            s.task_get(task.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .traceparent
+                .as_deref(),
+            Some(given)
+        );
+        for bad in [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            let e = client
+                .insert(
+                    proto_tasker::NewTask::new("k", serde_json::json!({})).with(
+                        proto_tasker::TaskOptions::default()
+                            .queue("q2")
+                            .traceparent(bad),
+                    ),
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, proto_tasker::ClientError::Invalid { field, .. } if field == "traceparent"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     pub async fn progress_lands_under_its_runs_claim_token(b: &Backend) {
         use proto_tasker::store::ProgressUpdate;
         let s = b.store.clone();
@@ -2621,6 +2708,7 @@ macro_rules! all_cases {
             cases::queue_listing_and_counts_span_states,
             cases::queue_lag_is_the_wait_of_the_oldest_due_task,
             cases::references_are_kept_on_both_insert_paths,
+            cases::trace_context_is_kept_on_every_insert_path,
             cases::progress_lands_under_its_runs_claim_token,
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,

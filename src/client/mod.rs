@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
+use tracing::Instrument;
 
 mod kinds;
 mod operator;
@@ -36,6 +37,28 @@ pub enum ClientError {
     /// says what.
     #[error("{0}")]
     NotFound(String),
+}
+
+/// The `task.enqueue` span of an insert of `tasks`, and, under an
+/// OpenTelemetry layer, its context, which the tasks carry (the span is a
+/// child of the first task's `traceparent` when given, else of the current
+/// span). Without a layer, each task keeps the `traceparent` it was given.
+fn enqueue_span(tasks: &[NewTask]) -> (tracing::Span, Option<String>) {
+    let first = tasks.first();
+    let span = tracing::info_span!(
+        "task.enqueue",
+        otel.kind = "producer",
+        task.kind = first.map(|t| t.kind.as_str()).unwrap_or_default(),
+        task.count = tasks.len(),
+        task.id = tracing::field::Empty,
+        task.queue = tracing::field::Empty,
+    );
+    let given = first
+        .and_then(|t| t.options.traceparent.as_deref())
+        .filter(|tp| crate::telemetry::parse_traceparent(tp).is_some());
+    crate::telemetry::continue_trace(&span, given);
+    let trace = crate::telemetry::traceparent_of(&span);
+    (span, trace)
 }
 
 /// Turn each task's `depends_on_refs` into positions in the batch, naming
@@ -359,33 +382,47 @@ impl Client {
     /// Enqueue one task. When its `unique_key` matches an unfinished task,
     /// that task is returned with `existing = true` and nothing is inserted.
     pub async fn insert(&self, task: NewTask) -> Result<Inserted, ClientError> {
-        let now = Utc::now();
-        let declared = self.kind_defaults(std::iter::once(&task)).await?;
-        let row = self.resolve(task, now, None, &declared)?;
-        if row
-            .depends_on
-            .iter()
-            .any(|d| matches!(d, Dependency::Batch(_)))
-        {
-            return Err(invalid("depends_on", "a batch reference needs insert_many"));
+        let (span, trace) = enqueue_span(std::slice::from_ref(&task));
+        let inserted = async {
+            let now = Utc::now();
+            let declared = self.kind_defaults(std::iter::once(&task)).await?;
+            let row = self.resolve(task, now, None, &declared, trace.as_deref())?;
+            if row
+                .depends_on
+                .iter()
+                .any(|d| matches!(d, Dependency::Batch(_)))
+            {
+                return Err(invalid("depends_on", "a batch reference needs insert_many"));
+            }
+            let mut v = self.store.task_insert_many(vec![row], now).await?;
+            v.pop().ok_or_else(|| {
+                ClientError::Store(StoreError::unavailable("insert returned no row"))
+            })
         }
-        let mut v = self.store.task_insert_many(vec![row], now).await?;
-        v.pop()
-            .ok_or_else(|| ClientError::Store(StoreError::unavailable("insert returned no row")))
+        .instrument(span.clone())
+        .await?;
+        span.record("task.id", inserted.task.id.0);
+        span.record("task.queue", inserted.task.queue.as_str());
+        Ok(inserted)
     }
 
     /// Enqueue many tasks in one transaction: all are inserted or none.
     pub async fn insert_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>, ClientError> {
-        let now = Utc::now();
-        let declared = self.kind_defaults(tasks.iter()).await?;
-        let (rows, order) = self.resolve_all(tasks, now, &declared)?;
-        let out = self.store.task_insert_many(rows, now).await?;
-        Ok(unpermute(out, &order))
+        let (span, trace) = enqueue_span(&tasks);
+        async {
+            let now = Utc::now();
+            let declared = self.kind_defaults(tasks.iter()).await?;
+            let (rows, order) = self.resolve_all(tasks, now, &declared, trace.as_deref())?;
+            let out = self.store.task_insert_many(rows, now).await?;
+            Ok(unpermute(out, &order))
+        }
+        .instrument(span)
+        .await
     }
 
     /// Check a task as `insert` would, without inserting it.
     pub fn check(&self, task: NewTask) -> Result<(), ClientError> {
-        self.resolve(task, Utc::now(), None, &Default::default())
+        self.resolve(task, Utc::now(), None, &Default::default(), None)
             .map(|_| ())
     }
 
@@ -396,7 +433,7 @@ impl Client {
         tasks
             .into_iter()
             .enumerate()
-            .map(|(i, t)| self.resolve(t, now, Some(i), &Default::default()))
+            .map(|(i, t)| self.resolve(t, now, Some(i), &Default::default(), None))
             .collect()
     }
 
@@ -408,12 +445,13 @@ impl Client {
         tasks: Vec<NewTask>,
         now: chrono::DateTime<Utc>,
         declared: &std::collections::BTreeMap<String, KindDefaults>,
+        trace: Option<&str>,
     ) -> Result<(Vec<TaskInsert>, Vec<usize>), ClientError> {
         let tasks = resolve_refs(tasks)?;
         let rows = tasks
             .into_iter()
             .enumerate()
-            .map(|(i, t)| self.resolve(t, now, Some(i), declared))
+            .map(|(i, t)| self.resolve(t, now, Some(i), declared, trace))
             .collect::<Result<Vec<_>, _>>()?;
         let order = dependency_order(&rows)?;
         let mut position = vec![0; rows.len()];
@@ -439,13 +477,15 @@ impl Client {
     /// Apply defaults and check one task. `index` names it in errors of a
     /// batch. A kind's defaults come from this client's registry, else the
     /// task's own (typed tasks carry theirs), else what live nodes declare
-    /// (`declared`), else the built-in ones.
+    /// (`declared`), else the built-in ones. `trace`: the enqueue span's
+    /// context, which the task carries rather than its own `traceparent`.
     fn resolve(
         &self,
         t: NewTask,
         now: chrono::DateTime<Utc>,
         index: Option<usize>,
         declared: &std::collections::BTreeMap<String, KindDefaults>,
+        trace: Option<&str>,
     ) -> Result<TaskInsert, ClientError> {
         let at = |f: &str| match index {
             None => f.to_string(),
@@ -563,6 +603,18 @@ impl Client {
         {
             return Err(invalid(at("unique_key"), "must not be empty when set"));
         }
+        if let Some(tp) = &o.traceparent
+            && crate::telemetry::parse_traceparent(tp).is_none()
+        {
+            return Err(invalid(
+                at("traceparent"),
+                format!(
+                    "{:?} {}",
+                    tp.chars().take(64).collect::<String>(),
+                    crate::telemetry::TRACEPARENT_FORMAT
+                ),
+            ));
+        }
         let tags = check_tags(o.tags).map_err(|(i, m)| match i {
             Some(i) => invalid(at(&format!("tags[{i}]")), m),
             None => invalid(at("tags"), m),
@@ -582,6 +634,7 @@ impl Client {
             concurrency_key: o.concurrency_key,
             reference: o.reference,
             tags,
+            traceparent: trace.map(str::to_string).or(o.traceparent),
         })
     }
 
@@ -615,11 +668,16 @@ impl Client {
                     "insert_in needs a PostgresStore (the caller's transaction is PostgreSQL)",
                 )
             })?;
-        let now = Utc::now();
-        let declared = self.kind_defaults(tasks.iter()).await?;
-        let (rows, order) = self.resolve_all(tasks, now, &declared)?;
-        let out = pg.insert_in(tx, rows, now).await?;
-        Ok(unpermute(out, &order))
+        let (span, trace) = enqueue_span(&tasks);
+        async {
+            let now = Utc::now();
+            let declared = self.kind_defaults(tasks.iter()).await?;
+            let (rows, order) = self.resolve_all(tasks, now, &declared, trace.as_deref())?;
+            let out = pg.insert_in(tx, rows, now).await?;
+            Ok(unpermute(out, &order))
+        }
+        .instrument(span)
+        .await
     }
 
     pub async fn get(&self, id: TaskId) -> Result<Option<Task>, ClientError> {
@@ -719,6 +777,7 @@ mod tests {
             concurrency_key: None,
             reference: None,
             tags: Vec::new(),
+            traceparent: None,
         }
     }
 

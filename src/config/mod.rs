@@ -348,6 +348,30 @@ impl Default for LogConfig {
     }
 }
 
+/// Traces (see [`crate::telemetry`]): off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector's base URL (Jaeger, Tempo, the OpenTelemetry
+    /// Collector: `http://127.0.0.1:4318`); spans go to `<url>/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// The share of new traces kept, 0.0 to 1.0; a trace begun elsewhere
+    /// keeps its caller's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "proto_tasker".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
 /// The whole configuration of a node.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -361,6 +385,7 @@ pub struct Config {
     pub sentinel: SentinelConfig,
     pub retention: Retention,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub executors: ExecutorsConfig,
     /// Cron schedules this node registers at start.
     pub schedules: Vec<crate::cron::ScheduleSpec>,
@@ -387,6 +412,7 @@ impl Default for Config {
             sentinel: SentinelConfig::default(),
             retention: Retention::default(),
             log: LogConfig::default(),
+            telemetry: TelemetryConfig::default(),
             executors: ExecutorsConfig::default(),
             schedules: Vec::new(),
         }
@@ -439,6 +465,11 @@ pub(crate) fn apply_env(cfg: &mut Config) {
     {
         cfg.store.kind = StoreKind::Postgres;
         cfg.store.url = Some(u);
+    }
+    if let Ok(u) = std::env::var("PROTO_TASKER_OTLP_ENDPOINT")
+        && !u.is_empty()
+    {
+        cfg.telemetry.otlp_endpoint = Some(u);
     }
     if let Ok(u) = std::env::var("PROTO_TASKER_STORE_LISTEN_URL")
         && !u.is_empty()
@@ -555,6 +586,24 @@ pub fn validate(cfg: &Config) -> Result<(), (String, String)> {
                 format!("{o:?} is not an origin like https://app.example.com"),
             ));
         }
+    }
+    if let Some(u) = &cfg.telemetry.otlp_endpoint {
+        let scheme = u.starts_with("http://") || u.starts_with("https://");
+        if !scheme || u.len() > 2048 || u.parse::<axum::http::Uri>().is_err() {
+            return Err((
+                "telemetry.otlp_endpoint".into(),
+                format!("{u:?} is not an http(s) URL like http://127.0.0.1:4318"),
+            ));
+        }
+    }
+    if cfg.telemetry.service_name.trim().is_empty() || cfg.telemetry.service_name.len() > 255 {
+        return e("telemetry.service_name", "must be 1 to 255 bytes");
+    }
+    if !(0.0..=1.0).contains(&cfg.telemetry.sample_ratio) {
+        return Err((
+            "telemetry.sample_ratio".into(),
+            format!("{} is not between 0.0 and 1.0", cfg.telemetry.sample_ratio),
+        ));
     }
     if cfg.log.level.trim().is_empty() {
         return e("log.level", "must not be empty");

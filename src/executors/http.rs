@@ -139,6 +139,15 @@ impl TaskExecutor for HttpExecutor {
         let mut req = self.client.request(method, url.clone());
         // What errors show: the URL without its credentials.
         let url = shown(&url);
+        // The attempt's trace context, unless the task sets its own.
+        if let Some(tp) = &ctx.traceparent
+            && !a
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("traceparent"))
+        {
+            req = req.header("traceparent", tp);
+        }
         for (k, v) in &a.headers {
             req = req.header(k, v);
         }

@@ -352,6 +352,10 @@ impl TaskExecutor for ShellExecutor {
                     .iter()
                     .filter_map(|k| std::env::var_os(k).map(|v| (k.clone(), v))),
             )
+            // The trace this attempt belongs to, for an instrumented
+            // program (the OpenTelemetry environment carrier); the task's
+            // own `env` may override it.
+            .envs(ctx.traceparent.as_ref().map(|tp| ("TRACEPARENT", tp)))
             .envs(&a.env)
             .env(super::orphans::MARK_VAR, super::orphans::process_mark())
             .stdin(if a.stdin.is_some() {

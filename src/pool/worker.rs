@@ -220,8 +220,21 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
             let wait = (Utc::now() - due).to_std().unwrap_or_default();
             o.task_started(&task, wait);
         }
-        let span =
-            tracing::info_span!("task", id = %task.id, kind = %task.kind, attempt = task.attempt);
+        // Each attempt's span continues the enqueue's trace (see
+        // `crate::telemetry`), on whichever node runs it.
+        let span = tracing::info_span!(
+            "task.execute",
+            otel.kind = "consumer",
+            task.id = task.id.0,
+            task.kind = %task.kind,
+            task.queue = %task.queue,
+            task.attempt = task.attempt,
+            task.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::continue_trace(&span, task.traceparent.as_deref());
+        let traceparent =
+            crate::telemetry::traceparent_of(&span).or_else(|| task.traceparent.clone());
         let (parent_results, parent_results_by_ref) = parent_results(&ctx, &task).await;
         let tctx = TaskContext {
             id: task.id,
@@ -241,6 +254,7 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
                 task.id,
                 task.claim_token,
             ),
+            traceparent,
         };
         let call = AssertUnwindSafe(ctx.worker.run(tctx).instrument(span.clone())).catch_unwind();
         let caught = match &deadline {
@@ -290,6 +304,11 @@ pub(crate) async fn run_slot(ctx: SlotCtx) {
                     ),
                 };
             }
+        }
+        span.record("task.outcome", outcome.name());
+        // The error itself is in the span's event below.
+        if let Outcome::Retry { .. } | Outcome::Failed { .. } = &outcome {
+            span.record("otel.status_code", "ERROR");
         }
         span.in_scope(|| match &outcome {
             Outcome::Completed { .. } => tracing::debug!("completed"),

@@ -307,8 +307,34 @@ fn enqueue_failed(state: &AppState, e: crate::client::ClientError) -> ApiError {
     ApiError::from(e)
 }
 
+/// The trace an enqueue request continues.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // read from the headers by `traced`; here for the API document
+pub(crate) struct TraceHeader {
+    /// A W3C trace context (`00-<32 hex trace id>-<16 hex span id>-<2 hex
+    /// flags>`): the enqueue continues that trace, and every attempt of
+    /// the task is a span of it. A malformed value is ignored (a new trace
+    /// begins), as W3C Trace Context asks.
+    traceparent: Option<String>,
+}
+
+/// `task` continuing the request's `traceparent` header, when it is one.
+fn traced(mut task: NewTask, headers: &axum::http::HeaderMap) -> NewTask {
+    let tp = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|tp| crate::telemetry::parse_traceparent(tp).is_some());
+    if let Some(tp) = tp {
+        task.options.traceparent = Some(tp.to_string());
+    }
+    task
+}
+
 /// Create a task.
 #[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks", request_body = CreateTask,
+    params(TraceHeader),
     responses(
         (status = 201, description = "Created", body = Task),
         (status = 200, description = "A task of the same kind holds `unique_key`: that task (with `on_conflict: replace`, updated)", body = Task),
@@ -320,6 +346,7 @@ fn enqueue_failed(state: &AppState, e: crate::client::ClientError) -> ApiError {
     ))]
 pub(crate) async fn create_task(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: CreateTask = read_json(body, state.limits.max_body_bytes).await?;
@@ -330,6 +357,7 @@ pub(crate) async fn create_task(
         ));
     }
     let task = new_task(&state, req, "", &std::collections::HashMap::new())?;
+    let task = traced(task, &headers);
     let inserted = state
         .client
         .insert(task)
@@ -355,6 +383,7 @@ pub(crate) struct CreateBatch {
 
 /// Create many tasks at once; they may depend on each other by `ref`.
 #[utoipa::path(post, path = "/api/v1/tasks/batch", tag = "tasks", request_body = CreateBatch,
+    params(TraceHeader),
     responses(
         (status = 201, description = "Created (a task whose `unique_key` was held is the existing one)", body = TaskBatch),
         (status = 409, description = "A task with `on_conflict: error` found its `unique_key` held (`duplicate`); nothing was created", body = super::openapi::ErrorBody),
@@ -365,6 +394,7 @@ pub(crate) struct CreateBatch {
     ))]
 pub(crate) async fn create_batch(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: CreateBatch = read_json(body, state.limits.max_body_bytes).await?;
@@ -411,6 +441,7 @@ pub(crate) async fn create_batch(
         .into_iter()
         .enumerate()
         .map(|(i, c)| new_task(&state, c, &format!("tasks[{i}]."), &refs))
+        .map(|t| t.map(|t| traced(t, &headers)))
         .collect::<Result<Vec<_>, _>>()?;
     let inserted = state
         .client

@@ -221,17 +221,6 @@ impl Metrics {
     }
 }
 
-fn outcome_label(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Completed { .. } => "completed",
-        Outcome::Retry { .. } => "retried",
-        Outcome::Failed { .. } => "failed",
-        Outcome::Cancelled { .. } => "cancelled",
-        Outcome::Snoozed { .. } => "snoozed",
-        Outcome::Released => "released",
-    }
-}
-
 impl PoolObserver for Metrics {
     fn task_started(&self, task: &Task, wait: Duration) {
         self.wait
@@ -253,7 +242,7 @@ impl PoolObserver for Metrics {
             .get_or_create(&QueueKindOutcome {
                 queue: qk.queue,
                 kind: qk.kind,
-                outcome: outcome_label(outcome),
+                outcome: outcome.name(),
             })
             .inc();
     }

@@ -160,7 +160,7 @@ impl StoreError {
 /// read them by the positions in [`col`].
 pub(crate) const TASK_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, \
     max_attempts, timeout_ms, unique_key, run_at, created_at, started_at, finished_at, node, \
-    result, errors, depends_on, concurrency_key, claim_token, ref_name, progress, tags";
+    result, errors, depends_on, concurrency_key, claim_token, ref_name, progress, tags, traceparent";
 
 /// Positions of [`TASK_COLUMNS`].
 pub(crate) mod col {
@@ -187,6 +187,7 @@ pub(crate) mod col {
     pub const REF_NAME: usize = 20;
     pub const PROGRESS: usize = 21;
     pub const TAGS: usize = 22;
+    pub const TRACEPARENT: usize = 23;
 }
 
 /// The earliest due instant per queue from `(queue, earliest of one

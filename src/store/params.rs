@@ -31,6 +31,8 @@ pub struct TaskInsert {
     pub reference: Option<String>,
     /// Labels, checked and without repeats.
     pub tags: Vec<String>,
+    /// The enqueue's W3C trace context (checked).
+    pub traceparent: Option<String>,
 }
 
 impl TaskInsert {
@@ -64,6 +66,7 @@ impl TaskInsert {
             reference: self.reference.clone(),
             progress: None,
             tags: self.tags.clone(),
+            traceparent: self.traceparent.clone(),
         }
     }
 }
@@ -257,6 +260,22 @@ pub enum Outcome {
     Snoozed { run_at: DateTime<Utc> },
     /// The node gave the task back (shutdown): available again now, attempt not used up.
     Released,
+}
+
+impl Outcome {
+    /// A word for the outcome: `completed`, `retried`, `failed`,
+    /// `cancelled`, `snoozed` or `released` (a span's `task.outcome`, the
+    /// `outcome` label of the metrics).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Completed { .. } => "completed",
+            Outcome::Retry { .. } => "retried",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Cancelled { .. } => "cancelled",
+            Outcome::Snoozed { .. } => "snoozed",
+            Outcome::Released => "released",
+        }
+    }
 }
 
 /// One run's outcome, fenced by `(id, token)`: it lands only while the task

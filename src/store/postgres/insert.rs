@@ -73,7 +73,11 @@ pub(super) async fn insert_rows<C: GenericClient>(
             .map(|&i| (!rows[i].tags.is_empty()).then(|| serde_json::json!(rows[i].tags)))
             .collect();
         let fseqs: Vec<Option<i64>> = plain.iter().map(|&i| seqs[i]).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        let tps: Vec<Option<&str>> = plain
+            .iter()
+            .map(|&i| rows[i].traceparent.as_deref())
+            .collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
             &kinds,
             &queues,
             &args,
@@ -86,6 +90,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             &refs,
             &tags,
             &fseqs,
+            &tps,
         ];
         let ids = match insert_many {
             Some((on, st)) => st.query(on, &params).await?,
@@ -243,6 +248,7 @@ async fn insert_single<C: GenericClient>(
                     &t.reference,
                     &tags,
                     &fair_seq,
+                    &t.traceparent,
                 ],
             )
             .await

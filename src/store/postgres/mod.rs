@@ -90,6 +90,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0020_unique_rules.sql"),
     include_str!("migrations/0021_queue_limits.sql"),
     include_str!("migrations/0022_fairness.sql"),
+    include_str!("migrations/0023_traceparent.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {

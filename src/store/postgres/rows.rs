@@ -120,6 +120,7 @@ pub(super) fn row_to_task(r: &Row) -> Result<Task, StoreError> {
             .try_get::<_, Option<Vec<String>>>(col::TAGS)
             .map_err(db_err)?
             .unwrap_or_default(),
+        traceparent: r.try_get(col::TRACEPARENT).map_err(db_err)?,
     })
 }
 

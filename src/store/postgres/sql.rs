@@ -170,13 +170,13 @@ impl Sql {
             // text[][] cannot hold rows of different lengths.
             insert_many: format!(
                 "WITH ins AS (INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, \
-                   created_at, concurrency_key, ref_name, tags, fair_seq) \
+                   created_at, concurrency_key, ref_name, tags, fair_seq, traceparent) \
                  SELECT kind, queue, args, priority, CASE WHEN run_at > $8 THEN 'scheduled' ELSE 'available' END, \
                         max_attempts, timeout_ms, run_at, $8, ckey, rname, \
-                        CASE WHEN tg IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(tg)) END, fseq \
+                        CASE WHEN tg IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(tg)) END, fseq, tp \
                  FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::int8[], $7::timestamptz[], \
-                             $9::text[], $10::text[], $11::jsonb[], $12::int8[]) \
-                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, tg, fseq, ord) \
+                             $9::text[], $10::text[], $11::jsonb[], $12::int8[], $13::text[]) \
+                   WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, timeout_ms, run_at, ckey, rname, tg, fseq, tp, ord) \
                  ORDER BY ord RETURNING id, tags), \
                  tagged AS (INSERT INTO {s}.task_tags (tag, task_id) SELECT unnest(tags), id FROM ins WHERE tags IS NOT NULL) \
                  SELECT id FROM ins"
@@ -184,8 +184,8 @@ impl Sql {
             insert_one: format!(
                 "WITH ins AS (INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, unique_key, \
                    run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, concurrency_key, \
-                   ref_name, tags, fair_seq) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
+                   ref_name, tags, fair_seq, traceparent) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
                  ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND NOT unique_released \
                    AND state NOT IN ({finished}) DO NOTHING \
                  RETURNING {TASK_COLUMNS}), \

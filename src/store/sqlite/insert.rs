@@ -153,8 +153,8 @@ fn insert_one(
         .prepare_cached(
             "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
              unique_key, run_at, created_at, depends_on, deps_pending, dep_failure, finished_at, errors, \
-             concurrency_key, ref_name, tags, fair_seq) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+             concurrency_key, ref_name, tags, fair_seq, traceparent) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
         )
         .map_err(sql_err)?;
     st.execute(params![
@@ -177,6 +177,7 @@ fn insert_one(
         t.reference,
         tags_json,
         fair_seq,
+        t.traceparent,
     ])
     .map_err(sql_err)?;
     task.id = TaskId(conn.last_insert_rowid());

@@ -76,6 +76,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0019_unique_rules.sql"),
     include_str!("migrations/0020_queue_limits.sql"),
     include_str!("migrations/0021_fairness.sql"),
+    include_str!("migrations/0022_traceparent.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.

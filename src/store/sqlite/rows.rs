@@ -58,6 +58,7 @@ pub(super) fn row_to_task(r: &Row<'_>) -> rusqlite::Result<Task> {
             Some(t) => serde_json::from_str(&t).map_err(|e| conv(col::TAGS, Box::new(e)))?,
             None => Vec::new(),
         },
+        traceparent: r.get(col::TRACEPARENT)?,
     })
 }
 
