@@ -91,6 +91,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0021_queue_limits.sql"),
     include_str!("migrations/0022_fairness.sql"),
     include_str!("migrations/0023_traceparent.sql"),
+    include_str!("migrations/0024_no_state_index.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {

@@ -49,6 +49,24 @@ pub(super) fn list_sql(s: &str, p: ListParams) -> (String, Vec<Param>) {
                 arms.join(" UNION ALL ")
             )
         }
+        // One state, any queue: the newest `limit` of that state in each
+        // queue's range of tasks_queue_state, merged (at most queues x
+        // `limit` rows sorted). There is no index on (state, id): it would
+        // take an entry at every transition of every task.
+        (None, Some(st), None) => {
+            if let Some(b) = p.before {
+                rest.push_str(&format!(" AND id < {}", add(Box::new(b.0))));
+            }
+            let st = add(Box::new(st.as_str().to_string()));
+            format!(
+                "WITH RECURSIVE {} \
+                 SELECT t.* FROM qs CROSS JOIN LATERAL \
+                   (SELECT {TASK_COLUMNS} FROM {s}.tasks WHERE queue = qs.q AND state = {st}{rest} \
+                    ORDER BY id DESC LIMIT {limit}) t \
+                 WHERE qs.q IS NOT NULL ORDER BY t.id DESC LIMIT {limit}",
+                super::sql::queues_cte(s)
+            )
+        }
         // Any other filters: newest first by id, through the task's own
         // indexes; or, with a tag, its rows of task_tags newest first (the
         // primary key's order), each task found by id and filtered.

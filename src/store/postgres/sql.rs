@@ -70,12 +70,25 @@ pub(super) struct Sql {
     pub progress: String,
 }
 
+/// `qs(q)`: the queues that have tasks in schema `s`, by a loose index scan
+/// of tasks_queue_state (one probe each; the last row is NULL). For a
+/// `WITH RECURSIVE` list.
+pub(super) fn queues_cte(s: &str) -> String {
+    format!(
+        "qs(q) AS ( \
+           SELECT min(queue) FROM {s}.tasks \
+           UNION ALL \
+           SELECT (SELECT min(queue) FROM {s}.tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL)"
+    )
+}
+
 impl Sql {
     pub(super) fn new(s: &str) -> Self {
         let claimable = lifecycle::sql_states(&lifecycle::CLAIMABLE);
         let finished = lifecycle::sql_states(&lifecycle::FINISHED);
         let pending = lifecycle::sql_states(&lifecycle::REPLACEABLE);
         let all_states = lifecycle::sql_states(&TaskState::ALL);
+        let queues = queues_cte(s);
         let node_upsert = format!(
             "INSERT INTO {s}.nodes (name, version, started_at, heartbeat_at, workers, workers_busy, queues, \
                stats, instance, schedules, kinds) \
@@ -310,9 +323,14 @@ impl Sql {
             // The pruned tasks' workflow edges go with them (an edge is
             // only walked while its child can still be blocked), and so do
             // their tags' rows.
+            // The old tasks of state $1, oldest ids first, queue by queue
+            // (a loose index scan of tasks_queue_state, as `queue_counts`).
             prune: format!(
-                "WITH gone AS (DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM {s}.tasks \
-                   WHERE state = $1 AND finished_at < $2 LIMIT $3) RETURNING id, tags), \
+                "WITH RECURSIVE {queues}, \
+                 victims AS (SELECT v.id FROM qs CROSS JOIN LATERAL (SELECT id FROM {s}.tasks \
+                   WHERE queue = qs.q AND state = $1 AND finished_at < $2 ORDER BY id LIMIT $3) v \
+                   WHERE qs.q IS NOT NULL LIMIT $3), \
+                 gone AS (DELETE FROM {s}.tasks WHERE id IN (SELECT id FROM victims) RETURNING id, tags), \
                  edges AS (DELETE FROM {s}.task_deps WHERE parent IN (SELECT id FROM gone) \
                    OR child IN (SELECT id FROM gone)), \
                  untagged AS (DELETE FROM {s}.task_tags WHERE (tag, task_id) IN \
@@ -326,10 +344,7 @@ impl Sql {
             // sequential scan would find `cap` rows sooner (stale visibility
             // after a VACUUM that a long transaction held back).
             queue_counts: format!(
-                "WITH RECURSIVE qs(q) AS ( \
-                   SELECT min(queue) FROM {s}.tasks \
-                   UNION ALL \
-                   SELECT (SELECT min(queue) FROM {s}.tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL) \
+                "WITH RECURSIVE {queues} \
                  SELECT qs.q, st.s, c.n FROM qs \
                  CROSS JOIN unnest(ARRAY[{all_states}]) AS st(s) \
                  CROSS JOIN LATERAL (SELECT count(*) AS n FROM \
