@@ -1156,6 +1156,99 @@ pub mod cases {
         );
     }
 
+    pub async fn one_state_lists_merge_every_queue(b: &Backend) {
+        // More queues than one statement's arms on SQLite (200): lists of
+        // one state across queues merge each queue's newest page.
+        let s = b.store.clone();
+        let now = now();
+        let rows = (0..450)
+            .map(|i| insert("k", &format!("q{:03}", (i * 7) % 450), 0, now))
+            .collect();
+        let mut ids = insert_ids(&s, rows, now).await;
+        ids.reverse();
+        let list = |before: Option<proto_tasker::TaskId>| {
+            let s = s.clone();
+            async move {
+                s.task_list(ListParams {
+                    state: Some(TaskState::Available),
+                    before,
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+            }
+        };
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = list(before).await;
+            assert!(page.len() <= 100);
+            let Some(last) = page.last().copied() else {
+                break;
+            };
+            seen.extend(page);
+            before = Some(last);
+        }
+        assert_eq!(seen, ids, "every task once, newest first");
+        // Retention walks the queues the same way.
+        let done: Vec<_> = ids.iter().take(300).copied().collect();
+        let claimed = {
+            let mut all = Vec::new();
+            for q in 0..450 {
+                all.extend(
+                    s.task_claim(claim(&format!("q{q:03}"), "n", 10, now))
+                        .await
+                        .unwrap(),
+                );
+            }
+            all
+        };
+        let outcomes: Vec<_> = claimed
+            .iter()
+            .filter(|t| done.contains(&t.id))
+            .map(|t| {
+                Completion::of(
+                    t,
+                    now,
+                    Outcome::Completed {
+                        result: serde_json::json!(1),
+                    },
+                )
+            })
+            .collect();
+        s.task_complete_many(outcomes).await.unwrap();
+        let prune = |limit: usize| {
+            let s = s.clone();
+            async move {
+                s.task_prune(PruneParams {
+                    completed_before: Some(now + chrono::Duration::seconds(1)),
+                    failed_before: None,
+                    cancelled_before: None,
+                    audit_before: None,
+                    limit,
+                })
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(prune(120).await, 120, "the limit holds across queues");
+        assert_eq!(prune(1000).await, 180);
+        assert_eq!(prune(1000).await, 0);
+        let running = s
+            .task_list(ListParams {
+                state: Some(TaskState::Running),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(running.len(), 150, "the running tasks stay");
+    }
+
     pub async fn trace_context_is_kept_on_every_insert_path(b: &Backend) {
         let s = b.store.clone();
         let now = now();
@@ -2709,6 +2802,7 @@ macro_rules! all_cases {
             cases::queue_lag_is_the_wait_of_the_oldest_due_task,
             cases::references_are_kept_on_both_insert_paths,
             cases::trace_context_is_kept_on_every_insert_path,
+            cases::one_state_lists_merge_every_queue,
             cases::progress_lands_under_its_runs_claim_token,
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,

@@ -77,6 +77,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0020_queue_limits.sql"),
     include_str!("migrations/0021_fairness.sql"),
     include_str!("migrations/0022_traceparent.sql"),
+    include_str!("migrations/0023_no_state_index.sql"),
 ];
 
 /// How hard SQLite works to make a commit durable.
@@ -151,7 +152,7 @@ impl SqliteStore {
     pub async fn explain(&self, read: DashboardRead) -> Result<Vec<String>, StoreError> {
         self.read(move |conn| {
             let statements = match read {
-                DashboardRead::TaskList(p) => vec![rows::list_sql(&p)],
+                DashboardRead::TaskList(p) => rows::list_statements(&p, &rows::queues(conn)?),
                 DashboardRead::QueueCounts => vec![(
                     rows::queue_counts_sql(),
                     vec![QUEUE_COUNT_CAP.into(), FINISHED_COUNT_CAP.into()],
@@ -463,11 +464,7 @@ impl Store for SqliteStore {
     }
 
     async fn task_list(&self, p: ListParams) -> Result<Vec<Task>, StoreError> {
-        self.read(move |conn| {
-            let (sql, args) = rows::list_sql(&p);
-            rows::fetch_tasks(conn, &sql, rusqlite::params_from_iter(args))
-        })
-        .await
+        self.read(move |conn| rows::list(conn, &p)).await
     }
 
     async fn task_cancel(&self, id: TaskId, now: DateTime<Utc>) -> Result<Task, StoreError> {

@@ -275,20 +275,32 @@ pub(super) fn rescue(
 pub(super) fn prune(conn: &Connection, p: &PruneParams) -> Result<u64, StoreError> {
     let mut total = 0u64;
     let limit = p.limit.max(1) as i64;
+    // Queue by queue, oldest ids first, through tasks_queue_state (there
+    // is no index on (state, id)).
+    let queues = super::rows::queues(conn)?;
     for (state, before) in p.cutoffs() {
         let Some(before) = before else { continue };
-        let gone: Vec<(i64, Option<String>)> = conn
-            .prepare_cached(
-                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
-                 WHERE state = ?1 AND finished_at < ?2 LIMIT ?3) RETURNING id, tags",
-            )
-            .and_then(|mut st| {
-                st.query_map(params![state.as_str(), to_micros(before), limit], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<Result<_, _>>()
-            })
-            .map_err(sql_err)?;
+        let mut gone: Vec<(i64, Option<String>)> = Vec::new();
+        for q in &queues {
+            let left = limit - gone.len() as i64;
+            if left <= 0 {
+                break;
+            }
+            let mut some: Vec<(i64, Option<String>)> = conn
+                .prepare_cached(
+                    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks INDEXED BY tasks_queue_state \
+                     WHERE queue = ?1 AND state = ?2 AND finished_at < ?3 ORDER BY id LIMIT ?4) \
+                     RETURNING id, tags",
+                )
+                .and_then(|mut st| {
+                    st.query_map(params![q, state.as_str(), to_micros(before), left], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<Result<_, _>>()
+                })
+                .map_err(sql_err)?;
+            gone.append(&mut some);
+        }
         // Their workflow edges go with them (an edge is only walked while
         // its child can still be blocked), and so do their tags' rows.
         if !gone.is_empty() {

@@ -140,8 +140,95 @@ pub(super) fn queue_counts_sql() -> String {
     )
 }
 
-/// The query behind `task_list`, with its arguments.
-pub(super) fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) {
+/// The queues that have tasks, one probe of tasks_queue_state each (a
+/// loose index scan).
+pub(super) fn queues(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "WITH RECURSIVE qs(q) AS ( \
+               SELECT (SELECT min(queue) FROM tasks) \
+               UNION ALL \
+               SELECT (SELECT min(queue) FROM tasks WHERE queue > qs.q) FROM qs WHERE qs.q IS NOT NULL) \
+             SELECT q FROM qs WHERE q IS NOT NULL",
+        )
+        .map_err(sql_err)?;
+    st.query_map([], |r| r.get(0))
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)
+}
+
+/// Arms of one compound SELECT: SQLite allows 500 by default.
+const ARMS_PER_STATEMENT: usize = 200;
+
+/// The statements behind `task_list`, with their arguments: one, or for
+/// one state across queues one per 200 queues (of `queues`), whose rows
+/// are merged newest first. There is no index on (state, id): it would
+/// take an entry at every transition of every task, on the writer thread.
+pub(super) fn list_statements(
+    p: &ListParams,
+    queues: &[String],
+) -> Vec<(String, Vec<rusqlite::types::Value>)> {
+    let (None, Some(st), None) = (&p.tag, &p.state, &p.queue) else {
+        return vec![list_sql(p)];
+    };
+    let limit = p.limit.max(1) as i64;
+    queues
+        .chunks(ARMS_PER_STATEMENT)
+        .map(|chunk| {
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let arms: Vec<String> = chunk
+                .iter()
+                .map(|q| {
+                    args.push(q.clone().into());
+                    args.push(st.as_str().to_string().into());
+                    let mut rest = String::new();
+                    if let Some(k) = &p.kind {
+                        rest.push_str(" AND kind = ?");
+                        args.push(k.clone().into());
+                    }
+                    if let Some(a) = &p.args {
+                        rest.push_str(" AND pt_json_contains(args, ?)");
+                        args.push(a.to_string().into());
+                    }
+                    if let Some(b) = p.before {
+                        rest.push_str(" AND id < ?");
+                        args.push(b.0.into());
+                    }
+                    args.push(limit.into());
+                    format!(
+                        "SELECT * FROM (SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_queue_state \
+                         WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
+                    )
+                })
+                .collect();
+            args.push(limit.into());
+            (
+                format!("{} ORDER BY id DESC LIMIT ?", arms.join(" UNION ALL ")),
+                args,
+            )
+        })
+        .collect()
+}
+
+/// `task_list`: its statements run and merged, newest first.
+pub(super) fn list(conn: &Connection, p: &ListParams) -> Result<Vec<Task>, StoreError> {
+    let queues = match (&p.tag, &p.state, &p.queue) {
+        (None, Some(_), None) => queues(conn)?,
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (sql, args) in list_statements(p, &queues) {
+        out.extend(fetch_tasks(conn, &sql, rusqlite::params_from_iter(args))?);
+    }
+    out.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
+    out.truncate(p.limit.max(1));
+    Ok(out)
+}
+
+/// The query behind `task_list` (but one state across queues, see
+/// [`list_statements`]), with its arguments.
+fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) {
     let limit = p.limit.max(1) as i64;
     // Filters other than state, queue and tag, shared by every arm below.
     let mut rest = String::new();
