@@ -1098,3 +1098,111 @@ async fn a_queue_switched_to_round_robin_runs_old_and_new_tasks_in_turn() {
     assert!(last_small < 12, "small took turns with big: {order:?}");
     pool.shutdown().await;
 }
+
+/// The pool's own client starts a task as it enqueues it when a worker of
+/// the queue is free (one store round trip, no claim), and never more
+/// than the queue's workers at once; a paused queue or a busy one takes
+/// the task as any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pools_client_starts_tasks_at_enqueue_within_its_workers() {
+    let (store, _d) = fixtures::sqlite_store().await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut reg = TaskRegistry::new();
+    let (r2, m2, g2) = (running.clone(), max.clone(), gate.clone());
+    reg.register(
+        "hold",
+        executor_fn(move |_ctx| {
+            let (running, max, gate) = (r2.clone(), m2.clone(), g2.clone());
+            async move {
+                let cur = running.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(cur, Ordering::SeqCst);
+                let _ = gate.acquire().await.map(|p| p.forget());
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!(null))
+            }
+        }),
+    );
+    // A long poll: the producer's poll holds the free workers for the
+    // length of its claim, when nothing starts at enqueue.
+    let pool = builder(store.clone(), reg)
+        .poll_interval(Duration::from_secs(1))
+        .queue("q", 2)
+        .build()
+        .unwrap();
+    let client = pool.client();
+    pool.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let enqueue = || {
+        let c = client.clone();
+        async move {
+            c.insert(NewTask::new("hold", json!(null)).with(TaskOptions::default().queue("q")))
+                .await
+                .unwrap()
+                .task
+        }
+    };
+    let first = enqueue().await;
+    assert_eq!(
+        first.state,
+        TaskState::Running,
+        "started as it was enqueued"
+    );
+    assert_eq!(first.node.as_deref(), Some(pool.node_name()));
+    let counters = &pool.shared().counters;
+    assert_eq!(Counters::get(&counters.started_at_enqueue), 1);
+    // Eight more at once: one more starts at enqueue, the rest wait for a
+    // worker and are claimed as they free up.
+    let rest = futures::future::join_all((0..8).map(|_| enqueue())).await;
+    let started = rest
+        .iter()
+        .filter(|t| t.state == TaskState::Running)
+        .count();
+    assert_eq!(started, 1, "only the one free worker took a task");
+    assert_eq!(Counters::get(&counters.started_at_enqueue), 2);
+    // One worker frees up: the producer, which knows of the backlog, takes
+    // it for the oldest waiting task; a task enqueued now waits its turn.
+    gate.add_permits(1);
+    let waiting: Vec<_> = rest
+        .iter()
+        .filter(|t| t.state != TaskState::Running)
+        .collect();
+    let oldest = waiting.iter().map(|t| t.id).min().unwrap();
+    fixtures::wait_for(
+        "the oldest waiting task to start",
+        Duration::from_secs(10),
+        async || client.get(oldest).await.unwrap().unwrap().state == TaskState::Running,
+    )
+    .await;
+    let behind = enqueue().await;
+    assert_eq!(behind.state, TaskState::Available, "no jumping the backlog");
+    assert_eq!(Counters::get(&counters.started_at_enqueue), 2);
+    gate.add_permits(100);
+    let done = client
+        .wait(behind.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(done.state, TaskState::Completed);
+    for t in std::iter::once(&first).chain(&rest) {
+        let done = client.wait(t.id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(done.state, TaskState::Completed);
+        assert_eq!(done.attempt, 1);
+    }
+    assert_eq!(max.load(Ordering::SeqCst), 2, "never more than the workers");
+    // A paused queue keeps what is enqueued, and gives the worker back.
+    store.queue_set_paused("q", true).await.unwrap();
+    let paused = enqueue().await;
+    assert_eq!(paused.state, TaskState::Available);
+    store.queue_set_paused("q", false).await.unwrap();
+    let done = client
+        .wait(paused.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(done.state, TaskState::Completed);
+    pool.shutdown().await;
+    // A stopped pool starts nothing.
+    let after = enqueue().await;
+    assert_eq!(after.state, TaskState::Available);
+    assert_eq!(Counters::get(&counters.started_at_enqueue), 2);
+}

@@ -1156,6 +1156,55 @@ pub mod cases {
         );
     }
 
+    pub async fn a_task_starts_as_inserted_only_where_a_claim_could_take_it(b: &Backend) {
+        let s = b.store.clone();
+        let now = now();
+        // An idle queue: inserted running, claimed by n1, attempt and
+        // token 1, as a claim would have left it.
+        let t = s
+            .task_insert_started(insert("k", "idle", 0, now), "n1", now)
+            .await
+            .unwrap()
+            .task;
+        assert_eq!(t.state, TaskState::Running);
+        assert_eq!((t.attempt, t.claim_token), (1, 1));
+        assert_eq!(t.node.as_deref(), Some("n1"));
+        assert_eq!(t.started_at, Some(now));
+        assert_eq!(s.task_get(t.id).await.unwrap().unwrap(), t);
+        assert!(
+            s.task_claim(claim("idle", "n2", 10, now))
+                .await
+                .unwrap()
+                .is_empty(),
+            "nobody else claims it"
+        );
+        let done = Completion::of(
+            &t,
+            now,
+            Outcome::Completed {
+                result: serde_json::json!(1),
+            },
+        );
+        assert_eq!(s.task_complete_many(vec![done]).await.unwrap(), [true]);
+        // A paused queue, a task for later, and a task with a unique key
+        // are inserted as usual.
+        s.queue_set_paused("paused", true).await.unwrap();
+        let t = s
+            .task_insert_started(insert("k", "paused", 0, now), "n1", now)
+            .await
+            .unwrap()
+            .task;
+        assert_eq!(t.state, TaskState::Available);
+        let mut later = insert("k", "idle", 0, now);
+        later.run_at = now + chrono::Duration::seconds(60);
+        let t = s.task_insert_started(later, "n1", now).await.unwrap().task;
+        assert_eq!(t.state, TaskState::Scheduled);
+        let mut unique = insert("k", "idle", 0, now);
+        unique.unique_key = Some("u".into());
+        let t = s.task_insert_started(unique, "n1", now).await.unwrap().task;
+        assert_eq!(t.state, TaskState::Available);
+    }
+
     pub async fn one_state_lists_merge_every_queue(b: &Backend) {
         // More queues than one statement's arms on SQLite (200): lists of
         // one state across queues merge each queue's newest page.
@@ -2803,6 +2852,7 @@ macro_rules! all_cases {
             cases::references_are_kept_on_both_insert_paths,
             cases::trace_context_is_kept_on_every_insert_path,
             cases::one_state_lists_merge_every_queue,
+            cases::a_task_starts_as_inserted_only_where_a_claim_could_take_it,
             cases::progress_lands_under_its_runs_claim_token,
             cases::nodes_register_and_deregister,
             cases::paused_queues_are_not_claimed,

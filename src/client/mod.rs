@@ -39,6 +39,54 @@ pub enum ClientError {
     NotFound(String),
 }
 
+/// A free worker of this client's pool for a task being enqueued.
+struct StartAtOnce {
+    reserved: crate::pool::handoff::Reserved,
+    node: String,
+}
+
+impl Client {
+    /// A free worker of `row`'s queue on this client's pool, when the task
+    /// could start as it is inserted (see `pool/handoff.rs`).
+    fn insert_started(&self, row: &TaskInsert, now: chrono::DateTime<Utc>) -> Option<StartAtOnce> {
+        let h = self.handoff.as_ref()?;
+        if !row.can_start_at_once(now) {
+            return None;
+        }
+        let node = h.node()?;
+        let reserved = h.reserve(&row.queue)?;
+        Some(StartAtOnce { reserved, node })
+    }
+}
+
+impl StartAtOnce {
+    /// Insert `row`, started by this node when its queue allows, and hand
+    /// it to the reserved worker; otherwise the worker is given back (the
+    /// store inserted the task as any other and woke the claimers).
+    async fn run(
+        self,
+        client: &Client,
+        row: TaskInsert,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Inserted, ClientError> {
+        let inserted = client
+            .store
+            .task_insert_started(row, &self.node, now)
+            .await?;
+        let ours = inserted.task.state == TaskState::Running
+            && inserted.task.node.as_deref() == Some(self.node.as_str());
+        if ours && let Err(task) = self.reserved.start(inserted.task.clone()).await {
+            // The pool stopped meanwhile: give the task back unstarted.
+            let back =
+                crate::store::Completion::of(&task, Utc::now(), crate::store::Outcome::Released);
+            if let Err(e) = client.store.task_complete_many(vec![back]).await {
+                tracing::warn!(task = %task.id, error = %e, "could not give back a task started at enqueue; it is rescued later");
+            }
+        }
+        Ok(inserted)
+    }
+}
+
 /// The `task.enqueue` span of an insert of `tasks`, and, under an
 /// OpenTelemetry layer, its context, which the tasks carry (the span is a
 /// child of the first task's `traceparent` when given, else of the current
@@ -293,6 +341,9 @@ pub struct Client {
     known: Arc<kinds::KnownKinds>,
     /// Refuse kinds nobody runs (see [`Client::accept_unknown_kinds`]).
     check_kinds: bool,
+    /// The pool this client belongs to, which may start a task as it is
+    /// enqueued (`pool/handoff.rs`).
+    handoff: Option<Arc<crate::pool::handoff::Handoff>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -313,7 +364,14 @@ impl Client {
             registry,
             known: Arc::default(),
             check_kinds: true,
+            handoff: None,
         }
+    }
+
+    /// This client belongs to a pool that may start what it enqueues.
+    pub(crate) fn with_handoff(mut self, h: Arc<crate::pool::handoff::Handoff>) -> Self {
+        self.handoff = Some(h);
+        self
     }
 
     /// Accept tasks of kinds that neither this client's registry nor any
@@ -393,6 +451,9 @@ impl Client {
                 .any(|d| matches!(d, Dependency::Batch(_)))
             {
                 return Err(invalid("depends_on", "a batch reference needs insert_many"));
+            }
+            if let Some(started) = self.insert_started(&row, now) {
+                return started.run(self, row, now).await;
             }
             let mut v = self.store.task_insert_many(vec![row], now).await?;
             v.pop().ok_or_else(|| {

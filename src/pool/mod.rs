@@ -22,6 +22,7 @@
 
 pub mod builder;
 pub mod completer;
+pub(crate) mod handoff;
 pub mod producer;
 pub mod progress;
 pub(crate) mod queues;
@@ -76,6 +77,9 @@ pub struct WorkerPool {
     stopped: std::sync::atomic::AtomicBool,
     /// Each served queue's control (set at start; see `queues.rs`).
     controls: std::sync::Mutex<Vec<(String, Arc<queues::QueueControl>)>>,
+    /// Where this pool's client starts tasks as it enqueues them (see
+    /// `handoff.rs`); open while the pool runs.
+    handoff: Arc<handoff::Handoff>,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -97,9 +101,11 @@ impl WorkerPool {
         let slots = config.queues.iter().map(|(_, n)| n).sum();
         let mut shared = WorkerPoolSharedData::new(config.node.clone(), slots);
         shared.observer = observer;
+        let handoff = Arc::new(handoff::Handoff::default());
         WorkerPool {
             shared: Arc::new(shared),
-            client: Client::new(store.clone(), registry.clone()),
+            client: Client::new(store.clone(), registry.clone()).with_handoff(handoff.clone()),
+            handoff,
             store,
             registry,
             config,
@@ -244,6 +250,7 @@ impl WorkerPool {
         let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(self.registry.clone()));
         let mut producers = Vec::new();
         let mut watched = Vec::new();
+        let mut handed = Vec::new();
         for (queue, workers) in &self.config.queues {
             let configured_limits = self
                 .config
@@ -270,6 +277,7 @@ impl WorkerPool {
                 template.get_or_insert_with(|| ctx.clone());
                 sentinel.slots.push(Slot { ctx, handle });
             }
+            handed.push((queue.clone(), control.clone(), jobs_tx.clone()));
             producers.push(Producer {
                 queue: queue.clone(),
                 store: self.store.clone(),
@@ -294,6 +302,7 @@ impl WorkerPool {
                 });
             }
         }
+        self.handoff.open(self.shared.clone(), handed);
         let mut watcher = queues::Watcher {
             store: self.store.clone(),
             shared: self.shared.clone(),
@@ -337,6 +346,7 @@ impl WorkerPool {
             busy = shared.workers_busy(),
             "shutting down: no more claims"
         );
+        self.handoff.close();
         shared.stop_claiming.cancel();
         for p in run.producers {
             let _ = p.await;

@@ -112,12 +112,17 @@ impl Producer {
                         Some(_) => self.poll_interval.min(Duration::from_millis(50)),
                         None => self.poll_interval,
                     };
+                    // The queue had fewer due tasks than free workers: until
+                    // a wake-up says otherwise, this pool's client may start
+                    // what it enqueues (see `handoff.rs`).
+                    self.control.idle.store(true, Ordering::Release);
                     tokio::select! {
                         _ = &mut notified => {},
                         _ = &mut written, if limits.is_some() => {},
                         _ = tokio::time::sleep(pause) => {},
                         _ = stop.cancelled() => return,
                     }
+                    self.control.idle.store(false, Ordering::Release);
                 }
                 Err(e) => {
                     drop(permits);

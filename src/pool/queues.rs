@@ -37,6 +37,10 @@ pub(crate) struct QueueControl {
     limits: std::sync::Mutex<Option<QueueLimits>>,
     /// One permit per free worker of this queue on this node.
     pub capacity: Arc<Semaphore>,
+    /// Set by the producer while it waits after a claim that found fewer
+    /// due tasks than free workers, cleared when it wakes: no due task is
+    /// known to wait (see `handoff.rs`). Only the producer writes it.
+    pub idle: std::sync::atomic::AtomicBool,
     sizing: std::sync::Mutex<Sizing>,
 }
 
@@ -52,6 +56,7 @@ impl QueueControl {
         QueueControl {
             limits: std::sync::Mutex::new(limits),
             capacity: Arc::new(Semaphore::new(workers)),
+            idle: std::sync::atomic::AtomicBool::new(false),
             sizing: std::sync::Mutex::new(Sizing {
                 target: workers,
                 owed: 0,

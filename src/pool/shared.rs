@@ -103,7 +103,11 @@ pub struct BusyInfo {
 /// Counters of what this node did since it started.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Tasks this node took to run: by claims, and started as this node's
+    /// client enqueued them.
     pub claimed: AtomicU64,
+    /// Of `claimed`, those started as they were enqueued (`handoff.rs`).
+    pub started_at_enqueue: AtomicU64,
     pub completed: AtomicU64,
     pub retried: AtomicU64,
     pub failed: AtomicU64,

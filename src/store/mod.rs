@@ -231,6 +231,27 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Vec<Inserted>, StoreError>;
 
+    /// Insert one task already claimed by `node` (`running`, attempt 1,
+    /// claim token 1, started `now`) when a claim could take it at once:
+    /// due now, a plain task ([`TaskInsert::can_start_at_once`]), its queue
+    /// not paused, capped or round robin. Otherwise it is inserted as
+    /// [`Store::task_insert_many`] would. The caller holds a free worker of
+    /// `node`'s for it and knows of no due task waiting in the queue (see
+    /// `pool/handoff.rs`): one round trip instead of an insert, a wake-up
+    /// and a claim. The default inserts it without claiming.
+    async fn task_insert_started(
+        &self,
+        task: TaskInsert,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Inserted, StoreError> {
+        let _ = node;
+        self.task_insert_many(vec![task], now)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::unavailable("insert returned no row"))
+    }
+
     /// Claim due tasks (see [`ClaimParams`]).
     async fn task_claim(&self, params: ClaimParams) -> Result<Vec<Task>, StoreError>;
 

@@ -36,6 +36,19 @@ pub struct TaskInsert {
 }
 
 impl TaskInsert {
+    /// May this task start as it is inserted ([`Store::task_insert_started`])?
+    /// Due by `now`, and nothing an insert or a claim does besides writing
+    /// the row: no unique key, parents, concurrency key or tags.
+    ///
+    /// [`Store::task_insert_started`]: super::Store::task_insert_started
+    pub fn can_start_at_once(&self, now: DateTime<Utc>) -> bool {
+        self.run_at <= now
+            && self.unique_key.is_none()
+            && self.depends_on.is_empty()
+            && self.concurrency_key.is_none()
+            && self.tags.is_empty()
+    }
+
     /// The task this insert created, as stored with `id` at `now`.
     pub fn to_task(&self, id: TaskId, now: DateTime<Utc>) -> Task {
         Task {

@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     AuditEntry, ClaimParams, Completion, Inserted, ListParams, NodeInfo, PruneParams,
     QueueSettings, RescueParams, Rescued, ScheduleFire, ScheduleRow, Store, StoreError, StoreEvent,
-    TaskInsert, due::DueTimer, due_again, due_later,
+    TaskInsert, due::DueTimer, due_again, due_later, truncate_micros, truncate_rows,
 };
 use crate::task::{Task, TaskId, TaskState};
 use insert::insert_rows;
@@ -727,6 +727,56 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         self.migrate_to(MIGRATIONS.len()).await
+    }
+
+    async fn task_insert_started(
+        &self,
+        task: TaskInsert,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Inserted, StoreError> {
+        let flags = self.capped_queues().await?;
+        if !task.can_start_at_once(now)
+            || flags.capped.contains(&task.queue)
+            || flags.fair.contains(&task.queue)
+        {
+            return self
+                .task_insert_many(vec![task], now)
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::unavailable("insert returned no row"));
+        }
+        let now = truncate_micros(now);
+        let Some(t) = truncate_rows(vec![task]).pop() else {
+            return Err(StoreError::unavailable("insert lost its row"));
+        };
+        let c = self.conn().await?;
+        let row = self
+            .query_one(
+                &c,
+                &self.inner.sql.insert_started,
+                &[
+                    &t.kind,
+                    &t.queue,
+                    &t.args,
+                    &t.priority,
+                    &t.max_attempts,
+                    &t.timeout_ms,
+                    &t.run_at,
+                    &now,
+                    &t.traceparent,
+                    &node,
+                ],
+            )
+            .await?;
+        drop(c);
+        let out = vec![Inserted::new(row_to_task(&row)?)];
+        // Not started (the queue was busy or paused): wake claimers as any
+        // insert does.
+        self.announce_new(&out);
+        out.into_iter()
+            .next()
+            .ok_or_else(|| StoreError::unavailable("insert returned no row"))
     }
 
     async fn task_insert_many(

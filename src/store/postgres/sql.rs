@@ -10,6 +10,7 @@ use crate::task::TaskState;
 pub(super) struct Sql {
     pub insert_many: String,
     pub insert_one: String,
+    pub insert_started: String,
     pub parents_lock: String,
     pub deps_insert: String,
     pub parents_mark: String,
@@ -204,6 +205,17 @@ impl Sql {
                  RETURNING {TASK_COLUMNS}), \
                  tagged AS (INSERT INTO {s}.task_tags (tag, task_id) SELECT unnest(tags), id FROM ins WHERE tags IS NOT NULL) \
                  SELECT * FROM ins"
+            ),
+            // One plain task, inserted already claimed by node $10 unless
+            // its queue is paused (then as insert_many would).
+            insert_started: format!(
+                "WITH go AS (SELECT NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $2::text AND paused) AS now) \
+                 INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, \
+                   created_at, traceparent, attempt, claim_token, node, started_at) \
+                 SELECT $1, $2, $3, $4, CASE WHEN go.now THEN 'running' WHEN $7::timestamptz > $8::timestamptz THEN 'scheduled' ELSE 'available' END, \
+                   $5, $6, $7, $8, $9, CASE WHEN go.now THEN 1 ELSE 0 END, CASE WHEN go.now THEN 1 ELSE 0 END, \
+                   CASE WHEN go.now THEN $10 END, CASE WHEN go.now THEN $8 END FROM go \
+                 RETURNING {TASK_COLUMNS}"
             ),
             parents_lock: format!(
                 "SELECT id, state FROM {s}.tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"

@@ -77,6 +77,66 @@ pub(super) fn insert_all(
     Ok(out)
 }
 
+/// One task, inserted already claimed by `node` when its queue would hand
+/// it to a claim at once (see [`Store::task_insert_started`]); else as
+/// [`insert_all`] inserts it. (One writer: nothing races the checks.)
+///
+/// [`Store::task_insert_started`]: crate::Store::task_insert_started
+pub(super) fn insert_started(
+    conn: &Connection,
+    t: &TaskInsert,
+    args: &str,
+    node: &str,
+    now: DateTime<Utc>,
+) -> Result<Inserted, StoreError> {
+    let (cap, limits): (Option<i64>, Option<String>) = conn
+        .prepare_cached("SELECT max_depth, limits FROM queue_settings WHERE queue = ?1")
+        .and_then(|mut st| {
+            st.query_row([&t.queue], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sql_err)?
+        .unwrap_or((None, None));
+    let fair = limits
+        .and_then(|l| serde_json::from_str::<crate::store::QueueSettings>(&l).ok())
+        .is_some_and(|s| s.fairness == Some(crate::store::Fairness::RoundRobin));
+    let paused: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM queues WHERE name = ?1 AND paused = 1)")
+        .and_then(|mut st| st.query_row([&t.queue], |r| r.get(0)))
+        .map_err(sql_err)?;
+    if paused || fair || cap.is_some() || !t.can_start_at_once(now) {
+        return insert_all(conn, std::slice::from_ref(t), &[args.to_string()], now)?
+            .pop()
+            .ok_or_else(|| StoreError::unavailable("insert returned no row"));
+    }
+    let task = conn
+        .prepare_cached(&format!(
+            "INSERT INTO tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, \
+               run_at, created_at, traceparent, attempt, claim_token, node, started_at) \
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9, 1, 1, ?10, ?8) \
+             RETURNING {TASK_COLUMNS}"
+        ))
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    t.kind,
+                    t.queue,
+                    args,
+                    t.priority,
+                    t.max_attempts,
+                    t.timeout_ms,
+                    to_micros(t.run_at),
+                    to_micros(now),
+                    t.traceparent,
+                    node,
+                ],
+                row_to_task,
+            )
+        })
+        .map_err(sql_err)?;
+    Ok(Inserted::new(task))
+}
+
 fn insert_one(
     conn: &Connection,
     t: &TaskInsert,

@@ -416,6 +416,30 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn task_insert_started(
+        &self,
+        task: TaskInsert,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Inserted, StoreError> {
+        let now = truncate_micros(now);
+        let (mut tasks, mut args) = insert::prepare_rows(vec![task])?;
+        let (Some(task), Some(args)) = (tasks.pop(), args.pop()) else {
+            return Err(StoreError::unavailable("insert lost its row"));
+        };
+        let node = node.to_string();
+        let out = self
+            .write(move |conn| insert::insert_started(conn, &task, &args, &node, now))
+            .await?;
+        let out = [out];
+        self.inner.due.at(due_later(&out));
+        if crate::store::is_new_work(&out[0]) && out[0].task.state == TaskState::Available {
+            self.wake();
+        }
+        let [out] = out;
+        Ok(out)
+    }
+
     async fn task_claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
         if p.limit == 0 {
             return Ok(Vec::new());
