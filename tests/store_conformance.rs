@@ -45,6 +45,27 @@ fn node(name: &str, at: DateTime<Utc>) -> NodeInfo {
     fixtures::node_info(name, at)
 }
 
+/// Complete every one of `tasks` (as claimed) with result 1.
+async fn complete_all(
+    s: &std::sync::Arc<dyn proto_tasker::Store>,
+    tasks: &[proto_tasker::Task],
+    now: DateTime<Utc>,
+) {
+    let done = tasks
+        .iter()
+        .map(|t| {
+            Completion::of(
+                t,
+                now,
+                Outcome::Completed {
+                    result: serde_json::json!(1),
+                },
+            )
+        })
+        .collect();
+    s.task_complete_many(done).await.unwrap();
+}
+
 /// Insert `rows` and return their ids, in order.
 async fn insert_ids(
     s: &std::sync::Arc<dyn proto_tasker::Store>,
@@ -1256,20 +1277,11 @@ pub mod cases {
             }
             all
         };
-        let outcomes: Vec<_> = claimed
-            .iter()
+        let finished: Vec<_> = claimed
+            .into_iter()
             .filter(|t| done.contains(&t.id))
-            .map(|t| {
-                Completion::of(
-                    t,
-                    now,
-                    Outcome::Completed {
-                        result: serde_json::json!(1),
-                    },
-                )
-            })
             .collect();
-        s.task_complete_many(outcomes).await.unwrap();
+        complete_all(&s, &finished, now).await;
         let prune = |limit: usize| {
             let s = s.clone();
             async move {
@@ -1874,19 +1886,7 @@ pub mod cases {
         s.task_insert_many(vec![child], now).await.unwrap();
         for _ in 0..2 {
             let claimed = s.task_claim(claim("bq", "n", 10, now)).await.unwrap();
-            let done: Vec<_> = claimed
-                .iter()
-                .map(|t| {
-                    Completion::of(
-                        t,
-                        now,
-                        Outcome::Completed {
-                            result: serde_json::json!(1),
-                        },
-                    )
-                })
-                .collect();
-            s.task_complete_many(done).await.unwrap();
+            complete_all(&s, &claimed, now).await;
         }
         let edges = || {
             b.count(

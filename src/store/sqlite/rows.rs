@@ -158,6 +158,16 @@ pub(super) fn queues(conn: &Connection) -> Result<Vec<String>, StoreError> {
         .map_err(sql_err)
 }
 
+/// The newest page of one (queue, state) range of tasks_queue_state, with
+/// `rest` (more filters), for a `UNION ALL` of such pages. Arguments: the
+/// queue, the state, those of `rest`, the page size.
+fn page_arm(rest: &str) -> String {
+    format!(
+        "SELECT * FROM (SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_queue_state \
+         WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
+    )
+}
+
 /// Arms of one compound SELECT: SQLite allows 500 by default.
 const ARMS_PER_STATEMENT: usize = 200;
 
@@ -196,10 +206,7 @@ pub(super) fn list_statements(
                         args.push(b.0.into());
                     }
                     args.push(limit.into());
-                    format!(
-                        "SELECT * FROM (SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_queue_state \
-                         WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
-                    )
+                    page_arm(&rest)
                 })
                 .collect();
             args.push(limit.into());
@@ -259,10 +266,7 @@ fn list_sql(p: &ListParams) -> (String, Vec<rusqlite::types::Value>) {
                     args.push(st.as_str().to_string().into());
                     args.extend(rest_args.iter().cloned());
                     args.push(limit.into());
-                    format!(
-                        "SELECT * FROM (SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_queue_state \
-                         WHERE queue = ? AND state = ?{rest} ORDER BY id DESC LIMIT ?)"
-                    )
+                    page_arm(&rest)
                 })
                 .collect();
             args.push(limit.into());
