@@ -34,6 +34,10 @@ pub struct BenchParams {
     /// Clients waiting (`Client::wait`, what a long-poll does) on tasks
     /// due in an hour while the drain and latency phases run.
     pub waiters: usize,
+    /// Tasks put in the table before measuring: half finished, half due
+    /// tomorrow, over `prefill_queues` queues (the bench queue first).
+    pub prefill: usize,
+    pub prefill_queues: usize,
     /// Show a status line on stderr while it runs (the CLI sets it when
     /// stderr is a terminal; piped, it prints nothing but the report).
     pub progress: bool,
@@ -171,6 +175,9 @@ pub async fn run(
         stores[0]
             .queue_settings_put("bench", settings, true)
             .await?;
+    }
+    if p.prefill > 0 {
+        prefill(&stores[0], p.prefill, p.prefill_queues, &mut progress).await?;
     }
     // Phase 1: bulk enqueue.
     let mut batch_hist = new_hist();
@@ -340,6 +347,93 @@ impl std::fmt::Display for BenchReport {
         }
         Ok(())
     }
+}
+
+/// Fill the table with `n` tasks over `queues` queues (`bench`, then
+/// `prefill-1`...): the first half claimed and completed through the store
+/// (finished tasks the claims must never walk), the second due tomorrow
+/// (waiting tasks ahead of nothing the drain claims). Not measured.
+async fn prefill(
+    store: &Arc<dyn Store>,
+    n: usize,
+    queues: usize,
+    progress: &mut Progress,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use crate::store::{ClaimParams, Completion, Outcome, TaskInsert};
+    let queue = |i: usize| match i % queues {
+        0 => "bench".to_string(),
+        q => format!("prefill-{q}"),
+    };
+    let now = Utc::now();
+    let tomorrow = now + chrono::Duration::days(1);
+    let row = |i: usize, finished: bool| TaskInsert {
+        kind: "noop".into(),
+        args: serde_json::Value::Null,
+        // The finished half runs through queues of its own, so the
+        // claims below take nothing else.
+        queue: if finished {
+            format!("done-{}", queue(i))
+        } else {
+            queue(i)
+        },
+        priority: 0,
+        run_at: if finished { now } else { tomorrow },
+        max_attempts: 1,
+        timeout_ms: None,
+        unique_key: None,
+        unique: Default::default(),
+        depends_on: Vec::new(),
+        on_dependency_failure: Default::default(),
+        concurrency_key: None,
+        reference: None,
+        tags: Vec::new(),
+        traceparent: None,
+    };
+    let half = n / 2;
+    for (from, to, finished) in [(0, half, true), (half, n, false)] {
+        let mut i = from;
+        while i < to {
+            let end = (i + 10_000).min(to);
+            store
+                .task_insert_many((i..end).map(|k| row(k, finished)).collect(), now)
+                .await?;
+            i = end;
+            progress.show(|| format!("prefill: {i} of {n} tasks"));
+        }
+    }
+    // Finish the first half: claim and complete each done- queue.
+    for q in 0..queues.min(half.max(1)) {
+        let name = format!("done-{}", queue(q));
+        loop {
+            let claimed = store
+                .task_claim(ClaimParams {
+                    queue: name.clone(),
+                    node: "prefill".into(),
+                    limit: 10_000,
+                    now: Utc::now(),
+                    limits: None,
+                })
+                .await?;
+            if claimed.is_empty() {
+                break;
+            }
+            let done = claimed
+                .iter()
+                .map(|t| {
+                    Completion::of(
+                        t,
+                        Utc::now(),
+                        Outcome::Completed {
+                            result: serde_json::Value::Null,
+                        },
+                    )
+                })
+                .collect();
+            store.task_complete_many(done).await?;
+        }
+        progress.show(|| format!("prefill: finishing queue {q} of {queues}"));
+    }
+    Ok(())
 }
 
 /// What `bench --api` measures: task creation over the HTTP API.

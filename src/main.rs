@@ -360,6 +360,14 @@ struct BenchArgs {
     /// while draining: what waiters cost the drain.
     #[arg(long, default_value_t = 0)]
     waiters: usize,
+    /// Put N tasks in the table before measuring, half finished and half
+    /// due tomorrow (over --prefill-queues queues, the bench queue one of
+    /// them): what a full table costs the enqueue, the drain and the latency.
+    #[arg(long, default_value_t = 0)]
+    prefill: usize,
+    /// Queues the --prefill tasks are spread over.
+    #[arg(long, default_value_t = 1)]
+    prefill_queues: usize,
     /// SQLite durability.
     #[arg(long, value_enum, default_value_t = Synchronous::Full)]
     synchronous: Synchronous,
@@ -956,6 +964,8 @@ async fn run_bench(a: BenchArgs, json: bool) -> Result<(), Failure> {
         },
         keys: a.keys,
         waiters: a.waiters,
+        prefill: a.prefill,
+        prefill_queues: a.prefill_queues.max(1),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let nodes = a.nodes.max(1);
