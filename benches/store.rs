@@ -14,21 +14,8 @@ use proto_tasker::{SqliteStore, Store};
 
 fn row() -> TaskInsert {
     TaskInsert {
-        kind: "noop".into(),
-        args: serde_json::Value::Null,
-        queue: "bench".into(),
-        priority: 0,
-        run_at: Utc::now(),
         max_attempts: 3,
-        timeout_ms: None,
-        unique_key: None,
-        unique: Default::default(),
-        depends_on: Vec::new(),
-        on_dependency_failure: Default::default(),
-        concurrency_key: None,
-        reference: None,
-        tags: Vec::new(),
-        traceparent: None,
+        ..TaskInsert::plain("noop", "bench", serde_json::Value::Null, Utc::now())
     }
 }
 

@@ -366,28 +366,20 @@ async fn prefill(
     };
     let now = Utc::now();
     let tomorrow = now + chrono::Duration::days(1);
+    // The finished half runs through queues of its own, so the claims
+    // below take nothing else.
     let row = |i: usize, finished: bool| TaskInsert {
-        kind: "noop".into(),
-        args: serde_json::Value::Null,
-        // The finished half runs through queues of its own, so the
-        // claims below take nothing else.
-        queue: if finished {
-            format!("done-{}", queue(i))
-        } else {
-            queue(i)
-        },
-        priority: 0,
-        run_at: if finished { now } else { tomorrow },
         max_attempts: 1,
-        timeout_ms: None,
-        unique_key: None,
-        unique: Default::default(),
-        depends_on: Vec::new(),
-        on_dependency_failure: Default::default(),
-        concurrency_key: None,
-        reference: None,
-        tags: Vec::new(),
-        traceparent: None,
+        ..if finished {
+            TaskInsert::plain(
+                "noop",
+                format!("done-{}", queue(i)),
+                serde_json::Value::Null,
+                now,
+            )
+        } else {
+            TaskInsert::plain("noop", queue(i), serde_json::Value::Null, tomorrow)
+        }
     };
     let half = n / 2;
     for (from, to, finished) in [(0, half, true), (half, n, false)] {

@@ -455,10 +455,7 @@ impl Client {
             if let Some(started) = self.insert_started(&row, now) {
                 return started.run(self, row, now).await;
             }
-            let mut v = self.store.task_insert_many(vec![row], now).await?;
-            v.pop().ok_or_else(|| {
-                ClientError::Store(StoreError::unavailable("insert returned no row"))
-            })
+            Ok(crate::store::insert_one(&*self.store, row, now).await?)
         }
         .instrument(span.clone())
         .await?;
@@ -820,25 +817,12 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::OnDependencyFailure;
 
     fn row(deps: &[usize]) -> TaskInsert {
         TaskInsert {
-            kind: "k".into(),
-            args: serde_json::Value::Null,
-            queue: "q".into(),
-            priority: 0,
-            run_at: Utc::now(),
             max_attempts: 1,
-            timeout_ms: None,
-            unique_key: None,
-            unique: Default::default(),
             depends_on: deps.iter().map(|&j| Dependency::Batch(j)).collect(),
-            on_dependency_failure: OnDependencyFailure::Cancel,
-            concurrency_key: None,
-            reference: None,
-            tags: Vec::new(),
-            traceparent: None,
+            ..TaskInsert::plain("k", "q", serde_json::Value::Null, Utc::now())
         }
     }
 

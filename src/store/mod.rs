@@ -218,6 +218,19 @@ pub(crate) fn parse_state(s: &str) -> Result<TaskState, StoreError> {
 
 pub use params::*;
 
+/// Insert one row as [`Store::task_insert_many`] does.
+pub(crate) async fn insert_one<S: Store + ?Sized>(
+    store: &S,
+    task: TaskInsert,
+    now: DateTime<Utc>,
+) -> Result<Inserted, StoreError> {
+    store
+        .task_insert_many(vec![task], now)
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::unavailable("insert returned no row"))
+}
+
 /// The persistence seam. See the module docs for the invariants.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -246,10 +259,7 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Inserted, StoreError> {
         let _ = node;
-        self.task_insert_many(vec![task], now)
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::unavailable("insert returned no row"))
+        insert_one(self, task, now).await
     }
 
     /// Claim due tasks (see [`ClaimParams`]).

@@ -36,6 +36,34 @@ pub struct TaskInsert {
 }
 
 impl TaskInsert {
+    /// A plain task of `kind` for `queue`, due at `run_at`: priority 0,
+    /// the default attempts, nothing else set (resolved rows come from the
+    /// [`Client`](crate::Client); this is for benches and tests of a store).
+    pub fn plain(
+        kind: impl Into<String>,
+        queue: impl Into<String>,
+        args: serde_json::Value,
+        run_at: DateTime<Utc>,
+    ) -> Self {
+        TaskInsert {
+            kind: kind.into(),
+            args,
+            queue: queue.into(),
+            priority: 0,
+            run_at,
+            max_attempts: crate::task::DEFAULT_MAX_ATTEMPTS,
+            timeout_ms: None,
+            unique_key: None,
+            unique: UniqueRules::default(),
+            depends_on: Vec::new(),
+            on_dependency_failure: OnDependencyFailure::default(),
+            concurrency_key: None,
+            reference: None,
+            tags: Vec::new(),
+            traceparent: None,
+        }
+    }
+
     /// May this task start as it is inserted ([`Store::task_insert_started`])?
     /// Due by `now`, and nothing an insert or a claim does besides writing
     /// the row: no unique key, parents, concurrency key or tags.

@@ -740,11 +740,7 @@ impl Store for PostgresStore {
             || flags.capped.contains(&task.queue)
             || flags.fair.contains(&task.queue)
         {
-            return self
-                .task_insert_many(vec![task], now)
-                .await?
-                .pop()
-                .ok_or_else(|| StoreError::unavailable("insert returned no row"));
+            return super::insert_one(self, task, now).await;
         }
         let now = truncate_micros(now);
         let Some(t) = truncate_rows(vec![task]).pop() else {
