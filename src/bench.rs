@@ -179,6 +179,10 @@ pub async fn run(
     if p.prefill > 0 {
         prefill(&stores[0], p.prefill, p.prefill_queues, &mut progress).await?;
     }
+    // The bench queue stays paused until the drain's clock starts, so the
+    // drain measures running nodes taking a backlog, not nodes starting
+    // (starting 100 pools one after another took 2 s: the whole drain).
+    stores[0].queue_set_paused("bench", true).await?;
     // Phase 1: bulk enqueue.
     let mut batch_hist = new_hist();
     let start = Instant::now();
@@ -233,10 +237,17 @@ pub async fn run(
         }
     }
 
-    // Phase 2: drain.
+    // Phase 2: drain. Every pool starts (the queue still paused), then the
+    // resume wakes them all: through PostgreSQL's NOTIFY, which reaches
+    // every node; SQLite stores wake only their own producers, so each of
+    // them resumes the queue too.
+    futures::future::try_join_all(pools.iter().map(|pl| pl.start())).await?;
     let start = Instant::now();
-    for pl in &pools {
-        pl.start().await?;
+    stores[0].queue_set_paused("bench", false).await?;
+    if !is_postgres(&stores[0]) {
+        for st in &stores[1..] {
+            st.queue_set_paused("bench", false).await?;
+        }
     }
     let completed = || -> u64 {
         pools
@@ -347,6 +358,13 @@ impl std::fmt::Display for BenchReport {
         }
         Ok(())
     }
+}
+
+fn is_postgres(store: &Arc<dyn Store>) -> bool {
+    store
+        .as_any()
+        .downcast_ref::<crate::store::PostgresStore>()
+        .is_some()
 }
 
 /// Fill the table with `n` tasks over `queues` queues (`bench`, then
