@@ -153,3 +153,73 @@ async fn new_work_wakes_a_few_nodes_not_every_node() {
     let many = woken_by(500).await;
     assert_eq!(many, 20, "500 tasks need every node's 10 free workers");
 }
+
+fn claim_of(queue: &str, limit: usize) -> proto_tasker::store::ClaimParams {
+    proto_tasker::store::ClaimParams {
+        queue: queue.into(),
+        node: "n1".into(),
+        limit,
+        now: chrono::Utc::now(),
+        limits: None,
+    }
+}
+
+async fn enqueue(store: &Arc<dyn Store>, queue: &str, n: usize) {
+    let rows = (0..n)
+        .map(|_| fixtures::insert("k", queue, 0, chrono::Utc::now()))
+        .collect();
+    store
+        .task_insert_many(rows, chrono::Utc::now())
+        .await
+        .unwrap();
+}
+
+/// Claims and completions find their rows by index whatever the table's
+/// statistics say: statistics gathered while 5 tasks ran, then 1,500
+/// running (a hundred nodes' worth). The completion's generic plan used to
+/// scan every running task (the partial index of running tasks, estimated
+/// at 5 rows) for each batch it completed, and the claim's update hashed a
+/// sequential scan of the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_completions_walk_indexes_whatever_the_statistics() {
+    use proto_tasker::store::HotStatement;
+    let (store, guard) = fixtures::pg_store_typed().await;
+    let dyn_store: Arc<dyn Store> = store.clone();
+    enqueue(&dyn_store, "q", 2000).await;
+    let (admin, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE {0}.tasks SET (autovacuum_enabled = false)",
+            guard.schema
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.task_claim(claim_of("q", 5)).await.unwrap().len(), 5);
+    admin
+        .batch_execute(&format!("ANALYZE {}.tasks", guard.schema))
+        .await
+        .unwrap();
+    for _ in 0..15 {
+        assert_eq!(
+            store.task_claim(claim_of("q", 100)).await.unwrap().len(),
+            100
+        );
+    }
+    let complete = store.explain_generic(HotStatement::Complete).await.unwrap();
+    let plan = complete.join("\n");
+    assert!(
+        plan.contains("tasks_pkey") && !plan.contains("tasks_running_key"),
+        "the completion does not find its tasks by primary key:\n{plan}"
+    );
+    let claim = store.explain_generic(HotStatement::Claim).await.unwrap();
+    let plan = claim.join("\n");
+    assert!(
+        plan.contains("Index Scan using tasks_claim")
+            && plan.contains("Index Scan using tasks_pkey"),
+        "the claim does not walk the claim index:\n{plan}"
+    );
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}

@@ -55,7 +55,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, broadcast};
 
 #[cfg(feature = "postgres")]
-pub use postgres::{PoolMode, PostgresOptions, PostgresStore};
+pub use postgres::{HotStatement, PoolMode, PostgresOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 

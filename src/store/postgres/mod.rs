@@ -145,6 +145,14 @@ impl PostgresOptions {
 /// commit or rollback, so it works through a transaction pooler).
 pub(super) const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
 
+/// A statement every task goes through (see [`PostgresStore::explain_generic`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum HotStatement {
+    Claim,
+    Complete,
+}
+
 /// What sits between the store and PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
@@ -336,6 +344,44 @@ impl PostgresStore {
             .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
         let rows = self.query(&c, &format!("EXPLAIN {sql}"), &refs).await?;
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(db_err))
+            .collect()
+    }
+
+    /// The generic plan (the one a prepared statement settles on after a
+    /// few runs, made from the table's statistics, not the call's values)
+    /// of the claim or the completion statement, one line per plan line.
+    /// Tests use it to check that both find their rows by index whatever
+    /// the statistics say.
+    #[doc(hidden)]
+    pub async fn explain_generic(
+        &self,
+        statement: HotStatement,
+    ) -> Result<Vec<String>, StoreError> {
+        let (sql, args) = match statement {
+            HotStatement::Claim => (&self.inner.sql.claim, 4),
+            HotStatement::Complete => (&self.inner.sql.complete_many, 11),
+        };
+        let nulls = vec!["NULL"; args].join(", ");
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(db_err)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL plan_cache_mode = force_generic_plan; PREPARE proto_tasker_explain AS {sql}"
+        ))
+        .await
+        .map_err(db_err)?;
+        let rows = tx
+            .query(
+                &format!("EXPLAIN EXECUTE proto_tasker_explain({nulls})"),
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        tx.batch_execute("DEALLOCATE proto_tasker_explain")
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
         rows.iter()
             .map(|r| r.try_get::<_, String>(0).map_err(db_err))
             .collect()
