@@ -154,6 +154,38 @@ async fn new_work_wakes_a_few_nodes_not_every_node() {
     assert_eq!(many, 20, "500 tasks need every node's 10 free workers");
 }
 
+/// A session of its own that holds every turn of `queue`'s claimers (the
+/// advisory locks a claim takes one of first) until dropped or released.
+struct TurnHolder(tokio_postgres::Client);
+
+/// How many turns a queue's claimers have (`TURNS` in the PostgreSQL
+/// store's claim.rs).
+const TURNS: u32 = 4;
+
+impl TurnHolder {
+    async fn take(url: &str, schema: &str, queue: &str) -> Self {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect postgres");
+        tokio::spawn(conn);
+        client.batch_execute("BEGIN").await.unwrap();
+        for turn in 0..TURNS {
+            client
+                .execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1))",
+                    &[&format!("proto_tasker_claim:{schema}:{queue}:{turn}")],
+                )
+                .await
+                .unwrap();
+        }
+        TurnHolder(client)
+    }
+
+    async fn release(self) {
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
 fn claim_of(queue: &str, limit: usize) -> proto_tasker::store::ClaimParams {
     proto_tasker::store::ClaimParams {
         queue: queue.into(),
@@ -172,6 +204,65 @@ async fn enqueue(store: &Arc<dyn Store>, queue: &str, n: usize) {
         .task_insert_many(rows, chrono::Utc::now())
         .await
         .unwrap();
+}
+
+/// Claimers of one queue take turns: while another claimer holds the
+/// queue's turn, a claim waits (and does not walk past that claimer's
+/// locked rows), then takes its tasks when the turn is given back. Other
+/// queues are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimers_of_one_queue_take_turns() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 5).await;
+    enqueue(&store, "other", 1).await;
+    let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
+    let s = store.clone();
+    let waiting = tokio::spawn(async move { s.task_claim(claim_of("q", 10)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the claim went ahead while another claimer held the queue's turn"
+    );
+    let other = store.task_claim(claim_of("other", 10)).await.unwrap();
+    assert_eq!(other.len(), 1, "another queue's claim is not held up");
+    holder.release().await;
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the claim went ahead once the turn was given back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 5);
+}
+
+/// A turn holder that never gives the turn back (a node stopped while its
+/// claim's rows were on their way) does not stop the queue: the claim
+/// waits its bound (2 s) and claims anyway, and the next claims on that
+/// store go ahead without waiting while the holder still hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_turn_holder_does_not_stop_the_queue() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 3).await;
+    let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
+    let t = Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(20), store.task_claim(claim_of("q", 1)))
+        .await
+        .expect("the claim gave up waiting for its turn")
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(first.len(), 1);
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "the claim did not wait for its turn: {waited:?}"
+    );
+    let t = Instant::now();
+    let next = store.task_claim(claim_of("q", 5)).await.unwrap();
+    let waited = t.elapsed();
+    assert_eq!(next.len(), 2);
+    assert!(
+        waited < Duration::from_millis(1900),
+        "the next claim waited {waited:?} for a turn that hangs"
+    );
+    holder.release().await;
 }
 
 /// Claims and completions find their rows by index whatever the table's

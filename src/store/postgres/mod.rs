@@ -211,6 +211,10 @@ struct Inner {
     /// NOTIFY from any process): the cache above is then read again at
     /// once rather than up to [`CAPS_FRESH`] later.
     settings_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Until when this handle's claims skip their turn (see `claim.rs`):
+    /// set when a claim waited past its turn's bound, i.e. a turn holder
+    /// hangs. A std mutex: held only to read or replace the instant.
+    turns_off_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// The queues whose enqueues take the transaction path: those with a
@@ -447,6 +451,7 @@ impl PostgresStore {
                 members: members.clone(),
                 capped: std::sync::Mutex::new(None),
                 settings_epoch: settings_epoch.clone(),
+                turns_off_until: std::sync::Mutex::new(None),
             }),
         };
         if let Some(listen) = listen {
