@@ -2693,7 +2693,7 @@ pub mod cases {
 
     /// Every write that finishes tasks announces them (outcomes, a cancel,
     /// a rescue with no attempt left, and the dependents they end); on
-    /// PostgreSQL other nodes hear it too. `task_unfinished` lists, in one
+    /// PostgreSQL other nodes that said they wait hear it too. `task_unfinished` lists, in one
     /// read, which ids still wait.
     pub async fn finishes_are_announced(b: &Backend) {
         use proto_tasker::task::Dependency;
@@ -2719,6 +2719,13 @@ pub mod cases {
             .id;
         let mut mine = s.subscribe();
         let mut theirs = other.subscribe();
+        // The other handle's process waits for tasks (so it is told of
+        // finishes: see `finishes_are_announced_only_while_another_process_waits`
+        // in tests/waiting.rs).
+        other
+            .announce_waiting(Duration::from_secs(30))
+            .await
+            .unwrap();
         // Give the other handle's listener time to be listening.
         tokio::time::sleep(Duration::from_millis(300)).await;
         while theirs.try_recv().is_ok() {}

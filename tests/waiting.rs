@@ -429,3 +429,99 @@ async fn a_listener_that_reconnects_says_announcements_were_missed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Claim and complete every due task of `queue` through `store`.
+async fn finish_all(store: &Arc<dyn proto_tasker::Store>, queue: &str) -> usize {
+    let claimed = store
+        .task_claim(proto_tasker::store::ClaimParams {
+            queue: queue.into(),
+            node: "elsewhere".into(),
+            limit: 1000,
+            now: Utc::now(),
+            limits: None,
+        })
+        .await
+        .expect("claim");
+    store
+        .task_complete_many(
+            claimed
+                .iter()
+                .map(|t| {
+                    proto_tasker::store::Completion::of(
+                        t,
+                        Utc::now(),
+                        proto_tasker::store::Outcome::Completed {
+                            result: Value::Null,
+                        },
+                    )
+                })
+                .collect(),
+        )
+        .await
+        .expect("complete");
+    claimed.len()
+}
+
+/// The finished task ids `events` carried within `within`.
+async fn finishes_heard(
+    events: &mut tokio::sync::broadcast::Receiver<proto_tasker::store::StoreEvent>,
+    within: Duration,
+) -> Vec<TaskId> {
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Ok(ev)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        if let proto_tasker::store::StoreEvent::Finished { ids: more } = ev {
+            ids.extend(more.iter().copied());
+        }
+    }
+    ids
+}
+
+/// Finishes are announced to other processes only while one of them
+/// waits: with a hundred nodes listening, each announcement made PostgreSQL
+/// signal a hundred backends. A process that starts waiting says so before
+/// it reads its task, and hears the finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishes_are_announced_only_while_another_process_waits() {
+    let (writer, guard) = fixtures::pg_store().await;
+    let other: Arc<dyn proto_tasker::Store> = Arc::new(
+        proto_tasker::store::PostgresStore::connect(
+            proto_tasker::store::PostgresOptions::new(guard.url.clone())
+                .schema(guard.schema.clone()),
+        )
+        .await
+        .expect("connect"),
+    );
+    let mut events = other.subscribe();
+    // The listener is connected (and has had its wake-up on connecting).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let registry = Arc::new(proto_tasker::TaskRegistry::new());
+    let writing = Client::new(writer.clone(), registry.clone());
+    let due = Utc::now() - chrono::Duration::seconds(1);
+    delayed_tasks(&writing, &["q"], 10, due).await;
+    assert_eq!(finish_all(&writer, "q").await, 10);
+    let heard = finishes_heard(&mut events, Duration::from_secs(1)).await;
+    assert!(
+        heard.is_empty(),
+        "finishes were announced with nobody waiting: {heard:?}"
+    );
+
+    let waiting = Client::new(other.clone(), registry);
+    let ids = delayed_tasks(&writing, &["q"], 1, due).await;
+    let wait = {
+        let c = waiting.clone();
+        let id = ids[0];
+        tokio::spawn(async move { c.wait(id, Duration::from_secs(30)).await })
+    };
+    until_waiting(&waiting, 1).await;
+    // Past the waiter's first read (it found the task unfinished).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(finish_all(&writer, "q").await, 1);
+    let heard = finishes_heard(&mut events, Duration::from_secs(1)).await;
+    assert_eq!(heard, ids, "the waiting process was not told of the finish");
+    let task = wait
+        .await
+        .expect("join")
+        .expect("the wait ends with the task");
+    assert!(task.state.is_finished());
+}

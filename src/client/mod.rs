@@ -780,6 +780,7 @@ impl Client {
     pub async fn wait_for(&self, id: TaskId, timeout: Duration) -> Result<Task, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut reg = self.waiters.register(id);
+        self.waiters.announce().await;
         loop {
             let task = self
                 .store

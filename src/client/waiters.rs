@@ -9,6 +9,12 @@
 //! dispatcher reads the announced tasks that someone waits for in one read
 //! per event, however many waiters, and hands each waiter its task.
 //!
+//! Other processes announce finishes only while some process has said it
+//! waits ([`Store::announce_waiting`]): a waiter says so (unless its
+//! process said it in the last [`ANNOUNCE_AGAIN`]) after registering and
+//! before its first read, and the dispatcher says it again while anyone
+//! waits.
+//!
 //! An event can be missed: a lagging receiver, a LISTEN connection that was
 //! down, a finish written by another process on the same SQLite file. For
 //! those, the dispatcher asks the store which of *all* the waited ids are
@@ -44,6 +50,16 @@ use crate::task::{Task, TaskId};
 /// about, while anyone waits.
 pub const FALLBACK_POLL: Duration = Duration::from_secs(2);
 
+/// How long the store is told this process waits (see
+/// [`Store::announce_waiting`]); said again by the dispatcher while anyone
+/// waits, once [`ANNOUNCE_AGAIN`] has passed.
+const ANNOUNCE_SPAN: Duration = Duration::from_secs(30);
+
+/// How old an announcement may be before waiters say it again. Far inside
+/// [`ANNOUNCE_SPAN`], so clocks that run at different rates, or a slow
+/// round trip, never leave a waiter unannounced.
+const ANNOUNCE_AGAIN: Duration = Duration::from_secs(10);
+
 /// What a waiter is handed: its finished task, or `None` to read it itself.
 pub(crate) type Handed = Option<Arc<Task>>;
 
@@ -59,6 +75,10 @@ pub(crate) struct Waiters {
     map: Mutex<HashMap<TaskId, Entry>>,
     /// Set once the dispatcher runs.
     dispatcher: OnceLock<()>,
+    /// When the store was last told that this process waits. A Tokio
+    /// mutex, held across that call, so waiters arriving together wait for
+    /// one announcement rather than each making their own.
+    announced: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// A waiter's place in the hub; leaving it (drop) removes the id when no
@@ -88,6 +108,7 @@ impl Waiters {
             store,
             map: Mutex::new(HashMap::new()),
             dispatcher: OnceLock::new(),
+            announced: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -115,6 +136,22 @@ impl Waiters {
             hub: self.clone(),
             id,
             woken,
+        }
+    }
+
+    /// Tell the store this process waits, unless it was told recently.
+    /// A waiter calls it after registering and before its first read: a
+    /// finish committed after that read is then announced here (see
+    /// `notify_many` in the PostgreSQL store). A failure is logged and left
+    /// to the fallback poll.
+    pub(crate) async fn announce(&self) {
+        let mut at = self.announced.lock().await;
+        if at.is_some_and(|t| t.elapsed() < ANNOUNCE_AGAIN) {
+            return;
+        }
+        match self.store.announce_waiting(ANNOUNCE_SPAN).await {
+            Ok(()) => *at = Some(tokio::time::Instant::now()),
+            Err(e) => tracing::debug!(error = %e, "telling the store this process waits failed"),
         }
     }
 
@@ -220,6 +257,9 @@ async fn dispatch(hub: Weak<Waiters>, mut events: broadcast::Receiver<StoreEvent
         };
         let Some(h) = hub.upgrade() else { return };
         if poll {
+            if h.len() > 0 {
+                h.announce().await;
+            }
             h.poll().await;
         }
     }

@@ -281,6 +281,17 @@ pub trait Store: Send + Sync + 'static {
     /// ids (the waiters' fallback when a finish event may have been missed).
     async fn task_unfinished(&self, ids: Vec<TaskId>) -> Result<Vec<TaskId>, StoreError>;
 
+    /// Someone in this process waits for tasks to finish, for the next
+    /// `span`: finishes that other processes write are announced to this
+    /// one until then ([`StoreEvent::Finished`]). The waiters say so before
+    /// their first read, and again while they wait. A store whose finishes
+    /// only this process writes, or that announces every finish to every
+    /// process anyway, has nothing to do.
+    async fn announce_waiting(&self, span: std::time::Duration) -> Result<(), StoreError> {
+        let _ = span;
+        Ok(())
+    }
+
     async fn task_list(&self, params: ListParams) -> Result<Vec<Task>, StoreError>;
 
     /// Cancel a task. An unstarted task becomes `cancelled` at once; a running

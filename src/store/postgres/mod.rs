@@ -92,6 +92,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0022_fairness.sql"),
     include_str!("migrations/0023_traceparent.sql"),
     include_str!("migrations/0024_no_state_index.sql"),
+    include_str!("migrations/0025_waiting.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -465,7 +466,13 @@ impl PostgresStore {
             };
             tokio::spawn(listen_loop(listen, channel.clone(), hearer, stop.clone()));
         }
-        tokio::spawn(notify_loop(pool, channel, outbox_rx, stop));
+        let sender = notify::Sender {
+            pool,
+            channel,
+            sql: store.inner.sql.notify_many.clone(),
+            origin: store.inner.origin.clone(),
+        };
+        tokio::spawn(notify_loop(sender, outbox_rx, stop));
         Ok(store)
     }
 
@@ -1010,6 +1017,17 @@ impl Store for PostgresStore {
 
     async fn queue_set_paused(&self, queue: &str, paused: bool) -> Result<(), StoreError> {
         PostgresStore::queue_set_paused(self, queue, paused).await
+    }
+
+    async fn announce_waiting(&self, span: Duration) -> Result<(), StoreError> {
+        let c = self.conn().await?;
+        self.execute(
+            &c,
+            &self.inner.sql.waiting_announce,
+            &[&self.inner.origin, &span.as_secs_f64()],
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn queue_paused(&self) -> Result<Vec<String>, StoreError> {

@@ -124,12 +124,27 @@ pub(super) fn channel_name(schema: &str) -> String {
 
 /// Sends queued notifications, coalesced: everything queued while one
 /// NOTIFY was in flight goes out as one, and at most one per 2 ms.
+/// Where the notifier sends, and how.
+pub(super) struct Sender {
+    pub pool: Pool,
+    pub channel: String,
+    /// `Sql::notify_many`.
+    pub sql: String,
+    /// This store's mark (see `Hearer::origin`).
+    pub origin: String,
+}
+
 pub(super) async fn notify_loop(
-    pool: Pool,
-    channel: String,
+    sender: Sender,
     mut rx: mpsc::UnboundedReceiver<String>,
     stop: CancellationToken,
 ) {
+    let Sender {
+        pool,
+        channel,
+        sql,
+        origin,
+    } = sender;
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -138,14 +153,21 @@ pub(super) async fn notify_loop(
         }
         let mut seen = HashSet::new();
         let payloads: Vec<String> = batch.drain(..).filter(|p| seen.insert(p.clone())).collect();
-        // One statement, so one transaction, for everything queued.
+        // One statement, so one transaction, for everything queued. Lists
+        // of finished tasks go out only while another process waits (see
+        // `Sql::notify_many`).
         let sent = async {
             let c = pool.get().await.map_err(pool_err)?;
             // Typed and unnamed: one round trip, and nothing left on the
             // server connection (safe behind a transaction pooler).
             c.execute_typed(
-                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                &[(&channel, Type::TEXT), (&payloads, Type::TEXT_ARRAY)],
+                &sql,
+                &[
+                    (&channel, Type::TEXT),
+                    (&payloads, Type::TEXT_ARRAY),
+                    (&DONE, Type::TEXT),
+                    (&origin, Type::TEXT),
+                ],
             )
             .await
             .map_err(db_err)?;

@@ -26,6 +26,8 @@ pub(super) struct Sql {
     pub replace_pending: String,
     pub release_key: String,
     pub claim: String,
+    pub notify_many: String,
+    pub waiting_announce: String,
     pub complete_many: String,
     pub get: String,
     pub get_for_update: String,
@@ -284,6 +286,24 @@ impl Sql {
             // the picked ids): joined to `next` instead, the generic plan
             // (LIMIT $4 guessed at a tenth of the queue) hashed a sequential
             // scan of the whole table.
+            // `$2` are the payloads, `$3` the prefix of those that list
+            // finished tasks: they are for waiters in other processes, so
+            // they go out only while one of those (`$4` is this one's
+            // mark) has said it waits. A process says so before its
+            // waiters first read their tasks, and this runs after the
+            // finishes it announces committed, so a waiter either reads
+            // its task finished or is announced the finish.
+            notify_many: format!(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p \
+                 WHERE NOT starts_with(p, $3) \
+                    OR EXISTS (SELECT 1 FROM {s}.waiting WHERE until > now() AND origin <> $4)"
+            ),
+            // Marks of processes that stopped waiting a minute ago go.
+            waiting_announce: format!(
+                "WITH gone AS (DELETE FROM {s}.waiting WHERE until < now() - interval '1 minute' AND origin <> $1) \
+                 INSERT INTO {s}.waiting (origin, until) VALUES ($1, now() + make_interval(secs => $2::float8)) \
+                 ON CONFLICT (origin) DO UPDATE SET until = excluded.until"
+            ),
             claim: format!(
                 "WITH next AS ( \
                    SELECT id FROM {s}.tasks \
