@@ -217,21 +217,27 @@ async fn claimers_of_one_queue_take_turns() {
     enqueue(&store, "other", 1).await;
     let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
     let s = store.clone();
-    let waiting = tokio::spawn(async move { s.task_claim(claim_of("q", 10)).await });
+    // Asking for 100: smaller claims than 32 take no turn.
+    let waiting = tokio::spawn(async move { s.task_claim(claim_of("q", 100)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !waiting.is_finished(),
         "the claim went ahead while another claimer held the queue's turn"
     );
-    let other = store.task_claim(claim_of("other", 10)).await.unwrap();
+    let other = store.task_claim(claim_of("other", 100)).await.unwrap();
     assert_eq!(other.len(), 1, "another queue's claim is not held up");
+    let small = tokio::time::timeout(Duration::from_secs(1), store.task_claim(claim_of("q", 2)))
+        .await
+        .expect("a claim of two tasks waited for a turn")
+        .unwrap();
+    assert_eq!(small.len(), 2, "a small claim takes no turn");
     holder.release().await;
     let got = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
         .expect("the claim went ahead once the turn was given back")
         .unwrap()
         .unwrap();
-    assert_eq!(got.len(), 5);
+    assert_eq!(got.len(), 3);
 }
 
 /// A turn holder that never gives the turn back (a node stopped while its
@@ -241,23 +247,23 @@ async fn claimers_of_one_queue_take_turns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_turn_holder_does_not_stop_the_queue() {
     let (store, guard) = fixtures::pg_store().await;
-    enqueue(&store, "q", 3).await;
+    enqueue(&store, "q", 100).await;
     let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
     let t = Instant::now();
-    let first = tokio::time::timeout(Duration::from_secs(20), store.task_claim(claim_of("q", 1)))
+    let first = tokio::time::timeout(Duration::from_secs(20), store.task_claim(claim_of("q", 50)))
         .await
         .expect("the claim gave up waiting for its turn")
         .unwrap();
     let waited = t.elapsed();
-    assert_eq!(first.len(), 1);
+    assert_eq!(first.len(), 50);
     assert!(
         waited >= Duration::from_millis(1900),
         "the claim did not wait for its turn: {waited:?}"
     );
     let t = Instant::now();
-    let next = store.task_claim(claim_of("q", 5)).await.unwrap();
+    let next = store.task_claim(claim_of("q", 50)).await.unwrap();
     let waited = t.elapsed();
-    assert_eq!(next.len(), 2);
+    assert_eq!(next.len(), 50);
     assert!(
         waited < Duration::from_millis(1900),
         "the next claim waited {waited:?} for a turn that hangs"

@@ -29,6 +29,13 @@ const TURN_WAIT: &str = "2s";
 /// without). Four claimers walk at most three others' locked rows.
 const TURNS: u32 = 4;
 
+/// Claims asking for fewer tasks than this take no turn. A small claim
+/// holds few rows locked for others to walk past, and a turn costs it four
+/// statements and a wait: 100 nodes of 2 workers drained 1.7k tasks/s with
+/// turns for every claim, 3.4k with this; 50 nodes of 20 workers 10.6k and
+/// 12.3k (figures in docs/benchmarks.md).
+const TURN_MIN: usize = 32;
+
 /// How long claims skip their turns after one waited past [`TURN_WAIT`].
 const TURNS_OFF: Duration = Duration::from_secs(10);
 
@@ -40,7 +47,7 @@ impl PostgresStore {
     /// Claim due tasks of `p.queue`, most urgent first (see [`ClaimParams`]).
     ///
     /// Claimers of one queue, on every node, take turns, [`TURNS`] at a
-    /// time: a claim runs in a transaction that first takes one of the
+    /// time (claims of at least [`TURN_MIN`] tasks): a claim runs in a transaction that first takes one of the
     /// queue's turn locks (transaction advisory locks), waiting up to
     /// [`TURN_WAIT`], and the claim statement's snapshot is taken after the
     /// lock is granted. Without turns, `SKIP LOCKED` still keeps claimers
@@ -61,7 +68,7 @@ impl PostgresStore {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&p.node, &now, &p.queue, &limit];
         let c = self.conn().await?;
-        if !self.turns_on() {
+        if p.limit < TURN_MIN || !self.turns_on() {
             let rows = self.query(&c, &self.inner.sql.claim, &params).await?;
             let mut tasks = rows_to_tasks(&rows)?;
             tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
