@@ -47,10 +47,10 @@ impl PostgresStore {
     /// Claim due tasks of `p.queue`, most urgent first (see [`ClaimParams`]).
     ///
     /// Claimers of one queue, on every node, take turns, [`TURNS`] at a
-    /// time (claims of at least [`TURN_MIN`] tasks): a claim runs in a transaction that first takes one of the
-    /// queue's turn locks (transaction advisory locks), waiting up to
-    /// [`TURN_WAIT`], and the claim statement's snapshot is taken after the
-    /// lock is granted. Without turns, `SKIP LOCKED` still keeps claimers
+    /// time (claims of at least [`TURN_MIN`] tasks): a claim runs in a
+    /// transaction that first takes one of the queue's turn locks
+    /// (transaction advisory locks), waiting up to [`TURN_WAIT`], and the
+    /// claim statement's snapshot is taken after the lock is granted. Without turns, `SKIP LOCKED` still keeps claimers
     /// from taking the same task, but with 100 nodes on one queue each
     /// claim walked the rows all the others held locked (16,600 buffers a
     /// claim, against about 1,600 alone) and locked rows a concurrent claim

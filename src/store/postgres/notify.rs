@@ -122,8 +122,6 @@ pub(super) fn channel_name(schema: &str) -> String {
     format!("{schema}_events")
 }
 
-/// Sends queued notifications, coalesced: everything queued while one
-/// NOTIFY was in flight goes out as one, and at most one per 2 ms.
 /// Where the notifier sends, and how.
 pub(super) struct Sender {
     pub pool: Pool,
@@ -134,6 +132,8 @@ pub(super) struct Sender {
     pub origin: String,
 }
 
+/// Sends queued notifications, coalesced: everything queued while one
+/// NOTIFY was in flight goes out as one, and at most one per 2 ms.
 pub(super) async fn notify_loop(
     sender: Sender,
     mut rx: mpsc::UnboundedReceiver<String>,

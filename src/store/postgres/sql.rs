@@ -282,10 +282,6 @@ impl Sql {
             release_key: format!(
                 "UPDATE {s}.tasks SET unique_released = true WHERE id = $1 AND state = 'running'"
             ),
-            // The update finds the picked tasks by primary key (`= ANY` of
-            // the picked ids): joined to `next` instead, the generic plan
-            // (LIMIT $4 guessed at a tenth of the queue) hashed a sequential
-            // scan of the whole table.
             // `$2` are the payloads, `$3` the prefix of those that list
             // finished tasks: they are for waiters in other processes, so
             // they go out only while one of those (`$4` is this one's
@@ -304,6 +300,10 @@ impl Sql {
                  INSERT INTO {s}.waiting (origin, until) VALUES ($1, now() + make_interval(secs => $2::float8)) \
                  ON CONFLICT (origin) DO UPDATE SET until = excluded.until"
             ),
+            // The update finds the picked tasks by primary key (`= ANY` of
+            // the picked ids): joined to `next` instead, the generic plan
+            // (LIMIT $4 guessed at a tenth of the queue) hashed a sequential
+            // scan of the whole table.
             claim: format!(
                 "WITH next AS ( \
                    SELECT id FROM {s}.tasks \
