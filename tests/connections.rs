@@ -226,10 +226,13 @@ async fn claimers_of_one_queue_take_turns() {
     );
     let other = store.task_claim(claim_of("other", 100)).await.unwrap();
     assert_eq!(other.len(), 1, "another queue's claim is not held up");
-    let small = tokio::time::timeout(Duration::from_secs(1), store.task_claim(claim_of("q", 2)))
-        .await
-        .expect("a claim of two tasks waited for a turn")
-        .unwrap();
+    let small = tokio::time::timeout(
+        Duration::from_millis(1500),
+        store.task_claim(claim_of("q", 2)),
+    )
+    .await
+    .expect("a claim of two tasks waited for a turn")
+    .unwrap();
     assert_eq!(small.len(), 2, "a small claim takes no turn");
     holder.release().await;
     let got = tokio::time::timeout(Duration::from_secs(10), waiting)

@@ -327,35 +327,8 @@ async fn a_finish_nobody_announced_is_found_by_one_shared_poll() {
         .collect();
     until_waiting(&client, ids.len()).await;
     // Finish them all through the other handle: no event reaches `client`.
-    let claimed = other
-        .task_claim(proto_tasker::store::ClaimParams {
-            queue: "q".into(),
-            node: "elsewhere".into(),
-            limit: 100,
-            now: Utc::now(),
-            limits: None,
-        })
-        .await
-        .expect("claim");
-    assert_eq!(claimed.len(), ids.len());
     let finished = Instant::now();
-    other
-        .task_complete_many(
-            claimed
-                .iter()
-                .map(|t| {
-                    proto_tasker::store::Completion::of(
-                        t,
-                        Utc::now(),
-                        proto_tasker::store::Outcome::Completed {
-                            result: Value::Null,
-                        },
-                    )
-                })
-                .collect(),
-        )
-        .await
-        .expect("complete");
+    assert_eq!(finish_all(&other, "q").await, ids.len());
     for w in waits {
         let t = w.await.expect("join").expect("the wait ends with the task");
         assert!(t.state.is_finished());
