@@ -70,9 +70,7 @@ impl PostgresStore {
         let c = self.conn().await?;
         if p.limit < TURN_MIN || !self.turns_on() {
             let rows = self.query(&c, &self.inner.sql.claim, &params).await?;
-            let mut tasks = rows_to_tasks(&rows)?;
-            tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
-            return Ok(tasks);
+            return claimed(&rows);
         }
         let on: On = (&c).into();
         let stmts = &self.inner.stmts;
@@ -114,9 +112,7 @@ impl PostgresStore {
                 rows?
             }
         };
-        let mut tasks = rows_to_tasks(&rows)?;
-        tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
-        Ok(tasks)
+        claimed(&rows)
     }
 
     fn turns_on(&self) -> bool {
@@ -206,13 +202,19 @@ impl PostgresStore {
         l?;
         let rows = rows?;
         done?;
-        let mut tasks = rows_to_tasks(&rows)?;
-        tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
-        Ok(tasks)
+        claimed(&rows)
     }
 }
 
 /// Did a statement give up waiting for a lock (`lock_timeout`, 55P03)?
 fn is_lock_timeout(e: &StoreError) -> bool {
     matches!(e, StoreError::Unavailable { message, .. } if message.starts_with("55P03"))
+}
+
+/// The claimed tasks of a claim's rows, most urgent first (the statement's
+/// RETURNING gives them in no particular order).
+fn claimed(rows: &[tokio_postgres::Row]) -> Result<Vec<Task>, StoreError> {
+    let mut tasks = rows_to_tasks(rows)?;
+    tasks.sort_by_key(|t| (t.priority, t.run_at, t.id));
+    Ok(tasks)
 }
