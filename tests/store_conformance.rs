@@ -2830,6 +2830,7 @@ macro_rules! conformance {
             async fn $case() {
                 let backend = $backend.await;
                 crate::$module::$case(&backend).await;
+                backend.assert_nothing_outlived_a_transaction();
             }
         )*
     };
@@ -2934,4 +2935,52 @@ mod postgres {
 /// nothing the store does may outlive a transaction.
 mod pgbouncer {
     all_cases!(crate::fixtures::Backend::pgbouncer());
+
+    /// The relay the cases above go through sees a statement that outlives
+    /// its transaction, and passes one that does not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_sees_what_outlives_a_transaction() {
+        let watch = crate::fixtures::pgbouncer::Watch::start().await;
+        let url = watch.options("public").url;
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect through the relay");
+        tokio::spawn(conn);
+
+        // Prepared, used and closed inside one transaction: allowed.
+        let tx = client.transaction().await.expect("begin");
+        let rows = tx.query("SELECT $1::int", &[&1i32]).await.expect("query");
+        drop(rows);
+        tx.commit().await.expect("commit");
+        client.simple_query("SELECT 1").await.expect("sync");
+        assert_eq!(watch.breaches(), Vec::<String>::new());
+
+        // Rows keep their statement: held past COMMIT, its Close comes after.
+        let tx = client.transaction().await.expect("begin");
+        let rows = tx
+            .query("SELECT $1::int + 1", &[&1i32])
+            .await
+            .expect("query");
+        tx.commit().await.expect("commit");
+        drop(rows);
+        client
+            .prepare("SELECT 2")
+            .await
+            .expect("prepare outside a transaction");
+        client
+            .batch_execute("SET work_mem = '8MB'")
+            .await
+            .expect("set");
+        let found = watch.breaches();
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(
+            found[0].contains("still open at COMMIT: SELECT $1::int + 1"),
+            "{found:#?}"
+        );
+        assert!(
+            found[1].contains("prepared outside a transaction: SELECT 2"),
+            "{found:#?}"
+        );
+        assert!(found[2].contains("a session SET"), "{found:#?}");
+    }
 }

@@ -126,10 +126,7 @@ impl PostgresStore {
         let task = locked_task(&*tx, sql, id).await?;
         let mut ended = Vec::new();
         let row = if lifecycle::cancel_action(&task)? == CancelAction::RequestStop {
-            let row = tx
-                .query_one(&sql.cancel_running, &[&id.0])
-                .await
-                .map_err(db_err)?;
+            let row = self.query_one(&tx, &sql.cancel_running, &[&id.0]).await?;
             // Delivered on commit, to whichever node runs the task.
             let payload = cancel_payload(id, task.node.as_deref());
             tx.execute("SELECT pg_notify($1, $2)", &[&self.inner.channel, &payload])
@@ -137,10 +134,9 @@ impl PostgresStore {
                 .map_err(db_err)?;
             row
         } else {
-            let row = tx
-                .query_one(&sql.cancel_queued, &[&id.0, &truncate_micros(now)])
-                .await
-                .map_err(db_err)?;
+            let row = self
+                .query_one(&tx, &sql.cancel_queued, &[&id.0, &truncate_micros(now)])
+                .await?;
             ended.push(id);
             ended.extend(cascade(&*tx, sql, &[id.0], now).await?);
             row
@@ -196,6 +192,10 @@ impl PostgresStore {
             Err(e) => return Err(db_err(e)),
         };
         let out = row_to_task(&row)?;
+        // The row holds its named statement, whose Close goes out when the
+        // row drops: before COMMIT, or behind PgBouncer it reaches another
+        // server connection and this one keeps the name.
+        drop(row);
         tx.commit().await.map_err(db_err)?;
         self.announce_work();
         Ok(out)
@@ -217,15 +217,14 @@ impl PostgresStore {
             Some(n) => {
                 let keep: Vec<i64> = p.keep.iter().map(|t| t.0).collect();
                 let before = p.started_before.unwrap_or(DateTime::<Utc>::MAX_UTC);
-                tx.query(&sql.rescue_node, &[&now, &now_text, n, &keep, &before])
-                    .await
+                self.query(&tx, &sql.rescue_node, &[&now, &now_text, n, &keep, &before])
+                    .await?
             }
             None => {
-                tx.query(&sql.rescue_dead, &[&now, &now_text, &cutoff])
-                    .await
+                self.query(&tx, &sql.rescue_dead, &[&now, &now_text, &cutoff])
+                    .await?
             }
-        }
-        .map_err(db_err)?;
+        };
         let rescued: Vec<Rescued> = rows
             .iter()
             .map(|r| {
