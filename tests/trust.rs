@@ -103,6 +103,62 @@ async fn a_silently_partitioned_node_stops_its_tasks_before_they_run_elsewhere()
     eprintln!("history: {h:#?}");
 }
 
+/// A node that loses its lease stops its running tasks, and each of them
+/// has used its attempt, as if the node had crashed: a task that keeps
+/// costing nodes their lease runs out of attempts instead of running
+/// forever, and `attempt` still counts the times a task started. (Only an
+/// orderly shutdown gives a started task its attempt back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_stopped_by_a_lost_lease_has_used_its_attempt() {
+    let (store, guard) = fixtures::pg_store().await;
+    let proxy = Proxy::start(pg_addr(&guard.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("history.log");
+    let url = proxy.url(&guard.url);
+    let _a = Node::start(NodeSpec {
+        dir: dir.path(),
+        name: "a",
+        url: &url,
+        schema: &guard.schema,
+        workers: 2,
+        heartbeat_ms: 300,
+        node_timeout_ms: 3000,
+        wrapper: Vec::new(),
+        extra: "",
+    });
+    let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    // Long enough that the lease runs out while it runs (200 ticks, 10 s+).
+    let id = client
+        .insert(NewTask::new("shell", ticking_task(&log, "t", 200)))
+        .await
+        .unwrap()
+        .task
+        .id;
+    wait_until("a starts the task", Duration::from_secs(20), async || {
+        history(&log).contains_key("t")
+    })
+    .await;
+    proxy.hold(true);
+    // The lease (node_timeout less its margin) runs out; a stops the task.
+    wait_until("a stops the task", Duration::from_secs(20), async || {
+        let before = history(&log).get("t").map(|r| r[0].last);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        before == history(&log).get("t").map(|r| r[0].last)
+    })
+    .await;
+    proxy.hold(false);
+    all_complete(&store).await;
+    let runs = history(&log).get("t").cloned().unwrap_or_default();
+    let task = store.task_get(id).await.unwrap().expect("the task");
+    assert_eq!(runs.len(), 2, "started twice: {runs:#?}");
+    assert_eq!(task.attempt, 2, "each start used an attempt: {task:?}");
+    assert!(
+        task.errors.iter().any(|e| e.message.contains("lease")),
+        "the first attempt's error names the lost lease: {:?}",
+        task.errors
+    );
+}
+
 /// Nodes 30 s behind and 30 s ahead of the others: nothing of theirs is
 /// rescued while they live, and one leader holds the lease at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,10 +23,13 @@ pub enum StopReason {
     None = 0,
     /// A user cancelled the task.
     Cancelled = 1,
-    /// The node is shutting down or lost its lease: give the task back.
+    /// The node is shutting down: give the task back.
     Shutdown = 2,
     /// The attempt ran past its timeout.
     Timeout = 3,
+    /// The node lost its lease (or its name): the attempt is used, as when
+    /// a node dies and its tasks are rescued.
+    LeaseLost = 4,
 }
 
 impl StopReason {
@@ -35,6 +38,7 @@ impl StopReason {
             1 => StopReason::Cancelled,
             2 => StopReason::Shutdown,
             3 => StopReason::Timeout,
+            4 => StopReason::LeaseLost,
             _ => StopReason::None,
         }
     }

@@ -123,6 +123,20 @@ fn decide(task: &Task, ran: Ran, reason: StopReason, registry: &TaskRegistry) ->
             error: format!("cancelled: {message}"),
         },
         StopReason::Shutdown => Outcome::Released,
+        // The node's trouble, maybe caused by this very task (a CPU hog that
+        // starves the heartbeat): the attempt counts, as in a rescue, so such
+        // a task runs out of attempts instead of running forever, and it may
+        // run again at once, as a rescued task does.
+        StopReason::LeaseLost => {
+            let error = format!(
+                "stopped: this node lost its lease (no heartbeat confirmed in time): {message}"
+            );
+            if task.attempt >= task.max_attempts {
+                Outcome::Failed { error }
+            } else {
+                Outcome::Retry { run_at: now, error }
+            }
+        }
         StopReason::None | StopReason::Timeout => {
             if discard || task.attempt >= task.max_attempts {
                 Outcome::Failed { error: message }

@@ -155,7 +155,7 @@ pub(crate) fn check_lease(shared: &WorkerPoolSharedData, config: &SentinelConfig
             "no confirmed heartbeat for {}ms: lease lost, stopping claims and running tasks",
             silent.as_millis()
         );
-        shared.stop_all(StopReason::Shutdown);
+        shared.stop_all(StopReason::LeaseLost);
     }
 }
 
@@ -281,7 +281,7 @@ impl Heartbeat {
                              stopping claims and running tasks"
                         );
                         self.shared.fenced.store(true, Ordering::Release);
-                        self.shared.stop_all(StopReason::Shutdown);
+                        self.shared.stop_all(StopReason::LeaseLost);
                     }
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
