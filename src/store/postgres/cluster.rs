@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::insert::insert_rows;
+use super::statements::Db;
 use super::statements::On;
 use super::wake::Member;
 use super::{ADVISORY_XACT_LOCK, PostgresStore, db_err};
@@ -171,24 +172,12 @@ impl PostgresStore {
         if moved == 0 {
             return Ok(None);
         }
-        let st = self
-            .inner
-            .stmts
-            .ready((&tx).into(), &self.inner.sql.insert_many)
-            .await?;
+        let db = Db::store(&tx, &self.inner.stmts);
         let caps =
-            super::insert::lock_caps(&*tx, &self.inner.sql, &super::insert::queues_of(&f.tasks))
+            super::insert::lock_caps(db, &self.inner.sql, &super::insert::queues_of(&f.tasks))
                 .await?;
-        let out = insert_rows(
-            &*tx,
-            &self.inner.sql,
-            f.tasks,
-            f.now,
-            Some(((&tx).into(), &st)),
-            None,
-        )
-        .await?;
-        super::insert::check_caps(&*tx, &self.inner.sql, &caps).await?;
+        let out = insert_rows(db, &self.inner.sql, f.tasks, f.now, None).await?;
+        super::insert::check_caps(db, &self.inner.sql, &caps).await?;
         tx.commit().await.map_err(db_err)?;
         self.announce_new(&out);
         self.announce_due(crate::store::due_later(&out));

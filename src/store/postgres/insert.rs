@@ -11,7 +11,7 @@ use super::db_err;
 use super::notify::{WORK, channel_name};
 use super::rows::row_to_task;
 use super::sql::Sql;
-use super::statements::{On, Ready};
+use super::statements::Db;
 use crate::store::lifecycle;
 use crate::store::{Inserted, StoreError, TaskInsert, parse_state, truncate_micros, truncate_rows};
 use crate::task::{Task, TaskId};
@@ -23,16 +23,13 @@ pub(super) fn all_plain(rows: &[TaskInsert]) -> bool {
         .all(|r| r.unique_key.is_none() && r.depends_on.is_empty())
 }
 
-/// Insert `rows` through any client (the store's pool or a caller's
-/// transaction). `insert_many`: that statement readied on `c` (the store's
-/// own connections, see `statements.rs`); without it, as any client runs a
-/// statement given as text.
+/// Insert `rows` on the store's own connection or a caller's transaction
+/// (see [`Db`]).
 pub(super) async fn insert_rows<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     rows: Vec<TaskInsert>,
     now: DateTime<Utc>,
-    insert_many: Option<(On<'_>, &Ready<'_>)>,
     fair: Option<&HashSet<String>>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let now = truncate_micros(now);
@@ -42,11 +39,11 @@ pub(super) async fn insert_rows<C: GenericClient>(
     let fair = match fair {
         Some(f) => f,
         None => {
-            read = fair_queues(c, sql).await?;
+            read = fair_queues(db, sql).await?;
             &read
         }
     };
-    let seqs = fair_seqs(c, sql, &rows, fair).await?;
+    let seqs = fair_seqs(db, sql, &rows, fair).await?;
     let mut out: Vec<Option<Inserted>> = vec![None; rows.len()];
     // Tasks without a unique key: one statement for all of them.
     let plain: Vec<usize> = (0..rows.len())
@@ -92,10 +89,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             &fseqs,
             &tps,
         ];
-        let ids = match insert_many {
-            Some((on, st)) => st.query(on, &params).await?,
-            None => c.query(&sql.insert_many, &params).await.map_err(db_err)?,
-        };
+        let ids = db.query(&sql.insert_many, &params).await?;
         let mut ids: Vec<i64> = ids
             .iter()
             .map(|r| r.try_get(0))
@@ -114,7 +108,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
             continue;
         }
         let done: Vec<Option<TaskId>> = out.iter().map(|o| o.as_ref().map(|x| x.task.id)).collect();
-        out[i] = Some(insert_single(c, sql, &rows[i], now, &done, seqs[i]).await?);
+        out[i] = Some(insert_single(db, sql, &rows[i], now, &done, seqs[i]).await?);
     }
     out.into_iter()
         .map(|o| o.ok_or_else(|| StoreError::unavailable("insert lost a row")))
@@ -124,7 +118,7 @@ pub(super) async fn insert_rows<C: GenericClient>(
 /// Rows (with the queue in column `qi` and the key in `ki`) that left
 /// `running`: give their places back in `running_keys`.
 pub(super) async fn give_back_keys<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     rows: &[Row],
     qi: usize,
@@ -138,26 +132,20 @@ pub(super) async fn give_back_keys<C: GenericClient>(
         }
     }
     if !keys.is_empty() {
-        c.execute(&sql.running_keys_sub, &[&queues, &keys])
-            .await
-            .map_err(db_err)?;
-        c.execute(&sql.running_keys_drop, &[&queues, &keys])
-            .await
-            .map_err(db_err)?;
+        db.execute(&sql.running_keys_sub, &[&queues, &keys]).await?;
+        db.execute(&sql.running_keys_drop, &[&queues, &keys])
+            .await?;
     }
     Ok(())
 }
 
 /// The task `id`, locked for update until the transaction ends.
 pub(super) async fn locked_task<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     id: TaskId,
 ) -> Result<Task, StoreError> {
-    let row = c
-        .query_opt(&sql.get_for_update, &[&id.0])
-        .await
-        .map_err(db_err)?;
+    let row = db.query_opt(&sql.get_for_update, &[&id.0]).await?;
     row.as_ref()
         .map(row_to_task)
         .transpose()?
@@ -166,7 +154,7 @@ pub(super) async fn locked_task<C: GenericClient>(
 
 /// Cancel or fail (per their policy) the blocked tasks that wait for `parents`.
 pub(super) async fn cascade<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     parents: &[i64],
     now: DateTime<Utc>,
@@ -175,9 +163,8 @@ pub(super) async fn cascade<C: GenericClient>(
         return Ok(Vec::new());
     }
     let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    c.query(&sql.cascade, &[&parents, &truncate_micros(now), &now_text])
-        .await
-        .map_err(db_err)?
+    db.query(&sql.cascade, &[&parents, &truncate_micros(now), &now_text])
+        .await?
         .iter()
         .map(|r| r.try_get(0).map(TaskId).map_err(db_err))
         .collect()
@@ -185,7 +172,7 @@ pub(super) async fn cascade<C: GenericClient>(
 
 /// Insert one task that has a unique key or dependencies.
 async fn insert_single<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     t: &TaskInsert,
     now: DateTime<Utc>,
@@ -202,10 +189,7 @@ async fn insert_single<C: GenericClient>(
     if !parents.is_empty() {
         // Lock the parents: a parent finishing now waits for this insert, and
         // then sees the new edge when it unblocks or cancels its children.
-        let rows = c
-            .query(&sql.parents_lock, &[&parents])
-            .await
-            .map_err(db_err)?;
+        let rows = db.query(&sql.parents_lock, &[&parents]).await?;
         let mut states = std::collections::HashMap::with_capacity(rows.len());
         for r in &rows {
             let id: i64 = r.try_get(0).map_err(db_err)?;
@@ -225,7 +209,7 @@ async fn insert_single<C: GenericClient>(
     // round needs another task to take and give up the key meanwhile).
     let mut rounds = 0;
     let row = loop {
-        let inserted = c
+        let inserted = db
             .query_opt(
                 &sql.insert_one,
                 &[
@@ -251,14 +235,13 @@ async fn insert_single<C: GenericClient>(
                     &t.traceparent,
                 ],
             )
-            .await
-            .map_err(db_err)?;
+            .await?;
         if let Some(row) = inserted {
             // A finished holder (unique_states) is looked for after the
             // insert, in a statement of its own: a holder that finished
             // while our insert waited on its row is seen then, and ours
             // is deleted again (see `finished_holder`).
-            if let Some(holder) = finished_holder(c, sql, t, now, &row).await? {
+            if let Some(holder) = finished_holder(db, sql, t, now, &row).await? {
                 return match lifecycle::on_holder(&t.unique, holder.state) {
                     lifecycle::OnHolder::Refuse => Err(lifecycle::duplicate(&holder)),
                     _ => Ok(Inserted::holder(holder)),
@@ -266,10 +249,9 @@ async fn insert_single<C: GenericClient>(
             }
             break row;
         }
-        if let Some(row) = c
+        if let Some(row) = db
             .query_opt(&sql.find_unique, &[&t.kind, &t.unique_key])
-            .await
-            .map_err(db_err)?
+            .await?
         {
             let holder = row_to_task(&row)?;
             match lifecycle::on_holder(&t.unique, holder.state) {
@@ -278,13 +260,12 @@ async fn insert_single<C: GenericClient>(
                 lifecycle::OnHolder::Replace => {
                     // Lands only while the holder still waits; if it was
                     // claimed meanwhile, the next round finds it running.
-                    if let Some(row) = c
+                    if let Some(row) = db
                         .query_opt(
                             &sql.replace_pending,
                             &[&holder.id.0, &t.args, &t.priority, &t.run_at, &now],
                         )
-                        .await
-                        .map_err(db_err)?
+                        .await?
                     {
                         return Ok(Inserted {
                             task: row_to_task(&row)?,
@@ -296,9 +277,7 @@ async fn insert_single<C: GenericClient>(
                 lifecycle::OnHolder::Release => {
                     // The running holder leaves the unique index; the next
                     // round inserts (or finds whoever took the key first).
-                    c.execute(&sql.release_key, &[&holder.id.0])
-                        .await
-                        .map_err(db_err)?;
+                    db.execute(&sql.release_key, &[&holder.id.0]).await?;
                 }
             }
         }
@@ -312,12 +291,9 @@ async fn insert_single<C: GenericClient>(
     };
     let task = row_to_task(&row)?;
     if !parents.is_empty() {
-        c.execute(&sql.deps_insert, &[&parents, &task.id.0])
-            .await
-            .map_err(db_err)?;
-        c.execute(&sql.parents_mark, &[&parents])
-            .await
-            .map_err(db_err)?;
+        db.execute(&sql.deps_insert, &[&parents, &task.id.0])
+            .await?;
+        db.execute(&sql.parents_mark, &[&parents]).await?;
     }
     Ok(Inserted::new(task))
 }
@@ -329,7 +305,7 @@ async fn insert_single<C: GenericClient>(
 /// blocked it through the unique index or had finished (committed) before
 /// this statement began, and this statement sees it.
 async fn finished_holder<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     t: &TaskInsert,
     now: DateTime<Utc>,
@@ -341,28 +317,26 @@ async fn finished_holder<C: GenericClient>(
     let id: i64 = row.try_get(crate::store::col::ID).map_err(db_err)?;
     let states: Vec<&str> = t.unique.finished.iter().map(|s| s.as_str()).collect();
     let since = lifecycle::holder_since(&t.unique, now);
-    let Some(holder) = c
+    let Some(holder) = db
         .query_opt(
             &sql.find_finished,
             &[&t.kind, &t.unique_key, &states, &since, &id],
         )
-        .await
-        .map_err(db_err)?
+        .await?
     else {
         return Ok(None);
     };
-    c.execute(&sql.undo_insert, &[&id]).await.map_err(db_err)?;
+    db.execute(&sql.undo_insert, &[&id]).await?;
     Ok(Some(row_to_task(&holder)?))
 }
 
 /// The round-robin queues, read in the caller's transaction.
 pub(super) async fn fair_queues<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
 ) -> Result<HashSet<String>, StoreError> {
-    c.query(&sql.fair_queues, &[])
-        .await
-        .map_err(db_err)?
+    db.query(&sql.fair_queues, &[])
+        .await?
         .iter()
         .map(|r| r.try_get(0).map_err(db_err))
         .collect()
@@ -375,7 +349,7 @@ pub(super) async fn fair_queues<C: GenericClient>(
 /// without a lock (a claim moving it meanwhile only makes these tasks
 /// look a little older, which is fair).
 async fn fair_seqs<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     rows: &[TaskInsert],
     fair: &HashSet<String>,
@@ -390,7 +364,7 @@ async fn fair_seqs<C: GenericClient>(
         .filter(|q| fair.contains(*q))
         .collect();
     for q in queues {
-        let vtime: i64 = match c.query_opt(&sql.fair_vtime, &[&q]).await.map_err(db_err)? {
+        let vtime: i64 = match db.query_opt(&sql.fair_vtime, &[&q]).await? {
             Some(r) => r.try_get(0).map_err(db_err)?,
             None => 0,
         };
@@ -398,11 +372,7 @@ async fn fair_seqs<C: GenericClient>(
         let keys: BTreeSet<String> = rows.iter().filter(|r| r.queue == q).map(key).collect();
         let keys: Vec<String> = keys.into_iter().collect();
         let mut last: HashMap<String, i64> = HashMap::new();
-        for r in c
-            .query(&sql.fair_keys_lock, &[&q, &keys])
-            .await
-            .map_err(db_err)?
-        {
+        for r in db.query(&sql.fair_keys_lock, &[&q, &keys]).await? {
             last.insert(r.try_get(0).map_err(db_err)?, r.try_get(1).map_err(db_err)?);
         }
         for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.queue == q) {
@@ -411,9 +381,7 @@ async fn fair_seqs<C: GenericClient>(
             out[i] = Some(seq);
         }
         let (ks, ns): (Vec<String>, Vec<i64>) = last.into_iter().unzip();
-        c.execute(&sql.fair_keys_put, &[&q, &ks, &ns])
-            .await
-            .map_err(db_err)?;
+        db.execute(&sql.fair_keys_put, &[&q, &ks, &ns]).await?;
     }
     Ok(out)
 }
@@ -422,13 +390,12 @@ async fn fair_seqs<C: GenericClient>(
 /// rest of the transaction: enqueues to one capped queue take turns, so
 /// what [`check_caps`] counts after the insert is not raced.
 pub(super) async fn lock_caps<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     queues: &[&str],
 ) -> Result<Vec<(String, u32)>, StoreError> {
-    c.query(&sql.caps_lock, &[&queues])
-        .await
-        .map_err(db_err)?
+    db.query(&sql.caps_lock, &[&queues])
+        .await?
         .iter()
         .map(|r| {
             let q: String = r.try_get(0).map_err(db_err)?;
@@ -441,15 +408,14 @@ pub(super) async fn lock_caps<C: GenericClient>(
 /// After an insert under [`lock_caps`]: refuse (the caller rolls back)
 /// when a queue holds more unfinished tasks than its cap.
 pub(super) async fn check_caps<C: GenericClient>(
-    c: &C,
+    db: Db<'_, C>,
     sql: &Sql,
     caps: &[(String, u32)],
 ) -> Result<(), StoreError> {
     for (queue, cap) in caps {
-        let n: i64 = c
+        let n: i64 = db
             .query_one(&sql.depth_upto, &[queue, &(i64::from(*cap) + 1)])
-            .await
-            .map_err(db_err)?
+            .await?
             .try_get(0)
             .map_err(db_err)?;
         if n > i64::from(*cap) {
@@ -478,11 +444,11 @@ pub(super) async fn insert_in<C: GenericClient>(
     now: DateTime<Utc>,
 ) -> Result<Vec<Inserted>, StoreError> {
     let sql = Sql::new(schema);
-    let caps = lock_caps(c, &sql, &queues_of(&rows)).await?;
-    let out = insert_rows(c, &sql, rows, now, None, None).await?;
-    check_caps(c, &sql, &caps).await?;
-    c.execute("SELECT pg_notify($1, $2)", &[&channel_name(schema), &WORK])
-        .await
-        .map_err(db_err)?;
+    let db = Db::Caller(c);
+    let caps = lock_caps(db, &sql, &queues_of(&rows)).await?;
+    let out = insert_rows(db, &sql, rows, now, None).await?;
+    check_caps(db, &sql, &caps).await?;
+    db.execute("SELECT pg_notify($1, $2)", &[&channel_name(schema), &WORK])
+        .await?;
     Ok(out)
 }

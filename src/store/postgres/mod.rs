@@ -63,7 +63,7 @@ use notify::{
 };
 use rows::{Param, list_sql, row_to_task, rows_to_tasks};
 use sql::Sql;
-use statements::{On, Params, Statements};
+use statements::{Db, On, Params, Statements};
 
 /// The schema, one file per version; `{schema}` stands for the schema's
 /// name. Append; never edit a released file.
@@ -848,45 +848,27 @@ impl Store for PostgresStore {
         let mut c = self.conn().await?;
         let out = if !any_capped && !any_fair && insert::all_plain(&tasks) {
             // One statement: atomic and durable on its own, in one round trip.
-            let st = self
-                .inner
-                .stmts
-                .ready((&c).into(), &self.inner.sql.insert_many)
-                .await?;
             let none = std::collections::HashSet::new();
             insert_rows(
-                &**c,
+                Db::store(&c, &self.inner.stmts),
                 &self.inner.sql,
                 tasks,
                 now,
-                Some(((&c).into(), &st)),
                 Some(&none),
             )
             .await?
         } else {
             let tx = c.transaction().await.map_err(db_err)?;
-            let st = self
-                .inner
-                .stmts
-                .ready((&tx).into(), &self.inner.sql.insert_many)
-                .await?;
+            let db = Db::store(&tx, &self.inner.stmts);
             // A capped queue: take its lock, insert, count, and roll back
             // (dropping `tx`) when the count is past the cap.
             let caps = if any_capped {
-                insert::lock_caps(&*tx, &self.inner.sql, &queues).await?
+                insert::lock_caps(db, &self.inner.sql, &queues).await?
             } else {
                 Vec::new()
             };
-            let out = insert_rows(
-                &*tx,
-                &self.inner.sql,
-                tasks,
-                now,
-                Some(((&tx).into(), &st)),
-                Some(&flags.fair),
-            )
-            .await?;
-            insert::check_caps(&*tx, &self.inner.sql, &caps).await?;
+            let out = insert_rows(db, &self.inner.sql, tasks, now, Some(&flags.fair)).await?;
+            insert::check_caps(db, &self.inner.sql, &caps).await?;
             tx.commit().await.map_err(db_err)?;
             out
         };

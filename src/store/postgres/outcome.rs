@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use super::insert::{cascade, give_back_keys, locked_task};
 use super::notify::cancel_payload;
 use super::rows::{error_value, row_to_task};
+use super::statements::Db;
 use super::{PostgresStore, db_err, is_unique_violation};
 use crate::store::lifecycle::{self, CancelAction, Dependents, Transition};
 use crate::store::{Completion, RescueParams, Rescued, StoreError, parse_state, truncate_micros};
@@ -79,7 +80,14 @@ impl PostgresStore {
         let applied: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         let (mut done, mut doomed, mut ended) = (Vec::new(), Vec::new(), Vec::new());
         // Every applied row left `running`: keyed ones give their count back.
-        give_back_keys(&*tx, &self.inner.sql, &rows, 3, 4).await?;
+        give_back_keys(
+            Db::store(&tx, &self.inner.stmts),
+            &self.inner.sql,
+            &rows,
+            3,
+            4,
+        )
+        .await?;
         for r in &rows {
             let id: i64 = r.try_get(0).map_err(db_err)?;
             let state = parse_state(&r.try_get::<_, String>(2).map_err(db_err)?)?;
@@ -102,7 +110,15 @@ impl PostgresStore {
             .map(|c| c.at)
             .filter(|_| !doomed.is_empty())
         {
-            ended.extend(cascade(&*tx, &self.inner.sql, &doomed, at).await?);
+            ended.extend(
+                cascade(
+                    Db::store(&tx, &self.inner.stmts),
+                    &self.inner.sql,
+                    &doomed,
+                    at,
+                )
+                .await?,
+            );
         }
         tx.commit().await.map_err(db_err)?;
         self.announce_finished(ended);
@@ -123,7 +139,7 @@ impl PostgresStore {
         let sql = &self.inner.sql;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let task = locked_task(&*tx, sql, id).await?;
+        let task = locked_task(Db::store(&tx, &self.inner.stmts), sql, id).await?;
         let mut ended = Vec::new();
         let row = if lifecycle::cancel_action(&task)? == CancelAction::RequestStop {
             let row = self.query_one(&tx, &sql.cancel_running, &[&id.0]).await?;
@@ -138,7 +154,7 @@ impl PostgresStore {
                 .query_one(&tx, &sql.cancel_queued, &[&id.0, &truncate_micros(now)])
                 .await?;
             ended.push(id);
-            ended.extend(cascade(&*tx, sql, &[id.0], now).await?);
+            ended.extend(cascade(Db::store(&tx, &self.inner.stmts), sql, &[id.0], now).await?);
             row
         };
         let out = row_to_task(&row)?;
@@ -151,7 +167,7 @@ impl PostgresStore {
         let sql = &self.inner.sql;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db_err)?;
-        let task = locked_task(&*tx, sql, id).await?;
+        let task = locked_task(Db::store(&tx, &self.inner.stmts), sql, id).await?;
         lifecycle::check_retry(&task)?;
         // Lock the parents: one finishing now waits, then sees this task
         // blocked and unblocks it (see insert_single).
@@ -236,10 +252,10 @@ impl PostgresStore {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
-        give_back_keys(&*tx, sql, &rows, 3, 4).await?;
+        give_back_keys(Db::store(&tx, &self.inner.stmts), sql, &rows, 3, 4).await?;
         let ended = lifecycle::rescue_ended(&rescued);
         let mut finished: Vec<TaskId> = ended.iter().copied().map(TaskId).collect();
-        finished.extend(cascade(&*tx, sql, &ended, p.now).await?);
+        finished.extend(cascade(Db::store(&tx, &self.inner.stmts), sql, &ended, p.now).await?);
         tx.commit().await.map_err(db_err)?;
         self.announce_finished(finished);
         if !rescued.is_empty() {

@@ -213,3 +213,67 @@ async fn learn_types(on: On<'_>, sql: &str) -> Result<Vec<Type>, StoreError> {
     on.client.batch_execute(end).await.map_err(db_err)?;
     types
 }
+
+/// Where the insert and workflow helpers (`insert.rs`) run a statement: on
+/// the store's own connection or transaction, through its statements
+/// (prepared once per connection, or unnamed behind a transaction-mode
+/// pooler: one round trip per call); or on a caller's client, inside the
+/// caller's own transaction (`insert_in`), as text (tokio-postgres prepares
+/// each one, runs it and closes it: two round trips).
+pub(super) enum Db<'a, C> {
+    Store(On<'a>, &'a Statements),
+    Caller(&'a C),
+}
+
+impl<C> Clone for Db<'_, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C> Copy for Db<'_, C> {}
+
+impl<'a> Db<'a, tokio_postgres::Client> {
+    /// The store's own connection or transaction `on`.
+    pub(super) fn store(on: impl Into<On<'a>>, stmts: &'a Statements) -> Self {
+        Db::Store(on.into(), stmts)
+    }
+}
+
+impl<C: tokio_postgres::GenericClient> Db<'_, C> {
+    pub(super) async fn query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, StoreError> {
+        match self {
+            Db::Store(on, st) => st.query(*on, sql, params).await,
+            Db::Caller(c) => c.query(sql, params).await.map_err(db_err),
+        }
+    }
+
+    pub(super) async fn query_opt(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, StoreError> {
+        match self {
+            Db::Store(on, st) => st.query_opt(*on, sql, params).await,
+            Db::Caller(c) => c.query_opt(sql, params).await.map_err(db_err),
+        }
+    }
+
+    pub(super) async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
+        match self {
+            Db::Store(on, st) => st.query_one(*on, sql, params).await,
+            Db::Caller(c) => c.query_one(sql, params).await.map_err(db_err),
+        }
+    }
+
+    pub(super) async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        match self {
+            Db::Store(on, st) => st.execute(*on, sql, params).await,
+            Db::Caller(c) => c.execute(sql, params).await.map_err(db_err),
+        }
+    }
+}
