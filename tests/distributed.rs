@@ -184,16 +184,22 @@ async fn three_nodes_one_killed_every_task_completes() {
 }
 
 /// The same through PgBouncer in transaction pooling mode, LISTEN going
-/// straight to PostgreSQL.
+/// straight to PostgreSQL; the nodes reach PgBouncer through the relay
+/// that fails the test if anything a node sends outlives its transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_killed_through_pgbouncer() {
     let (store, guard) = fixtures::pg_store().await;
     let b = fixtures::pgbouncer::pgbouncer();
+    let watch = fixtures::pgbouncer::Watch::start().await;
     let on = format!(
         "url: {}\n  schema: {}\n  pool_mode: transaction\n  listen_url: {}",
-        b.url, guard.schema, b.direct
+        watch.options(&guard.schema).url,
+        guard.schema,
+        b.direct
     );
     three_nodes_one_killed(store, &on).await;
+    let found = watch.breaches();
+    assert!(found.is_empty(), "through PgBouncer:\n{}", found.join("\n"));
 }
 
 /// Three nodes (`store`: their `store:` lines) drain 10,000 tasks; one is

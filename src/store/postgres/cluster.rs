@@ -6,8 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::insert::insert_rows;
-use super::statements::Db;
-use super::statements::On;
+use super::statements::{Db, On};
 use super::wake::Member;
 use super::{ADVISORY_XACT_LOCK, PostgresStore, db_err};
 use crate::store::lifecycle;
