@@ -139,11 +139,16 @@ async fn a_task_stopped_by_a_lost_lease_has_used_its_attempt() {
     })
     .await;
     proxy.hold(true);
-    // The lease (node_timeout less its margin) runs out; a stops the task.
+    // The lease (node_timeout less its margin) runs out; a says so and
+    // stops the task (its ticks stop).
+    let node_log = dir.path().join("a.log");
     wait_until("a stops the task", Duration::from_secs(20), async || {
+        let said = std::fs::read_to_string(&node_log)
+            .unwrap_or_default()
+            .contains("lease lost");
         let before = history(&log).get("t").map(|r| r[0].last);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        before == history(&log).get("t").map(|r| r[0].last)
+        said && before == history(&log).get("t").map(|r| r[0].last)
     })
     .await;
     proxy.hold(false);
