@@ -295,6 +295,24 @@ impl Browser {
             .unwrap();
     }
 
+    /// Wait until exactly `n` elements match `css` (the page re-renders
+    /// every 2 s, so one count can land mid-render); fail naming `what`
+    /// with the last count after the wait.
+    async fn wait_count(&self, css: &str, n: usize, what: &str) {
+        let start = Instant::now();
+        loop {
+            let got = self.count(css).await;
+            if got == n {
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "{what}: {got} elements match {css}, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn count(&self, css: &str) -> usize {
         self.js(
             "return document.querySelectorAll(arguments[0]).length",
@@ -362,7 +380,8 @@ async fn dashboard_shows_and_drives_a_live_node() {
     b.wait("#overview-cards .card").await;
     b.wait("#throughput-chart svg").await;
     b.wait("#overview-queues table").await;
-    assert_eq!(b.count("#overview-cards .card").await, 7);
+    b.wait_count("#overview-cards .card", 7, "overview cards")
+        .await;
     // The sampler picks up the finished tasks within a few seconds.
     let start = Instant::now();
     loop {
@@ -529,11 +548,8 @@ async fn dashboard_shows_and_drives_a_live_node() {
     b.click("#task-filters button[type='submit']").await;
     b.wait(&format!("#tasks-table tr[data-id='{tagged}'] a.tag"))
         .await;
-    assert_eq!(
-        b.count("#tasks-table tbody tr").await,
-        1,
-        "only the tagged task"
-    );
+    b.wait_count("#tasks-table tbody tr", 1, "only the tagged task")
+        .await;
     b.screenshot("05b-tag-filter").await;
     b.goto(&format!("{}/#/tasks", node.url)).await;
     b.wait(&format!("#tasks-table tr[data-id='{xss}']")).await;
@@ -541,11 +557,8 @@ async fn dashboard_shows_and_drives_a_live_node() {
         .await;
     b.click("#task-filters button[type='submit']").await;
     b.wait(&format!("#tasks-table tr[data-id='{other}']")).await;
-    assert_eq!(
-        b.count("#tasks-table tbody tr").await,
-        1,
-        "only args with user 8"
-    );
+    b.wait_count("#tasks-table tbody tr", 1, "only args with user 8")
+        .await;
 
     b.goto(&format!("{}/#/queues", node.url)).await;
     b.click("#queues-table tr[data-queue='held'] button.resume")
@@ -611,7 +624,8 @@ async fn dashboard_shows_and_drives_a_live_node() {
     b.goto(&format!("{}/#/task/{}", node.url, dead[0])).await;
     b.wait_text("#task-errors", |t| t.matches("boom 0").count() == 3)
         .await;
-    assert_eq!(b.count("#task-errors tbody tr").await, 3);
+    b.wait_count("#task-errors tbody tr", 3, "one error row per attempt")
+        .await;
     let timeline = b
         .wait_text("#task-detail .timeline", |t| t.contains("finished"))
         .await;
@@ -632,7 +646,8 @@ async fn dashboard_shows_and_drives_a_live_node() {
     for &id in &dead {
         b.wait(&format!("#tasks-table tr[data-id='{id}']")).await;
     }
-    assert_eq!(b.count("#tasks-table tbody tr").await, 3);
+    b.wait_count("#tasks-table tbody tr", 3, "the three dead tasks")
+        .await;
     assert!(
         b.js("return location.hash", json!([]))
             .await
