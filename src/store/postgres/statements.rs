@@ -123,13 +123,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Option<Row>, StoreError> {
-        let mut rows = self.query(on, sql, params).await?;
-        match rows.len() {
-            0 | 1 => Ok(rows.pop()),
-            n => Err(StoreError::unavailable(format!(
-                "expected at most one row, got {n}"
-            ))),
-        }
+        at_most_one(self.query(on, sql, params).await?)
     }
 
     pub(super) async fn query_one(
@@ -138,9 +132,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Row, StoreError> {
-        self.query_opt(on, sql, params)
-            .await?
-            .ok_or_else(|| StoreError::unavailable("expected one row, got none"))
+        exactly_one(self.query_opt(on, sql, params).await?)
     }
 
     pub(super) async fn execute(
@@ -175,6 +167,21 @@ impl Ready<'_> {
         }
         .map_err(db_err)
     }
+}
+
+/// The one row of a statement that returns at most one.
+fn at_most_one(mut rows: Vec<Row>) -> Result<Option<Row>, StoreError> {
+    match rows.len() {
+        0 | 1 => Ok(rows.pop()),
+        n => Err(StoreError::unavailable(format!(
+            "expected at most one row, got {n}"
+        ))),
+    }
+}
+
+/// The row of a statement that returns exactly one.
+fn exactly_one(row: Option<Row>) -> Result<Row, StoreError> {
+    row.ok_or_else(|| StoreError::unavailable("expected one row, got none"))
 }
 
 /// `params` paired with the types the statement declared.
@@ -257,17 +264,11 @@ impl<C: tokio_postgres::GenericClient> Db<'_, C> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Option<Row>, StoreError> {
-        match self {
-            Db::Store(on, st) => st.query_opt(*on, sql, params).await,
-            Db::Caller(c) => c.query_opt(sql, params).await.map_err(db_err),
-        }
+        at_most_one(self.query(sql, params).await?)
     }
 
     pub(super) async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
-        match self {
-            Db::Store(on, st) => st.query_one(*on, sql, params).await,
-            Db::Caller(c) => c.query_one(sql, params).await.map_err(db_err),
-        }
+        exactly_one(self.query_opt(sql, params).await?)
     }
 
     pub(super) async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
