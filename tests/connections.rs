@@ -322,4 +322,122 @@ async fn claims_and_completions_walk_indexes_whatever_the_statistics() {
         "the claim does not walk the claim index:\n{plan}"
     );
     assert!(!plan.contains("Seq Scan"), "{plan}");
+    // Every node polls for cancel requests each heartbeat: through the
+    // index of running tasks, that read all 1,500 (40,000 with a hundred
+    // nodes draining) where none had been asked to cancel.
+    let poll = store
+        .explain_generic(HotStatement::CancelPoll)
+        .await
+        .unwrap();
+    let plan = poll.join("\n");
+    assert!(
+        plan.contains("tasks_cancel_poll"),
+        "the cancel poll walks the running tasks:\n{plan}"
+    );
+}
+
+/// A session of its own that holds `FOR UPDATE` locks on rows until it
+/// commits.
+struct RowLocker(tokio_postgres::Client);
+
+impl RowLocker {
+    async fn lock(url: &str, sql: &str) -> Self {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect postgres");
+        tokio::spawn(conn);
+        client.batch_execute("BEGIN").await.unwrap();
+        let n = client.execute(sql, &[]).await.unwrap();
+        assert_eq!(n, 1, "{sql}");
+        RowLocker(client)
+    }
+
+    async fn release(self) {
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+/// The rescue of dead nodes' tasks skips rows another transaction holds (a
+/// completion landing, another rescuer) instead of waiting for them: a
+/// hundred nodes rescuing every heartbeat queued on the same rows, each
+/// holding a pooled connection for seconds, until their own heartbeats
+/// waited so long that healthy nodes were taken for dead. The skipped task
+/// is rescued by the next rescue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescue_skips_tasks_another_transaction_holds() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 2).await;
+    // Claimed by a node that never registered: dead.
+    let mut claim = claim_of("q", 2);
+    claim.node = "gone".into();
+    let tasks = store.task_claim(claim).await.unwrap();
+    assert_eq!(tasks.len(), 2);
+    let held = tasks[0].id;
+    let locker = RowLocker::lock(
+        &guard.url,
+        &format!(
+            "SELECT id FROM {}.tasks WHERE id = {} FOR UPDATE",
+            guard.schema, held.0
+        ),
+    )
+    .await;
+    let rescue = || {
+        store.node_rescue(proto_tasker::store::RescueParams {
+            now: chrono::Utc::now(),
+            node_timeout: Duration::from_secs(1),
+            ..Default::default()
+        })
+    };
+    let first = tokio::time::timeout(Duration::from_secs(5), rescue())
+        .await
+        .expect("the rescue waited for a row another transaction holds")
+        .unwrap();
+    let ids: Vec<_> = first.iter().map(|r| r.id).collect();
+    assert_eq!(
+        ids,
+        vec![tasks[1].id],
+        "the free task is rescued, the held one skipped"
+    );
+    locker.release().await;
+    let second = rescue().await.unwrap();
+    let ids: Vec<_> = second.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![held], "the next rescue takes the task it skipped");
+}
+
+/// A node that sees another node's leader lease still current says "not
+/// leader" without locking the leader row: `ON CONFLICT DO UPDATE` locks
+/// the row even when its WHERE fails, and a hundred nodes queued on it
+/// every heartbeat. A lapsed lease is still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_sees_a_live_leader_takes_no_lock() {
+    let (store, guard) = fixtures::pg_store().await;
+    let now = chrono::Utc::now();
+    let ttl = Duration::from_secs(2);
+    assert!(store.leader_try_elect("a", ttl, now).await.unwrap());
+    let locker = RowLocker::lock(
+        &guard.url,
+        &format!("SELECT id FROM {}.leader FOR UPDATE", guard.schema),
+    )
+    .await;
+    let b = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.leader_try_elect("b", ttl, chrono::Utc::now()),
+    )
+    .await
+    .expect("a node waited for the leader row to say it is not leader")
+    .unwrap();
+    assert!(!b, "b leads while a's lease is current");
+    locker.release().await;
+    assert!(
+        store
+            .leader_try_elect("a", ttl, chrono::Utc::now())
+            .await
+            .unwrap()
+    );
+    let later = chrono::Utc::now() + chrono::Duration::seconds(3);
+    assert!(
+        store.leader_try_elect("b", ttl, later).await.unwrap(),
+        "b takes a lapsed lease"
+    );
+    assert!(!store.leader_try_elect("a", ttl, later).await.unwrap());
 }

@@ -1008,3 +1008,75 @@ async fn settings_changed_at_run_time_reach_three_node_processes() {
     assert_eq!((stored.global_concurrency, stored.workers), (None, Some(3)));
     eprintln!("a raised global_concurrency was running on the nodes {picked_up:?} after the write");
 }
+
+/// Only the leader rescues the tasks of dead nodes. While another node
+/// holds the leader lease, a live node whose own lease is old enough to
+/// rescue leaves a dead node's task alone; once that lease lapses it leads,
+/// and rescues the task. (When every node rescued, every heartbeat, a
+/// hundred nodes each scanned all running tasks every two seconds and
+/// queued on the same rows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_rescues_a_dead_nodes_tasks() {
+    let (store, _guard) = fixtures::pg_store_typed().await;
+    let dyn_store: Arc<dyn Store> = store.clone();
+    dyn_store
+        .task_insert_many(vec![fixtures::insert("k", "q", 0, Utc::now())], Utc::now())
+        .await
+        .unwrap();
+    // Claimed by a node that never registered: dead from the start.
+    let claimed = dyn_store
+        .task_claim(ClaimParams {
+            queue: "q".into(),
+            node: "gone".into(),
+            limit: 1,
+            now: Utc::now(),
+            limits: None,
+        })
+        .await
+        .unwrap();
+    let id = claimed[0].id;
+    // "a" leads: its lease is renewed here, as its Sentinel would.
+    let ttl = Duration::from_secs(2);
+    assert!(
+        dyn_store
+            .leader_try_elect("a", ttl, Utc::now())
+            .await
+            .unwrap()
+    );
+    let renew = {
+        let s = dyn_store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = s.leader_try_elect("a", ttl, Utc::now()).await;
+            }
+        })
+    };
+    let b = Builder::new(store.clone(), TaskRegistry::new())
+        .node_name("b")
+        .queue("other", 1)
+        .sentinel(fast_sentinel())
+        .build()
+        .unwrap();
+    b.start().await.unwrap();
+    // b may rescue once it has held its own lease for node_timeout (3 s);
+    // give it that and a dozen heartbeats more.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let t = dyn_store.task_get(id).await.unwrap().unwrap();
+    assert_eq!(
+        t.state,
+        TaskState::Running,
+        "a node that does not lead rescued a dead node's task: {:?}",
+        t.errors
+    );
+    assert!(!b.shared().is_leader());
+    renew.abort();
+    wait_for(
+        "b leads and rescues the task",
+        Duration::from_secs(20),
+        async || dyn_store.task_get(id).await.unwrap().unwrap().state == TaskState::Retryable,
+    )
+    .await;
+    assert!(b.shared().is_leader());
+    b.shutdown().await;
+}

@@ -193,12 +193,15 @@ impl Sentinel {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = upkeep.tick() => {
-                    // Independent of each other: run them at once (on PostgreSQL,
-                    // on separate pooled connections).
+                    // The election first, since only the leader rescues and
+                    // prunes; the cancel poll at the same time (on PostgreSQL,
+                    // separate pooled connections).
                     let all = async {
                         tokio::join!(
-                            self.rescue(),
-                            self.elect_and_prune(&mut last_prune),
+                            async {
+                                self.elect().await;
+                                tokio::join!(self.rescue(), self.prune(&mut last_prune));
+                            },
                             self.poll_cancels(),
                         );
                         self.reconcile(&mut last_reconcile).await;
@@ -240,8 +243,14 @@ impl Sentinel {
         }
     }
 
+    /// Rescue the tasks of dead nodes: the leader's job alone. When every
+    /// node did it, every heartbeat, a hundred nodes each scanned all the
+    /// running tasks of the cluster every two seconds and queued on the
+    /// same rows, holding pooled connections their heartbeats then waited
+    /// for (until healthy nodes were taken for dead). A dead leader is
+    /// replaced within `node_timeout`, when its tasks fall due for rescue.
     async fn rescue(&self) {
-        if !lease::may_rescue(&self.shared, &self.config) {
+        if !self.shared.is_leader() || !lease::may_rescue(&self.shared, &self.config) {
             return;
         }
         match rescue::rescue_dead(&*self.store, self.config.node_timeout, Utc::now()).await {
@@ -289,7 +298,7 @@ impl Sentinel {
         }
     }
 
-    async fn elect_and_prune(&self, last_prune: &mut Option<Instant>) {
+    async fn elect(&self) {
         let leader = match self
             .store
             .leader_try_elect(&self.shared.node, self.config.node_timeout, Utc::now())
@@ -304,8 +313,11 @@ impl Sentinel {
         if self.shared.leader.set(leader) != leader {
             tracing::info!(leader, "leadership changed");
         }
+    }
+
+    async fn prune(&self, last_prune: &mut Option<Instant>) {
         let r = &self.config.retention;
-        if !leader || last_prune.is_some_and(|t| t.elapsed() < r.interval) {
+        if !self.shared.is_leader() || last_prune.is_some_and(|t| t.elapsed() < r.interval) {
             return;
         }
         *last_prune = Some(Instant::now());

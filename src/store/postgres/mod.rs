@@ -93,6 +93,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0023_traceparent.sql"),
     include_str!("migrations/0024_no_state_index.sql"),
     include_str!("migrations/0025_waiting.sql"),
+    include_str!("migrations/0026_cancel_poll_index.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
@@ -146,12 +147,15 @@ impl PostgresOptions {
 /// commit or rollback, so it works through a transaction pooler).
 pub(super) const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
 
-/// A statement every task goes through (see [`PostgresStore::explain_generic`]).
+/// A statement every task, or every node's heartbeat, goes through (see
+/// [`PostgresStore::explain_generic`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub enum HotStatement {
     Claim,
     Complete,
+    /// Every node's poll for cancel requests of its running tasks.
+    CancelPoll,
 }
 
 /// What sits between the store and PostgreSQL.
@@ -367,6 +371,7 @@ impl PostgresStore {
         let (sql, args) = match statement {
             HotStatement::Claim => (&self.inner.sql.claim, 4),
             HotStatement::Complete => (&self.inner.sql.complete_many, 11),
+            HotStatement::CancelPoll => (&self.inner.sql.cancel_requested, 1),
         };
         let nulls = vec!["NULL"; args].join(", ");
         let mut c = self.conn().await?;

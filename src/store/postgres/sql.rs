@@ -433,9 +433,17 @@ impl Sql {
                    (l.node IS NOT NULL), n.stats, n.instance, n.schedules, n.kinds FROM {s}.nodes n \
                  LEFT JOIN {s}.leader l ON l.node = n.name AND l.expires_at > $1 ORDER BY n.name"
             ),
+            // The tasks of dead nodes, skipping rows another transaction
+            // holds: a completion that is landing (the task is not lost),
+            // or another rescuer (it takes them). Waiting for those locks
+            // instead queued rescuers behind each other, each holding a
+            // pooled connection for seconds. A skipped task that is still
+            // running on a dead node is taken by the next rescue.
             rescue_dead: format!(
-                "{rescue_set} WHERE state = 'running' AND (node IS NULL OR node NOT IN \
-                   (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) RETURNING id, node, state, queue, concurrency_key"
+                "WITH dead AS (SELECT id FROM {s}.tasks WHERE state = 'running' AND (node IS NULL OR node NOT IN \
+                   (SELECT name FROM {s}.nodes WHERE heartbeat_at >= $3)) FOR UPDATE SKIP LOCKED) \
+                 {rescue_set} WHERE id = ANY(ARRAY(SELECT id FROM dead)) AND state = 'running' \
+                 RETURNING id, node, state, queue, concurrency_key"
             ),
             rescue_node: format!(
                 "{rescue_set} WHERE state = 'running' AND node = $3 AND NOT (id = ANY($4)) \
@@ -506,8 +514,15 @@ impl Sql {
             schedule_move: format!(
                 "UPDATE {s}.schedules SET last_tick = $1 WHERE name = $2 AND last_tick = $3"
             ),
+            // A node that sees another's lease still current inserts
+            // nothing, so it takes no lock: `ON CONFLICT DO UPDATE` locks
+            // the leader row even when its WHERE then fails, and a hundred
+            // nodes queued on that one row every heartbeat. One that sees
+            // the lease lapsed, or its own, goes through the upsert as
+            // before, so of two takers only one wins.
             elect: format!(
-                "INSERT INTO {s}.leader (id, node, expires_at) VALUES (1, $1, $2) \
+                "INSERT INTO {s}.leader (id, node, expires_at) SELECT 1, $1::text, $2::timestamptz \
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.leader WHERE id = 1 AND node <> $1::text AND expires_at > $3) \
                  ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_at = excluded.expires_at \
                  WHERE {s}.leader.node = excluded.node OR {s}.leader.expires_at <= $3 RETURNING node"
             ),
