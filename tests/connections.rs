@@ -86,6 +86,68 @@ async fn a_slow_dashboard_read_never_holds_every_connection() {
     assert!(connections_of(&guard.url, &guard.schema).await <= 3);
 }
 
+/// A heartbeat never waits for a pooled connection: with claims stuck
+/// behind a lock on every pooled connection (and more queued for one), the
+/// heartbeat still lands at once, on the connection that listens. With a
+/// hundred nodes draining one queue, heartbeats waited behind claims and
+/// completions until healthy nodes were taken for dead. Without a
+/// listening connection (transaction pooling, no `listen_url`) heartbeats
+/// share the pool, as the dashboard test above shows they can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_never_waits_behind_pooled_work() {
+    let (_, guard) = fixtures::pg_store().await;
+    let store = Arc::new(
+        PostgresStore::connect(
+            PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(
+        store
+            .node_register(node("n1"), chrono::Utc::now(), None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The listening connection opens at once when the store connects.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (locker, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {}.tasks IN ACCESS EXCLUSIVE MODE",
+            guard.schema
+        ))
+        .await
+        .unwrap();
+    let claims: Vec<_> = (0..3)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.task_claim(claim_of("q", 100)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let beat = tokio::time::timeout(Duration::from_secs(10), store.node_heartbeat(node("n1")))
+        .await
+        .map(|b| b.map_err(|e| e.to_string()));
+    let took = t.elapsed();
+    locker.batch_execute("COMMIT").await.unwrap();
+    assert!(matches!(beat, Ok(Ok(true))), "{beat:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the heartbeat waited {took:?} behind claims"
+    );
+    for c in claims {
+        let got: Result<_, StoreError> = c.await.unwrap();
+        assert!(got.is_ok(), "{got:?}");
+    }
+    assert!(connections_of(&guard.url, &guard.schema).await <= 3);
+}
+
 /// Twenty stores on one schema, each registered as a node serving `q` with
 /// ten free workers and heartbeating: how many of them a NOTIFY of `tasks`
 /// new tasks in `q` (from a store that is no node) wakes.

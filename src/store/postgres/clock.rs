@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::statements::On;
 use super::{PostgresStore, db_err};
 use crate::store::StoreError;
 
@@ -26,34 +27,50 @@ impl PostgresStore {
 
     /// The database's clock minus this process's (see [`Self::db_time`]).
     pub(super) async fn clock_offset(&self) -> Result<chrono::Duration, StoreError> {
-        let cached = self
-            .inner
+        match self.cached_clock() {
+            Some(offset) => Ok(offset),
+            None => {
+                let c = self.conn().await?;
+                self.measure_clock((&c).into()).await
+            }
+        }
+    }
+
+    /// [`Self::clock_offset`], read on `on` when the cached offset is stale
+    /// (for heartbeats, which never wait for a pooled connection).
+    pub(super) async fn clock_offset_on(&self, on: On<'_>) -> Result<chrono::Duration, StoreError> {
+        match self.cached_clock() {
+            Some(offset) => Ok(offset),
+            None => self.measure_clock(on).await,
+        }
+    }
+
+    fn cached_clock(&self) -> Option<chrono::Duration> {
+        self.inner
             .clock
             .lock()
             .ok()
             .and_then(|c| *c)
-            .filter(|(_, at)| at.elapsed() < CLOCK_REFRESH);
-        let offset = match cached {
-            Some((offset, _)) => offset,
-            None => {
-                let c = self.conn().await?;
-                let before = Utc::now();
-                let row = self.query_one(&c, "SELECT clock_timestamp()", &[]).await?;
-                let after = Utc::now();
-                let db: DateTime<Utc> = row.try_get(0).map_err(db_err)?;
-                // Whole microseconds, the precision the store keeps, so a
-                // time written and read back comes back unchanged.
-                let offset = chrono::Duration::microseconds(
-                    (db - (before + (after - before) / 2))
-                        .num_microseconds()
-                        .unwrap_or(0),
-                );
-                if let Ok(mut c) = self.inner.clock.lock() {
-                    *c = Some((offset, std::time::Instant::now()));
-                }
-                offset
-            }
-        };
+            .filter(|(_, at)| at.elapsed() < CLOCK_REFRESH)
+            .map(|(offset, _)| offset)
+    }
+
+    /// Read the database's clock on `on` and remember the offset.
+    async fn measure_clock(&self, on: On<'_>) -> Result<chrono::Duration, StoreError> {
+        let before = Utc::now();
+        let row = self.query_one(on, "SELECT clock_timestamp()", &[]).await?;
+        let after = Utc::now();
+        let db: DateTime<Utc> = row.try_get(0).map_err(db_err)?;
+        // Whole microseconds, the precision the store keeps, so a time
+        // written and read back comes back unchanged.
+        let offset = chrono::Duration::microseconds(
+            (db - (before + (after - before) / 2))
+                .num_microseconds()
+                .unwrap_or(0),
+        );
+        if let Ok(mut c) = self.inner.clock.lock() {
+            *c = Some((offset, std::time::Instant::now()));
+        }
         Ok(offset)
     }
 }

@@ -232,10 +232,24 @@ impl PostgresStore {
         Ok(row.is_some())
     }
 
+    /// Heartbeats go on the listening connection while it is up (see
+    /// `notify::BeatConn`): no claim, completion or page holds it, so a
+    /// heartbeat never queues behind them for a pooled connection. With a
+    /// hundred nodes draining one queue, heartbeats queued that way aged
+    /// past 17 s. Without it (connection down, or transaction pooling with
+    /// no `listen_url`) they take a pooled one.
     pub(super) async fn node_heartbeat(&self, n: NodeInfo) -> Result<bool, StoreError> {
-        let offset = self.clock_offset().await?;
-        let c = self.conn().await?;
-        let own = self.write_node((&c).into(), &n, offset, true).await?;
+        let listening = self.inner.beat.get();
+        let pooled;
+        let c: On = match &listening {
+            Some(l) => (&**l).into(),
+            None => {
+                pooled = self.conn().await?;
+                (&pooled).into()
+            }
+        };
+        let offset = self.clock_offset_on(c).await?;
+        let own = self.write_node(c, &n, offset, true).await?;
         self.inner.members.beat(&n.name);
         if own && self.inner.members.stale() {
             // Whom new work wakes (see wake.rs): the nodes whose heartbeat
@@ -243,7 +257,7 @@ impl PostgresStore {
             let since = n.heartbeat_at + offset
                 - chrono::Duration::from_std(self.inner.members.live_window()).unwrap_or_default();
             let rows = self
-                .query(&c, &self.inner.sql.node_list, &[&(Utc::now() + offset)])
+                .query(c, &self.inner.sql.node_list, &[&(Utc::now() + offset)])
                 .await?;
             let members = rows
                 .iter()

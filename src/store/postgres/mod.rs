@@ -220,6 +220,8 @@ struct Inner {
     /// set when a claim waited past its turn's bound, i.e. a turn holder
     /// hangs. A std mutex: held only to read or replace the instant.
     turns_off_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The listening connection, lent to heartbeats while it is up.
+    beat: Arc<notify::BeatConn>,
 }
 
 /// The queues whose enqueues take the transaction path: those with a
@@ -439,6 +441,7 @@ impl PostgresStore {
         let due = DueTimer::new(notify.clone());
         let members = Arc::new(wake::Membership::default());
         let settings_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let beat = Arc::new(notify::BeatConn::default());
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool: pool.clone(),
@@ -458,6 +461,7 @@ impl PostgresStore {
                 capped: std::sync::Mutex::new(None),
                 settings_epoch: settings_epoch.clone(),
                 turns_off_until: std::sync::Mutex::new(None),
+                beat: beat.clone(),
             }),
         };
         if let Some(listen) = listen {
@@ -468,6 +472,7 @@ impl PostgresStore {
                 notify,
                 events,
                 settings_epoch,
+                beat,
             };
             tokio::spawn(listen_loop(listen, channel.clone(), hearer, stop.clone()));
         }

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{ClientWrapper, Pool};
 use futures::StreamExt;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_postgres::types::Type;
@@ -182,6 +182,29 @@ pub(super) async fn notify_loop(
     }
 }
 
+/// The listening connection while it is up, for heartbeats (see
+/// `PostgresStore::node_heartbeat`): a connection no claim, completion or
+/// page ever holds, so a heartbeat never waits for one. The listen loop
+/// alone puts it here and takes it away (at once when the connection is
+/// lost); a heartbeat clones the `Arc` and runs one short statement or two.
+/// A std mutex: held only to read or replace the slot.
+#[derive(Default)]
+pub(super) struct BeatConn(std::sync::Mutex<Option<Arc<ClientWrapper>>>);
+
+impl BeatConn {
+    /// The listening connection, if it is up.
+    pub(super) fn get(&self) -> Option<Arc<ClientWrapper>> {
+        let c = self.0.lock().ok()?.clone()?;
+        (!c.is_closed()).then_some(c)
+    }
+
+    fn set(&self, c: Option<Arc<ClientWrapper>>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = c;
+        }
+    }
+}
+
 /// What a store does with what its listener hears.
 pub(super) struct Hearer {
     /// This store's mark: its own payloads are skipped.
@@ -193,6 +216,8 @@ pub(super) struct Hearer {
     /// Counts the settings changes heard: a handle's cache of capped and
     /// round-robin queues is read again once it moves.
     pub settings_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Where the listening connection is lent to heartbeats.
+    pub beat: Arc<BeatConn>,
 }
 
 /// Keeps one LISTEN connection open, reconnecting with backoff; turns
@@ -224,25 +249,28 @@ pub(super) async fn listen_loop(
                         }
                     }
                 });
+                // Dropping the last handle of the wrapper ends the driver.
+                let client = Arc::new(ClientWrapper::new(client, driver));
                 if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
                     tracing::warn!(error = %e, "LISTEN failed; retrying");
                 } else {
                     backoff = Duration::from_millis(100);
+                    hearer.beat.set(Some(client.clone()));
                     // Anything sent while we were not listening is lost: look now.
                     hearer.notify.notify_waiters();
                     let _ = hearer.events.send(StoreEvent::Missed);
                     loop {
                         tokio::select! {
-                            _ = stop.cancelled() => { driver.abort(); return; }
+                            _ = stop.cancelled() => { hearer.beat.set(None); return; }
                             p = rx.recv() => match p {
                                 Some(p) => handle_payload(&p, &hearer),
                                 None => break,
                             },
                         }
                     }
+                    hearer.beat.set(None);
                     tracing::warn!("LISTEN connection lost; reconnecting");
                 }
-                driver.abort();
             }
             Err(e) => {
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "LISTEN connect failed")
@@ -264,6 +292,7 @@ fn handle_payload(p: &str, h: &Hearer) {
         notify,
         events,
         settings_epoch,
+        beat: _,
     } = h;
     if p == WORK {
         notify.notify_waiters();

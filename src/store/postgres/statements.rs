@@ -52,6 +52,17 @@ impl<'a> From<&'a deadpool_postgres::Object> for On<'a> {
     }
 }
 
+/// The listening connection, lent to heartbeats (see `notify::BeatConn`).
+impl<'a> From<&'a deadpool_postgres::ClientWrapper> for On<'a> {
+    fn from(c: &'a deadpool_postgres::ClientWrapper) -> Self {
+        On {
+            client: c,
+            cache: &c.statement_cache,
+            in_transaction: false,
+        }
+    }
+}
+
 impl<'a, 'b> From<&'a deadpool_postgres::Transaction<'b>> for On<'a> {
     fn from(t: &'a deadpool_postgres::Transaction<'b>) -> Self {
         On {
