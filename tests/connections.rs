@@ -31,19 +31,15 @@ async fn connections_of(url: &str, schema: &str) -> i64 {
         .get(0)
 }
 
-/// A dashboard page stuck behind a lock holds at most all but one of the
-/// pool's connections: the heartbeat still gets one at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_dashboard_read_never_holds_every_connection() {
-    let (_, guard) = fixtures::pg_store().await;
-    // The default pool: two connections.
-    let store = Arc::new(
-        PostgresStore::connect(
-            PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
-        )
-        .await
-        .unwrap(),
-    );
+/// A node's store on the default pool (two connections), registered as
+/// `n1`; `listening: false` is transaction pooling without `listen_url`,
+/// so the store has no LISTEN connection and heartbeats take a pooled one.
+async fn registered_store(guard: &fixtures::PgSchema, listening: bool) -> Arc<PostgresStore> {
+    let mut options = PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone());
+    if !listening {
+        options.pool_mode = proto_tasker::store::PoolMode::Transaction;
+    }
+    let store = Arc::new(PostgresStore::connect(options).await.unwrap());
     assert!(
         store
             .node_register(node("n1"), chrono::Utc::now(), None)
@@ -51,7 +47,12 @@ async fn a_slow_dashboard_read_never_holds_every_connection() {
             .unwrap()
             .is_none()
     );
-    // Another session locks the tasks table: every list page waits on it.
+    store
+}
+
+/// Another session, holding the tasks table locked: every statement on
+/// tasks waits until it commits.
+async fn lock_tasks(guard: &fixtures::PgSchema) -> tokio_postgres::Client {
     let (locker, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -63,6 +64,17 @@ async fn a_slow_dashboard_read_never_holds_every_connection() {
         ))
         .await
         .unwrap();
+    locker
+}
+
+/// A dashboard page stuck behind a lock holds at most all but one of the
+/// pool's connections: a heartbeat that needs a pooled connection (the
+/// store has no LISTEN connection) still gets one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_dashboard_read_never_holds_every_connection() {
+    let (_, guard) = fixtures::pg_store().await;
+    let store = registered_store(&guard, false).await;
+    let locker = lock_tasks(&guard).await;
     let pages: Vec<_> = (0..3)
         .map(|_| {
             let s = store.clone();
@@ -96,33 +108,10 @@ async fn a_slow_dashboard_read_never_holds_every_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_never_waits_behind_pooled_work() {
     let (_, guard) = fixtures::pg_store().await;
-    let store = Arc::new(
-        PostgresStore::connect(
-            PostgresOptions::new(guard.url.clone()).schema(guard.schema.clone()),
-        )
-        .await
-        .unwrap(),
-    );
-    assert!(
-        store
-            .node_register(node("n1"), chrono::Utc::now(), None)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    let store = registered_store(&guard, true).await;
     // The listening connection opens at once when the store connects.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (locker, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    locker
-        .batch_execute(&format!(
-            "BEGIN; LOCK TABLE {}.tasks IN ACCESS EXCLUSIVE MODE",
-            guard.schema
-        ))
-        .await
-        .unwrap();
+    let locker = lock_tasks(&guard).await;
     let claims: Vec<_> = (0..3)
         .map(|_| {
             let s = store.clone();

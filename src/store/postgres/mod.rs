@@ -109,9 +109,10 @@ pub struct PostgresOptions {
     pub url: String,
     /// The schema that holds proto_tasker's tables.
     pub schema: String,
-    /// Connections in the pool (the LISTEN connection is extra). Dashboard
-    /// and list reads use at most all but one of them, so heartbeats,
-    /// claims and outcomes always have a connection.
+    /// Connections in the pool (the LISTEN connection, which also carries
+    /// heartbeats, is extra). Dashboard and list reads use at most all but
+    /// one of them, so claims and outcomes (and heartbeats, when there is
+    /// no LISTEN connection) always have a connection.
     pub pool_size: usize,
     /// `Transaction` when `url` points at a transaction-mode pooler such as
     /// PgBouncer (see [`PoolMode`]).
