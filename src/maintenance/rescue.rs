@@ -1,7 +1,7 @@
 //! Rescue: the running tasks of a node that stopped heartbeating go back to
 //! `retryable` (or end, when out of attempts or cancelled), so another node
-//! runs them. Every node rescues; the store's single conditional update makes
-//! two racing rescuers rescue a task once.
+//! runs them. The leader rescues (see the Sentinel); the store's single
+//! conditional update makes two racing rescuers rescue a task once.
 
 use std::time::Duration;
 

@@ -9,21 +9,23 @@
 //!   yields), so the pool keeps its full worker count;
 //! - heartbeats the node every `heartbeat_interval`, on a task of its own
 //!   (`lease.rs`), and holds its name against a second process;
-//! - rescues the running tasks of nodes whose heartbeat is older than
-//!   `node_timeout` (they go back to `retryable`, the attempt counted);
+//! - when it leads, rescues the running tasks of nodes whose heartbeat is
+//!   older than `node_timeout` (they go back to `retryable`, the attempt
+//!   counted);
 //! - fences itself: when its last confirmed heartbeat was sent so long ago
 //!   that other nodes may soon rescue its tasks, it stops claiming and stops
 //!   its running tasks, two heartbeat intervals before anyone may re-run
 //!   them;
 //! - passes on cancel requests to the tasks running here;
-//! - competes for leadership; the leader alone prunes finished tasks.
+//! - competes for leadership; the leader alone rescues and prunes.
 //!
 //! # State model
 //!
 //! A node is *live* while its heartbeat is newer than `node_timeout`. Rescue
 //! changes only tasks that are `running` on a node that is not live, in one
-//! conditional statement, so two Sentinels racing to rescue the same task
-//! rescue it once. Rescued tasks keep their attempt number; the stale node's
+//! conditional statement that skips rows another transaction holds, so two
+//! Sentinels racing to rescue the same task (a leader and its successor, a
+//! moment apart) rescue it once. Rescued tasks keep their attempt number; the stale node's
 //! late outcome carries the old claim token and is refused by the store's
 //! fencing.
 
