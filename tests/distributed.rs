@@ -1035,8 +1035,9 @@ async fn only_the_leader_rescues_a_dead_nodes_tasks() {
         .await
         .unwrap();
     let id = claimed[0].id;
-    // "a" leads: its lease is renewed here, as its Sentinel would.
-    let ttl = Duration::from_secs(2);
+    // "a" leads: its lease is renewed here, as its Sentinel would (every
+    // 200 ms; a 5 s lease leaves room for a loaded machine).
+    let ttl = Duration::from_secs(5);
     assert!(
         dyn_store
             .leader_try_elect("a", ttl, Utc::now())
