@@ -68,6 +68,34 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Idle processes, killed when dropped.
+struct Crowd(Vec<Child>);
+
+impl Crowd {
+    fn of(n: usize) -> Self {
+        Crowd(
+            (0..n)
+                .map(|_| {
+                    Command::new("sleep")
+                        .arg("120")
+                        .stdin(Stdio::null())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 async fn crash_and_check(name_line: &str, second_node: bool) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("orphans.db");
@@ -91,6 +119,12 @@ async fn crash_and_check(name_line: &str, second_node: bool) {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(o).unwrap());
     store.migrate().await.unwrap();
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
+    // A busy machine: a few hundred other processes for the guardian to
+    // look through, started before the node so most come first in /proc
+    // (on a CI runner with PostgreSQL's backends and the other tests, the
+    // guardian's scan took long enough for an orphaned program to write
+    // after its node died).
+    let _crowd = Crowd::of(300);
     let first_cfg = cfg("first");
     // Killed with their groups when dropped, even if an assertion fails.
     let mut first = fixtures::GroupProcess(spawn(&first_cfg));
