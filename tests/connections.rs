@@ -109,8 +109,27 @@ async fn a_slow_dashboard_read_never_holds_every_connection() {
 async fn a_heartbeat_never_waits_behind_pooled_work() {
     let (_, guard) = fixtures::pg_store().await;
     let store = registered_store(&guard, true).await;
-    // The listening connection opens at once when the store connects.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait for the listening connection (its last statement is the LISTEN).
+    let (admin, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                &[&format!("proto_tasker:{}", guard.schema)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listening == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the store never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let locker = lock_tasks(&guard).await;
     let claims: Vec<_> = (0..3)
         .map(|_| {
