@@ -62,6 +62,7 @@ fn benches(c: &mut Criterion) {
                             limit: n,
                             now: Utc::now(),
                             limits: None,
+                            room: None,
                         })
                         .await
                         .expect("claim");

@@ -422,6 +422,7 @@ async fn prefill(
                     limit: 10_000,
                     now: Utc::now(),
                     limits: None,
+                    room: None,
                 })
                 .await?;
             if claimed.is_empty() {

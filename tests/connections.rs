@@ -224,13 +224,9 @@ async fn new_work_wakes_a_few_nodes_not_every_node() {
     assert_eq!(many, 20, "500 tasks need every node's 10 free workers");
 }
 
-/// A session of its own that holds every turn of `queue`'s claimers (the
-/// advisory locks a claim takes one of first) until dropped or released.
+/// A session of its own that holds `queue`'s claim turn (the table lock a
+/// claim takes first) until dropped or released.
 struct TurnHolder(tokio_postgres::Client);
-
-/// How many turns a queue's claimers have (`TURNS` in the PostgreSQL
-/// store's claim.rs).
-const TURNS: u32 = 4;
 
 impl TurnHolder {
     async fn take(url: &str, schema: &str, queue: &str) -> Self {
@@ -239,15 +235,11 @@ impl TurnHolder {
             .expect("connect postgres");
         tokio::spawn(conn);
         client.batch_execute("BEGIN").await.unwrap();
-        for turn in 0..TURNS {
-            client
-                .execute(
-                    "SELECT pg_advisory_xact_lock(hashtext($1))",
-                    &[&format!("proto_tasker_claim:{schema}:{queue}:{turn}")],
-                )
-                .await
-                .unwrap();
-        }
+        let turn = proto_tasker::store::postgres::claim_turn_relation(schema, queue);
+        client
+            .batch_execute(&format!("LOCK TABLE {turn} IN EXCLUSIVE MODE"))
+            .await
+            .unwrap();
         TurnHolder(client)
     }
 
@@ -263,6 +255,7 @@ fn claim_of(queue: &str, limit: usize) -> proto_tasker::store::ClaimParams {
         limit,
         now: chrono::Utc::now(),
         limits: None,
+        room: None,
     }
 }
 
@@ -287,7 +280,7 @@ async fn claimers_of_one_queue_take_turns() {
     enqueue(&store, "other", 1).await;
     let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
     let s = store.clone();
-    // Asking for 100: smaller claims than 32 take no turn.
+    // Asking for 100: claimers that can never take 32 take no turn.
     let waiting = tokio::spawn(async move { s.task_claim(claim_of("q", 100)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
@@ -315,7 +308,7 @@ async fn claimers_of_one_queue_take_turns() {
 
 /// A turn holder that never gives the turn back (a node stopped while its
 /// claim's rows were on their way) does not stop the queue: the claim
-/// waits its bound (2 s) and claims anyway, and the next claims on that
+/// waits its bound (5 s) and claims anyway, and the next claims on that
 /// store go ahead without waiting while the holder still hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_turn_holder_does_not_stop_the_queue() {
@@ -330,7 +323,7 @@ async fn a_hung_turn_holder_does_not_stop_the_queue() {
     let waited = t.elapsed();
     assert_eq!(first.len(), 50);
     assert!(
-        waited >= Duration::from_millis(1900),
+        waited >= Duration::from_millis(4900),
         "the claim did not wait for its turn: {waited:?}"
     );
     let t = Instant::now();
@@ -338,10 +331,141 @@ async fn a_hung_turn_holder_does_not_stop_the_queue() {
     let waited = t.elapsed();
     assert_eq!(next.len(), 50);
     assert!(
-        waited < Duration::from_millis(1900),
+        waited < Duration::from_millis(4900),
         "the next claim waited {waited:?} for a turn that hangs"
     );
     holder.release().await;
+}
+
+/// Claimers in line for their turn hold no snapshot: a waiting backend's
+/// `backend_xmin` is empty, so dozens of claimers in line do not hold back
+/// the cleanup of the index entries claims leave behind. (Waiting in
+/// `SELECT pg_advisory_xact_lock(...)` held one for the whole wait, and so
+/// did the first LOCK on a new connection, whose lookup of the turn's name
+/// in the catalog took a snapshot: this store's connections are new.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_for_its_turn_holds_no_snapshot() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 5).await;
+    let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
+    let holder_pid: i32 = holder
+        .0
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let s = store.clone();
+    let waiting = tokio::spawn(async move { s.task_claim(claim_of("q", 100)).await });
+    let (watch, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect postgres");
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let no_snapshot = loop {
+        let rows = watch
+            .query(
+                "SELECT backend_xmin IS NULL FROM pg_stat_activity \
+                 WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&holder_pid],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = rows.first() {
+            break r.get::<_, bool>(0);
+        }
+        assert!(Instant::now() < deadline, "no claim waited for the turn");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        no_snapshot,
+        "a claim waiting for its turn holds a snapshot (backend_xmin)"
+    );
+    holder.release().await;
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the claim went ahead once the turn was given back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 5);
+}
+
+/// A claim that waited for its turn takes what its claimer can take when
+/// the turn comes (its room, asked after the wait), not only what it could
+/// take when it got in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_takes_the_room_freed_while_it_waited() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 100).await;
+    let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
+    let asked_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let room = {
+        let asked_at = asked_at.clone();
+        proto_tasker::store::ClaimRoom::new(50, move || {
+            *asked_at.lock().unwrap() = Some(Instant::now());
+            40
+        })
+    };
+    let s = store.clone();
+    let waiting = tokio::spawn(async move {
+        s.task_claim(proto_tasker::store::ClaimParams {
+            room: Some(room),
+            ..claim_of("q", 2)
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the claim did not wait for its turn"
+    );
+    let released = Instant::now();
+    holder.release().await;
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the claim went ahead once the turn was given back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 40, "the claim took what its room granted");
+    let asked = asked_at.lock().unwrap().expect("the room was asked");
+    assert!(asked >= released, "the room was asked before the turn came");
+}
+
+/// A claimer that stops between being given its turn and sending its claim
+/// (a process stopped, or cut off from the database) loses the turn within
+/// about a second (its transaction's idle timeout ends the session) instead
+/// of holding up every claimer of the queue; its claim fails and takes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claimer_stopped_holding_its_turn_loses_it() {
+    let (store, _guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 20).await;
+    // The room blocks its thread for 4 s, as a stopped process would.
+    let room = proto_tasker::store::ClaimRoom::new(50, || {
+        std::thread::sleep(Duration::from_secs(4));
+        10
+    });
+    let s = store.clone();
+    let stopped = tokio::spawn(async move {
+        s.task_claim(proto_tasker::store::ClaimParams {
+            room: Some(room),
+            ..claim_of("q", 10)
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(10), store.task_claim(claim_of("q", 50)))
+        .await
+        .expect("the claim waited past its bound")
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(got.len(), 20, "the stopped claimer took tasks");
+    assert!(
+        waited < Duration::from_millis(2500),
+        "the next claim waited {waited:?} for a stopped claimer's turn"
+    );
+    let stopped = stopped.await.unwrap();
+    assert!(stopped.is_err(), "the stopped claim went on: {stopped:?}");
 }
 
 /// Claims and completions find their rows by index whatever the table's

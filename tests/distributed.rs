@@ -593,6 +593,7 @@ fn concurrent_claimers_never_claim_the_same_task() {
                                         limit: batch,
                                         now: Utc::now(),
                                         limits: None,
+                                        room: None,
                                     })
                                     .await
                                     .unwrap();
@@ -1031,6 +1032,7 @@ async fn only_the_leader_rescues_a_dead_nodes_tasks() {
             limit: 1,
             now: Utc::now(),
             limits: None,
+            room: None,
         })
         .await
         .unwrap();

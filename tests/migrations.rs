@@ -26,6 +26,7 @@ async fn old_task_still_runs(store: Arc<dyn Store>, id: TaskId) {
             limit: 10,
             now,
             limits: None,
+            room: None,
         })
         .await
         .unwrap();

@@ -38,6 +38,7 @@ fn claim(queue: &str, node: &str, limit: usize, now: DateTime<Utc>) -> ClaimPara
         limit,
         now,
         limits: None,
+        room: None,
     }
 }
 

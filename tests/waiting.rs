@@ -412,6 +412,7 @@ async fn finish_all(store: &Arc<dyn proto_tasker::Store>, queue: &str) -> usize 
             limit: 1000,
             now: Utc::now(),
             limits: None,
+            room: None,
         })
         .await
         .expect("claim");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::queues::QueueControl;
 use super::shared::{Counters, WorkerPoolSharedData};
 use super::worker::Job;
-use crate::store::{ClaimParams, Store};
+use crate::store::{ClaimParams, ClaimRoom, Store};
 use chrono::Utc;
 
 pub(crate) struct Producer {
@@ -73,7 +73,29 @@ impl Producer {
             if permits.is_empty() {
                 continue;
             }
-            let wanted = permits.len();
+            let asked = permits.len();
+            // The claim may take more once it runs (see `ClaimRoom`): the
+            // permits move into `held`, which the room tops up, and come
+            // back out when the claim returns. The room runs inside the
+            // store's claim, on this task, while `held` is not otherwise
+            // touched; the lock is never held across an await.
+            let held = Arc::new(std::sync::Mutex::new(std::mem::take(&mut permits)));
+            let room = {
+                let held = held.clone();
+                let control = self.control.clone();
+                let most = self.claim_max.min(control.workers()).max(asked);
+                ClaimRoom::new(most, move || {
+                    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+                    while held.len() < most {
+                        match control.capacity.clone().try_acquire_owned() {
+                            Ok(p) => held.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    control.pay_owed(&mut held);
+                    held.len()
+                })
+            };
             // Read once per claim: the watcher may change them any time.
             let limits = self.control.limits();
             let claimed = self
@@ -81,11 +103,14 @@ impl Producer {
                 .task_claim(ClaimParams {
                     queue: self.queue.clone(),
                     node: self.shared.node.clone(),
-                    limit: wanted,
+                    limit: asked,
                     now: Utc::now(),
                     limits,
+                    room: Some(room),
                 })
                 .await;
+            let mut permits = std::mem::take(&mut *held.lock().unwrap_or_else(|e| e.into_inner()));
+            let wanted = permits.len();
             match claimed {
                 Ok(tasks) => {
                     backoff = Duration::from_millis(50);

@@ -165,6 +165,55 @@ pub struct ClaimParams {
     pub now: DateTime<Utc>,
     /// Cluster-wide limits of the queue; `None` takes the fast path.
     pub limits: Option<QueueLimits>,
+    /// Room for more than `limit`, asked when the claim is about to run (a
+    /// store whose claims wait their turn asks after the wait); `None`
+    /// claims at most `limit`.
+    pub room: Option<ClaimRoom>,
+}
+
+/// How many tasks a claim may take at the moment it runs.
+///
+/// A claim that waits for its turn (the PostgreSQL store's claimers of one
+/// queue claim one at a time) may find, once its turn comes, that the
+/// claimer has more free workers than when it asked: with 100 nodes in
+/// line, half the claims took 2 to 15 tasks that way, each paying a whole
+/// turn. The store calls [`ClaimRoom::now`] at most once, just before the
+/// claim statement, and takes at most what it returns; the caller keeps
+/// whatever it granted until the claim returns.
+#[derive(Clone)]
+pub struct ClaimRoom {
+    most: usize,
+    now: std::sync::Arc<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl ClaimRoom {
+    /// `now` returns how many tasks the claim may take at that moment; it
+    /// never returns more than `most`, the most this claimer ever takes
+    /// in one claim (a store may use it to choose how to claim).
+    pub fn new(most: usize, now: impl Fn() -> usize + Send + Sync + 'static) -> Self {
+        ClaimRoom {
+            most,
+            now: std::sync::Arc::new(now),
+        }
+    }
+
+    /// The most this claimer ever takes in one claim.
+    pub fn most(&self) -> usize {
+        self.most
+    }
+
+    /// How many tasks the claim may take now (see the type's docs).
+    pub fn now(&self) -> usize {
+        (self.now)().min(self.most)
+    }
+}
+
+impl std::fmt::Debug for ClaimRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimRoom")
+            .field("most", &self.most)
+            .finish()
+    }
 }
 
 /// Limits a queue keeps across the whole cluster, as a claim applies them.

@@ -1,7 +1,7 @@
 //! Claiming due tasks from PostgreSQL: `FOR UPDATE SKIP LOCKED` batches, so
 //! claimers on any number of nodes never take the same task; claimers of one
-//! queue take turns on an advisory lock, so they do not walk each other's
-//! locked rows either (limited queues count and claim under the same lock).
+//! queue take turns, one claim at a time, so no claim walks or re-locks the
+//! rows of another (limited queues count and claim under an advisory lock).
 
 use std::time::Duration;
 
@@ -11,107 +11,153 @@ use super::{ADVISORY_XACT_LOCK, PostgresStore};
 use crate::store::{ClaimParams, QueueLimits, StoreError, truncate_micros};
 use crate::task::Task;
 
-/// How long a claim waits for its turn at a queue (see `claim`). A turn
-/// lasts one claim statement, a few milliseconds; a hundred claimers in
-/// line wait a few hundred. Past it, the holder is taken to hang (e.g. a
-/// node stopped while PostgreSQL sends it its claim), and this handle's
-/// claims skip their turns for [`TURNS_OFF`], so the queue stays claimable.
-/// The wait holds a pooled connection; heartbeats can spare it (their
-/// margin is seconds).
-const TURN_WAIT: &str = "2s";
+/// How long a claim waits for its queue's turn. Claimers wait in line
+/// (PostgreSQL grants a table lock first come, first served); a turn lasts
+/// one claim, a few milliseconds, so 100 nodes in line waited 0.6 s on
+/// average on 2 cores. Past this bound the holder is taken to hang (e.g. a
+/// node stopped while PostgreSQL sent it its claim's rows), and this
+/// handle's claims skip their turns for [`TURNS_OFF`], so the queue stays
+/// claimable. The wait holds a pooled connection; heartbeats do not need
+/// it (they go on the listening connection).
+const TURN_WAIT: &str = "5s";
 
-/// How many claims of one queue may run at once, each in a turn of its
-/// own (a claim picks one at random). One at a time leaves the cores idle
-/// while a turn changes hands (the next claimer's backend must be woken
-/// and scheduled): measured on 2 cores, 50 nodes of 20 workers drained
-/// 5.1k tasks/s with one turn, 8.6k with four (9.5k without turns), and
-/// 100 nodes of 200 workers 13.0k with one, 13.8-15.0k with four (4.7-6.1k
-/// without). Four claimers walk at most three others' locked rows.
-const TURNS: u32 = 4;
+/// How long a claimer may keep its turn without sending its claim (between
+/// the lock being granted and the claim statement arriving, one round trip
+/// and a look at the free workers). A claimer that stops there (a process
+/// stopped or partitioned) loses its connection, and with it the turn,
+/// after this long, instead of holding every claimer of the queue up.
+const TURN_IDLE: &str = "1s";
 
-/// Claims asking for fewer tasks than this take no turn. A small claim
-/// holds few rows locked for others to walk past, and a turn costs it four
-/// statements and a wait: 100 nodes of 2 workers drained 1.7k tasks/s with
-/// turns for every claim, 3.4k with this; 50 nodes of 20 workers 10.6k and
-/// 12.3k (figures in docs/benchmarks.md).
+/// How many turns the schema has (`claim_turn_0` .. `claim_turn_31`,
+/// migration 0027): a queue's turn is the one its name hashes to.
+const TURN_SLOTS: u32 = 32;
+
+/// Claimers that can never take this many tasks at once take no turn (a
+/// node running two workers of the queue). A small claim locks few rows for
+/// others to walk past, and a turn costs two round trips and a wait: 100
+/// nodes of 2 workers drained 1.7k tasks/s with turns for every claim,
+/// 3.4k without (figures in docs/benchmarks.md).
 const TURN_MIN: usize = 32;
 
 /// How long claims skip their turns after one waited past [`TURN_WAIT`].
 const TURNS_OFF: Duration = Duration::from_secs(10);
 
-/// Sets `lock_timeout` for the rest of the transaction only (a `SET LOCAL`
-/// that takes a parameter; nothing outlives the transaction).
-const LOCAL_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', $1, true)";
+/// Bounds the rest of the transaction only (`SET LOCAL`s that take
+/// parameters; nothing outlives the transaction): the wait for the turn,
+/// and how long the transaction may sit idle while holding it. It reads
+/// the turn's view (one row), so the LOCK that follows finds the view's
+/// name already looked up: on a new connection the LOCK's own catalog
+/// lookup took a snapshot that lasted its whole wait.
+fn local_turn_timeouts(turn: &str) -> String {
+    format!(
+        "SELECT set_config('lock_timeout', $1, true), \
+         set_config('idle_in_transaction_session_timeout', $2, true) FROM {turn}"
+    )
+}
+
+/// The relation whose lock is `queue`'s turn in `schema`. FNV-1a, so every
+/// node, whatever its build, picks the same one.
+pub fn claim_turn_relation(schema: &str, queue: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in queue.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{schema}.claim_turn_{}", h % TURN_SLOTS)
+}
 
 impl PostgresStore {
     /// Claim due tasks of `p.queue`, most urgent first (see [`ClaimParams`]).
     ///
-    /// Claimers of one queue, on every node, take turns, [`TURNS`] at a
-    /// time (claims of at least [`TURN_MIN`] tasks): a claim runs in a
-    /// transaction that first takes one of the queue's turn locks
-    /// (transaction advisory locks), waiting up to [`TURN_WAIT`], and the
-    /// claim statement's snapshot is taken after the lock is granted. Without turns, `SKIP LOCKED` still keeps claimers
-    /// from taking the same task, but with 100 nodes on one queue each
-    /// claim walked the rows all the others held locked (16,600 buffers a
-    /// claim, against about 1,600 alone) and locked rows a concurrent claim
-    /// had just taken (READ COMMITTED re-checks the newest version of a row
-    /// updated after the snapshot and keeps its lock even when the re-check
-    /// fails), so completions of those tasks waited for the slow claim,
-    /// about a second each. The five statements are pipelined: one round
-    /// trip, as before.
+    /// Claimers of one queue, on every node, claim one at a time (those
+    /// that may take at least [`TURN_MIN`] tasks). A claim is a transaction
+    /// in two round trips: BEGIN, the timeouts and `LOCK TABLE` on the
+    /// queue's turn (waiting up to [`TURN_WAIT`]); then, the turn granted,
+    /// the claim statement, sized by the claimer's room at that moment, and
+    /// COMMIT. Invariants, and why each matters (measured with 100 nodes on
+    /// one queue, docs/benchmarks.md):
+    ///
+    /// - Only the turn holder claims, so a claim's snapshot, taken after
+    ///   the turn is granted and so after the previous holder committed,
+    ///   never sees as claimable a row another claim has taken. Claims
+    ///   running side by side did: READ COMMITTED re-checks the newest
+    ///   version of a row updated after the snapshot, following the update
+    ///   chain and waiting there even under `SKIP LOCKED`, and keeps its
+    ///   lock on the row when the re-check fails, so completions of those
+    ///   tasks waited for the slow claim; drains fell to 4-9k tasks/s in
+    ///   some runs, claims taking seconds.
+    /// - The wait takes no snapshot (a LOCK statement does not), so the
+    ///   dozens of claimers in line do not hold back the cleanup of index
+    ///   entries claims leave behind.
+    /// - The claim takes what the claimer can take when its turn comes
+    ///   ([`crate::store::ClaimRoom`]), not what it could take when it got
+    ///   in line: half the claims were of 2-15 tasks, each costing a turn.
     pub(super) async fn claim(&self, p: ClaimParams) -> Result<Vec<Task>, StoreError> {
         if let Some(limits) = p.limits.filter(|l| !l.is_empty()) {
             return self.claim_limited(&p, limits).await;
         }
         let now = truncate_micros(p.now);
-        let limit = p.limit as i64;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&p.node, &now, &p.queue, &limit];
         let c = self.conn().await?;
-        if p.limit < TURN_MIN || !self.turns_on() {
-            let rows = self.query(&c, &self.inner.sql.claim, &params).await?;
-            return claimed(&rows);
+        let most = p.room.as_ref().map_or(p.limit, |r| r.most()).max(p.limit);
+        if most < TURN_MIN || !self.turns_on() {
+            return self.claim_now(&c, &p, now).await;
         }
         let on: On = (&c).into();
         let stmts = &self.inner.stmts;
         let begin = stmts.ready(on, "BEGIN").await?;
-        let timeout = stmts.ready(on, LOCAL_LOCK_TIMEOUT).await?;
-        let lock = stmts.ready(on, ADVISORY_XACT_LOCK).await?;
+        let turn = claim_turn_relation(&self.inner.schema, &p.queue);
+        let timeouts_sql = local_turn_timeouts(&turn);
+        let timeouts = stmts.ready(on, &timeouts_sql).await?;
+        let lock_sql = format!("LOCK TABLE {turn} IN EXCLUSIVE MODE");
+        let lock = stmts.ready(on, &lock_sql).await?;
         let claim = stmts.ready(on, &self.inner.sql.claim).await?;
         let commit = stmts.ready(on, "COMMIT").await?;
-        let turn = rand::random::<u32>() % TURNS;
-        let key = format!("{}:{turn}", self.claim_key(&p.queue));
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
-        let wait_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&TURN_WAIT];
-        let (b, t, l, rows, done) = tokio::join!(
+        let timeout_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&TURN_WAIT, &TURN_IDLE];
+        let (b, t, l) = tokio::join!(
             begin.execute(on, &[]),
-            timeout.query(on, &wait_params),
-            lock.execute(on, &lock_params),
-            claim.query(on, &params),
-            commit.execute(on, &[]),
+            timeouts.query(on, &timeout_params),
+            lock.execute(on, &[]),
         );
-        let rows = match (b, t, l, rows, done) {
-            (Ok(_), Ok(_), Ok(_), Ok(rows), Ok(_)) => rows,
-            // No turn within TURN_WAIT: the transaction rolled back with
-            // nothing claimed. Claim without turns for a while.
-            (Ok(_), Ok(_), Err(e), _, Ok(_)) if is_lock_timeout(&e) => {
-                tracing::warn!(
-                    queue = %p.queue,
-                    "a claim waited {TURN_WAIT} for its turn at the queue (another claimer holds it); \
-                     this node claims without turns for {}s",
-                    TURNS_OFF.as_secs()
-                );
-                self.turns_off();
-                self.query(&c, &self.inner.sql.claim, &params).await?
+        if let Err(e) = b.and(t).and(l) {
+            // The transaction failed (or never began): end it before the
+            // connection goes back to the pool.
+            let rolled_back = stmts.execute(on, "ROLLBACK", &[]).await;
+            if !is_lock_timeout(&e) {
+                return Err(e);
             }
-            (b, t, l, rows, done) => {
-                b?;
-                t?;
-                l?;
-                done?;
-                rows?
-            }
-        };
+            rolled_back?;
+            // No turn within TURN_WAIT: claim without turns for a while.
+            tracing::warn!(
+                queue = %p.queue,
+                "a claim waited {TURN_WAIT} for its turn at the queue (another claimer holds it); \
+                 this node claims without turns for {}s",
+                TURNS_OFF.as_secs()
+            );
+            self.turns_off();
+            return self.claim_now(&c, &p, now).await;
+        }
+        let limit = room_now(&p) as i64;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&p.node, &now, &p.queue, &limit];
+        // A failed claim turns the COMMIT into a rollback.
+        let (rows, done) = tokio::join!(claim.query(on, &params), commit.execute(on, &[]));
+        let rows = rows?;
+        done?;
+        claimed(&rows)
+    }
+
+    /// Claim without a turn, in one statement.
+    async fn claim_now(
+        &self,
+        c: &deadpool_postgres::Object,
+        p: &ClaimParams,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let limit = room_now(p) as i64;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&p.node, &now, &p.queue, &limit];
+        let rows = self.query(c, &self.inner.sql.claim, &params).await?;
         claimed(&rows)
     }
 
@@ -128,9 +174,8 @@ impl PostgresStore {
         }
     }
 
-    /// The advisory lock key of `queue`'s claims in this schema: limited
-    /// claims take it, one at a time; plain claims take one of [`TURNS`]
-    /// keys made from it.
+    /// The advisory lock key of `queue`'s limited claims in this schema:
+    /// they take it one at a time.
     fn claim_key(&self, queue: &str) -> String {
         format!("proto_tasker_claim:{}:{queue}", self.inner.schema)
     }
@@ -204,6 +249,12 @@ impl PostgresStore {
         done?;
         claimed(&rows)
     }
+}
+
+/// How many tasks a claim takes now: what the claimer's room grants, or
+/// its limit.
+fn room_now(p: &ClaimParams) -> usize {
+    p.room.as_ref().map_or(p.limit, |r| r.now())
 }
 
 /// Did a statement give up waiting for a lock (`lock_timeout`, 55P03)?

@@ -30,6 +30,7 @@
 //! `migrations/` the schema, one numbered file per version.
 
 mod claim;
+pub use claim::claim_turn_relation;
 mod clock;
 mod cluster;
 mod insert;
@@ -94,6 +95,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0024_no_state_index.sql"),
     include_str!("migrations/0025_waiting.sql"),
     include_str!("migrations/0026_cancel_poll_index.sql"),
+    include_str!("migrations/0027_claim_turns.sql"),
 ];
 
 fn migrations(schema: &str) -> Vec<String> {
