@@ -246,6 +246,20 @@ impl TurnHolder {
     async fn release(self) {
         self.0.batch_execute("COMMIT").await.unwrap();
     }
+
+    /// Give the turn back, and the tasks `waiting` (a claim in line for
+    /// it) then took.
+    async fn release_to(
+        self,
+        waiting: tokio::task::JoinHandle<Result<Vec<proto_tasker::Task>, StoreError>>,
+    ) -> Vec<proto_tasker::Task> {
+        self.release().await;
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the claim went ahead once the turn was given back")
+            .unwrap()
+            .unwrap()
+    }
 }
 
 fn claim_of(queue: &str, limit: usize) -> proto_tasker::store::ClaimParams {
@@ -297,12 +311,7 @@ async fn claimers_of_one_queue_take_turns() {
     .expect("a claim of two tasks waited for a turn")
     .unwrap();
     assert_eq!(small.len(), 2, "a small claim takes no turn");
-    holder.release().await;
-    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the claim went ahead once the turn was given back")
-        .unwrap()
-        .unwrap();
+    let got = holder.release_to(waiting).await;
     assert_eq!(got.len(), 3);
 }
 
@@ -380,12 +389,7 @@ async fn a_claim_waiting_for_its_turn_holds_no_snapshot() {
         no_snapshot,
         "a claim waiting for its turn holds a snapshot (backend_xmin)"
     );
-    holder.release().await;
-    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the claim went ahead once the turn was given back")
-        .unwrap()
-        .unwrap();
+    let got = holder.release_to(waiting).await;
     assert_eq!(got.len(), 5);
 }
 
@@ -419,12 +423,7 @@ async fn a_claim_takes_the_room_freed_while_it_waited() {
         "the claim did not wait for its turn"
     );
     let released = Instant::now();
-    holder.release().await;
-    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the claim went ahead once the turn was given back")
-        .unwrap()
-        .unwrap();
+    let got = holder.release_to(waiting).await;
     assert_eq!(got.len(), 40, "the claim took what its room granted");
     let asked = asked_at.lock().unwrap().expect("the room was asked");
     assert!(asked >= released, "the room was asked before the turn came");
