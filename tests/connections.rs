@@ -467,6 +467,118 @@ async fn a_claimer_stopped_holding_its_turn_loses_it() {
     assert!(stopped.is_err(), "the stopped claim went on: {stopped:?}");
 }
 
+/// A claim of a queue with cluster-wide limits (counting what runs, then
+/// claiming, as one step across nodes).
+fn limited_claim_of(queue: &str, limit: usize) -> proto_tasker::store::ClaimParams {
+    proto_tasker::store::ClaimParams {
+        limits: Some(proto_tasker::store::QueueLimits {
+            global_concurrency: Some(1000),
+            ..Default::default()
+        }),
+        ..claim_of(queue, limit)
+    }
+}
+
+/// Claims of a queue with limits take the queue's turn too, whatever their
+/// size, and wait for it as plain claims do: without a snapshot (they
+/// waited in `SELECT pg_advisory_xact_lock(...)`, holding one for the whole
+/// wait: 100 nodes' claimers in line held back the cleanup of claimed rows'
+/// index entries) and taking the room freed while they waited (they took
+/// what was free when they got in line: 59 tasks a claim with 100 nodes of
+/// 200 workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_waits_its_turn_without_a_snapshot_and_takes_its_room() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 100).await;
+    let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
+    let holder_pid: i32 = holder
+        .0
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let room = proto_tasker::store::ClaimRoom::new(50, || 40);
+    let s = store.clone();
+    let waiting = tokio::spawn(async move {
+        s.task_claim(proto_tasker::store::ClaimParams {
+            room: Some(room),
+            ..limited_claim_of("q", 2)
+        })
+        .await
+    });
+    let (watch, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect postgres");
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let no_snapshot = loop {
+        assert!(
+            !waiting.is_finished(),
+            "the limited claim went ahead while another claimer held the queue's turn"
+        );
+        let rows = watch
+            .query(
+                "SELECT backend_xmin IS NULL FROM pg_stat_activity \
+                 WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&holder_pid],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = rows.first() {
+            break r.get::<_, bool>(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no limited claim waited for the turn"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        no_snapshot,
+        "a limited claim waiting for its turn holds a snapshot (backend_xmin)"
+    );
+    let got = holder.release_to(waiting).await;
+    assert_eq!(
+        got.len(),
+        40,
+        "the limited claim took what its room granted"
+    );
+}
+
+/// A limited claim's wait for its turn is bounded: behind a holder that
+/// hangs, it gives up after 5 s and takes nothing (its limits are only
+/// kept one claimer at a time, so it cannot claim without the turn), and
+/// the queue's other claims on that store are not stuck behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_behind_a_hung_holder_gives_up_and_takes_nothing() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 10).await;
+    let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
+    let t = Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.task_claim(limited_claim_of("q", 50)),
+    )
+    .await
+    .expect("the limited claim waited past its bound");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(4900),
+        "the limited claim did not wait for its turn: {waited:?}"
+    );
+    assert!(
+        got.as_ref().is_ok_and(|t| t.is_empty()),
+        "a limited claim without its turn: {got:?}"
+    );
+    holder.release().await;
+    let got = store.task_claim(limited_claim_of("q", 50)).await.unwrap();
+    assert_eq!(
+        got.len(),
+        10,
+        "the queue claims again once the holder is gone"
+    );
+}
+
 /// Claims and completions find their rows by index whatever the table's
 /// statistics say: statistics gathered while 5 tasks ran, then 1,500
 /// running (a hundred nodes' worth). The completion's generic plan used to

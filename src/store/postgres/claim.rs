@@ -1,13 +1,14 @@
 //! Claiming due tasks from PostgreSQL: `FOR UPDATE SKIP LOCKED` batches, so
 //! claimers on any number of nodes never take the same task; claimers of one
 //! queue take turns, one claim at a time, so no claim walks or re-locks the
-//! rows of another (limited queues count and claim under an advisory lock).
+//! rows of another (and claims of queues with limits count what runs and
+//! claim as one step).
 
 use std::time::Duration;
 
+use super::PostgresStore;
 use super::rows::rows_to_tasks;
 use super::statements::On;
-use super::{ADVISORY_XACT_LOCK, PostgresStore};
 use crate::store::{ClaimParams, QueueLimits, StoreError, truncate_micros};
 use crate::task::Task;
 
@@ -17,7 +18,8 @@ use crate::task::Task;
 /// average on 2 cores. Past this bound the holder is taken to hang (e.g. a
 /// node stopped while PostgreSQL sent it its claim's rows), and this
 /// handle's claims skip their turns for [`TURNS_OFF`], so the queue stays
-/// claimable. The wait holds a pooled connection; heartbeats do not need
+/// claimable (a claim of a queue with limits takes nothing instead: its
+/// limits need the turn). The wait holds a pooled connection; heartbeats do not need
 /// it (they go on the listening connection).
 const TURN_WAIT: &str = "5s";
 
@@ -33,7 +35,7 @@ const TURN_IDLE: &str = "1s";
 const TURN_SLOTS: u32 = 32;
 
 /// Claimers that can never take this many tasks at once take no turn (a
-/// node running two workers of the queue). A small claim locks few rows for
+/// node running two workers of the queue), unless the queue has limits. A small claim locks few rows for
 /// others to walk past, and a turn costs two round trips and a wait: 100
 /// nodes of 2 workers drained 1.7k tasks/s with turns for every claim,
 /// 3.4k without (figures in docs/benchmarks.md).
@@ -70,7 +72,8 @@ impl PostgresStore {
     /// Claim due tasks of `p.queue`, most urgent first (see [`ClaimParams`]).
     ///
     /// Claimers of one queue, on every node, claim one at a time (those
-    /// that may take at least [`TURN_MIN`] tasks). A claim is a transaction
+    /// that may take at least [`TURN_MIN`] tasks, and every claimer of a
+    /// queue with limits: [`Self::claim_limited`]). A claim is a transaction
     /// in two round trips: BEGIN, the timeouts and `LOCK TABLE` on the
     /// queue's turn (waiting up to [`TURN_WAIT`]); then, the turn granted,
     /// the claim statement, sized by the claimer's room at that moment, and
@@ -104,29 +107,9 @@ impl PostgresStore {
         }
         let on: On = (&c).into();
         let stmts = &self.inner.stmts;
-        let begin = stmts.ready(on, "BEGIN").await?;
-        let turn = claim_turn_relation(&self.inner.schema, &p.queue);
-        let timeouts_sql = local_turn_timeouts(&turn);
-        let timeouts = stmts.ready(on, &timeouts_sql).await?;
-        let lock_sql = format!("LOCK TABLE {turn} IN EXCLUSIVE MODE");
-        let lock = stmts.ready(on, &lock_sql).await?;
         let claim = stmts.ready(on, &self.inner.sql.claim).await?;
         let commit = stmts.ready(on, "COMMIT").await?;
-        let timeout_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&TURN_WAIT, &TURN_IDLE];
-        let (b, t, l) = tokio::join!(
-            begin.execute(on, &[]),
-            timeouts.query(on, &timeout_params),
-            lock.execute(on, &[]),
-        );
-        if let Err(e) = b.and(t).and(l) {
-            // The transaction failed (or never began): end it before the
-            // connection goes back to the pool.
-            let rolled_back = stmts.execute(on, "ROLLBACK", &[]).await;
-            if !is_lock_timeout(&e) {
-                return Err(e);
-            }
-            rolled_back?;
+        if !self.take_turn(on, &p.queue).await? {
             // No turn within TURN_WAIT: claim without turns for a while.
             tracing::warn!(
                 queue = %p.queue,
@@ -161,6 +144,38 @@ impl PostgresStore {
         claimed(&rows)
     }
 
+    /// Begin a transaction on `on` and wait, up to [`TURN_WAIT`], for
+    /// `queue`'s turn (see [`Self::claim`]). `Ok(true)`: the turn is this
+    /// transaction's until it ends. `Ok(false)`: another claimer held it
+    /// all that while; the transaction is rolled back, as on an error.
+    async fn take_turn(&self, on: On<'_>, queue: &str) -> Result<bool, StoreError> {
+        let stmts = &self.inner.stmts;
+        let begin = stmts.ready(on, "BEGIN").await?;
+        let turn = claim_turn_relation(&self.inner.schema, queue);
+        let timeouts_sql = local_turn_timeouts(&turn);
+        let timeouts = stmts.ready(on, &timeouts_sql).await?;
+        let lock_sql = format!("LOCK TABLE {turn} IN EXCLUSIVE MODE");
+        let lock = stmts.ready(on, &lock_sql).await?;
+        let timeout_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&TURN_WAIT, &TURN_IDLE];
+        let (b, t, l) = tokio::join!(
+            begin.execute(on, &[]),
+            timeouts.query(on, &timeout_params),
+            lock.execute(on, &[]),
+        );
+        let Err(e) = b.and(t).and(l) else {
+            return Ok(true);
+        };
+        // The transaction failed (or never began): end it before the
+        // connection goes back to the pool.
+        let rolled_back = stmts.execute(on, "ROLLBACK", &[]).await;
+        if !is_lock_timeout(&e) {
+            return Err(e);
+        }
+        rolled_back?;
+        Ok(false)
+    }
+
     fn turns_on(&self) -> bool {
         match self.inner.turns_off_until.lock() {
             Ok(until) => until.is_none_or(|t| std::time::Instant::now() >= t),
@@ -174,16 +189,15 @@ impl PostgresStore {
         }
     }
 
-    /// The advisory lock key of `queue`'s limited claims in this schema:
-    /// they take it one at a time.
-    fn claim_key(&self, queue: &str) -> String {
-        format!("proto_tasker_claim:{}:{queue}", self.inner.schema)
-    }
-
-    /// Claim under cluster-wide limits. Claimers of one limited queue take a
-    /// transaction-scoped advisory lock first, so counting the running tasks
-    /// and claiming happen as one step across all nodes. The four statements
-    /// (BEGIN, lock, count-pick-claim, COMMIT) are pipelined: one round trip.
+    /// Claim under cluster-wide limits. Every claim of a limited queue, of
+    /// any size, takes the queue's turn first (as [`Self::claim`] does), so
+    /// counting the running tasks and claiming happen as one step across
+    /// all nodes; without the turn within [`TURN_WAIT`] it claims nothing.
+    /// (They took a transaction-scoped advisory lock, in one round trip
+    /// with the claim: the wait held a snapshot, had no bound, and the
+    /// claim took what was free when it got in line. With 100 nodes of 200
+    /// workers: claims of 59 tasks, 0.15 statements a task, 17k tasks/s
+    /// against one node's 39k; docs/benchmarks.md.)
     async fn claim_limited(
         &self,
         p: &ClaimParams,
@@ -194,15 +208,12 @@ impl PostgresStore {
         let c = self.conn().await?;
         let on: On = (&c).into();
         let stmts = &self.inner.stmts;
-        let begin = stmts.ready(on, "BEGIN").await?;
-        let lock = stmts.ready(on, ADVISORY_XACT_LOCK).await?;
         let claim = if limits.round_robin {
             stmts.ready(on, &sql.claim_limited_fair).await?
         } else {
             stmts.ready(on, &sql.claim_limited).await?
         };
         let commit = stmts.ready(on, "COMMIT").await?;
-        let key = self.claim_key(&p.queue);
         let max = i64::MAX;
         let global = limits.global_concurrency.map(i64::from).unwrap_or(max);
         let per_key = limits.per_key_concurrency.map(i64::from).unwrap_or(max);
@@ -211,7 +222,6 @@ impl PostgresStore {
             None => (max, Duration::from_secs(1)),
         };
         let rate_per_us = i64::try_from(rate_per.as_micros()).unwrap_or(max);
-        let limit = p.limit as i64;
         // Look a bounded way down the queue for tasks whose keys have room;
         // without a per-key limit the first `limit` tasks are enough.
         // (`allowed * scan_mul + scan_add` rows, computed in the statement).
@@ -221,7 +231,17 @@ impl PostgresStore {
             (1, 0)
         };
         let has_rate = limits.rate.is_some();
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        if !self.take_turn(on, &p.queue).await? {
+            // The limits hold only if claimers count and claim one at a
+            // time: without the turn, this claim takes nothing.
+            tracing::warn!(
+                queue = %p.queue,
+                "a claim of a queue with limits waited {TURN_WAIT} for its turn (another claimer \
+                 holds it); it claims nothing this time"
+            );
+            return Ok(Vec::new());
+        }
+        let limit = room_now(p) as i64;
         let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
             &p.queue,
             &now,
@@ -235,16 +255,8 @@ impl PostgresStore {
             &p.node,
             &scan_add,
         ];
-        // Behind a transaction pooler the BEGIN pins one server connection
-        // until the COMMIT, so the four still run together there.
-        let (b, l, rows, done) = tokio::join!(
-            begin.execute(on, &[]),
-            lock.execute(on, &lock_params),
-            claim.query(on, &claim_params),
-            commit.execute(on, &[]),
-        );
-        b?;
-        l?;
+        // A failed claim turns the COMMIT into a rollback.
+        let (rows, done) = tokio::join!(claim.query(on, &claim_params), commit.execute(on, &[]));
         let rows = rows?;
         done?;
         claimed(&rows)
