@@ -224,6 +224,74 @@ async fn new_work_wakes_a_few_nodes_not_every_node() {
     assert_eq!(many, 20, "500 tasks need every node's 10 free workers");
 }
 
+/// Whether `store` hears that queue settings changed within `within`.
+async fn hears_settings_change(
+    events: &mut tokio::sync::broadcast::Receiver<proto_tasker::store::StoreEvent>,
+    within: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return false,
+            Ok(Ok(proto_tasker::store::StoreEvent::SettingsChanged)) => return true,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Writing queue settings that are already stored tells no node: a
+/// hundred nodes starting, each writing its config's starting values,
+/// made every node read the settings again for each of them (4,540 reads
+/// of the settings in a 100-node bench, about 45 a node). A change still
+/// reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_written_unchanged_wake_no_node() {
+    let (writer, guard) = fixtures::pg_store().await;
+    let listener = registered_store(&guard, true).await;
+    let limits = proto_tasker::store::QueueLimits {
+        global_concurrency: Some(10),
+        ..Default::default()
+    };
+    let settings = proto_tasker::store::QueueSettings::default().with_limits(&limits);
+    let mut events = listener.subscribe();
+    // Every listener is connected (and has had its wake-up on connecting).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    while events.try_recv().is_ok() {}
+    writer
+        .queue_settings_put("q", settings, true)
+        .await
+        .unwrap();
+    assert!(
+        hears_settings_change(&mut events, Duration::from_secs(5)).await,
+        "a node did not hear of new settings"
+    );
+    // A starting node's values, and an update to the same values.
+    writer
+        .queue_settings_put("q", settings, true)
+        .await
+        .unwrap();
+    writer
+        .queue_settings_put("q", settings, false)
+        .await
+        .unwrap();
+    assert!(
+        !hears_settings_change(&mut events, Duration::from_millis(1500)).await,
+        "settings written unchanged woke a node"
+    );
+    let changed = proto_tasker::store::QueueSettings {
+        max_depth: Some(5),
+        ..settings
+    };
+    writer
+        .queue_settings_put("q", changed, false)
+        .await
+        .unwrap();
+    assert!(
+        hears_settings_change(&mut events, Duration::from_secs(5)).await,
+        "a node did not hear of changed settings"
+    );
+}
+
 /// A session of its own that holds `queue`'s claim turn (the table lock a
 /// claim takes first) until dropped or released.
 struct TurnHolder(tokio_postgres::Client);

@@ -460,9 +460,12 @@ impl Sql {
             settings_list: format!(
                 "SELECT queue, max_depth, limits FROM {s}.queue_settings ORDER BY queue"
             ),
+            // Settings written as they are change no row (so wake no node).
             settings_put: format!(
                 "INSERT INTO {s}.queue_settings (queue, max_depth, limits) VALUES ($1, $2, $3) \
-                 ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth, limits = excluded.limits"
+                 ON CONFLICT (queue) DO UPDATE SET max_depth = excluded.max_depth, limits = excluded.limits \
+                 WHERE ({s}.queue_settings.max_depth, {s}.queue_settings.limits) \
+                   IS DISTINCT FROM (excluded.max_depth, excluded.limits)"
             ),
             // A node's starting values: a queue with settings keeps them
             // (its limits are filled in only if never written).
