@@ -19,8 +19,8 @@ use crate::task::Task;
 /// node stopped while PostgreSQL sent it its claim's rows), and this
 /// handle's claims skip their turns for [`TURNS_OFF`], so the queue stays
 /// claimable (a claim of a queue with limits takes nothing instead: its
-/// limits need the turn). The wait holds a pooled connection; heartbeats do not need
-/// it (they go on the listening connection).
+/// limits need the turn). The wait holds a pooled connection; heartbeats
+/// do not need it (they go on the listening connection).
 const TURN_WAIT: &str = "5s";
 
 /// How long a claimer may keep its turn without sending its claim (between
@@ -35,10 +35,10 @@ const TURN_IDLE: &str = "1s";
 const TURN_SLOTS: u32 = 32;
 
 /// Claimers that can never take this many tasks at once take no turn (a
-/// node running two workers of the queue), unless the queue has limits. A small claim locks few rows for
-/// others to walk past, and a turn costs two round trips and a wait: 100
-/// nodes of 2 workers drained 1.7k tasks/s with turns for every claim,
-/// 3.4k without (figures in docs/benchmarks.md).
+/// node running two workers of the queue), unless the queue has limits. A
+/// small claim locks few rows for others to walk past, and a turn costs
+/// two round trips and a wait: 100 nodes of 2 workers drained 1.7k tasks/s
+/// with turns for every claim, 3.4k without (figures in docs/benchmarks.md).
 const TURN_MIN: usize = 32;
 
 /// How long claims skip their turns after one waited past [`TURN_WAIT`].
