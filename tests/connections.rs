@@ -315,6 +315,46 @@ impl TurnHolder {
         self.0.batch_execute("COMMIT").await.unwrap();
     }
 
+    /// Whether the claim `waiting` behind this holder waits without a
+    /// snapshot (its backend's `backend_xmin` is empty), once it waits. The
+    /// claim must not go ahead meanwhile.
+    async fn waiter_has_no_snapshot(
+        &self,
+        url: &str,
+        waiting: &tokio::task::JoinHandle<Result<Vec<proto_tasker::Task>, StoreError>>,
+    ) -> bool {
+        let holder_pid: i32 = self
+            .0
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let (watch, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect postgres");
+        tokio::spawn(conn);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                !waiting.is_finished(),
+                "the claim went ahead while another claimer held the queue's turn"
+            );
+            let rows = watch
+                .query(
+                    "SELECT backend_xmin IS NULL FROM pg_stat_activity \
+                     WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    &[&holder_pid],
+                )
+                .await
+                .unwrap();
+            if let Some(r) = rows.first() {
+                return r.get::<_, bool>(0);
+            }
+            assert!(Instant::now() < deadline, "no claim waited for the turn");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Give the turn back, and the tasks `waiting` (a claim in line for
     /// it) then took.
     async fn release_to(
@@ -425,34 +465,9 @@ async fn a_claim_waiting_for_its_turn_holds_no_snapshot() {
     let (store, guard) = fixtures::pg_store().await;
     enqueue(&store, "q", 5).await;
     let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
-    let holder_pid: i32 = holder
-        .0
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
     let s = store.clone();
     let waiting = tokio::spawn(async move { s.task_claim(claim_of("q", 100)).await });
-    let (watch, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect postgres");
-    tokio::spawn(conn);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let no_snapshot = loop {
-        let rows = watch
-            .query(
-                "SELECT backend_xmin IS NULL FROM pg_stat_activity \
-                 WHERE $1 = ANY(pg_blocking_pids(pid))",
-                &[&holder_pid],
-            )
-            .await
-            .unwrap();
-        if let Some(r) = rows.first() {
-            break r.get::<_, bool>(0);
-        }
-        assert!(Instant::now() < deadline, "no claim waited for the turn");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let no_snapshot = holder.waiter_has_no_snapshot(&guard.url, &waiting).await;
     assert!(
         no_snapshot,
         "a claim waiting for its turn holds a snapshot (backend_xmin)"
@@ -559,12 +574,6 @@ async fn a_limited_claim_waits_its_turn_without_a_snapshot_and_takes_its_room() 
     let (store, guard) = fixtures::pg_store().await;
     enqueue(&store, "q", 100).await;
     let holder = TurnHolder::take(&guard.url, &guard.schema, "q").await;
-    let holder_pid: i32 = holder
-        .0
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
     let room = proto_tasker::store::ClaimRoom::new(50, || 40);
     let s = store.clone();
     let waiting = tokio::spawn(async move {
@@ -574,33 +583,7 @@ async fn a_limited_claim_waits_its_turn_without_a_snapshot_and_takes_its_room() 
         })
         .await
     });
-    let (watch, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect postgres");
-    tokio::spawn(conn);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let no_snapshot = loop {
-        assert!(
-            !waiting.is_finished(),
-            "the limited claim went ahead while another claimer held the queue's turn"
-        );
-        let rows = watch
-            .query(
-                "SELECT backend_xmin IS NULL FROM pg_stat_activity \
-                 WHERE $1 = ANY(pg_blocking_pids(pid))",
-                &[&holder_pid],
-            )
-            .await
-            .unwrap();
-        if let Some(r) = rows.first() {
-            break r.get::<_, bool>(0);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no limited claim waited for the turn"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let no_snapshot = holder.waiter_has_no_snapshot(&guard.url, &waiting).await;
     assert!(
         no_snapshot,
         "a limited claim waiting for its turn holds a snapshot (backend_xmin)"
