@@ -224,7 +224,8 @@ async fn new_work_wakes_a_few_nodes_not_every_node() {
     assert_eq!(many, 20, "500 tasks need every node's 10 free workers");
 }
 
-/// Whether `store` hears that queue settings changed within `within`.
+/// Whether `events` (a store's) tell that queue settings changed within
+/// `within`.
 async fn hears_settings_change(
     events: &mut tokio::sync::broadcast::Receiver<proto_tasker::store::StoreEvent>,
     within: Duration,
@@ -598,8 +599,8 @@ async fn a_limited_claim_waits_its_turn_without_a_snapshot_and_takes_its_room() 
 
 /// A limited claim's wait for its turn is bounded: behind a holder that
 /// hangs, it gives up after 5 s and takes nothing (its limits are only
-/// kept one claimer at a time, so it cannot claim without the turn), and
-/// the queue's other claims on that store are not stuck behind it.
+/// kept one claimer at a time, so it cannot claim without the turn); once
+/// the holder is gone, the queue's claims take its tasks again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limited_claim_behind_a_hung_holder_gives_up_and_takes_nothing() {
     let (store, guard) = fixtures::pg_store().await;
