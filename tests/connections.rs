@@ -631,6 +631,42 @@ async fn a_limited_claim_behind_a_hung_holder_gives_up_and_takes_nothing() {
     );
 }
 
+/// While a rolling upgrade runs nodes of earlier versions beside this
+/// one, their claims of a limited queue (which take the queue's advisory
+/// lock instead of its turn) and this version's still take turns, so the
+/// queue's limits hold: a limited claim waits while a session holds that
+/// lock, and goes ahead once it is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_waits_for_an_earlier_versions_claimer() {
+    let (store, guard) = fixtures::pg_store().await;
+    enqueue(&store, "q", 5).await;
+    let (old, conn) = tokio_postgres::connect(&guard.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect postgres");
+    tokio::spawn(conn);
+    old.batch_execute("BEGIN").await.unwrap();
+    old.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("proto_tasker_claim:{}:q", guard.schema)],
+    )
+    .await
+    .unwrap();
+    let s = store.clone();
+    let waiting = tokio::spawn(async move { s.task_claim(limited_claim_of("q", 50)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the limited claim went ahead while an earlier version's claimer held the queue"
+    );
+    old.batch_execute("COMMIT").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the claim went ahead once the lock was let go")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 5);
+}
+
 /// Claims and completions find their rows by index whatever the table's
 /// statistics say: statistics gathered while 5 tasks ran, then 1,500
 /// running (a hundred nodes' worth). The completion's generic plan used to

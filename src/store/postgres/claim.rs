@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use super::PostgresStore;
 use super::rows::rows_to_tasks;
 use super::statements::On;
+use super::{ADVISORY_XACT_LOCK, PostgresStore};
 use crate::store::{ClaimParams, QueueLimits, StoreError, truncate_micros};
 use crate::task::Task;
 
@@ -197,7 +197,9 @@ impl PostgresStore {
     /// with the claim: the wait held a snapshot, had no bound, and the
     /// claim took what was free when it got in line. With 100 nodes of 200
     /// workers: claims of 59 tasks, 0.15 statements a task, 17k tasks/s
-    /// against one node's 39k; docs/benchmarks.md.)
+    /// against one node's 39k; docs/benchmarks.md.) It still takes that
+    /// advisory lock too, with the claim, for nodes of those versions
+    /// during a rolling upgrade.
     async fn claim_limited(
         &self,
         p: &ClaimParams,
@@ -214,6 +216,8 @@ impl PostgresStore {
             stmts.ready(on, &sql.claim_limited).await?
         };
         let commit = stmts.ready(on, "COMMIT").await?;
+        let old_lock = stmts.ready(on, ADVISORY_XACT_LOCK).await?;
+        let old_key = format!("proto_tasker_claim:{}:{}", self.inner.schema, p.queue);
         let max = i64::MAX;
         let global = limits.global_concurrency.map(i64::from).unwrap_or(max);
         let per_key = limits.per_key_concurrency.map(i64::from).unwrap_or(max);
@@ -255,8 +259,17 @@ impl PostgresStore {
             &p.node,
             &scan_add,
         ];
-        // A failed claim turns the COMMIT into a rollback.
-        let (rows, done) = tokio::join!(claim.query(on, &claim_params), commit.execute(on, &[]));
+        // Nodes from before limited claims took the turn take this advisory
+        // lock instead: taking it too (after the turn, so only such a node
+        // can make it wait) keeps the limits while a rolling upgrade runs
+        // both. A failed statement turns the COMMIT into a rollback.
+        let old_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&old_key];
+        let (l, rows, done) = tokio::join!(
+            old_lock.execute(on, &old_params),
+            claim.query(on, &claim_params),
+            commit.execute(on, &[])
+        );
+        l?;
         let rows = rows?;
         done?;
         claimed(&rows)
