@@ -62,14 +62,8 @@ impl Producer {
                 continue;
             }
             let mut permits = vec![first];
-            while permits.len() < self.claim_max {
-                match capacity.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
             // A lowered `workers` takes its permits back here.
-            self.control.pay_owed(&mut permits);
+            self.control.top_up(&mut permits, self.claim_max);
             if permits.is_empty() {
                 continue;
             }
@@ -86,13 +80,7 @@ impl Producer {
                 let most = self.claim_max.min(control.workers()).max(asked);
                 ClaimRoom::new(most, move || {
                     let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-                    while held.len() < most {
-                        match control.capacity.clone().try_acquire_owned() {
-                            Ok(p) => held.push(p),
-                            Err(_) => break,
-                        }
-                    }
-                    control.pay_owed(&mut held);
+                    control.top_up(&mut held, most);
                     held.len()
                 })
             };

@@ -69,6 +69,18 @@ impl QueueControl {
         self.limits.lock().map(|l| *l).unwrap_or(None)
     }
 
+    /// Add free permits to `permits` (the producer's) until it holds
+    /// `most`, then pay what a lowering still owes out of them.
+    pub(crate) fn top_up(&self, permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>, most: usize) {
+        while permits.len() < most {
+            match self.capacity.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        self.pay_owed(permits);
+    }
+
     /// Take what a lowering still owes out of `permits` (the producer's,
     /// just acquired): those permits are forgotten, so the queue shrinks as
     /// its running tasks give theirs back.
