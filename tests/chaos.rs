@@ -10,7 +10,10 @@
 //!   one's node was paused (SIGSTOP) while it ran: a frozen node cannot stop
 //!   its programs, which is the one case the guarantees leave open;
 //! - nothing that completed ran again afterwards;
-//! - each cron tick was enqueued once.
+//! - each cron tick was enqueued once;
+//! - a queue with cluster-wide limits (`global_concurrency` 3,
+//!   `per_key_concurrency` 1) never ran more at once, on all nodes
+//!   together, unless a paused node's programs explain it.
 //!
 //! `CHAOS_SECS` sets the length (60 s by default, as in `cargo test`):
 //! `CHAOS_SECS=600 cargo test --release --test chaos -- --nocapture`.
@@ -51,6 +54,29 @@ impl Pauses {
                 .any(|(a, b)| *a <= first.last && *b >= first.first)
         })
     }
+}
+
+/// The queue with limits every node serves: 9 workers on three nodes, of
+/// which at most 3 run at once, at most 1 per concurrency key.
+const LIMITED_QUEUE: &str =
+    "  limited: {workers: 3, global_concurrency: 3, per_key_concurrency: 1}\n";
+const LIMITED_GLOBAL: usize = 3;
+const LIMITED_KEYS: u64 = 4;
+
+/// The most runs of `runs` that ticked at one moment.
+fn most_at_once(runs: &[&Run]) -> usize {
+    // Starts sort before ends at the same millisecond: touching counts.
+    let mut edges: Vec<(i128, i32)> = runs
+        .iter()
+        .flat_map(|r| [(r.first, -1), (r.last, 1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, e) in edges {
+        now -= e;
+        most = most.max(now);
+    }
+    most as usize
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,6 +121,7 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
             heartbeat_ms: 300,
             node_timeout_ms: 2500,
             wrapper: Vec::new(),
+            queues: LIMITED_QUEUE,
             extra: Box::leak(cron.clone().into_boxed_str()),
         }));
         proxies.push(proxy);
@@ -122,15 +149,37 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
     // Enqueue a steady stream; only enqueues that returned Ok count.
     let stop = tokio_util::sync::CancellationToken::new();
     let acked: Arc<std::sync::Mutex<Vec<(String, TaskId)>>> = Arc::default();
+    // Labels of the limited queue's tasks, and their concurrency keys.
+    let limited: Arc<std::sync::Mutex<HashMap<String, String>>> = Arc::default();
     let enqueuer = {
-        let (client, acked, stop, log) = (client.clone(), acked.clone(), stop.clone(), log.clone());
+        let (client, acked, limited, stop, log) = (
+            client.clone(),
+            acked.clone(),
+            limited.clone(),
+            stop.clone(),
+            log.clone(),
+        );
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.is_cancelled() {
                 let ticks = rand::rng().random_range(4..30);
                 let label = format!("t{n}");
-                let task = NewTask::new("shell", ticking_task(&log, &label, ticks));
+                let mut task = NewTask::new("shell", ticking_task(&log, &label, ticks));
+                // Every fifth task (about 2 a second) to the limited queue.
+                let key = n
+                    .is_multiple_of(5)
+                    .then(|| format!("k{}", (n / 5) % LIMITED_KEYS));
+                if let Some(k) = &key {
+                    task = task.with(
+                        proto_tasker::TaskOptions::default()
+                            .queue("limited")
+                            .concurrency_key(k.clone()),
+                    );
+                }
                 if let Ok(ins) = client.insert(task).await {
+                    if let Some(k) = key {
+                        limited.lock().unwrap().insert(label.clone(), k);
+                    }
                     acked.lock().unwrap().push((label, ins.task.id));
                     n += 1;
                 }
@@ -323,16 +372,38 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
         }
     }
     let twice: Vec<_> = ticks.iter().filter(|(_, n)| **n > 1).collect();
+    // The limited queue's runs (those of a paused node left out: its
+    // programs tick on after its lease is gone), at once on all nodes and
+    // per key.
+    let limited = limited.lock().unwrap().clone();
+    let mut limited_runs: Vec<&Run> = Vec::new();
+    let mut by_key: HashMap<&str, Vec<&Run>> = HashMap::new();
+    for (label, key) in &limited {
+        for r in h.get(label).into_iter().flatten() {
+            if !pauses.explains(r) {
+                limited_runs.push(r);
+                by_key.entry(key).or_default().push(r);
+            }
+        }
+    }
+    let limited_most = most_at_once(&limited_runs);
+    let key_most = by_key
+        .iter()
+        .map(|(k, runs)| (*k, most_at_once(runs)))
+        .max_by_key(|(_, n)| *n);
     eprintln!(
         "chaos {secs}s: faults {faults:?}; {} tasks acknowledged, {} in the store, {executions} executions, \
-         {} cron ticks; overlaps explained by a paused node: {}; violations: {}, ran after completing: {}, ticks twice: {}",
+         {} cron ticks; overlaps explained by a paused node: {}; violations: {}, ran after completing: {}, ticks twice: {}; \
+         limited queue: {} tasks, {} runs, at most {limited_most} at once, per key {key_most:?}",
         acked.len(),
         tasks.len(),
         ticks.len(),
         explained.len(),
         violations.len(),
         ran_after_done.len(),
-        twice.len()
+        twice.len(),
+        limited.len(),
+        limited_runs.len(),
     );
     assert!(
         violations.is_empty(),
@@ -343,6 +414,19 @@ async fn chaos_loses_nothing_and_runs_nothing_twice_at_once() {
         "ran after completing: {ran_after_done:#?}"
     );
     assert!(twice.is_empty(), "cron ticks enqueued twice: {twice:?}");
+    assert!(
+        limited_most <= LIMITED_GLOBAL,
+        "the limited queue ran {limited_most} at once (global_concurrency {LIMITED_GLOBAL})"
+    );
+    assert!(
+        key_most.is_none_or(|(_, n)| n <= 1),
+        "a concurrency key ran more than once at a time (per_key_concurrency 1): {key_most:?}"
+    );
+    assert!(
+        limited_runs.len() >= 10,
+        "the limited queue ran too little to judge: {} runs",
+        limited_runs.len()
+    );
     assert!(
         acked.len() > 50,
         "the run enqueued too little: {}",

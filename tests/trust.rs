@@ -49,6 +49,7 @@ async fn a_silently_partitioned_node_stops_its_tasks_before_they_run_elsewhere()
         heartbeat_ms: 300,
         node_timeout_ms: 3000,
         wrapper: Vec::new(),
+        queues: "",
         extra: "",
     };
     let _a = Node::start(spec("a", proxy.url(&guard.url)));
@@ -124,6 +125,7 @@ async fn a_task_stopped_by_a_lost_lease_has_used_its_attempt() {
         heartbeat_ms: 300,
         node_timeout_ms: 3000,
         wrapper: Vec::new(),
+        queues: "",
         extra: "",
     });
     let client = Client::new(store.clone(), Arc::new(TaskRegistry::new()));
@@ -202,6 +204,7 @@ async fn skewed_clocks_neither_kill_live_nodes_nor_make_two_leaders() {
         heartbeat_ms: 300,
         node_timeout_ms: 2000,
         wrapper,
+        queues: "",
         extra: "",
     };
     let _now = Node::start(spec("on-time", Vec::new()));
