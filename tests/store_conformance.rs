@@ -2564,6 +2564,121 @@ pub mod cases {
         }
     }
 
+    /// A limit written by another node holds at once, before this node
+    /// reads it: claims and starting inserts of a node that still takes the
+    /// queue for unlimited take nothing and start nothing, and the claim
+    /// that applies the limit takes what it allows. Limits that allow
+    /// nothing (a workers-only change, round robin switched off) leave the
+    /// queue to unlimited claims.
+    pub async fn a_limit_set_elsewhere_applies_at_once(b: &Backend) {
+        use proto_tasker::store::QueueSettings;
+        let handles = b.nodes(2).await;
+        let (here, there) = (&handles[0], &handles[1]);
+        let now = now();
+        here.task_insert_many((0..4).map(|_| insert("x", "lim", 0, now)).collect(), now)
+            .await
+            .unwrap();
+        let workers_only = QueueSettings {
+            workers: Some(3),
+            fairness: Some(proto_tasker::store::Fairness::None),
+            ..Default::default()
+        };
+        there
+            .queue_settings_put("lim", workers_only, false)
+            .await
+            .unwrap();
+        let first = here.task_claim(claim("lim", "n1", 1, now)).await.unwrap();
+        assert_eq!(first.len(), 1, "no limit stored: an unlimited claim takes");
+        let cap = QueueSettings {
+            global_concurrency: Some(2),
+            ..workers_only
+        };
+        there.queue_settings_put("lim", cap, false).await.unwrap();
+        assert!(
+            here.task_claim(claim("lim", "n1", 10, now))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a claim that has not heard of the limit took tasks"
+        );
+        let started = here
+            .task_insert_started(insert("x", "lim", 0, now), "n1", now)
+            .await
+            .unwrap()
+            .task;
+        assert_eq!(
+            started.state,
+            TaskState::Available,
+            "a node that has not heard of the limit started a task as it was inserted"
+        );
+        let applied = ClaimParams {
+            limits: cap.limits(),
+            ..claim("lim", "n1", 10, now)
+        };
+        assert_eq!(
+            here.task_claim(applied).await.unwrap().len(),
+            1,
+            "the claim that applies the limit takes what it leaves (2, 1 running)"
+        );
+        let per_key = QueueSettings {
+            global_concurrency: None,
+            per_key_concurrency: Some(1),
+            ..cap
+        };
+        there
+            .queue_settings_put("lim", per_key, false)
+            .await
+            .unwrap();
+        assert!(
+            here.task_claim(claim("lim", "n1", 10, now))
+                .await
+                .unwrap()
+                .is_empty(),
+            "per-key limits hold for a claim that has not heard of them"
+        );
+        let rate = QueueSettings {
+            per_key_concurrency: None,
+            rate_limit: Some(proto_tasker::store::RateLimit {
+                max: 100,
+                per_ms: 1000,
+            }),
+            ..per_key
+        };
+        there.queue_settings_put("lim", rate, false).await.unwrap();
+        assert!(
+            here.task_claim(claim("lim", "n1", 10, now))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a rate limit holds for a claim that has not heard of it"
+        );
+        let fair = QueueSettings {
+            rate_limit: None,
+            fairness: Some(proto_tasker::store::Fairness::RoundRobin),
+            ..rate
+        };
+        there.queue_settings_put("lim", fair, false).await.unwrap();
+        assert!(
+            here.task_claim(claim("lim", "n1", 10, now))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a round-robin queue is not claimed in plain order"
+        );
+        there
+            .queue_settings_put("lim", workers_only, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            here.task_claim(claim("lim", "n1", 10, now))
+                .await
+                .unwrap()
+                .len(),
+            3,
+            "limits removed: unlimited claims take the rest"
+        );
+    }
+
     /// An insert whose unique key is held by a task finishing at that very
     /// moment either returns that task or inserts a new one; it never fails.
     pub async fn unique_inserts_racing_a_finishing_holder_never_fail(b: &Backend) {
@@ -2870,6 +2985,7 @@ macro_rules! all_cases {
             cases::queue_max_depth_caps_unfinished_tasks,
             cases::queue_max_depth_holds_under_concurrent_batches,
             cases::a_cap_set_elsewhere_applies_at_once,
+            cases::a_limit_set_elsewhere_applies_at_once,
             cases::workflows_unblock_and_cascade,
             cases::per_key_claims_skip_keys_at_their_limit,
             cases::round_robin_claims_take_keys_in_turn,

@@ -204,6 +204,7 @@ impl Watcher {
 
     /// Apply the stored settings to every queue this node serves.
     pub(crate) fn apply(&mut self, all: &HashMap<String, QueueSettings>) {
+        let mut changed = false;
         for q in &mut self.queues {
             let stored = all.get(&q.name);
             // A queue whose limits were never stored runs on the node's own
@@ -218,6 +219,7 @@ impl Watcher {
             {
                 tracing::info!(queue = %q.name, ?limits, "queue limits changed");
                 *l = limits;
+                changed = true;
             }
             let workers = stored
                 .and_then(|s| s.workers)
@@ -225,6 +227,12 @@ impl Watcher {
                 .unwrap_or(q.configured_workers)
                 .clamp(1, super::settings::MAX_QUEUE_WORKERS);
             resize(q, workers, &self.shared, &self.new_slots);
+        }
+        if changed {
+            // Claims made before this node heard of a new limit took
+            // nothing (the store checks the stored limits); its producers
+            // look again now, with the limits, instead of at their next poll.
+            self.store.work_notifier().notify_waiters();
         }
     }
 

@@ -247,11 +247,12 @@ pub trait Store: Send + Sync + 'static {
     /// Insert one task already claimed by `node` (`running`, attempt 1,
     /// claim token 1, started `now`) when a claim could take it at once:
     /// due now, a plain task ([`TaskInsert::can_start_at_once`]), its queue
-    /// not paused, capped or round robin. Otherwise it is inserted as
-    /// [`Store::task_insert_many`] would. The caller holds a free worker of
-    /// `node`'s for it and knows of no due task waiting in the queue (see
-    /// `pool/handoff.rs`): one round trip instead of an insert, a wake-up
-    /// and a claim. The default inserts it without claiming.
+    /// not paused, capped, or with limits stored (round robin among them).
+    /// Otherwise it is inserted as [`Store::task_insert_many`] would. The
+    /// caller holds a free worker of `node`'s for it and knows of no due
+    /// task waiting in the queue (see `pool/handoff.rs`): one round trip
+    /// instead of an insert, a wake-up and a claim. The default inserts it
+    /// without claiming.
     async fn task_insert_started(
         &self,
         task: TaskInsert,

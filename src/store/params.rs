@@ -163,7 +163,9 @@ pub struct ClaimParams {
     pub node: String,
     pub limit: usize,
     pub now: DateTime<Utc>,
-    /// Cluster-wide limits of the queue; `None` takes the fast path.
+    /// Cluster-wide limits of the queue; `None` takes the fast path, which
+    /// takes nothing while the queue has limits stored (the claimer has not
+    /// read them yet).
     pub limits: Option<QueueLimits>,
     /// Room for more than `limit`, asked when the claim is about to run (a
     /// store whose claims wait their turn asks after the wait); `None`

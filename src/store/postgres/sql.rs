@@ -6,6 +6,23 @@ use crate::store::TASK_COLUMNS;
 use crate::store::lifecycle::{self, CLAIM_ORDER, DEPENDENCY_FAILED, RESCUED_SUFFIX};
 use crate::task::TaskState;
 
+/// True when the settings stored for the queue named by `queue` (an SQL
+/// expression) carry cluster-wide limits, as
+/// [`QueueSettings::limits`](crate::store::QueueSettings::limits) reads
+/// them. The claims and starting inserts of nodes that take the queue for
+/// unlimited check it, so a limit set on another node holds from the
+/// moment it is written, before this node hears of it (a notification, or
+/// its next poll): until then this node's claims of the queue take nothing.
+fn stored_limits(s: &str, queue: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {s}.queue_settings qs WHERE qs.queue = {queue} \
+           AND (jsonb_typeof(qs.limits->'global_concurrency') = 'number' \
+             OR jsonb_typeof(qs.limits->'per_key_concurrency') = 'number' \
+             OR jsonb_typeof(qs.limits->'rate_limit') = 'object' \
+             OR qs.limits->>'fairness' = 'round_robin'))"
+    )
+}
+
 /// Every statement, with the schema spliced in once.
 pub(super) struct Sql {
     pub insert_many: String,
@@ -209,15 +226,17 @@ impl Sql {
                  SELECT * FROM ins"
             ),
             // One plain task, inserted already claimed by node $10 unless
-            // its queue is paused (then as insert_many would).
+            // its queue is paused or has limits (then as insert_many would).
             insert_started: format!(
-                "WITH go AS (SELECT NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $2::text AND paused) AS now) \
+                "WITH go AS (SELECT NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $2::text AND paused) \
+                   AND NOT {limited} AS now) \
                  INSERT INTO {s}.tasks (kind, queue, args, priority, state, max_attempts, timeout_ms, run_at, \
                    created_at, traceparent, attempt, claim_token, node, started_at) \
                  SELECT $1, $2, $3, $4, CASE WHEN go.now THEN 'running' WHEN $7::timestamptz > $8::timestamptz THEN 'scheduled' ELSE 'available' END, \
                    $5, $6, $7, $8, $9, CASE WHEN go.now THEN 1 ELSE 0 END, CASE WHEN go.now THEN 1 ELSE 0 END, \
                    CASE WHEN go.now THEN $10 END, CASE WHEN go.now THEN $8 END FROM go \
-                 RETURNING {TASK_COLUMNS}"
+                 RETURNING {TASK_COLUMNS}",
+                limited = stored_limits(s, "$2::text"),
             ),
             parents_lock: format!(
                 "SELECT id, state FROM {s}.tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
@@ -309,12 +328,14 @@ impl Sql {
                    SELECT id FROM {s}.tasks \
                    WHERE queue = $3 AND state IN ({claimable}) AND run_at <= $2 \
                      AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $3 AND paused) \
+                     AND NOT {limited} \
                    ORDER BY {CLAIM_ORDER} LIMIT $4 FOR UPDATE SKIP LOCKED) \
                  , claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, claim_token = t.claim_token + 1, node = $1, \
                    started_at = $2, cancel_requested = false \
                  WHERE t.id = ANY(ARRAY(SELECT id FROM next)) RETURNING t.*), \
                  counted AS ({RUNNING_KEYS_ADD}) \
-                 SELECT {TASK_COLUMNS} FROM claimed"
+                 SELECT {TASK_COLUMNS} FROM claimed",
+                limited = stored_limits(s, "$3"),
             ),
             complete_many: format!(
                 // `c.yields AND t.cancel_requested`: cancel is final (see

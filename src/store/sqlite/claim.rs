@@ -11,7 +11,18 @@ use crate::store::lifecycle::{self, CLAIM_ORDER};
 use crate::store::{ClaimParams, QueueLimits, StoreError, TASK_COLUMNS, to_micros};
 use crate::task::Task;
 
-/// The claim: due tasks of the queue (unless it is paused), most urgent first.
+/// True when the settings stored for queue `?3` carry cluster-wide limits,
+/// as [`crate::store::QueueSettings::limits`] reads them. A claim without
+/// limits checks it, so a limit written by another process holds before
+/// this one reads it (at its next poll): until then it claims nothing.
+const STORED_LIMITS: &str = "EXISTS (SELECT 1 FROM queue_settings qs WHERE qs.queue = ?3 \
+       AND (json_type(qs.limits, '$.global_concurrency') = 'integer' \
+         OR json_type(qs.limits, '$.per_key_concurrency') = 'integer' \
+         OR json_type(qs.limits, '$.rate_limit') = 'object' \
+         OR json_extract(qs.limits, '$.fairness') = 'round_robin'))";
+
+/// The claim: due tasks of the queue (unless it is paused, or has limits
+/// this claimer has not heard of), most urgent first.
 pub(super) fn claim(conn: &Connection, p: &ClaimParams) -> Result<Vec<Task>, StoreError> {
     match p.limits.filter(|l| !l.is_empty()) {
         Some(limits) => claim_limited(conn, p, limits),
@@ -23,6 +34,7 @@ pub(super) fn claim(conn: &Connection, p: &ClaimParams) -> Result<Vec<Task>, Sto
                  WHERE id IN (SELECT id FROM tasks WHERE queue = ?3 \
                    AND state IN ({claimable}) AND run_at <= ?2 \
                    AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?3 AND paused = 1) \
+                   AND NOT {STORED_LIMITS} \
                    ORDER BY {CLAIM_ORDER} LIMIT ?4) \
                  RETURNING {TASK_COLUMNS}",
                 claimable = lifecycle::sql_states(&lifecycle::CLAIMABLE),

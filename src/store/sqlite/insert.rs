@@ -97,14 +97,17 @@ pub(super) fn insert_started(
         })
         .map_err(sql_err)?
         .unwrap_or((None, None));
-    let fair = limits
+    // Limits stored for the queue (round robin among them) hold from the
+    // moment they are written, also for a node that has not read them yet:
+    // its task waits for a claim that applies them.
+    let limited = limits
         .and_then(|l| serde_json::from_str::<crate::store::QueueSettings>(&l).ok())
-        .is_some_and(|s| s.fairness == Some(crate::store::Fairness::RoundRobin));
+        .is_some_and(|s| s.limits().is_some());
     let paused: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM queues WHERE name = ?1 AND paused = 1)")
         .and_then(|mut st| st.query_row([&t.queue], |r| r.get(0)))
         .map_err(sql_err)?;
-    if paused || fair || cap.is_some() || !t.can_start_at_once(now) {
+    if paused || limited || cap.is_some() || !t.can_start_at_once(now) {
         return insert_all(conn, std::slice::from_ref(t), &[args.to_string()], now)?
             .pop()
             .ok_or_else(|| StoreError::unavailable("insert returned no row"));
