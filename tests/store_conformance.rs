@@ -2565,117 +2565,130 @@ pub mod cases {
     }
 
     /// A limit written by another node holds at once, before this node
-    /// reads it: claims and starting inserts of a node that still takes the
-    /// queue for unlimited take nothing and start nothing, and the claim
-    /// that applies the limit takes what it allows. Limits that allow
-    /// nothing (a workers-only change, round robin switched off) leave the
-    /// queue to unlimited claims.
+    /// reads it: whatever limits a claim brings (none, or the ones it read
+    /// before the change), what runs afterwards stays within the stored
+    /// ones, and a starting insert starts nothing past them. (PostgreSQL
+    /// claims that bring none take nothing until they read them; SQLite's
+    /// apply the stored ones.)
     pub async fn a_limit_set_elsewhere_applies_at_once(b: &Backend) {
-        use proto_tasker::store::QueueSettings;
+        use proto_tasker::store::{Fairness, QueueSettings, RateLimit};
         let handles = b.nodes(2).await;
         let (here, there) = (&handles[0], &handles[1]);
         let now = now();
-        here.task_insert_many((0..4).map(|_| insert("x", "lim", 0, now)).collect(), now)
+        let keyed = |k: &str| {
+            let mut t = insert("x", "lim", 0, now);
+            t.concurrency_key = Some(k.into());
+            t
+        };
+        here.task_insert_many((0..4).flat_map(|_| [keyed("a"), keyed("b")]).collect(), now)
             .await
             .unwrap();
+        let put = async |settings: QueueSettings| {
+            there
+                .queue_settings_put("lim", settings, false)
+                .await
+                .unwrap();
+        };
+        // A claim that has not read the settings: no limits.
+        let unaware = |limit| claim("lim", "n1", limit, now);
+        let mut running: Vec<proto_tasker::Task> = Vec::new();
         let workers_only = QueueSettings {
             workers: Some(3),
-            fairness: Some(proto_tasker::store::Fairness::None),
+            fairness: Some(Fairness::None),
             ..Default::default()
         };
-        there
-            .queue_settings_put("lim", workers_only, false)
-            .await
-            .unwrap();
-        let first = here.task_claim(claim("lim", "n1", 1, now)).await.unwrap();
-        assert_eq!(first.len(), 1, "no limit stored: an unlimited claim takes");
-        let cap = QueueSettings {
+        put(workers_only).await;
+        running.extend(here.task_claim(unaware(1)).await.unwrap());
+        assert_eq!(running.len(), 1, "no limit stored: a claim takes");
+
+        // A global limit of 2, set elsewhere.
+        let global = QueueSettings {
             global_concurrency: Some(2),
             ..workers_only
         };
-        there.queue_settings_put("lim", cap, false).await.unwrap();
+        put(global).await;
+        running.extend(here.task_claim(unaware(10)).await.unwrap());
         assert!(
-            here.task_claim(claim("lim", "n1", 10, now))
-                .await
-                .unwrap()
-                .is_empty(),
-            "a claim that has not heard of the limit took tasks"
+            running.len() <= 2,
+            "a claim that had not read global_concurrency 2 left {} running",
+            running.len()
         );
         let started = here
-            .task_insert_started(insert("x", "lim", 0, now), "n1", now)
+            .task_insert_started(keyed("c"), "n1", now)
             .await
             .unwrap()
             .task;
         assert_eq!(
             started.state,
             TaskState::Available,
-            "a node that has not heard of the limit started a task as it was inserted"
+            "a node that had not read the limit started a task as it was inserted"
         );
-        let applied = ClaimParams {
-            limits: cap.limits(),
-            ..claim("lim", "n1", 10, now)
+        // Lowered to 1: a claim that still brings 2 takes nothing more.
+        put(QueueSettings {
+            global_concurrency: Some(1),
+            ..global
+        })
+        .await;
+        let stale = ClaimParams {
+            limits: global.limits(),
+            ..unaware(10)
         };
-        assert_eq!(
-            here.task_claim(applied).await.unwrap().len(),
-            1,
-            "the claim that applies the limit takes what it leaves (2, 1 running)"
+        let got = here.task_claim(stale).await.unwrap();
+        assert!(
+            got.is_empty(),
+            "a claim that brought global_concurrency 2 took {} past the new 1 ({} running)",
+            got.len(),
+            running.len()
         );
+        complete_all(here, &std::mem::take(&mut running), now).await;
+
+        // One per key.
         let per_key = QueueSettings {
-            global_concurrency: None,
             per_key_concurrency: Some(1),
-            ..cap
+            ..workers_only
         };
-        there
-            .queue_settings_put("lim", per_key, false)
-            .await
-            .unwrap();
-        assert!(
-            here.task_claim(claim("lim", "n1", 10, now))
-                .await
-                .unwrap()
-                .is_empty(),
-            "per-key limits hold for a claim that has not heard of them"
-        );
-        let rate = QueueSettings {
-            per_key_concurrency: None,
-            rate_limit: Some(proto_tasker::store::RateLimit {
-                max: 100,
-                per_ms: 1000,
-            }),
-            ..per_key
-        };
-        there.queue_settings_put("lim", rate, false).await.unwrap();
-        assert!(
-            here.task_claim(claim("lim", "n1", 10, now))
-                .await
-                .unwrap()
-                .is_empty(),
-            "a rate limit holds for a claim that has not heard of it"
-        );
-        let fair = QueueSettings {
-            rate_limit: None,
-            fairness: Some(proto_tasker::store::Fairness::RoundRobin),
-            ..rate
-        };
-        there.queue_settings_put("lim", fair, false).await.unwrap();
-        assert!(
-            here.task_claim(claim("lim", "n1", 10, now))
-                .await
-                .unwrap()
-                .is_empty(),
-            "a round-robin queue is not claimed in plain order"
-        );
-        there
-            .queue_settings_put("lim", workers_only, false)
-            .await
-            .unwrap();
+        put(per_key).await;
+        running.extend(here.task_claim(unaware(10)).await.unwrap());
+        let mut keys: Vec<_> = running.iter().map(|t| t.concurrency_key.clone()).collect();
+        keys.sort();
+        let n = keys.len();
+        keys.dedup();
         assert_eq!(
-            here.task_claim(claim("lim", "n1", 10, now))
-                .await
-                .unwrap()
-                .len(),
-            3,
-            "limits removed: unlimited claims take the rest"
+            keys.len(),
+            n,
+            "a claim that had not read per_key_concurrency 1 ran a key twice"
+        );
+        complete_all(here, &std::mem::take(&mut running), now).await;
+
+        // One start a minute.
+        put(QueueSettings {
+            rate_limit: Some(RateLimit {
+                max: 1,
+                per_ms: 60_000,
+            }),
+            ..workers_only
+        })
+        .await;
+        let mut starts = 0;
+        for _ in 0..2 {
+            let got = here.task_claim(unaware(10)).await.unwrap();
+            starts += got.len();
+            running.extend(got);
+        }
+        assert!(
+            starts <= 1,
+            "claims that had not read a rate of 1 a minute started {starts}"
+        );
+        complete_all(here, &std::mem::take(&mut running), now).await;
+
+        // Removed at run time (a write with no limits, as the API makes):
+        // claims that bring none take the rest.
+        put(workers_only).await;
+        let rest = here.task_claim(unaware(20)).await.unwrap();
+        assert!(
+            rest.len() > 1,
+            "limits removed at run time, yet a claim took {}",
+            rest.len()
         );
     }
 

@@ -23,6 +23,27 @@ fn stored_limits(s: &str, queue: &str) -> String {
     )
 }
 
+/// The limits a claim of a limited queue applies (`lim`: `g` global,
+/// `pk` per key, `has_rate`, `rmax` and `rper` (µs) its rate): each one the
+/// stored settings set, else the claimer's own ($4, $8, and $9, $5, $6 for
+/// the rate). So a limit set or changed on another node holds from the
+/// moment it is written, before this claimer has read it; one removed
+/// there holds on, the safe way, until the claimer has read that.
+fn effective_limits(s: &str) -> String {
+    format!(
+        "stored AS (SELECT qs.limits AS l FROM {s}.queue_settings qs WHERE qs.queue = $1), \
+         lim AS (SELECT \
+           coalesce((stored.l->>'global_concurrency')::bigint, $4::bigint) AS g, \
+           coalesce((stored.l->>'per_key_concurrency')::bigint, $8::bigint) AS pk, \
+           coalesce(jsonb_typeof(stored.l->'rate_limit') = 'object', false) OR $9::bool AS has_rate, \
+           CASE WHEN jsonb_typeof(stored.l->'rate_limit') = 'object' \
+                THEN (stored.l->'rate_limit'->>'max')::bigint ELSE $5::bigint END AS rmax, \
+           CASE WHEN jsonb_typeof(stored.l->'rate_limit') = 'object' \
+                THEN (stored.l->'rate_limit'->>'per_ms')::bigint * 1000 ELSE $6::bigint END AS rper \
+         FROM (SELECT 1) one LEFT JOIN stored ON true)"
+    )
+}
+
 /// Every statement, with the schema spliced in once.
 pub(super) struct Sql {
     pub insert_many: String,
@@ -166,26 +187,27 @@ impl Sql {
                 String::new()
             };
             format!(
-                "WITH rl AS ( \
-                   SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                "WITH {lim}, \
+                 rl AS ( \
+                   SELECT CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => (SELECT rper FROM lim) / 1e6) \
                                THEN $2 ELSE q.window_start END AS ws, \
-                          CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => $6::bigint / 1e6) \
+                          CASE WHEN q.window_start IS NULL OR $2 - q.window_start >= make_interval(secs => (SELECT rper FROM lim) / 1e6) \
                                THEN 0 ELSE q.started END AS st \
                    FROM (SELECT 1) one LEFT JOIN {s}.queue_rate q ON q.queue = $1), \
                  running AS (SELECT count(*) AS n FROM {s}.tasks WHERE queue = $1 AND state = 'running'), \
-                 allowed AS (SELECT greatest(0, least($3::bigint, $4::bigint - (SELECT n FROM running), \
-                                                      $5::bigint - (SELECT st FROM rl))) AS n), \
+                 allowed AS (SELECT greatest(0, least($3::bigint, (SELECT g FROM lim) - (SELECT n FROM running), \
+                                                      (SELECT rmax FROM lim) - (SELECT st FROM rl))) AS n), \
                  cand AS (SELECT id, priority, run_at, concurrency_key, fair_seq FROM {s}.tasks \
                    WHERE queue = $1 AND state IN ({claimable}) AND run_at <= $2{only_fair} \
                      AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE name = $1 AND paused) \
                      AND (concurrency_key IS NULL OR concurrency_key NOT IN \
-                       (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= $8::bigint)) \
+                       (SELECT key FROM {s}.running_keys WHERE queue = $1 AND n >= (SELECT pk FROM lim))) \
                    ORDER BY {order} LIMIT (SELECT n * $7 + $11 FROM allowed)), \
                  ranked AS (SELECT c.*, row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS rk \
                    FROM cand c), \
                  keyrun AS (SELECT key AS k, n FROM {s}.running_keys WHERE queue = $1), \
                  picked AS (SELECT r.id FROM ranked r LEFT JOIN keyrun ON keyrun.k = r.concurrency_key \
-                   WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= $8 \
+                   WHERE r.concurrency_key IS NULL OR r.rk + coalesce(keyrun.n, 0) <= (SELECT pk FROM lim) \
                    ORDER BY {picked_order} LIMIT (SELECT n FROM allowed)), \
                  claimed AS (UPDATE {s}.tasks t SET state = 'running', attempt = t.attempt + 1, claim_token = t.claim_token + 1, node = $10, \
                    started_at = $2, cancel_requested = false \
@@ -193,9 +215,10 @@ impl Sql {
                      AND t.state IN ({claimable}) RETURNING t.*), \
                  counted AS ({RUNNING_KEYS_ADD}), \
                  saved AS (INSERT INTO {s}.queue_rate (queue, window_start, started) \
-                   SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE $9 \
+                   SELECT $1, ws, st + (SELECT count(*) FROM claimed) FROM rl WHERE (SELECT has_rate FROM lim) \
                    ON CONFLICT (queue) DO UPDATE SET window_start = excluded.window_start, started = excluded.started){vtime} \
-                 SELECT {TASK_COLUMNS} FROM claimed"
+                 SELECT {TASK_COLUMNS} FROM claimed",
+                lim = effective_limits(s),
             )
         };
         Sql {

@@ -11,20 +11,11 @@ use crate::store::lifecycle::{self, CLAIM_ORDER};
 use crate::store::{ClaimParams, QueueLimits, StoreError, TASK_COLUMNS, to_micros};
 use crate::task::Task;
 
-/// True when the settings stored for queue `?3` carry cluster-wide limits,
-/// as [`crate::store::QueueSettings::limits`] reads them. A claim without
-/// limits checks it, so a limit written by another process holds before
-/// this one reads it (at its next poll): until then it claims nothing.
-const STORED_LIMITS: &str = "EXISTS (SELECT 1 FROM queue_settings qs WHERE qs.queue = ?3 \
-       AND (json_type(qs.limits, '$.global_concurrency') = 'integer' \
-         OR json_type(qs.limits, '$.per_key_concurrency') = 'integer' \
-         OR json_type(qs.limits, '$.rate_limit') = 'object' \
-         OR json_extract(qs.limits, '$.fairness') = 'round_robin'))";
-
-/// The claim: due tasks of the queue (unless it is paused, or has limits
-/// this claimer has not heard of), most urgent first.
+/// The claim: due tasks of the queue (unless it is paused), most urgent
+/// first, under each limit the stored settings set, else the claimer's own
+/// (see [`effective_limits`]).
 pub(super) fn claim(conn: &Connection, p: &ClaimParams) -> Result<Vec<Task>, StoreError> {
-    match p.limits.filter(|l| !l.is_empty()) {
+    match effective_limits(conn, p)? {
         Some(limits) => claim_limited(conn, p, limits),
         None => fetch_tasks(
             conn,
@@ -34,7 +25,6 @@ pub(super) fn claim(conn: &Connection, p: &ClaimParams) -> Result<Vec<Task>, Sto
                  WHERE id IN (SELECT id FROM tasks WHERE queue = ?3 \
                    AND state IN ({claimable}) AND run_at <= ?2 \
                    AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?3 AND paused = 1) \
-                   AND NOT {STORED_LIMITS} \
                    ORDER BY {CLAIM_ORDER} LIMIT ?4) \
                  RETURNING {TASK_COLUMNS}",
                 claimable = lifecycle::sql_states(&lifecycle::CLAIMABLE),
@@ -42,6 +32,34 @@ pub(super) fn claim(conn: &Connection, p: &ClaimParams) -> Result<Vec<Task>, Sto
             params![p.node, to_micros(p.now), p.queue, p.limit as i64],
         ),
     }
+}
+
+/// The limits `p`'s claim applies: each one the queue's stored settings
+/// set, else the claimer's own. So a limit set or changed by another
+/// process holds from the moment it is written, before this one reads it
+/// (at its next poll); one removed there holds on, the safe way, until
+/// this one has read that. (The settings watcher gives claimers the stored
+/// limits once it has read them, so this only matters in between.)
+fn effective_limits(conn: &Connection, p: &ClaimParams) -> Result<Option<QueueLimits>, StoreError> {
+    let stored: Option<String> = conn
+        .prepare_cached("SELECT limits FROM queue_settings WHERE queue = ?1")
+        .and_then(|mut st| st.query_row([&p.queue], |r| r.get(0)).optional())
+        .map_err(sql_err)?
+        .flatten();
+    let own = p.limits.unwrap_or_default();
+    let Some(stored) = stored else {
+        return Ok((!own.is_empty()).then_some(own));
+    };
+    let s: crate::store::QueueSettings = serde_json::from_str(&stored)
+        .map_err(|e| StoreError::Schema(format!("queue_settings.limits of {:?}: {e}", p.queue)))?;
+    let stored = s.limits().unwrap_or_default();
+    let l = QueueLimits {
+        global_concurrency: stored.global_concurrency.or(own.global_concurrency),
+        per_key_concurrency: stored.per_key_concurrency.or(own.per_key_concurrency),
+        rate: stored.rate.or(own.rate),
+        round_robin: stored.round_robin || own.round_robin,
+    };
+    Ok((!l.is_empty()).then_some(l))
 }
 
 /// Claim under cluster-wide limits: no more than the queue's free global
