@@ -47,12 +47,9 @@ fn effective_limits(conn: &Connection, p: &ClaimParams) -> Result<Option<QueueLi
         .map_err(sql_err)?
         .flatten();
     let own = p.limits.unwrap_or_default();
-    let Some(stored) = stored else {
-        return Ok((!own.is_empty()).then_some(own));
-    };
-    let s: crate::store::QueueSettings = serde_json::from_str(&stored)
-        .map_err(|e| StoreError::Schema(format!("queue_settings.limits of {:?}: {e}", p.queue)))?;
-    let stored = s.limits().unwrap_or_default();
+    let stored = super::cluster::parse_limits(&p.queue, stored.as_deref())?
+        .limits()
+        .unwrap_or_default();
     let l = QueueLimits {
         global_concurrency: stored.global_concurrency.or(own.global_concurrency),
         per_key_concurrency: stored.per_key_concurrency.or(own.per_key_concurrency),

@@ -128,6 +128,18 @@ pub(super) fn schedule_delete(conn: &Connection, name: &str) -> Result<bool, Sto
         .map_err(sql_err)
 }
 
+/// A queue's stored `limits` column as settings (`max_depth` left out).
+pub(super) fn parse_limits(
+    queue: &str,
+    limits: Option<&str>,
+) -> Result<crate::store::QueueSettings, StoreError> {
+    match limits {
+        Some(l) => serde_json::from_str(l)
+            .map_err(|e| StoreError::Schema(format!("queue_settings.limits of {queue:?}: {e}"))),
+        None => Ok(crate::store::QueueSettings::default()),
+    }
+}
+
 pub(super) fn queue_settings(
     conn: &Connection,
 ) -> Result<Vec<(String, crate::store::QueueSettings)>, StoreError> {
@@ -147,12 +159,7 @@ pub(super) fn queue_settings(
         .map_err(sql_err)?;
     rows.into_iter()
         .map(|(queue, max, limits)| {
-            let mut s = match limits {
-                Some(l) => serde_json::from_str(&l).map_err(|e| {
-                    StoreError::Schema(format!("queue_settings.limits of {queue:?}: {e}"))
-                })?,
-                None => crate::store::QueueSettings::default(),
-            };
+            let mut s = parse_limits(&queue, limits.as_deref())?;
             s.max_depth = max.map(|m| u32::try_from(m).unwrap_or(0));
             Ok((queue, s))
         })
